@@ -1,0 +1,1 @@
+"""The ``overlaybd`` command: one small module per command."""

@@ -1,0 +1,46 @@
+"""``overlaybd info``: what a layer, ZFile or stack is."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..inspection import describe_layer, describe_stack
+from ..operations import open_stack
+from .common import emit_json, human
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("info", help="describe a layer, a ZFile, or a stack of layers")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="one file, or several layers bottom to top")
+    p.add_argument("--index", help="index file of a writable layer (default: the sibling *index* file)")
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if len(args.paths) == 1:
+        data = describe_layer(args.paths[0], args.index)
+    else:
+        with open_stack(args.paths) as stack:
+            data = describe_stack(stack)
+    if args.output == "json":
+        emit_json(data)
+    else:
+        _print(data)
+    return 0
+
+
+def _print(data: dict[str, Any], indent: str = "") -> None:
+    for key, value in data.items():
+        if isinstance(value, dict):
+            print(f"{indent}{key}:")
+            _print(value, indent + "  ")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            print(f"{indent}{key}:")
+            for item in value:
+                print(f"{indent}  -", ", ".join(f"{k}: {v}" for k, v in item.items()))
+        elif isinstance(value, int) and not isinstance(value, bool) and key.endswith(("size", "bytes")):
+            print(f"{indent}{key}: {value} ({human(value)})")
+        else:
+            print(f"{indent}{key}: {value}")

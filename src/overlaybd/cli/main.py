@@ -1,0 +1,54 @@
+"""Entry point: parse, dispatch, and turn errors into one readable line and an exit code.
+
+Exit codes: 0 success; 1 an error (the message names the file and offset); 2 bad usage, or ``check`` found
+corruption (as ``qemu-img check``); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import OverlaybdError, UsageError
+from . import cat, check, info, layer, map, zfile
+
+COMMANDS = (info, map, check, cat, layer, zfile)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="overlaybd", description="OverlayBD block images: layers, ZFile, stacks.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="overlaybd: %(levelname)s: %(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except UsageError as exc:
+        print(f"overlaybd: error: {exc}", file=sys.stderr)
+        return 2
+    except OverlaybdError as exc:
+        print(f"overlaybd: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"overlaybd: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("overlaybd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

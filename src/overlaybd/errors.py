@@ -1,0 +1,113 @@
+"""Every error pyoverlaybd raises derives from :class:`OverlaybdError`.
+
+The tree::
+
+    OverlaybdError
+    ├── FormatError                 bytes on disk are not what the format says
+    │   ├── BadMagicError           a header/trailer magic or flag does not match
+    │   ├── TruncatedError          the file ends before a structure it declares
+    │   ├── CorruptIndexError       index records overlap, are unordered or point outside the file
+    │   ├── ChecksumError           a CRC32C (block, index or header digest) does not match
+    │   ├── UnsupportedError        a valid but unsupported feature (dictionary, MINI_LZO, ...)
+    │   └── LimitError              a declared count is absurd; refused before allocating
+    ├── SourceError                 misuse of a BlockSource
+    │   ├── OutOfBoundsError        a request outside [0, size)
+    │   ├── AlignmentError          a request that breaks a required alignment
+    │   └── ReadOnlyError           a write to a source that has no write capability
+    ├── LayerIOError                the operating system refused a read or write (wraps OSError)
+    ├── LockedError                 another writer holds the layer
+    └── UsageError                  arguments that cannot work together
+
+Messages name the file (``path``) and, where it matters, the byte ``offset``.
+"""
+
+from __future__ import annotations
+
+
+class OverlaybdError(Exception):
+    """Root of every error raised by pyoverlaybd."""
+
+    def __init__(self, message: str, *, path: str | None = None, offset: int | None = None) -> None:
+        self.message = message
+        self.path = path
+        self.offset = offset
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = []
+        if self.path is not None:
+            where.append(str(self.path))
+        if self.offset is not None:
+            where.append(f"offset {self.offset}")
+        return f"{': '.join(where)}: {self.message}" if where else self.message
+
+
+class FormatError(OverlaybdError):
+    """The bytes on disk do not follow the format."""
+
+
+class BadMagicError(FormatError):
+    """A magic number or a mandatory flag does not match."""
+
+
+class TruncatedError(FormatError):
+    """The file ends before a structure it declares."""
+
+
+class CorruptIndexError(FormatError):
+    """An index is out of order, overlapping, or points outside its file."""
+
+
+class ChecksumError(FormatError):
+    """A CRC32C check failed."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        offset: int | None = None,
+        block: int | None = None,
+        expected: int | None = None,
+        actual: int | None = None,
+    ) -> None:
+        self.block = block
+        self.expected = expected
+        self.actual = actual
+        super().__init__(message, path=path, offset=offset)
+
+
+class UnsupportedError(FormatError):
+    """A valid feature this implementation (like the reference) does not support."""
+
+
+class LimitError(FormatError):
+    """A declared size or count is beyond the format's limits."""
+
+
+class SourceError(OverlaybdError):
+    """A request a BlockSource cannot serve."""
+
+
+class OutOfBoundsError(SourceError):
+    """A request outside the source."""
+
+
+class AlignmentError(SourceError):
+    """A request that breaks a required alignment."""
+
+
+class ReadOnlyError(SourceError):
+    """A write to a source without write capability."""
+
+
+class LayerIOError(OverlaybdError):
+    """An operating-system error during I/O, with the file and offset."""
+
+
+class LockedError(OverlaybdError):
+    """Another process holds the writable layer."""
+
+
+class UsageError(OverlaybdError):
+    """Arguments that cannot work together."""

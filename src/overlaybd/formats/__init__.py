@@ -1,0 +1,1 @@
+"""On-disk formats: LSMT layers, ZFile, the tar envelope, and format detection."""

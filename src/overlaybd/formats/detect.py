@@ -1,0 +1,94 @@
+"""Peel a layer blob the way the reference reader does (spec §2): tar envelope, then ZFile, then LSMT."""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+from ..errors import BadMagicError, UsageError
+from ..source.base import BlockSource
+from ..source.file import FileSource, RangeSource
+from . import tarwrap
+from .lsmt.layer import LsmtLayer, read_header
+from .lsmt.spec import HEADER_SIZE, is_lsmt
+from .lsmt.writable import SparseLayer, WritableLayer, _WritableBase
+from .zfile.reader import ZFileSource
+from .zfile.spec import is_zfile
+
+SNIFF = 512
+
+
+@dataclass
+class Peeled:
+    """What a blob turned out to be, outermost first."""
+
+    source: BlockSource  # the innermost byte stream
+    tar: tarwrap.TarMember | None = None
+    zfile: ZFileSource | None = None
+    wrappers: list[str] = field(default_factory=list)
+
+    @property
+    def is_lsmt(self) -> bool:
+        return self.source.size >= 24 and is_lsmt(self.source.pread(0, 24))
+
+
+def peel(src: BlockSource) -> Peeled:
+    """Unwrap tar and ZFile; never looks further than the reference does."""
+    out = Peeled(src)
+    head = src.pread(0, min(SNIFF, src.size))
+    if len(head) == SNIFF and tarwrap.is_tar(head):
+        member = tarwrap.first_member(src)
+        out.tar = member
+        out.wrappers.append("tar")
+        src = RangeSource(src, member.offset, member.size)
+        head = src.pread(0, min(SNIFF, src.size))
+    if is_zfile(head):
+        z = ZFileSource(src)
+        out.zfile = z
+        out.wrappers.append("zfile")
+        src = z
+    out.source = src
+    return out
+
+
+def sibling_index(data_path: str) -> str | None:
+    """``x.data`` -> ``x.index``, ``writable_data`` -> ``writable_index``, if that file exists."""
+    head, base = os.path.split(data_path)
+    if "data" not in base:
+        return None
+    candidate = os.path.join(head, base[::-1].replace("atad", "xedni", 1)[::-1])
+    return candidate if os.path.exists(candidate) else None
+
+
+def open_layer(path: str, index: str | None = None, *, owned: ExitStack, writable: bool = False
+               ) -> LsmtLayer | _WritableBase:
+    """Open any LSMT layer file: sealed (raw, ZFile'd, tar-wrapped) or writable (data+index pair, sparse)."""
+    f = owned.enter_context(FileSource(path))
+    peeled = peel(f)
+    if not peeled.is_lsmt:
+        raise BadMagicError("not an LSMT layer (after unwrapping: " + ("+".join(peeled.wrappers) or "raw") + ")",
+                            path=path, offset=0)
+    hdr = read_header(peeled.source, 0)
+    sealed = bool(peeled.wrappers) or hdr.is_sealed or (index is None and _has_trailer(peeled.source))
+    if sealed:
+        if writable:
+            raise UsageError("a sealed layer is read-only", path=path)
+        return LsmtLayer(peeled.source, name=path)
+    f.close()
+    if hdr.is_sparse:
+        return owned.enter_context(SparseLayer(path, readonly=not writable))
+    index = index or sibling_index(path)
+    if index is None:
+        raise UsageError("this is the data file of a writable layer: give its index file too", path=path)
+    return owned.enter_context(WritableLayer(path, index, readonly=not writable))
+
+
+def _has_trailer(src: BlockSource) -> bool:
+    if src.size < 2 * HEADER_SIZE:
+        return False
+    try:
+        t = read_header(src, src.size - HEADER_SIZE)
+    except BadMagicError:
+        return False
+    return not t.is_header and t.is_sealed

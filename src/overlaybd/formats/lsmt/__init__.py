@@ -1,0 +1,1 @@
+"""LSMT layers: sealed files, writable data+index pairs, stacks, commit and merge."""

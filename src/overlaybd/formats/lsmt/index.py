@@ -1,0 +1,302 @@
+"""Pure index logic over numpy arrays: replay, overlay/merge, lookup, compaction plan. No I/O here.
+
+A :class:`Segments` is a sorted, non-overlapping set of mappings, in sectors: logical ``[offset, offset+length)``
+maps to ``moffset`` in the file of source ``tag`` (or reads as zeros when ``zeroed``).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass
+
+import numpy as np
+
+from .spec import COPY_STEP_SECTORS, INVALID_OFFSET, MAX_RECORD_SECTORS
+
+_I64 = np.int64
+_BIG = np.int64(1 << 62)
+
+
+@dataclass(frozen=True, slots=True)
+class Segments:
+    offset: np.ndarray  # int64, sectors
+    length: np.ndarray  # int64, sectors
+    moffset: np.ndarray  # int64, sectors (for zeroed records: where the data cursor stood)
+    zeroed: np.ndarray  # bool
+    tag: np.ndarray  # int32: source ordinal
+
+    def __len__(self) -> int:
+        return int(self.offset.size)
+
+    @property
+    def end(self) -> np.ndarray:
+        out: np.ndarray = self.offset + self.length
+        return out
+
+    @classmethod
+    def empty(cls) -> Segments:
+        z = np.zeros(0, _I64)
+        return cls(z, z, z, np.zeros(0, bool), np.zeros(0, np.int32))
+
+    @classmethod
+    def build(cls, offset: object, length: object, moffset: object, zeroed: object, tag: object = 0) -> Segments:
+        off = np.asarray(offset, dtype=_I64)
+        n = off.size
+        return cls(off, np.asarray(length, dtype=_I64).reshape(n), np.asarray(moffset, dtype=_I64).reshape(n),
+                   np.broadcast_to(np.asarray(zeroed, dtype=bool), (n,)).copy(),
+                   np.broadcast_to(np.asarray(tag, dtype=np.int32), (n,)).copy())
+
+    def take(self, idx: np.ndarray | slice) -> Segments:
+        return Segments(self.offset[idx], self.length[idx], self.moffset[idx], self.zeroed[idx], self.tag[idx])
+
+    def with_tag(self, tag: int) -> Segments:
+        return Segments(self.offset, self.length, self.moffset, self.zeroed, np.full(len(self), tag, np.int32))
+
+    def rows(self) -> list[tuple[int, int, int, bool, int]]:
+        return list(zip(self.offset.tolist(), self.length.tolist(), self.moffset.tolist(),
+                        self.zeroed.tolist(), self.tag.tolist(), strict=False))
+
+    def overlapping(self, start: int, end: int) -> tuple[int, int]:
+        """Index range ``[i, j)`` of the records that intersect ``[start, end)`` (sectors)."""
+        i = int(np.searchsorted(self.end, _I64(start), side="right"))
+        j = int(np.searchsorted(self.offset, _I64(end), side="left"))
+        return i, max(i, j)
+
+
+def drop_invalid(records: dict[str, np.ndarray]) -> Segments:
+    keep = records["offset"] != INVALID_OFFSET
+    return Segments(records["offset"][keep], records["length"][keep], records["moffset"][keep],
+                    records["zeroed"][keep], np.zeros(int(keep.sum()), np.int32))
+
+
+def _concat(parts: list[Segments]) -> Segments:
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return Segments.empty()
+    if len(parts) == 1:
+        return parts[0]
+    return Segments(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("offset", "length", "moffset",
+                                                                                   "zeroed", "tag")))
+
+
+def _sorted(seg: Segments) -> Segments:
+    if len(seg) < 2 or bool(np.all(seg.offset[1:] >= seg.offset[:-1])):
+        return seg
+    return seg.take(np.argsort(seg.offset, kind="stable"))
+
+
+def is_sorted_disjoint(seg: Segments) -> bool:
+    return len(seg) < 2 or bool(np.all(seg.end[:-1] <= seg.offset[1:]))
+
+
+def covered(seg: Segments) -> tuple[np.ndarray, np.ndarray]:
+    """The union of a sorted disjoint set, as maximal intervals ``(starts, ends)``."""
+    if not len(seg):
+        return np.zeros(0, _I64), np.zeros(0, _I64)
+    ends = seg.end
+    new = np.ones(len(seg), bool)
+    new[1:] = seg.offset[1:] != ends[:-1]
+    starts = seg.offset[new]
+    last = np.flatnonzero(np.append(new[1:], True))
+    return starts, ends[last]
+
+
+def subtract(bottom: Segments, starts: np.ndarray, ends: np.ndarray) -> Segments:
+    """The parts of ``bottom`` outside the intervals ``[starts, ends)`` (sorted, disjoint), trimmed as the
+    reference trims: a fragment that starts later than its record advances ``moffset`` unless zeroed."""
+    if not len(bottom) or not starts.size:
+        return bottom
+    gs = np.concatenate(([_I64(0)], ends))
+    ge = np.concatenate((starts, [_BIG]))
+    keep = ge > gs
+    gs, ge = gs[keep], ge[keep]
+    bs, be = bottom.offset, bottom.end
+    i0 = np.searchsorted(ge, bs, side="right")
+    i1 = np.searchsorted(gs, be, side="left")
+    counts = np.maximum(i1 - i0, 0)
+    total = int(counts.sum())
+    if total == 0:
+        return Segments.empty()
+    rec = np.repeat(np.arange(len(bottom)), counts)
+    first = np.cumsum(counts) - counts
+    gap = i0[rec] + (np.arange(total) - first[rec])
+    fs = np.maximum(bs[rec], gs[gap])
+    fe = np.minimum(be[rec], ge[gap])
+    zeroed = bottom.zeroed[rec]
+    shift = np.where(zeroed, 0, fs - bs[rec])
+    return Segments(fs, fe - fs, bottom.moffset[rec] + shift, zeroed, bottom.tag[rec])
+
+
+def overlay(top: Segments, bottom: Segments) -> Segments:
+    """Records of ``top`` win wherever they are (data or zeroed); ``bottom`` shows through the gaps."""
+    if not len(top):
+        return bottom
+    if not len(bottom):
+        return top
+    starts, ends = covered(top)
+    return _sorted(_concat([top, subtract(bottom, starts, ends)]))
+
+
+def merge_layers(layers: list[Segments]) -> Segments:
+    """Merge layers given top-most first; each record keeps its tag. Pairwise tree: O(N log L)."""
+    level = [seg for seg in layers]
+    if not level:
+        return Segments.empty()
+    while len(level) > 1:
+        nxt = [overlay(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+class MutableIndex:
+    """An interval map for a live writable layer: insert with last-write-wins, as the reference ``Index0``.
+
+    Plain sorted Python lists: ``bisect`` lookups cost well under a microsecond.
+    """
+
+    __slots__ = ("offs", "ends", "moffs", "zeroed", "tags")
+
+    def __init__(self) -> None:
+        self.offs: list[int] = []
+        self.ends: list[int] = []
+        self.moffs: list[int] = []
+        self.zeroed: list[bool] = []
+        self.tags: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.offs)
+
+    def insert(self, offset: int, length: int, moffset: int, zeroed: bool, tag: int = 0) -> None:
+        end = offset + length
+        offs, ends = self.offs, self.ends
+        i = bisect_right(ends, offset)
+        j = bisect_left(offs, end, i)
+        new_o = [offset]
+        new_e = [end]
+        new_m = [moffset]
+        new_z = [zeroed]
+        new_t = [tag]
+        if i < j:
+            if offs[i] < offset:
+                new_o.insert(0, offs[i])
+                new_e.insert(0, offset)
+                new_m.insert(0, self.moffs[i])
+                new_z.insert(0, self.zeroed[i])
+                new_t.insert(0, self.tags[i])
+            k = j - 1
+            if ends[k] > end:
+                zk = self.zeroed[k]
+                new_o.append(end)
+                new_e.append(ends[k])
+                new_m.append(self.moffs[k] if zk else self.moffs[k] + (end - offs[k]))
+                new_z.append(zk)
+                new_t.append(self.tags[k])
+        offs[i:j] = new_o
+        ends[i:j] = new_e
+        self.moffs[i:j] = new_m
+        self.zeroed[i:j] = new_z
+        self.tags[i:j] = new_t
+
+    def overlapping(self, start: int, end: int) -> tuple[int, int]:
+        i = bisect_right(self.ends, start)
+        return i, max(i, bisect_left(self.offs, end, i))
+
+    def segments(self) -> Segments:
+        offs = np.asarray(self.offs, dtype=_I64)
+        return Segments(offs, np.asarray(self.ends, dtype=_I64) - offs, np.asarray(self.moffs, dtype=_I64),
+                        np.asarray(self.zeroed, dtype=bool), np.asarray(self.tags, dtype=np.int32))
+
+    @classmethod
+    def from_segments(cls, seg: Segments) -> MutableIndex:
+        idx = cls()
+        idx.offs = seg.offset.tolist()
+        idx.ends = seg.end.tolist()
+        idx.moffs = seg.moffset.tolist()
+        idx.zeroed = seg.zeroed.tolist()
+        idx.tags = seg.tag.tolist()
+        return idx
+
+
+_REPLAY_LEAF = 64
+
+
+def replay(log: Segments) -> Segments:
+    """Replay records given in time order (a writable layer's index file) into a sorted disjoint index.
+
+    Same result as inserting one by one: each record survives as the connected pieces of its range that no
+    later record covers. Divide and conquer (later half overlaid on the earlier half) keeps it vectorised.
+    """
+    n = len(log)
+    if n == 0:
+        return log
+    by_offset = _sorted(log)
+    if is_sorted_disjoint(by_offset):
+        return by_offset
+    if n <= _REPLAY_LEAF:
+        idx = MutableIndex()
+        for o, ln, m, z, t in log.rows():
+            idx.insert(o, ln, m, z, t)
+        return idx.segments()
+    half = n // 2
+    return overlay(replay(log.take(slice(half, n))), replay(log.take(slice(0, half))))
+
+
+# -- compaction (commit / merge output) ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionPlan:
+    """What a committed file holds: copies (source tag, source sector, sectors) in output order, and the index."""
+
+    copies: list[tuple[int, int, int]]
+    index: Segments
+    data_sectors: int
+
+
+def plan_compaction(seg: Segments, first_sector: int = 8) -> CompactionPlan:
+    """Byte-exact model of the reference ``compact()`` (spec §3.5.1): 32 KiB pieces, greedy coalescing."""
+    out_o: list[int] = []
+    out_l: list[int] = []
+    out_m: list[int] = []
+    out_z: list[bool] = []
+    out_t: list[int] = []
+    copies: list[tuple[int, int, int]] = []
+    cur = first_sector
+    # accumulator
+    a_o = a_l = a_m = -1
+    a_z = False
+    a_t = -1
+    limit = MAX_RECORD_SECTORS
+
+    def flush() -> None:
+        if a_l >= 0:
+            out_o.append(a_o)
+            out_l.append(a_l)
+            out_m.append(a_m)
+            out_z.append(a_z)
+            out_t.append(a_t)
+
+    for o, ln, m, z, t in seg.rows():
+        if z:
+            pieces = [(o, ln, cur)]
+        else:
+            copies.append((t, m, ln))
+            pieces = []
+            done = 0
+            while done < ln:
+                step = min(COPY_STEP_SECTORS, ln - done)
+                pieces.append((o + done, step, cur + done))
+                done += step
+            cur += ln
+        for po, pl, pm in pieces:
+            a_mend = a_m if a_z else a_m + a_l
+            if a_l >= 0 and a_o + a_l == po and a_mend == pm and a_z == z and a_t == t and a_l + pl < limit:
+                a_l += pl
+            else:
+                flush()
+                a_o, a_l, a_m, a_z, a_t = po, pl, pm, z, t
+    flush()
+    index = Segments.build(out_o, out_l, out_m, out_z, out_t)
+    return CompactionPlan(copies, index, cur - first_sector)

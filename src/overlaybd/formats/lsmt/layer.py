@@ -1,0 +1,120 @@
+"""A sealed (read-only) LSMT layer: committed, merged or sealed in place (spec §3.5, §3.13)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import BadMagicError, CorruptIndexError, LimitError, TruncatedError
+from ...source.base import BlockSource
+from .index import Segments, drop_invalid
+from .mapping import MergedIndex
+from .spec import (
+    HEADER_SIZE,
+    INVALID_OFFSET,
+    MAX_RO_INDEX_RECORDS,
+    RECORD_SIZE,
+    SECTOR,
+    LsmtHeader,
+    decode_records,
+)
+from .view import LsmtView
+
+
+def read_header(source: BlockSource, offset: int = 0) -> LsmtHeader:
+    if source.size < offset + HEADER_SIZE:
+        raise TruncatedError(f"file is {source.size} bytes, too short for an LSMT header", path=source.name,
+                             offset=offset)
+    return LsmtHeader.unpack(source.pread(offset, HEADER_SIZE), path=source.name, offset=offset)
+
+
+def validate_index(seg: Segments, positions: np.ndarray, lo: int, hi: int | None, *, path: str,
+                   index_offset: int) -> None:
+    """Order and bounds checks of a read-only index (spec §3.4). ``positions`` are record numbers on disk."""
+    if not len(seg):
+        return
+    ends = seg.end
+    bad = np.flatnonzero(ends[:-1] > seg.offset[1:])
+    if bad.size:
+        k = int(bad[0]) + 1
+        raise CorruptIndexError(
+            f"index record {int(positions[k])} (logical sector {int(seg.offset[k])}) overlaps or precedes the "
+            f"record before it", path=path, offset=index_offset + RECORD_SIZE * int(positions[k]))
+    if hi is None:
+        return
+    m = seg.moffset
+    mend = m + seg.length
+    data_bad = ~seg.zeroed & ((m < lo) | (m >= hi) | (mend <= lo) | (mend > hi))
+    zero_bad = seg.zeroed & ((m < lo) | (m > hi))
+    bad = np.flatnonzero(data_bad | zero_bad)
+    if bad.size:
+        k = int(bad[0])
+        raise CorruptIndexError(
+            f"index record {int(positions[k])} maps to sectors [{int(m[k])}, {int(mend[k])}) outside the data area "
+            f"[{lo}, {hi})", path=path, offset=index_offset + RECORD_SIZE * int(positions[k]))
+
+
+def load_records(source: BlockSource, offset: int, count: int) -> tuple[Segments, np.ndarray]:
+    """Read ``count`` records at ``offset``; drop padding; return them with their on-disk record numbers."""
+    raw = source.pread(offset, count * RECORD_SIZE)
+    rec = decode_records(raw)
+    keep = rec["offset"] != INVALID_OFFSET
+    return drop_invalid(rec), np.flatnonzero(keep)
+
+
+class LsmtLayer(LsmtView):
+    """One sealed LSMT file seen as a block device of ``virtual_size`` bytes."""
+
+    def __init__(self, data: BlockSource, *, name: str | None = None) -> None:
+        self.data = data
+        self.name = name or data.name
+        path = self.name
+        self.header = read_header(data, 0)
+        if not self.header.is_header or not self.header.is_data:
+            raise BadMagicError(f"LSMT header flags 0x{self.header.flags:x} are not a data-file header",
+                                path=path, offset=0)
+        if data.size < 2 * HEADER_SIZE:
+            raise TruncatedError("LSMT file has no room for a trailer", path=path, offset=data.size)
+        trailer_at = data.size - HEADER_SIZE
+        try:
+            self.trailer = read_header(data, trailer_at)
+        except BadMagicError as exc:
+            raise BadMagicError("no LSMT trailer at the end: not a sealed layer (truncated, or a writable data "
+                                "file that needs its index file)", path=path, offset=trailer_at) from exc
+        t = self.trailer
+        if t.is_header or not t.is_data or not t.is_sealed:
+            raise BadMagicError(f"LSMT trailer flags 0x{t.flags:x} are not a sealed data trailer", path=path,
+                                offset=trailer_at)
+        if t.index_size > MAX_RO_INDEX_RECORDS:
+            raise LimitError(f"trailer declares {t.index_size} index records (limit {MAX_RO_INDEX_RECORDS})",
+                             path=path, offset=trailer_at + 40)
+        if t.index_offset < HEADER_SIZE or t.index_offset + t.index_size * RECORD_SIZE > trailer_at:
+            raise CorruptIndexError(
+                f"index [{t.index_offset}, +{t.index_size} records) does not fit between header and trailer",
+                path=path, offset=trailer_at + 32)
+        seg, positions = load_records(data, t.index_offset, t.index_size)
+        validate_index(seg, positions, HEADER_SIZE // SECTOR, t.index_offset // SECTOR, path=path,
+                       index_offset=t.index_offset)
+        self._segments = seg
+        self.size = t.virtual_size
+        self.levels = [MergedIndex(seg)]
+        self.sources = [data]
+
+    def segments(self) -> Segments:
+        return self._segments
+
+    @property
+    def virtual_size(self) -> int:
+        return self.trailer.virtual_size
+
+    @property
+    def uuid(self) -> bytes:
+        return self.trailer.uuid
+
+    @property
+    def parent_uuid(self) -> bytes:
+        return self.trailer.parent_uuid
+
+    @property
+    def sealed_in_place(self) -> bool:
+        """Close-sealed (``--seal``): the writable header was kept."""
+        return self.header.is_sealed is False

@@ -1,0 +1,108 @@
+"""Resolving reads against one or more index levels (pure; no I/O).
+
+A *level* answers ``rows(start, end)``: the records intersecting ``[start, end)`` (sectors), sorted, each as
+``(offset, length, moffset, zeroed, source)``. :func:`resolve` walks the levels top-first: a level's records win
+where they are; its gaps are asked of the next level; what no level covers is a hole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from .index import MutableIndex, Segments
+
+Row = tuple[int, int, int, bool, int]
+
+# piece kinds
+DATA = 0
+ZERO = 1
+HOLE = 2
+
+Piece = tuple[int, int, int, int, int]  # (start, length, kind, source, moffset at start) in sectors
+
+
+class Level(Protocol):
+    def rows(self, start: int, end: int) -> list[Row]: ...
+
+
+class MergedIndex:
+    """The frozen merged index of a stack, 19 bytes a record: ends (i8), lengths (u2), moffsets (i8, -1 =
+    zeroed), sources (u1)."""
+
+    __slots__ = ("ends", "lengths", "moffsets", "sources")
+
+    def __init__(self, seg: Segments) -> None:
+        self.ends = np.ascontiguousarray(seg.end, dtype=np.int64)
+        self.lengths = seg.length.astype(np.uint16)
+        self.moffsets = np.where(seg.zeroed, np.int64(-1), seg.moffset).astype(np.int64)
+        self.sources = seg.tag.astype(np.uint8)
+
+    def __len__(self) -> int:
+        return int(self.ends.size)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.ends.nbytes + self.lengths.nbytes + self.moffsets.nbytes + self.sources.nbytes)
+
+    def rows(self, start: int, end: int) -> list[Row]:
+        i, j = np.searchsorted(self.ends, np.array((start, end - 1), dtype=np.int64), side="right").tolist()
+        j = min(j + 1, self.ends.size)
+        if i >= j:
+            return []
+        ends = self.ends[i:j].tolist()
+        lens = self.lengths[i:j].tolist()
+        moffs = self.moffsets[i:j].tolist()
+        srcs = self.sources[i:j].tolist()
+        out = []
+        for e, ln, m, s in zip(ends, lens, moffs, srcs, strict=False):
+            o = e - ln
+            if o >= end:
+                break
+            out.append((o, ln, m, m < 0, s))
+        return out
+
+    def segments(self) -> Segments:
+        lengths = self.lengths.astype(np.int64)
+        zeroed = self.moffsets < 0
+        return Segments(self.ends - lengths, lengths, np.where(zeroed, 0, self.moffsets), zeroed,
+                        self.sources.astype(np.int32))
+
+
+class MutableLevel:
+    """A :class:`MutableIndex` seen as a level."""
+
+    __slots__ = ("index", "source")
+
+    def __init__(self, index: MutableIndex, source: int = 0) -> None:
+        self.index = index
+        self.source = source
+
+    def rows(self, start: int, end: int) -> list[Row]:
+        idx = self.index
+        i, j = idx.overlapping(start, end)
+        src = self.source
+        return [(idx.offs[k], idx.ends[k] - idx.offs[k], idx.moffs[k], idx.zeroed[k], src) for k in range(i, j)]
+
+
+def resolve(levels: Sequence[Level], start: int, end: int, depth: int = 0) -> list[Piece]:
+    """Cut ``[start, end)`` into pieces: DATA (source, moffset), ZERO, or HOLE."""
+    if depth >= len(levels):
+        return [(start, end - start, HOLE, -1, 0)]
+    out: list[Piece] = []
+    pos = start
+    for o, ln, m, z, src in levels[depth].rows(start, end):
+        if o > pos:
+            out.extend(resolve(levels, pos, o, depth + 1))
+        lo = max(o, pos)
+        hi = min(o + ln, end)
+        if z:
+            out.append((lo, hi - lo, ZERO, src, 0))
+        else:
+            out.append((lo, hi - lo, DATA, src, m + (lo - o)))
+        pos = hi
+    if pos < end:
+        out.extend(resolve(levels, pos, end, depth + 1))
+    return out

@@ -1,0 +1,168 @@
+"""LSMT byte layouts, declared once (spec §3.1–§3.3).
+
+Inside this package offsets and lengths of index records are in 512-byte *sectors* (names end in ``_sectors``
+or live in record arrays); header fields are bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid as uuidlib
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ...errors import BadMagicError, TruncatedError
+
+SECTOR = 512
+HEADER_SIZE = 4096
+STRUCT_SIZE = 390
+MAGIC0 = b"LSMT\x00\x01\x02\x00"
+MAGIC1 = bytes.fromhex("657E63D29444084CA2D2C8EC4FCFAE8A")
+
+FLAG_HEADER = 0x01
+FLAG_DATA = 0x02
+FLAG_SEALED = 0x04
+FLAG_SPARSE = 0x10
+
+MAX_RECORD_SECTORS = 16383  # 14-bit length
+MAX_OFFSET_SECTORS = (1 << 50) - 1  # also the "invalid record" marker
+MAX_MOFFSET_SECTORS = (1 << 55) - 1
+INVALID_OFFSET = MAX_OFFSET_SECTORS
+MAX_RO_INDEX_RECORDS = 1_000_000  # reference MAX_LSMT_RO_INDEX_SIZE
+MAX_RW_INDEX_RECORDS = 128_000_000
+MAX_LAYERS = 255
+RECORD_SIZE = 16
+INDEX_PAD_RECORDS = 256  # committed indexes are padded to 4096-byte multiples
+WRITE_SPLIT_SECTORS = 8192  # writes are cut into <= 4 MiB records
+COPY_STEP_SECTORS = 64  # compaction copies in 32 KiB steps (spec §3.5.1)
+
+NULL_UUID = b"\x00" * 16
+
+_HEADER = struct.Struct("<8s16sIIQQQ37s37sHBB256s")
+assert _HEADER.size == STRUCT_SIZE
+
+
+def uuid_to_text(raw: bytes) -> bytes:
+    """16 bytes -> the 37-byte field: uppercase text plus NUL (spec §1)."""
+    return str(uuidlib.UUID(bytes=raw)).upper().encode() + b"\x00"
+
+
+def uuid_from_text(field: bytes) -> bytes:
+    """The 37-byte field -> 16 bytes; anything unparsable (legacy NULs) is the null UUID."""
+    text = field[:36]
+    if len(text) != 36 or any(text[i : i + 1] != b"-" for i in (8, 13, 18, 23)):
+        return NULL_UUID
+    try:
+        return uuidlib.UUID(text.decode("ascii")).bytes
+    except ValueError:
+        return NULL_UUID
+
+
+def parse_uuid(text: str) -> bytes:
+    """User input (36 chars, any case) -> 16 bytes."""
+    if len(text) != 36:
+        raise ValueError(f"not a 36-character UUID: {text!r}")
+    return uuidlib.UUID(text).bytes
+
+
+def format_uuid(raw: bytes) -> str:
+    return str(uuidlib.UUID(bytes=raw))
+
+
+@dataclass(frozen=True, slots=True)
+class LsmtHeader:
+    """The 4096-byte header/trailer record."""
+
+    flags: int
+    index_offset: int = 0
+    index_size: int = 0  # number of 16-byte records
+    virtual_size: int = 0
+    uuid: bytes = NULL_UUID
+    parent_uuid: bytes = NULL_UUID
+    version: int = 1
+    sub_version: int = 1
+    user_tag: bytes = b""
+    size_field: int = STRUCT_SIZE
+
+    @property
+    def is_header(self) -> bool:
+        return bool(self.flags & FLAG_HEADER)
+
+    @property
+    def is_data(self) -> bool:
+        return bool(self.flags & FLAG_DATA)
+
+    @property
+    def is_sealed(self) -> bool:
+        return bool(self.flags & FLAG_SEALED)
+
+    @property
+    def is_sparse(self) -> bool:
+        return bool(self.flags & FLAG_SPARSE)
+
+    @property
+    def message(self) -> str:
+        return self.user_tag.split(b"\x00", 1)[0].decode("utf-8", "replace")
+
+    def with_(self, **changes: object) -> LsmtHeader:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def pack(self) -> bytes:
+        rec = _HEADER.pack(
+            MAGIC0, MAGIC1, STRUCT_SIZE, self.flags, self.index_offset, self.index_size, self.virtual_size,
+            uuid_to_text(self.uuid), uuid_to_text(self.parent_uuid), 0, self.version, self.sub_version,
+            self.user_tag[:256],
+        )
+        return rec + bytes(HEADER_SIZE - STRUCT_SIZE)
+
+    @classmethod
+    def unpack(cls, buf: bytes, *, path: str, offset: int) -> LsmtHeader:
+        if len(buf) < STRUCT_SIZE:
+            raise TruncatedError("LSMT header/trailer is cut short", path=path, offset=offset)
+        (m0, m1, size_field, flags, index_offset, index_size, vsize, uuid, parent, _reserved, version, sub_version,
+         user_tag) = _HEADER.unpack_from(buf)
+        if m0 != MAGIC0 or m1 != MAGIC1:
+            raise BadMagicError("not an LSMT header/trailer (bad magic)", path=path, offset=offset)
+        return cls(flags=flags, index_offset=index_offset, index_size=index_size, virtual_size=vsize,
+                   uuid=uuid_from_text(uuid), parent_uuid=uuid_from_text(parent), version=version,
+                   sub_version=sub_version, user_tag=user_tag.rstrip(b"\x00"), size_field=size_field)
+
+
+def is_lsmt(first_bytes: bytes) -> bool:
+    return first_bytes[:8] == MAGIC0 and first_bytes[8:24] == MAGIC1
+
+
+# -- 16-byte index records --------------------------------------------------------------------------------
+
+_MASK50 = np.uint64((1 << 50) - 1)
+_MASK55 = np.uint64((1 << 55) - 1)
+
+
+def decode_records(buf: bytes | memoryview) -> dict[str, np.ndarray]:
+    """Raw little-endian records -> arrays (sectors). Invalid (padding) records are kept; see ``valid``."""
+    words = np.frombuffer(buf, dtype="<u8")
+    if words.size % 2:
+        words = words[:-1]
+    w0 = words[0::2]
+    w1 = words[1::2]
+    return {
+        "offset": (w0 & _MASK50).astype(np.int64),
+        "length": (w0 >> np.uint64(50)).astype(np.int64),
+        "moffset": (w1 & _MASK55).astype(np.int64),
+        "zeroed": ((w1 >> np.uint64(55)) & np.uint64(1)).astype(bool),
+        "tag": (w1 >> np.uint64(56)).astype(np.uint8),
+    }
+
+
+def encode_records(offset: np.ndarray, length: np.ndarray, moffset: np.ndarray, zeroed: np.ndarray,
+                   tag: np.ndarray | int = 0) -> bytes:
+    n = len(offset)
+    out = np.empty(2 * n, dtype="<u8")
+    out[0::2] = offset.astype(np.uint64) | (length.astype(np.uint64) << np.uint64(50))
+    out[1::2] = (moffset.astype(np.uint64) | (np.asarray(zeroed).astype(np.uint64) << np.uint64(55))
+                 | (np.asarray(tag).astype(np.uint64) << np.uint64(56)))
+    return out.tobytes()
+
+
+INVALID_RECORD = encode_records(np.array([INVALID_OFFSET]), np.array([0]), np.array([0]), np.array([False]))

@@ -1,0 +1,74 @@
+"""A BlockSource that reads through index levels into data sources (shared by layers and stacks)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+
+from ...source.base import BlockSource, Extent, ExtentKind
+from .mapping import DATA, HOLE, Level, resolve
+from .spec import SECTOR
+
+_ZEROS = memoryview(bytes(1 << 22))
+
+
+def fill_zero(view: memoryview) -> None:
+    n = len(view)
+    pos = 0
+    while pos < n:
+        step = min(n - pos, len(_ZEROS))
+        view[pos : pos + step] = _ZEROS[:step]
+        pos += step
+
+
+class LsmtView(BlockSource):
+    """Reads resolve top-first through ``levels``; DATA pieces come from ``sources[source]`` at ``moffset``."""
+
+    block_size = SECTOR
+    levels: Sequence[Level]
+    sources: Sequence[BlockSource]
+    #: how extents name the source of a piece (a stack maps source ordinals to layer numbers)
+    layer_of_source: Sequence[int] | None = None
+    _owned: ExitStack | None = None
+
+    def adopt(self, owned: ExitStack) -> None:
+        """Take ownership of what ``owned`` holds: ``close()`` will close it."""
+        self._owned = owned
+
+    def close(self) -> None:
+        if self._owned is not None:
+            owned, self._owned = self._owned, None
+            owned.close()
+
+    def _read_aligned(self, offset: int, buf: memoryview) -> None:
+        length = len(buf)
+        if length % SECTOR:  # the last, partial sector of an odd-sized device
+            tmp = bytearray(-(-length // SECTOR) * SECTOR)
+            self._read_sectors(offset, memoryview(tmp))
+            buf[:] = tmp[:length]
+        else:
+            self._read_sectors(offset, buf)
+
+    def _read_sectors(self, offset: int, buf: memoryview) -> None:
+        s0 = offset // SECTOR
+        sources = self.sources
+        for start, n, kind, src, moff in resolve(self.levels, s0, s0 + len(buf) // SECTOR):
+            a = (start - s0) * SECTOR
+            b = a + n * SECTOR
+            if kind == DATA:
+                sources[src].readinto(moff * SECTOR, buf[a:b])
+            else:
+                fill_zero(buf[a:b])
+
+    def _extents(self, offset: int, length: int) -> Iterator[Extent]:
+        s0 = offset // SECTOR
+        s1 = -(-(offset + length) // SECTOR)
+        names = self.layer_of_source
+        for start, n, kind, src, _moff in resolve(self.levels, s0, s1):
+            lo = max(start * SECTOR, offset)
+            hi = min((start + n) * SECTOR, offset + length)
+            if kind == HOLE:
+                yield Extent(lo, hi - lo, ExtentKind.HOLE)
+            else:
+                layer = names[src] if names is not None else src
+                yield Extent(lo, hi - lo, ExtentKind.DATA if kind == DATA else ExtentKind.ZERO, layer)

@@ -1,0 +1,273 @@
+"""Writable LSMT layers: the log-structured data+index pair (spec §3.6) and the sparse form (§3.7).
+
+Writes append data to the data file, then one record per piece to the index file. ``flush()`` makes every
+earlier write durable, data first (fdatasync data, then index). A record that points past the end of the data
+file can only be an unflushed write torn by a crash: it and everything logged after it are ignored on open.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import uuid as uuidlib
+
+import numpy as np
+
+from ...errors import BadMagicError, LayerIOError, LimitError, LockedError
+from ...source.base import Capability
+from ...source.file import FileSource, write_all
+from .index import MutableIndex, Segments, drop_invalid, replay
+from .layer import read_header
+from .mapping import MutableLevel
+from .spec import (
+    FLAG_DATA,
+    FLAG_HEADER,
+    FLAG_SPARSE,
+    HEADER_SIZE,
+    INVALID_OFFSET,
+    MAX_RECORD_SECTORS,
+    MAX_RW_INDEX_RECORDS,
+    NULL_UUID,
+    RECORD_SIZE,
+    SECTOR,
+    WRITE_SPLIT_SECTORS,
+    LsmtHeader,
+    decode_records,
+    encode_records,
+)
+from .view import LsmtView
+
+log = logging.getLogger(__name__)
+
+
+def create_writable(data_path: str, index_path: str, virtual_size: int, *, uuid: bytes | None = None,
+                    parent_uuid: bytes = NULL_UUID, sparse: bool = False) -> None:
+    """``overlaybd-create``: a new empty writable pair. Files are created exclusively, mode 0644."""
+    if virtual_size % SECTOR:
+        raise ValueError(f"virtual size {virtual_size} is not a multiple of {SECTOR}")
+    uid = uuid if uuid is not None else uuidlib.uuid4().bytes
+    flags = FLAG_HEADER | FLAG_DATA | (FLAG_SPARSE if sparse else 0)
+    data_hdr = LsmtHeader(flags=flags, virtual_size=virtual_size, uuid=uid, parent_uuid=parent_uuid)
+    index_hdr = LsmtHeader(flags=FLAG_HEADER, index_offset=HEADER_SIZE, virtual_size=virtual_size, uuid=uid,
+                           parent_uuid=parent_uuid)
+    created: list[str] = []
+    try:
+        for path, hdr in ((data_path, data_hdr), (index_path, index_hdr)):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise LayerIOError(f"cannot create: {exc.strerror}", path=path) from exc
+            created.append(path)
+            try:
+                write_all(fd, hdr.pack(), 0, path)
+                if sparse and path == data_path:
+                    os.ftruncate(fd, HEADER_SIZE + virtual_size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except BaseException:
+        for path in created:
+            os.unlink(path)
+        raise
+
+
+class _WritableBase(LsmtView):
+    capabilities = Capability.WRITE | Capability.FLUSH
+    source_tag = 0
+
+    def __init__(self, data_path: str, *, readonly: bool) -> None:
+        self.readonly = readonly
+        self.data = FileSource(data_path, writable=not readonly)
+        self.name = data_path
+        try:
+            if not readonly:
+                try:
+                    fcntl.flock(self.data.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError as exc:
+                    raise LockedError("another process has this writable layer open", path=data_path) from exc
+            self.header = read_header(self.data, 0)
+            h = self.header
+            if not h.is_header or not h.is_data or h.is_sealed:
+                raise BadMagicError(f"LSMT header flags 0x{h.flags:x} are not a writable data file", path=data_path,
+                                    offset=0)
+        except BaseException:
+            self.data.close()
+            raise
+        self.size = self.header.virtual_size
+        if readonly:
+            self.capabilities = Capability.NONE
+        self._lock = threading.Lock()
+        self.index = MutableIndex()
+        self.sources = [self.data]
+        self.levels = [MutableLevel(self.index)]
+
+    @property
+    def virtual_size(self) -> int:
+        return self.header.virtual_size
+
+    @property
+    def uuid(self) -> bytes:
+        return self.header.uuid
+
+    @property
+    def parent_uuid(self) -> bytes:
+        return self.header.parent_uuid
+
+    def segments(self) -> Segments:
+        with self._lock:
+            return self.index.segments()
+
+    def close(self) -> None:
+        self.data.close()
+        super().close()
+
+
+class WritableLayer(_WritableBase):
+    """The log-structured data+index pair."""
+
+    capabilities = Capability.WRITE | Capability.WRITE_ZEROES | Capability.TRIM | Capability.FLUSH
+
+    def __init__(self, data_path: str, index_path: str, *, readonly: bool = False) -> None:
+        super().__init__(data_path, readonly=readonly)
+        try:
+            self.index_file = FileSource(index_path, writable=not readonly)
+        except BaseException:
+            self.data.close()
+            raise
+        self.index_path = index_path
+        try:
+            self._load_index()
+        except BaseException:
+            self.close()
+            raise
+
+    def _load_index(self) -> None:
+        ih = read_header(self.index_file, 0)
+        path = self.index_path
+        if not ih.is_header or ih.is_data or ih.is_sealed or ih.index_offset != HEADER_SIZE:
+            raise BadMagicError(f"LSMT index-file header (flags 0x{ih.flags:x}, index_offset {ih.index_offset}) is "
+                                f"not a writable index file", path=path, offset=0)
+        count = (self.index_file.size - HEADER_SIZE) // RECORD_SIZE
+        if count > MAX_RW_INDEX_RECORDS:
+            raise LimitError(f"index file holds {count} records (limit {MAX_RW_INDEX_RECORDS})", path=path)
+        raw = self.index_file.pread(HEADER_SIZE, count * RECORD_SIZE)
+        rec = decode_records(raw)
+        keep = rec["offset"] != INVALID_OFFSET
+        positions = np.flatnonzero(keep)
+        log_ = drop_invalid(rec)
+        data_sectors = self.data.size // SECTOR
+        mend = log_.moffset + np.where(log_.zeroed, 0, log_.length)
+        bad = np.flatnonzero((log_.moffset < HEADER_SIZE // SECTOR) | (mend > data_sectors))
+        self.torn_records = 0
+        if bad.size:
+            k = int(bad[0])
+            self.torn_records = len(log_) - k
+            log.warning("%s: ignoring %d index record(s) from record %d on: they point past the end of the data "
+                        "file (%d bytes); an unflushed write was cut off", path, self.torn_records,
+                        int(positions[k]), self.data.size)
+            log_ = log_.take(slice(0, k))
+        self.index = MutableIndex.from_segments(replay(log_).with_tag(self.source_tag))
+        self.levels = [MutableLevel(self.index)]
+        # appends go after the last whole sector / record, past anything torn
+        self._data_end = -(-self.data.size // SECTOR) * SECTOR
+        self._index_end = HEADER_SIZE + count * RECORD_SIZE if not self.torn_records else \
+            HEADER_SIZE + int(positions[len(log_)]) * RECORD_SIZE
+
+    # -- writes ------------------------------------------------------------------------------------------------
+    def _append(self, offset: int, length: int, data: memoryview | None, step: int) -> None:
+        s0 = offset // SECTOR
+        n = length // SECTOR
+        starts = np.arange(s0, s0 + n, step, dtype=np.int64)
+        lens = np.minimum(step, s0 + n - starts)
+        with self._lock:
+            mstart = self._data_end // SECTOR
+            if data is not None:
+                write_all(self.data.fd, data, self._data_end, self.name)
+                moffs = mstart + (starts - s0)
+                zeroed = False
+            else:
+                moffs = np.full(starts.size, mstart, np.int64)
+                zeroed = True
+            recs = encode_records(starts, lens, moffs, np.full(starts.size, zeroed), 0)
+            write_all(self.index_file.fd, recs, self._index_end, self.index_path)
+            if data is not None:
+                self._data_end += length
+            self._index_end += len(recs)
+            for o, ln, m in zip(starts.tolist(), lens.tolist(), moffs.tolist(), strict=False):
+                self.index.insert(o, ln, m, zeroed, self.source_tag)
+
+    def _write_aligned(self, offset: int, data: memoryview) -> None:
+        self._append(offset, len(data), data, WRITE_SPLIT_SECTORS)
+
+    def _write_zeroes_aligned(self, offset: int, length: int) -> None:
+        self._append(offset, length, None, MAX_RECORD_SECTORS)
+
+    def _trim_aligned(self, offset: int, length: int) -> None:
+        self._append(offset, length, None, MAX_RECORD_SECTORS)
+
+    def _flush(self) -> None:
+        with self._lock:
+            for fd, path in ((self.data.fd, self.name), (self.index_file.fd, self.index_path)):
+                try:
+                    os.fdatasync(fd)
+                except OSError as exc:
+                    raise LayerIOError(f"fdatasync failed: {exc.strerror}", path=path) from exc
+
+    def close(self) -> None:
+        super().close()
+        if hasattr(self, "index_file"):
+            self.index_file.close()
+
+
+class SparseLayer(_WritableBase):
+    """A sparse writable layer: the data file is the header followed by the raw device; its allocated ranges
+    are the index."""
+
+    def __init__(self, data_path: str, *, readonly: bool = False) -> None:
+        super().__init__(data_path, readonly=readonly)
+        if not self.header.is_sparse:
+            self.close()
+            raise BadMagicError("not a sparse writable layer", path=data_path, offset=28)
+        self.index = MutableIndex.from_segments(sparse_segments(self.data.fd, self.data.size))
+        self.levels = [MutableLevel(self.index)]
+
+    def _write_aligned(self, offset: int, data: memoryview) -> None:
+        with self._lock:
+            write_all(self.data.fd, data, HEADER_SIZE + offset, self.name)
+            s0 = offset // SECTOR
+            self.index.insert(s0, len(data) // SECTOR, s0 + HEADER_SIZE // SECTOR, False, self.source_tag)
+
+    def _flush(self) -> None:
+        self.data.flush()
+
+    def segments(self) -> Segments:
+        """Rebuilt from the file's allocation, as the reference does on open (record cuts matter to commit)."""
+        with self._lock:
+            return sparse_segments(self.data.fd, self.data.size)
+
+
+def sparse_segments(fd: int, file_size: int) -> Segments:
+    """Allocated extents past the header, cut at the 16383-sector record limit (spec §3.7)."""
+    offs: list[int] = []
+    lens: list[int] = []
+    pos = HEADER_SIZE
+    while pos < file_size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        try:
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError:
+            end = file_size
+        s, e = start // SECTOR, -(-end // SECTOR)
+        while s < e:
+            n = min(MAX_RECORD_SECTORS, e - s)
+            offs.append(s - HEADER_SIZE // SECTOR)
+            lens.append(n)
+            s += n
+        pos = end
+    o = np.asarray(offs, dtype=np.int64)
+    return Segments.build(o, lens, o + HEADER_SIZE // SECTOR, False, 0)

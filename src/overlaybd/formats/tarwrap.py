@@ -1,0 +1,150 @@
+"""The single-file tar envelope around a layer (spec §5): reading the first member, writing the reference form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import FormatError, TruncatedError
+from ..source.base import BlockSource
+
+BLOCK = 512
+MEMBER_NAME = "overlaybd.commit"
+
+
+def _checksum_ok(hdr: bytes) -> bool:
+    field = hdr[148:156]
+    try:
+        stored = int(field.replace(b"\x00", b" ").strip() or b"0", 8)
+    except ValueError:
+        return False
+    blanked = hdr[:148] + b" " * 8 + hdr[156:BLOCK]
+    unsigned = sum(blanked)
+    signed = sum(b - 256 if b > 127 else b for b in blanked)
+    return stored in (unsigned, signed)
+
+
+def is_tar(first_block: bytes) -> bool:
+    """A POSIX ustar header as the reference recognises it (GNU 'ustar  ' headers are not)."""
+    return (len(first_block) >= BLOCK and first_block[257:262] == b"ustar" and first_block[263:265] == b"00"
+            and _checksum_ok(first_block[:BLOCK]))
+
+
+def _octal(field: bytes) -> int:
+    text = field.replace(b"\x00", b" ").strip()
+    if not text:
+        return 0
+    if field[0] & 0x80:  # base-256 (GNU) for large values
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    return int(text, 8)
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data) and data[pos:pos + 1] not in (b"", b"\x00"):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        if length <= 0:
+            break
+        record = data[space + 1 : pos + length - 1].decode("utf-8", "replace")
+        key, _, value = record.partition("=")
+        out[key] = value
+        pos += length
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class TarMember:
+    name: str
+    offset: int  # where the payload starts
+    size: int
+
+
+def first_member(src: BlockSource) -> TarMember:
+    """Parse headers up to the first regular member, honouring PAX ('x', 'g') and GNU long names ('L', 'K')."""
+    pos = 0
+    pax: dict[str, str] = {}
+    long_name: str | None = None
+    while True:
+        if pos + BLOCK > src.size:
+            raise TruncatedError("tar ends inside a header", path=src.name, offset=pos)
+        hdr = src.pread(pos, BLOCK)
+        if not any(hdr):
+            raise FormatError("tar has no member", path=src.name, offset=pos)
+        if not (hdr[257:262] == b"ustar" and _checksum_ok(hdr)):
+            raise FormatError("bad tar header", path=src.name, offset=pos)
+        try:
+            size = _octal(hdr[124:136])
+        except ValueError as exc:
+            raise FormatError("bad size field in tar header", path=src.name, offset=pos + 124) from exc
+        kind = hdr[156:157]
+        data_at = pos + BLOCK
+        padded = -(-size // BLOCK) * BLOCK
+        if kind in (b"x", b"g", b"L", b"K"):
+            if data_at + size > src.size:
+                raise TruncatedError("tar ends inside an extended header", path=src.name, offset=data_at)
+            body = src.pread(data_at, size)
+            if kind == b"x":
+                try:
+                    pax.update(_pax_records(body))
+                except ValueError as exc:
+                    raise FormatError("bad PAX record", path=src.name, offset=data_at) from exc
+            elif kind == b"L":
+                long_name = body.rstrip(b"\x00").decode("utf-8", "replace")
+            pos = data_at + padded
+            continue
+        name = pax.get("path") or long_name or hdr[:100].rstrip(b"\x00").decode("utf-8", "replace")
+        if "size" in pax:
+            try:
+                pax_size = int(pax["size"])
+            except ValueError as exc:
+                raise FormatError("bad PAX size record", path=src.name, offset=pos) from exc
+            if pax_size > 0:
+                size = pax_size
+        if data_at + size > src.size:
+            raise TruncatedError(f"tar member {name!r} declares {size} bytes but the file ends at {src.size}",
+                                 path=src.name, offset=data_at)
+        return TarMember(name, data_at, size)
+
+
+def _header(name: bytes, mode: bytes, size_field: bytes, typeflag: bytes, owner: bytes = b"") -> bytes:
+    """One ustar header block laid out as the reference writes it (spec §5.2)."""
+    h = bytearray(BLOCK)
+    h[0 : len(name)] = name
+    if mode:
+        h[100:108] = mode
+        h[108:116] = b"     0 \x00"
+        h[116:124] = b"     0 \x00"
+        h[136:148] = b"          0 "
+    h[124:136] = size_field
+    h[156:157] = typeflag
+    h[257:263] = b"ustar\x00"
+    h[263:265] = b"00"
+    h[265 : 265 + len(owner)] = owner
+    h[297 : 297 + len(owner)] = owner
+    h[148:156] = b" " * 8
+    h[148:156] = b"%6o \x00" % sum(h)
+    return bytes(h)
+
+
+PAYLOAD_OFFSET = 3 * BLOCK
+
+
+def pax_size_record(payload_size: int) -> bytes:
+    """``"<len> size=<n>\\n"`` where ``<len>`` counts the whole record, itself included."""
+    tail = f" size={payload_size}\n"
+    length = len(tail)
+    while len(str(length)) + len(tail) != length:
+        length = len(str(length)) + len(tail)
+    return f"{length}{tail}".encode()
+
+
+def envelope(payload_size: int, file_mode: int) -> tuple[bytes, int, int]:
+    """The reference writer's envelope: (the 1536 bytes before the payload, where the two end blocks go,
+    total file size)."""
+    record = pax_size_record(payload_size)
+    pax = _header(b"overlaybd.pax", b"", b"%11o " % len(record), b"x")
+    pax_data = record + bytes(BLOCK - len(record))
+    ustar = _header(MEMBER_NAME.encode(), b"%6o \x00" % file_mode, b"          0 ", b"0", b"root")
+    end_at = -(-(PAYLOAD_OFFSET + payload_size) // BLOCK) * BLOCK
+    return pax + pax_data + ustar, end_at, end_at + 2 * BLOCK

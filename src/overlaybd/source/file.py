@@ -1,0 +1,124 @@
+"""Protocol sources: a local file and a buffer in memory."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+
+from ..errors import LayerIOError, TruncatedError
+from .base import BlockSource, Capability, Extent, ExtentKind
+
+
+class FileSource(BlockSource):
+    """A local file read with ``os.preadv``; writable when opened so."""
+
+    def __init__(self, path: str | os.PathLike[str], *, writable: bool = False) -> None:
+        self.name = os.fspath(path)
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self.fd = os.open(self.name, flags)
+        except OSError as exc:
+            raise LayerIOError(f"cannot open: {exc.strerror}", path=self.name) from exc
+        self.size = os.fstat(self.fd).st_size
+        self.block_size = 1
+        self.capabilities = Capability.WRITE | Capability.FLUSH if writable else Capability.NONE
+        self._grow_lock = threading.Lock()
+
+    def _read_aligned(self, offset: int, buf: memoryview) -> None:
+        done = 0
+        want = len(buf)
+        while done < want:
+            try:
+                got = os.preadv(self.fd, [buf[done:]], offset + done)
+            except OSError as exc:
+                raise LayerIOError(f"read failed: {exc.strerror}", path=self.name, offset=offset + done) from exc
+            if got == 0:
+                raise TruncatedError(f"file ends at {offset + done}, wanted {want - done} more bytes",
+                                     path=self.name, offset=offset + done)
+            done += got
+
+    def _write_aligned(self, offset: int, data: memoryview) -> None:
+        write_all(self.fd, data, offset, self.name)
+
+    def _flush(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise LayerIOError(f"fsync failed: {exc.strerror}", path=self.name) from exc
+
+    def _extents(self, offset: int, length: int) -> Iterator[Extent]:
+        """Allocated ranges are DATA; holes of a sparse file are ZERO (as qemu-img map reports raw files)."""
+        end = offset + length
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError:
+                data = end
+            data = min(data, end)
+            if data > pos:
+                yield Extent(pos, data - pos, ExtentKind.ZERO)
+            if data >= end:
+                return
+            try:
+                hole = os.lseek(self.fd, data, os.SEEK_HOLE)
+            except OSError:
+                hole = end
+            hole = min(hole, end)
+            yield Extent(data, hole - data, ExtentKind.DATA)
+            pos = hole
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def write_all(fd: int, data: memoryview | bytes, offset: int, name: str) -> None:
+    """``pwrite`` until every byte is written; OS errors (ENOSPC, EIO) become LayerIOError."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        try:
+            done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:
+            raise LayerIOError(f"write failed: {exc.strerror}", path=name, offset=offset + done) from exc
+
+
+class MemorySource(BlockSource):
+    """Bytes in memory; writable if built from a bytearray."""
+
+    def __init__(self, data: bytes | bytearray, *, name: str = "<memory>", block_size: int = 1) -> None:
+        self.name = name
+        self._data = data
+        self.size = len(data)
+        self.block_size = block_size
+        self.capabilities = (
+            Capability.WRITE | Capability.WRITE_ZEROES | Capability.TRIM | Capability.FLUSH
+            if isinstance(data, bytearray) else Capability.NONE
+        )
+
+    def _read_aligned(self, offset: int, buf: memoryview) -> None:
+        buf[:] = memoryview(self._data)[offset : offset + len(buf)]
+
+    def _write_aligned(self, offset: int, data: memoryview) -> None:
+        self._data[offset : offset + len(data)] = data  # type: ignore[index]
+
+
+class RangeSource(BlockSource):
+    """A filter exposing ``[start, start+length)`` of another source (e.g. the payload of a tar member)."""
+
+    def __init__(self, inner: BlockSource, start: int, length: int) -> None:
+        if start < 0 or length < 0 or start + length > inner.size:
+            raise TruncatedError(
+                f"range [{start}, {start + length}) is beyond the end ({inner.size})", path=inner.name, offset=start
+            )
+        self.inner = inner
+        self.start = start
+        self.name = inner.name
+        self.size = length
+        self.block_size = 1
+
+    def _read_aligned(self, offset: int, buf: memoryview) -> None:
+        self.inner.readinto(self.start + offset, buf)
