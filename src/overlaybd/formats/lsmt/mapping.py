@@ -8,6 +8,7 @@ where they are; its gaps are asked of the next level; what no level covers is a 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
 import numpy as np
@@ -74,17 +75,21 @@ class MergedIndex:
 class MutableLevel:
     """A :class:`MutableIndex` seen as a level."""
 
-    __slots__ = ("index", "source")
+    __slots__ = ("index", "source", "lock")
 
-    def __init__(self, index: MutableIndex, source: int = 0) -> None:
+    def __init__(self, index: MutableIndex, source: int = 0, lock: AbstractContextManager[object] | None = None
+                 ) -> None:
         self.index = index
         self.source = source
+        self.lock = lock if lock is not None else nullcontext()
 
     def rows(self, start: int, end: int) -> list[Row]:
+        """A consistent snapshot of the records (the data they point to is append-only, so it stays valid)."""
         idx = self.index
-        i, j = idx.overlapping(start, end)
         src = self.source
-        return [(idx.offs[k], idx.ends[k] - idx.offs[k], idx.moffs[k], idx.zeroed[k], src) for k in range(i, j)]
+        with self.lock:
+            i, j = idx.overlapping(start, end)
+            return [(idx.offs[k], idx.ends[k] - idx.offs[k], idx.moffs[k], idx.zeroed[k], src) for k in range(i, j)]
 
 
 def resolve(levels: Sequence[Level], start: int, end: int, depth: int = 0) -> list[Piece]:

@@ -56,7 +56,7 @@ class LsmtStack(LsmtView):
         levels: list[Level] = [self.lower_index]
         sources: list[BlockSource] = [layer.data for layer in self.lowers]
         if upper is not None:
-            levels.insert(0, MutableLevel(upper.index, source=n))
+            levels.insert(0, MutableLevel(upper.index, source=n, lock=upper._lock))
             sources.append(upper.data)
             self.capabilities = upper.capabilities
         else:

@@ -98,10 +98,10 @@ class _WritableBase(LsmtView):
         self.size = self.header.virtual_size
         if readonly:
             self.capabilities = Capability.NONE
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.index = MutableIndex()
         self.sources = [self.data]
-        self.levels = [MutableLevel(self.index)]
+        self.levels = [MutableLevel(self.index, lock=self._lock)]
 
     @property
     def virtual_size(self) -> int:
@@ -169,7 +169,7 @@ class WritableLayer(_WritableBase):
                         int(positions[k]), self.data.size)
             log_ = log_.take(slice(0, k))
         self.index = MutableIndex.from_segments(replay(log_).with_tag(self.source_tag))
-        self.levels = [MutableLevel(self.index)]
+        self.levels = [MutableLevel(self.index, lock=self._lock)]
         # appends go after the last whole sector / record, past anything torn
         self._data_end = -(-self.data.size // SECTOR) * SECTOR
         self._index_end = HEADER_SIZE + count * RECORD_SIZE if not self.torn_records else \
@@ -208,12 +208,13 @@ class WritableLayer(_WritableBase):
         self._append(offset, length, None, MAX_RECORD_SECTORS)
 
     def _flush(self) -> None:
-        with self._lock:
-            for fd, path in ((self.data.fd, self.name), (self.index_file.fd, self.index_path)):
-                try:
-                    os.fdatasync(fd)
-                except OSError as exc:
-                    raise LayerIOError(f"fdatasync failed: {exc.strerror}", path=path) from exc
+        # No lock: every write that returned before this call is in the page cache already. Data goes first, so
+        # a durable index record never points at data that is not durable.
+        for fd, path in ((self.data.fd, self.name), (self.index_file.fd, self.index_path)):
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                raise LayerIOError(f"fdatasync failed: {exc.strerror}", path=path) from exc
 
     def close(self) -> None:
         super().close()
@@ -231,7 +232,7 @@ class SparseLayer(_WritableBase):
             self.close()
             raise BadMagicError("not a sparse writable layer", path=data_path, offset=28)
         self.index = MutableIndex.from_segments(sparse_segments(self.data.fd, self.data.size))
-        self.levels = [MutableLevel(self.index)]
+        self.levels = [MutableLevel(self.index, lock=self._lock)]
 
     def _write_aligned(self, offset: int, data: memoryview) -> None:
         with self._lock:
