@@ -12,7 +12,7 @@ from .formats.detect import open_layer, peel
 from .formats.lsmt.layer import LsmtLayer
 from .formats.lsmt.spec import SECTOR, LsmtHeader, format_uuid
 from .formats.lsmt.stack import LsmtStack
-from .formats.lsmt.writable import SparseLayer, WritableLayer, _WritableBase
+from .formats.lsmt.writable import SparseLayer, WritableLayer, WritableBase
 from .formats.zfile.reader import ZFileSource
 from .source.base import ExtentKind
 from .source.file import FileSource
@@ -44,7 +44,7 @@ def _zfile_info(z: ZFileSource) -> dict[str, Any]:
     }
 
 
-def layer_kind(layer: LsmtLayer | _WritableBase) -> str:
+def layer_kind(layer: LsmtLayer | WritableBase) -> str:
     if isinstance(layer, LsmtLayer):
         return "lsmt-sealed-in-place" if not layer.header.is_sealed else "lsmt-committed"
     if isinstance(layer, SparseLayer):

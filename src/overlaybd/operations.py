@@ -12,12 +12,12 @@ from .formats.lsmt.index import merge_layers
 from .formats.lsmt.layer import LsmtLayer
 from .formats.lsmt.spec import NULL_UUID, parse_uuid
 from .formats.lsmt.stack import LsmtStack
-from .formats.lsmt.writable import SparseLayer, WritableLayer, _WritableBase, create_writable
+from .formats.lsmt.writable import SparseLayer, WritableLayer, WritableBase, create_writable
 from .formats.output import Compression, Written, compress_to, copy_out, write_layer_file
 from .formats.zfile.reader import ZFileSource
 from .source.file import FileSource
 
-AnyLayer = LsmtLayer | _WritableBase
+AnyLayer = LsmtLayer | WritableBase
 
 
 def open_stack(layers: Sequence[str], upper: tuple[str, str] | None = None, *, writable: bool = False) -> LsmtStack:
@@ -26,7 +26,7 @@ def open_stack(layers: Sequence[str], upper: tuple[str, str] | None = None, *, w
     try:
         lowers = [open_layer(p, owned=owned) for p in layers]
         top = open_layer(upper[0], upper[1], owned=owned, writable=writable) if upper else None
-        if top is not None and not isinstance(top, _WritableBase):
+        if top is not None and not isinstance(top, WritableBase):
             raise UsageError("the upper layer must be writable", path=upper[0] if upper else None)
         return LsmtStack(lowers, top, owned=owned)
     except BaseException:

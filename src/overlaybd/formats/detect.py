@@ -12,7 +12,7 @@ from ..source.file import FileSource, RangeSource
 from . import tarwrap
 from .lsmt.layer import LsmtLayer, read_header
 from .lsmt.spec import HEADER_SIZE, is_lsmt
-from .lsmt.writable import SparseLayer, WritableLayer, _WritableBase
+from .lsmt.writable import SparseLayer, WritableLayer, WritableBase
 from .zfile.reader import ZFileSource
 from .zfile.spec import is_zfile
 
@@ -62,7 +62,7 @@ def sibling_index(data_path: str) -> str | None:
 
 
 def open_layer(path: str, index: str | None = None, *, owned: ExitStack, writable: bool = False
-               ) -> LsmtLayer | _WritableBase:
+               ) -> LsmtLayer | WritableBase:
     """Open any LSMT layer file: sealed (raw, ZFile'd, tar-wrapped) or writable (data+index pair, sparse)."""
     f = owned.enter_context(FileSource(path))
     peeled = peel(f)

@@ -12,7 +12,7 @@ from .index import Segments, merge_layers
 from .mapping import Level, MergedIndex, MutableLevel
 from .spec import MAX_LAYERS
 from .view import LsmtView
-from .writable import _WritableBase
+from .writable import WritableBase
 
 
 class LowerLayer(Protocol):
@@ -40,7 +40,7 @@ class LsmtStack(LsmtView):
     The stack closes only what was handed to it in ``owned``.
     """
 
-    def __init__(self, lowers: Sequence[LowerLayer], upper: _WritableBase | None = None, *,
+    def __init__(self, lowers: Sequence[LowerLayer], upper: WritableBase | None = None, *,
                  owned: ExitStack | None = None) -> None:
         if len(lowers) > MAX_LAYERS:
             raise LimitError(f"{len(lowers)} layers: a stack holds at most {MAX_LAYERS}")

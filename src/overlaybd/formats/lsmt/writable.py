@@ -73,7 +73,7 @@ def create_writable(data_path: str, index_path: str, virtual_size: int, *, uuid:
         raise
 
 
-class _WritableBase(LsmtView):
+class WritableBase(LsmtView):
     capabilities = Capability.WRITE | Capability.FLUSH
     source_tag = 0
 
@@ -124,7 +124,7 @@ class _WritableBase(LsmtView):
         super().close()
 
 
-class WritableLayer(_WritableBase):
+class WritableLayer(WritableBase):
     """The log-structured data+index pair."""
 
     capabilities = Capability.WRITE | Capability.WRITE_ZEROES | Capability.TRIM | Capability.FLUSH
@@ -222,7 +222,7 @@ class WritableLayer(_WritableBase):
             self.index_file.close()
 
 
-class SparseLayer(_WritableBase):
+class SparseLayer(WritableBase):
     """A sparse writable layer: the data file is the header followed by the raw device; its allocated ranges
     are the index."""
 
