@@ -12,7 +12,7 @@ from .formats.detect import open_layer, peel
 from .formats.lsmt.layer import LsmtLayer
 from .formats.lsmt.spec import SECTOR, LsmtHeader, format_uuid
 from .formats.lsmt.stack import LsmtStack
-from .formats.lsmt.writable import SparseLayer, WritableLayer, WritableBase
+from .formats.lsmt.writable import SparseLayer, WritableBase, WritableLayer
 from .formats.zfile.reader import ZFileSource
 from .source.base import ExtentKind
 from .source.file import FileSource

@@ -12,7 +12,7 @@ from .formats.lsmt.index import merge_layers
 from .formats.lsmt.layer import LsmtLayer
 from .formats.lsmt.spec import NULL_UUID, parse_uuid
 from .formats.lsmt.stack import LsmtStack
-from .formats.lsmt.writable import SparseLayer, WritableLayer, WritableBase, create_writable
+from .formats.lsmt.writable import SparseLayer, WritableBase, WritableLayer, create_writable
 from .formats.output import Compression, Written, compress_to, copy_out, write_layer_file
 from .formats.zfile.reader import ZFileSource
 from .source.file import FileSource

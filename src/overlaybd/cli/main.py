@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import OverlaybdError, UsageError
-from . import cat, check, info, layer, map, zfile
+from . import cat, check, info, layer, map, serve, zfile
 
-COMMANDS = (info, map, check, cat, layer, zfile)
+COMMANDS = (info, map, check, cat, layer, zfile, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

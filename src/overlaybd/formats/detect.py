@@ -12,7 +12,7 @@ from ..source.file import FileSource, RangeSource
 from . import tarwrap
 from .lsmt.layer import LsmtLayer, read_header
 from .lsmt.spec import HEADER_SIZE, is_lsmt
-from .lsmt.writable import SparseLayer, WritableLayer, WritableBase
+from .lsmt.writable import SparseLayer, WritableBase, WritableLayer
 from .zfile.reader import ZFileSource
 from .zfile.spec import is_zfile
 

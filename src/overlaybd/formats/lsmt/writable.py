@@ -194,6 +194,7 @@ class WritableLayer(WritableBase):
             write_all(self.index_file.fd, recs, self._index_end, self.index_path)
             if data is not None:
                 self._data_end += length
+                self.data.size = max(self.data.size, self._data_end)  # reads of it check bounds against size
             self._index_end += len(recs)
             for o, ln, m in zip(starts.tolist(), lens.tolist(), moffs.tolist(), strict=False):
                 self.index.insert(o, ln, m, zeroed, self.source_tag)

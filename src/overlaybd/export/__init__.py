@@ -1,0 +1,1 @@
+"""Exporting a BlockSource as a block device: the NBD server."""

@@ -1,0 +1,1 @@
+"""The NBD protocol (pure encode/parse in ``protocol``) and an asyncio server (``server``)."""
