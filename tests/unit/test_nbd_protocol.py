@@ -1,0 +1,190 @@
+"""The NBD server at the byte level: handshake options, errors the spec names, pipelining, violations."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from overlaybd.export.nbd import protocol as p
+from overlaybd.export.nbd.server import Export, NbdServer
+from overlaybd.source.file import MemorySource
+
+SIZE = 1 << 20
+DATA = bytes((i * 7) % 251 for i in range(SIZE))
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[str]:
+    path = str(tmp_path / "s.sock")
+    loop = asyncio.new_event_loop()
+    exports = [Export("", MemorySource(DATA)), Export("rw", MemorySource(bytearray(DATA)), description="writable")]
+    srv = NbdServer(exports, workers=4)
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(srv.listen_unix(path))
+        started.set()
+        loop.run_forever()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    started.wait(10)
+    yield path
+    asyncio.run_coroutine_threadsafe(srv.close(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    t.join(10)
+
+
+class Client:
+    def __init__(self, path: str, flags: int = p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES) -> None:
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.settimeout(10)
+        self.s.connect(path)
+        magic, opt, hflags = struct.unpack(">QQH", self.recv(18))
+        assert (magic, opt) == (p.NBDMAGIC, p.IHAVEOPT)
+        assert hflags & p.FLAG_FIXED_NEWSTYLE
+        self.s.sendall(struct.pack(">I", flags))
+
+    def recv(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.s.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("closed")
+            buf += chunk
+        return buf
+
+    def option(self, option: int, data: bytes = b"") -> list[tuple[int, bytes]]:
+        self.s.sendall(struct.pack(">QII", p.IHAVEOPT, option, len(data)) + data)
+        replies = []
+        while True:
+            magic, opt, kind, length = struct.unpack(">QIII", self.recv(20))
+            assert magic == p.OPT_REPLY_MAGIC and opt == option
+            replies.append((kind, self.recv(length)))
+            if kind == p.REP_ACK or kind & (1 << 31):
+                return replies
+
+    def go(self, name: str = "", structured: bool = False, meta: bool = False) -> int:
+        if structured:
+            assert self.option(p.OPT_STRUCTURED_REPLY)[-1][0] == p.REP_ACK
+        if meta:
+            q = p.BASE_ALLOCATION.encode()
+            body = struct.pack(">I", len(name)) + name.encode() + struct.pack(">II", 1, len(q)) + q
+            replies = self.option(p.OPT_SET_META_CONTEXT, body)
+            assert replies[0][0] == p.REP_META_CONTEXT
+        replies = self.option(p.OPT_GO, struct.pack(">I", len(name)) + name.encode() + struct.pack(">H", 0))
+        assert replies[-1][0] == p.REP_ACK, replies
+        export = [d for k, d in replies if k == p.REP_INFO and d[:2] == b"\x00\x00"][0]
+        size, flags = struct.unpack(">QH", export[2:])
+        assert size == SIZE
+        return flags
+
+    def request(self, cmd: int, handle: int, offset: int, length: int, flags: int = 0, payload: bytes = b"") -> None:
+        self.s.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, flags, cmd, handle, offset, length) + payload)
+
+    def simple(self, length: int = 0) -> tuple[int, int, bytes]:
+        magic, error, handle = struct.unpack(">IIQ", self.recv(16))
+        assert magic == p.SIMPLE_REPLY_MAGIC
+        return handle, error, self.recv(length) if not error else b""
+
+    def chunk(self) -> tuple[int, int, int, bytes]:
+        magic, flags, kind, handle, length = struct.unpack(">IHHQI", self.recv(20))
+        assert magic == p.STRUCTURED_REPLY_MAGIC
+        return handle, kind, flags, self.recv(length)
+
+
+def test_options_answer_as_the_spec_says(server: str) -> None:
+    c = Client(server)
+    names = [d[4:4 + struct.unpack(">I", d[:4])[0]] for k, d in c.option(p.OPT_LIST) if k == p.REP_SERVER]
+    assert sorted(names) == [b"", b"rw"]
+    assert c.option(p.OPT_LIST, b"junk")[-1][0] == p.REP_ERR_INVALID
+    assert c.option(99)[-1][0] == p.REP_ERR_UNSUP
+    assert c.option(p.OPT_STARTTLS)[-1][0] == p.REP_ERR_UNSUP
+    body = struct.pack(">I", 0) + struct.pack(">I", 0)
+    assert c.option(p.OPT_SET_META_CONTEXT, body)[-1][0] == p.REP_ERR_INVALID  # before STRUCTURED_REPLY
+    assert c.option(p.OPT_GO, struct.pack(">I", 4) + b"nope" + struct.pack(">H", 0))[-1][0] == p.REP_ERR_UNKNOWN
+    assert c.option(p.OPT_INFO, struct.pack(">I", 40) + b"x")[-1][0] == p.REP_ERR_INVALID  # truncated
+    info = c.option(p.OPT_INFO, struct.pack(">I", 2) + b"rw" + struct.pack(">HH", 1, p.INFO_DESCRIPTION))
+    assert (p.REP_INFO, struct.pack(">H", p.INFO_DESCRIPTION) + b"writable") in info
+    listed = c.option(p.OPT_LIST_META_CONTEXT, struct.pack(">II", 0, 0))
+    assert listed[0] == (p.REP_META_CONTEXT, struct.pack(">I", 1) + p.BASE_ALLOCATION.encode())
+    flags = c.go("")
+    assert flags & p.TFLAG_READ_ONLY and flags & p.TFLAG_SEND_FLUSH and not flags & p.TFLAG_SEND_TRIM
+
+
+def test_requests_get_the_errors_the_spec_names(server: str) -> None:
+    c = Client(server)
+    c.go("")
+    c.request(p.CMD_READ, 1, SIZE - 10, 20)
+    assert c.simple() == (1, p.EINVAL, b"")
+    c.request(42, 2, 0, 10)
+    assert c.simple() == (2, p.EINVAL, b"")
+    c.request(p.CMD_WRITE, 3, 0, 4, payload=b"abcd")
+    assert c.simple() == (3, p.EPERM, b"")
+    c.request(p.CMD_BLOCK_STATUS, 4, 0, 4096)
+    assert c.simple() == (4, p.EINVAL, b"")  # no structured replies, no context
+    c.request(p.CMD_READ, 5, 0, 10, flags=1 << 12)  # unknown command flag
+    assert c.simple() == (5, p.EINVAL, b"")
+    c.request(p.CMD_READ, 6, 100, 10)
+    assert c.simple(10) == (6, 0, DATA[100:110])  # and the connection still works
+
+
+def test_pipelined_reads_come_back_matched_by_handle(server: str) -> None:
+    c = Client(server)
+    c.go("")
+    wanted = {}
+    for h in range(200):
+        off, n = (h * 4099) % (SIZE - 9000), 1 + (h * 37) % 9000
+        wanted[h] = DATA[off : off + n]
+        c.request(p.CMD_READ, h, off, n)
+    for _ in range(200):
+        magic, error, handle = struct.unpack(">IIQ", c.recv(16))
+        assert error == 0
+        assert c.recv(len(wanted[handle])) == wanted.pop(handle)
+    assert not wanted
+
+
+def test_structured_writes_block_status_and_disc(server: str) -> None:
+    c = Client(server)
+    flags = c.go("rw", structured=True, meta=True)
+    assert flags & p.TFLAG_SEND_DF and not flags & p.TFLAG_READ_ONLY
+    c.request(p.CMD_WRITE, 7, 4096, 5, flags=p.CMD_FLAG_FUA, payload=b"hello")
+    handle, kind, cflags, _ = c.chunk()
+    assert (handle, kind, cflags & p.REPLY_FLAG_DONE) == (7, p.REPLY_TYPE_NONE, 1)
+    c.request(p.CMD_READ, 8, 4094, 9)
+    handle, kind, _, body = c.chunk()
+    assert (handle, kind) == (8, p.REPLY_TYPE_OFFSET_DATA)
+    assert body == struct.pack(">Q", 4094) + DATA[4094:4096] + b"hello" + DATA[4101:4103]
+    c.request(p.CMD_BLOCK_STATUS, 9, 0, SIZE)
+    handle, kind, _, body = c.chunk()
+    assert (handle, kind) == (9, p.REPLY_TYPE_BLOCK_STATUS)
+    context, length, state = struct.unpack(">III", body[:12])
+    assert (context, length, state) == (1, SIZE, 0)
+    c.request(p.CMD_READ, 10, SIZE, 1)
+    handle, kind, _, body = c.chunk()
+    assert (handle, kind) == (10, p.REPLY_TYPE_ERROR) and struct.unpack(">I", body[:4])[0] == p.EINVAL
+    c.request(p.CMD_DISC, 11, 0, 0)
+    assert c.s.recv(1) == b""  # the server closes after DISC
+
+
+def test_violations_end_one_connection_not_the_server(server: str) -> None:
+    bad = Client(server, flags=1 << 7)  # unknown client flag: the server must close
+    assert bad.s.recv(1) == b""
+    c = Client(server)
+    c.go("")
+    c.s.sendall(b"\x00" * p.REQUEST.size)  # bad request magic: cannot resynchronise
+    assert c.s.recv(1) == b""
+    c2 = Client(server)
+    c2.s.sendall(struct.pack(">QII", 0x1234, p.OPT_LIST, 0))  # bad option magic
+    assert c2.s.recv(1) == b""
+    ok = Client(server)
+    ok.go("")
+    ok.request(p.CMD_READ, 1, 0, 4)
+    assert ok.simple(4) == (1, 0, DATA[:4])
