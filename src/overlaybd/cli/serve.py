@@ -1,4 +1,4 @@
-"""``overlaybd serve``: export a stack (optionally with a writable upper) over NBD."""
+"""``overlaybd serve``: export a volume (and its snapshots), or a stack of layer files, over NBD."""
 
 from __future__ import annotations
 
@@ -7,31 +7,53 @@ import asyncio
 import os
 import signal
 import sys
+from contextlib import ExitStack
 
+from ..errors import UsageError
 from ..export.nbd.server import Export, serve
 from ..operations import open_stack
+from ..volume import CONFIG, Volume
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("serve", help="serve layers (bottom to top, optional writable upper) as an NBD export")
-    p.add_argument("layers", nargs="*", metavar="LAYER", help="layers bottom to top")
-    p.add_argument("--upper", nargs=2, metavar=("DATA", "INDEX"), help="a writable layer on top")
-    p.add_argument("--readonly", action="store_true", help="refuse writes even with a writable upper")
+    p = sub.add_parser("serve", help="serve a volume (its snapshots too), or layers, as NBD exports")
+    p.add_argument("layers", nargs="+", metavar="VOL_OR_LAYER",
+                   help="a volume directory, or layer files bottom to top")
+    p.add_argument("--upper", nargs=2, metavar=("DATA", "INDEX"), help="with layer files: a writable layer on top")
+    p.add_argument("--readonly", action="store_true", help="refuse writes")
     p.add_argument("--listen", default=None,
                    help="unix:PATH (default: unix:./overlaybd.sock) or tcp:HOST:PORT (tcp:PORT binds 127.0.0.1)")
-    p.add_argument("--name", default="", help="export name (default: the empty name)")
+    p.add_argument("--name", default="", help="name of the main export (default: the empty name)")
     p.add_argument("--workers", type=int, default=8, help="threads serving requests (default 8)")
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    listen = args.listen or f"unix:{os.path.abspath('overlaybd.sock')}"
+def _exports(args: argparse.Namespace, owned: ExitStack) -> list[Export]:
+    first = args.layers[0]
+    if len(args.layers) == 1 and os.path.isfile(os.path.join(first, CONFIG)):
+        if args.upper:
+            raise UsageError("--upper goes with layer files, not with a volume")
+        vol = Volume(first)
+        main = owned.enter_context(vol.open(writable=not args.readonly))
+        exports = [Export(args.name, main, readonly=args.readonly, description=f"volume {vol.path}")]
+        for snap in vol.snapshots():
+            dev = owned.enter_context(vol.open(snapshot=snap.number))
+            exports.append(Export(snap.uuid, dev, readonly=True,
+                                  description=f"snapshot {snap.number}: {snap.message}".strip()))
+        return exports
     upper = tuple(args.upper) if args.upper else None
     writable = upper is not None and not args.readonly
-    with open_stack(args.layers, upper, writable=writable) as stack:
-        export = Export(args.name, stack, readonly=not writable)
+    stack = owned.enter_context(open_stack(args.layers, upper, writable=writable))
+    return [Export(args.name, stack, readonly=not writable)]
 
-        async def main() -> None:
+
+def run(args: argparse.Namespace) -> int:
+    listen = args.listen or f"unix:{os.path.abspath('overlaybd.sock')}"
+    with ExitStack() as owned:
+        exports = _exports(args, owned)
+        main = exports[0]
+
+        async def run_server() -> None:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -39,13 +61,14 @@ def run(args: argparse.Namespace) -> int:
 
             def ready(uri: str) -> None:
                 print(uri, flush=True)
-                print(f"overlaybd: serving {stack.size} bytes ({'read-write' if writable else 'read-only'}); "
+                mode = "read-only" if main.readonly else "read-write"
+                print(f"overlaybd: serving {main.source.size} bytes ({mode}), {len(exports)} export(s); "
                       "stop with Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
 
-            await serve([export], listen, ready=ready, stop=stop, workers=args.workers)
+            await serve(exports, listen, ready=ready, stop=stop, workers=args.workers)
 
         try:
-            asyncio.run(main())
+            asyncio.run(run_server())
         finally:
-            stack.flush()
+            main.source.flush()
     return 0

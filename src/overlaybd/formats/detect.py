@@ -70,6 +70,9 @@ def open_layer(path: str, index: str | None = None, *, owned: ExitStack, writabl
         raise BadMagicError("not an LSMT layer (after unwrapping: " + ("+".join(peeled.wrappers) or "raw") + ")",
                             path=path, offset=0)
     hdr = read_header(peeled.source, 0)
+    if not hdr.is_data:
+        raise UsageError("this is the index file of a writable layer: open its data file (with the index)",
+                         path=path)
     sealed = bool(peeled.wrappers) or hdr.is_sealed or (index is None and _has_trailer(peeled.source))
     if sealed:
         if writable:

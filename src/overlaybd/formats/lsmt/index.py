@@ -169,15 +169,17 @@ class MutableIndex:
         return len(self.offs)
 
     def insert(self, offset: int, length: int, moffset: int, zeroed: bool, tag: int = 0) -> None:
-        end = offset + length
+        self._replace(offset, offset + length, [offset], [offset + length], [moffset], [zeroed], [tag])
+
+    def remove(self, offset: int, length: int) -> None:
+        """Unmap a range (what a hole punched in a sparse layer does)."""
+        self._replace(offset, offset + length, [], [], [], [], [])
+
+    def _replace(self, offset: int, end: int, new_o: list[int], new_e: list[int], new_m: list[int],
+                 new_z: list[bool], new_t: list[int]) -> None:
         offs, ends = self.offs, self.ends
         i = bisect_right(ends, offset)
         j = bisect_left(offs, end, i)
-        new_o = [offset]
-        new_e = [end]
-        new_m = [moffset]
-        new_z = [zeroed]
-        new_t = [tag]
         if i < j:
             if offs[i] < offset:
                 new_o.insert(0, offs[i])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 
 from ...source.base import BlockSource, Extent, ExtentKind
 from .mapping import DATA, HOLE, Level, resolve
@@ -34,6 +34,12 @@ class LsmtView(BlockSource):
     def adopt(self, owned: ExitStack) -> None:
         """Take ownership of what ``owned`` holds: ``close()`` will close it."""
         self._owned = owned
+
+    def hold(self, resource: AbstractContextManager[object]) -> None:
+        """Keep ``resource`` entered until ``close()``."""
+        if self._owned is None:
+            self._owned = ExitStack()
+        self._owned.enter_context(resource)
 
     def close(self) -> None:
         if self._owned is not None:

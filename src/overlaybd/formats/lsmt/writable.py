@@ -225,7 +225,10 @@ class WritableLayer(WritableBase):
 
 class SparseLayer(WritableBase):
     """A sparse writable layer: the data file is the header followed by the raw device; its allocated ranges
-    are the index."""
+    are the index. A discard punches a hole, as the reference does: the range becomes unmapped (it reads as
+    zeros on its own, and shows the layers below in a stack)."""
+
+    capabilities = Capability.WRITE | Capability.WRITE_ZEROES | Capability.TRIM | Capability.FLUSH
 
     def __init__(self, data_path: str, *, readonly: bool = False) -> None:
         super().__init__(data_path, readonly=readonly)
@@ -241,6 +244,11 @@ class SparseLayer(WritableBase):
             s0 = offset // SECTOR
             self.index.insert(s0, len(data) // SECTOR, s0 + HEADER_SIZE // SECTOR, False, self.source_tag)
 
+    def _trim_aligned(self, offset: int, length: int) -> None:
+        with self._lock:
+            punch_hole(self.data.fd, HEADER_SIZE + offset, length, self.name)
+            self.index.remove(offset // SECTOR, length // SECTOR)
+
     def _flush(self) -> None:
         self.data.flush()
 
@@ -248,6 +256,22 @@ class SparseLayer(WritableBase):
         """Rebuilt from the file's allocation, as the reference does on open (record cuts matter to commit)."""
         with self._lock:
             return sparse_segments(self.data.fd, self.data.size)
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int, name: str) -> None:
+    """``fallocate(PUNCH_HOLE | KEEP_SIZE)``; the standard library has no binding for it."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise LayerIOError(f"cannot punch a hole: {os.strerror(err)}", path=name, offset=offset) from OSError(
+            err, os.strerror(err))
 
 
 def sparse_segments(fd: int, file_size: int) -> Segments:
