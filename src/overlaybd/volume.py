@@ -19,6 +19,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import uuid as uuidlib
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -35,6 +36,7 @@ from .formats.lsmt.writable import WritableBase
 from .formats.output import Compression
 
 CONFIG = "config.json"
+_SEQ = re.compile(r"^\d{4}-")  # the sequence prefix of a layer file name
 LAYERS = "layers"
 LOCK = ".lock"
 META = "pyoverlaybd"
@@ -116,7 +118,7 @@ class Volume:
         if size <= 0 or size % SECTOR:
             raise UsageError(f"size {size} must be a positive multiple of {SECTOR}")
         os.makedirs(os.path.join(path, LAYERS), exist_ok=True)
-        files = [_share(src, os.path.join(path, LAYERS, f"{n:04d}-{os.path.basename(src)}"))
+        files = [_share(src, os.path.join(path, LAYERS, f"{n:04d}-{_SEQ.sub('', os.path.basename(src))}"))
                  for n, src in enumerate(lowers)]
         parent = _top_uuid(files)
         data, index = _new_upper(path, size, parent)
