@@ -1,0 +1,149 @@
+"""A single-file FUSE export of a BlockSource: ``MOUNTPOINT/disk``, for ``losetup`` to turn into /dev/loopN.
+
+Reads, writes, fsync (→ ``flush()``), and fallocate punch-hole / zero-range (→ ``trim`` / ``write_zeroes``) pass
+through. The file is opened with FUSE ``direct_io`` so the kernel keeps no second copy of the disk's pages.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from typing import Any
+
+from ..errors import LayerIOError, OutOfBoundsError, OverlaybdError, ReadOnlyError
+from ..source.base import BlockSource, Capability
+
+log = logging.getLogger(__name__)
+
+DISK = "disk"
+_PUNCH_HOLE = 0x02
+_KEEP_SIZE = 0x01
+_ZERO_RANGE = 0x10
+
+
+def _errno(exc: BaseException) -> int:
+    if isinstance(exc, ReadOnlyError):
+        return errno.EROFS
+    if isinstance(exc, OutOfBoundsError):
+        return errno.EINVAL
+    if isinstance(exc, LayerIOError) and isinstance(exc.__cause__, OSError) and exc.__cause__.errno:
+        return exc.__cause__.errno
+    return errno.EIO
+
+
+def make_operations(source: BlockSource, readonly: bool) -> Any:
+    """Build the mfusepy Operations for one disk file (mfusepy is imported here: it is only needed to attach)."""
+    os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy prefers libfuse2 when both are installed
+    import mfusepy
+
+    writable = not readonly and Capability.WRITE in source.capabilities
+    started = time.time_ns()
+
+    def fail(exc: BaseException) -> mfusepy.FuseOSError:
+        if not isinstance(exc, OverlaybdError):
+            log.exception("FUSE request failed")
+        else:
+            log.warning("FUSE request failed: %s", exc)
+        return mfusepy.FuseOSError(_errno(exc))
+
+    class DiskFile(mfusepy.Operations):  # type: ignore[misc]
+        use_ns = True
+
+        def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
+            base = {"st_uid": 0, "st_gid": 0, "st_atime": started, "st_mtime": started, "st_ctime": started}
+            if path == "/":
+                return {**base, "st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2}
+            if path == f"/{DISK}":
+                mode = 0o644 if writable else 0o444
+                return {**base, "st_mode": stat.S_IFREG | mode, "st_nlink": 1, "st_size": source.size,
+                        "st_blocks": -(-source.size // 512), "st_blksize": 4096}
+            raise mfusepy.FuseOSError(errno.ENOENT)
+
+        def readdir(self, path: str, fh: Any) -> list[str]:
+            return [".", "..", DISK]
+
+        def open(self, path: str, fi: Any) -> int:
+            if path != f"/{DISK}":
+                raise mfusepy.FuseOSError(errno.ENOENT)
+            if (fi.flags & os.O_ACCMODE) != os.O_RDONLY and not writable:
+                raise mfusepy.FuseOSError(errno.EROFS)
+            fi.direct_io = 1
+            return 0
+
+        def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+            n = max(0, min(size, source.size - offset))
+            if not n:
+                return b""
+            try:
+                return source.pread(offset, n)
+            except Exception as exc:
+                raise fail(exc) from None
+
+        def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
+            if not writable:
+                raise mfusepy.FuseOSError(errno.EROFS)
+            if offset + len(data) > source.size:
+                raise mfusepy.FuseOSError(errno.ENOSPC)
+            try:
+                source.pwrite(offset, data)
+            except Exception as exc:
+                raise fail(exc) from None
+            return len(data)
+
+        def fsync(self, path: str, datasync: int, fi: Any) -> int:
+            try:
+                source.flush()
+            except Exception as exc:
+                raise fail(exc) from None
+            return 0
+
+        def flush(self, path: str, fi: Any) -> int:
+            return 0
+
+        def release(self, path: str, fi: Any) -> int:
+            return 0
+
+        def truncate(self, path: str, length: int, fh: Any = None) -> int:
+            if length != source.size:
+                raise mfusepy.FuseOSError(errno.EPERM)
+            return 0
+
+        def fallocate(self, path: str, mode: int, offset: int, size: int, fi: Any) -> int:
+            if not writable:
+                raise mfusepy.FuseOSError(errno.EROFS)
+            end = min(offset + size, source.size)
+            if offset >= end:
+                return 0
+            try:
+                if mode & _PUNCH_HOLE and Capability.TRIM in source.capabilities:
+                    source.trim(offset, end - offset)
+                elif mode & _ZERO_RANGE and Capability.WRITE_ZEROES in source.capabilities:
+                    source.write_zeroes(offset, end - offset)
+                elif mode == 0:
+                    return 0  # preallocation: every byte of the disk already exists
+                else:
+                    raise mfusepy.FuseOSError(errno.EOPNOTSUPP)
+            except mfusepy.FuseOSError:
+                raise
+            except Exception as exc:
+                raise fail(exc) from None
+            return 0
+
+        def statfs(self, path: str) -> dict[str, int]:
+            blocks = -(-source.size // 4096)
+            return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": blocks, "f_bfree": 0, "f_bavail": 0,
+                    "f_namemax": 255}
+
+    return DiskFile()
+
+
+def run_fuse(source: BlockSource, mountpoint: str, *, readonly: bool) -> None:
+    """Serve until unmounted (blocks)."""
+    ops = make_operations(source, readonly)
+    import mfusepy
+
+    mfusepy.FUSE(ops, mountpoint, foreground=True, raw_fi=True, nothreads=False, fsname="overlaybd",
+                 subtype="overlaybd", default_permissions=True, allow_other=True)

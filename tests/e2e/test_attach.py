@@ -1,0 +1,106 @@
+"""The kernel as the client: attach a volume as /dev/loopN, mkfs, mount, write, snapshot, attach read-only."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from overlaybd.volume import Volume
+
+from .nbd_helpers import OVERLAYBD, require, run
+
+pytestmark = pytest.mark.slow
+
+
+def _kernel_ready() -> None:
+    """Skip only where the machine truly lacks what attaching needs; say why."""
+    if os.geteuid() != 0:
+        pytest.skip("attach needs root (FUSE mount + loop device); this run is not root")
+    for dev in ("/dev/fuse", "/dev/loop-control"):
+        if not os.path.exists(dev):
+            pytest.skip(f"{dev} is missing on this machine: no FUSE/loop, so no kernel block device")
+    for tool in ("losetup", "fusermount3", "mount", "umount"):
+        require(tool)
+
+
+@contextmanager
+def attached(target: str, *extra: str) -> Iterator[str]:
+    device = run(*OVERLAYBD, "attach", target, *extra).strip()
+    assert device.startswith("/dev/loop")
+    try:
+        yield device
+    finally:
+        run(*OVERLAYBD, "detach", device)
+
+
+@contextmanager
+def mounted(device: str, where: Path, *opts: str) -> Iterator[Path]:
+    where.mkdir(exist_ok=True)
+    run("mount", *opts, device, str(where))
+    try:
+        yield where
+    finally:
+        run("umount", str(where))
+
+
+@pytest.mark.parametrize("fs", ["ext4", "xfs"])
+def test_mkfs_mount_snapshot_and_mount_the_snapshot(tmp_path: Path, fs: str) -> None:
+    _kernel_ready()
+    mkfs = require(f"mkfs.{fs}")
+    vol = tmp_path / "vol"
+    run(*OVERLAYBD, "create", str(vol), "--size", "320M")
+    payload = os.urandom(3 << 20)
+    with attached(str(vol)) as dev:
+        run(mkfs, *(["-q", "-F"] if fs == "ext4" else ["-q", "-f"]), dev)
+        with mounted(dev, tmp_path / "m") as m:
+            (m / "dir").mkdir()
+            (m / "dir" / "hello.txt").write_text("hello from overlaybd\n")
+            (m / "blob").write_bytes(payload)
+            run("sync")
+    run(*OVERLAYBD, "snapshot", str(vol), "-m", f"{fs} with files")
+    with attached(f"{vol}@HEAD") as dev:
+        ro = ["-o", "ro,noload"] if fs == "ext4" else ["-o", "ro,norecovery"]
+        with mounted(dev, tmp_path / "m", *ro) as m:
+            assert (m / "dir" / "hello.txt").read_text() == "hello from overlaybd\n"
+            assert hashlib.sha256((m / "blob").read_bytes()).digest() == hashlib.sha256(payload).digest()
+        if fs == "ext4":
+            run("e2fsck", "-fn", dev)
+    # writes after the snapshot go to the new upper and leave the snapshot alone
+    with attached(str(vol)) as dev:
+        with mounted(dev, tmp_path / "m") as m:
+            (m / "dir" / "hello.txt").write_text("changed\n")
+            (m / "blob").unlink()
+            if shutil.which("fstrim"):
+                run("fstrim", str(m))  # discards reach the upper as zeroed records
+            run("sync")
+    with attached(f"{vol}@HEAD") as dev, mounted(dev, tmp_path / "m", "-o", "ro,noload" if fs == "ext4" else
+                                                 "ro,norecovery") as m:
+        assert (m / "dir" / "hello.txt").read_text() == "hello from overlaybd\n"
+    v = Volume(str(vol))
+    assert len(v.snapshots()) == 1
+
+
+def test_attach_refuses_a_second_writer_and_detach_cleans_up(tmp_path: Path) -> None:
+    _kernel_ready()
+    vol = tmp_path / "vol"
+    run(*OVERLAYBD, "create", str(vol), "--size", "64M")
+    with attached(str(vol)) as dev:
+        res = subprocess.run([*OVERLAYBD, "attach", str(vol)], capture_output=True, text=True)
+        assert res.returncode != 0 and "overlaybd: error:" in res.stderr
+        res = subprocess.run([*OVERLAYBD, "snapshot", str(vol)], capture_output=True, text=True)
+        assert res.returncode == 1 and "in use" in res.stderr
+        with open(dev, "r+b", buffering=0) as f:
+            f.write(b"\x5a" * 4096)
+            os.fsync(f.fileno())
+    with Volume(str(vol)).open() as disk:  # what was fsynced through the loop device is in the upper
+        assert disk.pread(0, 4096) == b"\x5a" * 4096
+    name = os.path.basename(dev)
+    assert not Path(f"/run/overlaybd/{name}.json").exists()  # detach removed its record
+    assert not Path(f"/sys/block/{name}/loop/backing_file").exists()  # and freed the loop device
