@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import struct
 import threading
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import pytest
 from overlaybd.export.nbd import protocol as p
 from overlaybd.export.nbd.server import Export, NbdServer
 from overlaybd.source.file import MemorySource
+from tests.nbd_client import Client
 
 SIZE = 1 << 20
 DATA = bytes((i * 7) % 251 for i in range(SIZE))
@@ -42,64 +42,6 @@ def server(tmp_path: Path) -> Iterator[str]:
     t.join(10)
 
 
-class Client:
-    def __init__(self, path: str, flags: int = p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES) -> None:
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.settimeout(10)
-        self.s.connect(path)
-        magic, opt, hflags = struct.unpack(">QQH", self.recv(18))
-        assert (magic, opt) == (p.NBDMAGIC, p.IHAVEOPT)
-        assert hflags & p.FLAG_FIXED_NEWSTYLE
-        self.s.sendall(struct.pack(">I", flags))
-
-    def recv(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = self.s.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("closed")
-            buf += chunk
-        return buf
-
-    def option(self, option: int, data: bytes = b"") -> list[tuple[int, bytes]]:
-        self.s.sendall(struct.pack(">QII", p.IHAVEOPT, option, len(data)) + data)
-        replies = []
-        while True:
-            magic, opt, kind, length = struct.unpack(">QIII", self.recv(20))
-            assert magic == p.OPT_REPLY_MAGIC and opt == option
-            replies.append((kind, self.recv(length)))
-            if kind == p.REP_ACK or kind & (1 << 31):
-                return replies
-
-    def go(self, name: str = "", structured: bool = False, meta: bool = False) -> int:
-        if structured:
-            assert self.option(p.OPT_STRUCTURED_REPLY)[-1][0] == p.REP_ACK
-        if meta:
-            q = p.BASE_ALLOCATION.encode()
-            body = struct.pack(">I", len(name)) + name.encode() + struct.pack(">II", 1, len(q)) + q
-            replies = self.option(p.OPT_SET_META_CONTEXT, body)
-            assert replies[0][0] == p.REP_META_CONTEXT
-        replies = self.option(p.OPT_GO, struct.pack(">I", len(name)) + name.encode() + struct.pack(">H", 0))
-        assert replies[-1][0] == p.REP_ACK, replies
-        export = [d for k, d in replies if k == p.REP_INFO and d[:2] == b"\x00\x00"][0]
-        size, flags = struct.unpack(">QH", export[2:])
-        assert size == SIZE
-        return flags
-
-    def request(self, cmd: int, handle: int, offset: int, length: int, flags: int = 0, payload: bytes = b"") -> None:
-        self.s.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, flags, cmd, handle, offset, length) + payload)
-
-    def simple(self, length: int = 0) -> tuple[int, int, bytes]:
-        magic, error, handle = struct.unpack(">IIQ", self.recv(16))
-        assert magic == p.SIMPLE_REPLY_MAGIC
-        return handle, error, self.recv(length) if not error else b""
-
-    def chunk(self) -> tuple[int, int, int, bytes]:
-        magic, flags, kind, handle, length = struct.unpack(">IHHQI", self.recv(20))
-        assert magic == p.STRUCTURED_REPLY_MAGIC
-        return handle, kind, flags, self.recv(length)
-
-
 def test_options_answer_as_the_spec_says(server: str) -> None:
     c = Client(server)
     names = [d[4:4 + struct.unpack(">I", d[:4])[0]] for k, d in c.option(p.OPT_LIST) if k == p.REP_SERVER]
@@ -115,13 +57,13 @@ def test_options_answer_as_the_spec_says(server: str) -> None:
     assert (p.REP_INFO, struct.pack(">H", p.INFO_DESCRIPTION) + b"writable") in info
     listed = c.option(p.OPT_LIST_META_CONTEXT, struct.pack(">II", 0, 0))
     assert listed[0] == (p.REP_META_CONTEXT, struct.pack(">I", 1) + p.BASE_ALLOCATION.encode())
-    flags = c.go("")
+    flags = c.go("", size=SIZE)
     assert flags & p.TFLAG_READ_ONLY and flags & p.TFLAG_SEND_FLUSH and not flags & p.TFLAG_SEND_TRIM
 
 
 def test_requests_get_the_errors_the_spec_names(server: str) -> None:
     c = Client(server)
-    c.go("")
+    c.go("", size=SIZE)
     c.request(p.CMD_READ, 1, SIZE - 10, 20)
     assert c.simple() == (1, p.EINVAL, b"")
     c.request(42, 2, 0, 10)
@@ -138,7 +80,7 @@ def test_requests_get_the_errors_the_spec_names(server: str) -> None:
 
 def test_pipelined_reads_come_back_matched_by_handle(server: str) -> None:
     c = Client(server)
-    c.go("")
+    c.go("", size=SIZE)
     wanted = {}
     for h in range(200):
         off, n = (h * 4099) % (SIZE - 9000), 1 + (h * 37) % 9000
@@ -153,7 +95,7 @@ def test_pipelined_reads_come_back_matched_by_handle(server: str) -> None:
 
 def test_structured_writes_block_status_and_disc(server: str) -> None:
     c = Client(server)
-    flags = c.go("rw", structured=True, meta=True)
+    flags = c.go("rw", structured=True, meta=True, size=SIZE)
     assert flags & p.TFLAG_SEND_DF and not flags & p.TFLAG_READ_ONLY
     c.request(p.CMD_WRITE, 7, 4096, 5, flags=p.CMD_FLAG_FUA, payload=b"hello")
     handle, kind, cflags, _ = c.chunk()
@@ -178,13 +120,13 @@ def test_violations_end_one_connection_not_the_server(server: str) -> None:
     bad = Client(server, flags=1 << 7)  # unknown client flag: the server must close
     assert bad.s.recv(1) == b""
     c = Client(server)
-    c.go("")
+    c.go("", size=SIZE)
     c.s.sendall(b"\x00" * p.REQUEST.size)  # bad request magic: cannot resynchronise
     assert c.s.recv(1) == b""
     c2 = Client(server)
     c2.s.sendall(struct.pack(">QII", 0x1234, p.OPT_LIST, 0))  # bad option magic
     assert c2.s.recv(1) == b""
     ok = Client(server)
-    ok.go("")
+    ok.go("", size=SIZE)
     ok.request(p.CMD_READ, 1, 0, 4)
     assert ok.simple(4) == (1, 0, DATA[:4])
