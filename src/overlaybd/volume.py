@@ -30,6 +30,7 @@ from . import operations
 from .errors import LockedError, OverlaybdError, UsageError
 from .formats.detect import open_layer
 from .formats.lsmt.index import covered, merge_layers
+from .formats.lsmt.layer import LsmtLayer
 from .formats.lsmt.spec import SECTOR, format_uuid
 from .formats.lsmt.stack import LsmtStack
 from .formats.lsmt.writable import WritableBase
@@ -151,7 +152,7 @@ class Volume:
         out = []
         with ExitStack() as owned:
             for n, path in enumerate(self.lowers):
-                layer = open_layer(path, owned=owned)
+                layer = self.open_lower(n, owned)
                 out.append(Snapshot(n, path, format_uuid(layer.uuid), format_uuid(layer.parent_uuid),
                                     layer.header.message, created.get(path, ""), layer.virtual_size,
                                     os.path.getsize(path)))
@@ -186,10 +187,18 @@ class Volume:
         try:
             if writable:
                 lock.enter_context(self.writer_lock())
-            if snapshot is not None:
-                stack = operations.open_stack(self.lowers[: snapshot + 1])
-            else:
-                stack = operations.open_stack(self.lowers, self.upper, writable=writable)
+            owned = ExitStack()
+            lock.enter_context(owned)
+            count = len(self.lowers) if snapshot is None else snapshot + 1
+            lowers = [self.open_lower(n, owned) for n in range(count)]
+            upper = None
+            if snapshot is None:
+                data, index = self.upper
+                top = open_layer(data, index, owned=owned, writable=writable)
+                if not isinstance(top, WritableBase):
+                    raise VolumeError("the upper layer is not writable", path=data)
+                upper = top
+            stack = LsmtStack(lowers, upper)
         except BaseException:
             lock.close()
             raise
@@ -212,7 +221,7 @@ class Volume:
                 upper = open_layer(data, index, owned=owned, writable=True)
                 if not isinstance(upper, WritableBase):
                     raise VolumeError("the upper layer is not writable", path=data)
-                parent = _top_uuid(self.lowers)
+                parent = self._top_uuid()
                 operations.commit(upper, target, uuid=new_uuid, parent_uuid=parent, message=message,
                                   compression=compression)
             new_data, new_index = _new_upper(self.path, self.size, new_uuid)
@@ -239,7 +248,7 @@ class Volume:
             ext = "zfile" if compression else "lsmt"
             target = os.path.join(self.path, LAYERS, f"{first:04d}-{top.uuid}-merged.{ext}")
             with ExitStack() as owned:
-                layers = [open_layer(p, owned=owned) for p in lowers[first : last + 1]]
+                layers = [self.open_lower(n, owned) for n in range(first, last + 1)]
                 operations.merge(layers, target, uuid=top.uuid, message=top.message, compression=compression,
                                  force=True)
             entries = self.config["lowers"]
@@ -256,18 +265,53 @@ class Volume:
         """Byte ranges that snapshots after ``a`` up to ``b`` wrote or discarded (``a`` = -1: from empty)."""
         lo, hi = sorted((a, b))
         with ExitStack() as owned:
-            layers = [open_layer(p, owned=owned) for p in self.lowers[lo + 1 : hi + 1]]
+            layers = [self.open_lower(n, owned) for n in range(lo + 1, hi + 1)]
             seg = merge_layers([layer.segments() for layer in layers[::-1]])
         starts, ends = covered(seg)
         return [(int(s) * SECTOR, int(e - s) * SECTOR) for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
 
     def clone(self, snapshot: int, target: str) -> Volume:
-        """A new volume over the same read-only layers (hard links, so each volume can drop its own)."""
-        return Volume.create(target, self.size, self.lowers[: snapshot + 1])
+        """A new volume over the same read-only layers (hard links, so each volume can drop its own; layers
+        not downloaded yet are shared by reference to the same repository)."""
+        if all(os.path.exists(p) for p in self.lowers[: snapshot + 1]):
+            return Volume.create(target, self.size, self.lowers[: snapshot + 1])
+        new = Volume.create(target, self.size)
+        config = dict(new.config)
+        config["lowers"] = [dict(e) for e in self.config["lowers"][: snapshot + 1]]
+        config["repoBlobUrl"] = self.config.get("repoBlobUrl", "")
+        data, index = new.upper
+        os.unlink(data)
+        os.unlink(index)
+        config["upper"] = dict(zip(("data", "index"), _new_upper(new.path, new.size, self._top_uuid(snapshot)),
+                                   strict=True))
+        _write_config(new.path, config)
+        return Volume(new.path)
+
+    # -- layers ------------------------------------------------------------------------------------------------
+    def open_lower(self, n: int, owned: ExitStack) -> LsmtLayer | WritableBase:
+        """Snapshot ``n`` as a layer: its local file, or (lazily pulled, not downloaded yet) its remote blob."""
+        path = self.lowers[n]
+        if os.path.exists(path):
+            return open_layer(path, owned=owned)
+        entry = self.config["lowers"][n]
+        if "digest" not in entry:
+            raise VolumeError(f"snapshot {n}: layer file is missing", path=path)
+        from .remote.lazy import open_remote_layer
+
+        download = bool((self.config.get("download") or {}).get("enable"))
+        return open_remote_layer(self.config.get("repoBlobUrl", ""), entry["digest"], int(entry["size"]), owned,
+                                 name=path, download_to=path if download else None)
+
+    def _top_uuid(self, snapshot: int | None = None) -> str | None:
+        n = len(self.lowers) - 1 if snapshot is None else snapshot
+        if n < 0:
+            return None
+        with ExitStack() as owned:
+            return format_uuid(self.open_lower(n, owned).uuid)
 
     def _collect_garbage(self) -> None:
         """Remove files in the volume no config references (left by an earlier crash or change)."""
-        keep = set(self.lowers) | set(self.upper)
+        keep = set(self.lowers) | set(self.upper) | {os.path.dirname(p) for p in self.lowers}
         for folder in (self.path, os.path.join(self.path, LAYERS)):
             for name in os.listdir(folder):
                 path = os.path.join(folder, name)

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import OverlaybdError, UsageError
-from . import attach, cat, check, info, layer, map, serve, transfer, volume, zfile
+from . import attach, cat, check, info, layer, map, remote, serve, transfer, volume, zfile
 
-COMMANDS = (info, map, check, cat, volume, transfer, serve, attach, layer, zfile)
+COMMANDS = (info, map, check, cat, volume, transfer, remote, serve, attach, layer, zfile)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -108,6 +108,10 @@ class BlockSource:
     def _extents(self, offset: int, length: int) -> Iterator[Extent]:
         yield Extent(offset, length, ExtentKind.DATA)
 
+    def invalidate(self, offset: int, length: int) -> None:
+        """Forget any cached copy of this range (a check above found it corrupt); sources without a cache
+        below them do nothing."""
+
     # -- writing -------------------------------------------------------------------------------------------
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._require(Capability.WRITE)

@@ -122,3 +122,6 @@ class RangeSource(BlockSource):
 
     def _read_aligned(self, offset: int, buf: memoryview) -> None:
         self.inner.readinto(self.start + offset, buf)
+
+    def invalidate(self, offset: int, length: int) -> None:
+        self.inner.invalidate(self.start + offset, length)

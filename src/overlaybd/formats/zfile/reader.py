@@ -134,7 +134,9 @@ class ZFileSource(BlockSource):
                 return data
             if attempt < CRC_RETRIES:
                 a = int(self.block_starts[blk])
-                stored = memoryview(self.inner.pread(a, int(self.block_starts[blk + 1]) - a))
+                n = int(self.block_starts[blk + 1]) - a
+                self.inner.invalidate(a, n)  # a cache below drops its copy, so the re-read fetches afresh
+                stored = memoryview(self.inner.pread(a, n))
         raise ChecksumError(f"block {blk} CRC mismatch: stored 0x{want:08x}, computed 0x{got:08x}", path=self.name,
                             offset=int(self.block_starts[blk]), block=blk, expected=want, actual=got)
 

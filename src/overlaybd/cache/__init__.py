@@ -1,0 +1,1 @@
+"""The persistent block cache for remote blobs."""

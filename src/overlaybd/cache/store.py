@@ -1,0 +1,296 @@
+"""A persistent cache of remote blob bytes: shared by all volumes on the machine, keyed by blob digest,
+size-bounded with LRU eviction, safe for several processes at once.
+
+```
+CACHE/blobs/<hex>.data   sparse file, the blob's size; fetched chunks are where they belong
+CACHE/blobs/<hex>.map    one byte per chunk: 1 = present and complete
+CACHE/cache.lock         held (exclusively) by whoever evicts
+```
+
+Each read opens its own descriptor of the map and holds a shared ``flock`` while it checks the map and copies the
+bytes; eviction and invalidation hold it exclusively. So bytes are never dropped under a reader. A map or data
+file that does not fit (wrong size, unknown byte values) is reset at open: a damaged cache costs refetching,
+never a failed start or wrong bytes. Nothing fetched is trusted beyond what the layers above check: a ZFile block
+whose CRC fails is invalidated here and fetched again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ..errors import LayerIOError, OverlaybdError
+from ..formats.lsmt.writable import punch_hole
+from ..source.base import BlockSource
+from ..source.file import write_all
+from .planning import chunk_span, plan_fetches
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024  # the reference's refillSize
+DEFAULT_MAX_BYTES = 4 << 30
+READAHEAD_CHUNKS = 4
+MAX_RUN_CHUNKS = 16  # one range request fetches at most 4 MiB
+CONCURRENCY = 4
+TOUCH_EVERY = 1.0
+
+
+class CacheError(OverlaybdError):
+    """The cache cannot serve a read (its folder is unusable)."""
+
+
+def default_dir() -> str:
+    env = os.environ.get("OVERLAYBD_CACHE_DIR")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/cache/overlaybd"
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "overlaybd")
+
+
+def default_max_bytes() -> int:
+    env = os.environ.get("OVERLAYBD_CACHE_SIZE")
+    if env:
+        from ..cli.common import parse_size
+
+        return parse_size(env)
+    return DEFAULT_MAX_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    digest: str
+    size: int
+    cached_bytes: int
+    last_used: float
+
+
+class BlobCache:
+    def __init__(self, root: str | None = None, *, max_bytes: int | None = None, chunk: int = CHUNK) -> None:
+        self.root = os.path.abspath(root or default_dir())
+        self.max_bytes = max_bytes if max_bytes is not None else default_max_bytes()
+        self.chunk = chunk
+        self.blobs = os.path.join(self.root, "blobs")
+        try:
+            os.makedirs(self.blobs, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cannot create the cache folder: {exc.strerror}", path=self.blobs) from None
+        self._fetched_since_check = 0
+        self._lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="cache-fetch")
+
+    def paths(self, digest: str) -> tuple[str, str]:
+        hexdigest = digest.split(":", 1)[-1]
+        if len(hexdigest) != 64 or not all(c in "0123456789abcdef" for c in hexdigest):
+            raise CacheError(f"bad digest {digest!r}")
+        base = os.path.join(self.blobs, hexdigest)
+        return base + ".data", base + ".map"
+
+    def source(self, digest: str, size: int, upstream: BlockSource, *, readahead: int = READAHEAD_CHUNKS
+               ) -> CachedSource:
+        return CachedSource(self, digest, size, upstream, readahead=readahead)
+
+    # -- housekeeping ------------------------------------------------------------------------------------------
+    def entries(self) -> list[Entry]:
+        out = []
+        for name in sorted(os.listdir(self.blobs)):
+            if not name.endswith(".map"):
+                continue
+            hexdigest = name[:-4]
+            data, mp = self.paths(hexdigest)
+            try:
+                size = os.path.getsize(data)
+                with open(mp, "rb") as f:
+                    present = f.read().count(1)
+                used = os.path.getmtime(mp)
+            except OSError:
+                continue
+            out.append(Entry(f"sha256:{hexdigest}", size, min(size, present * self.chunk), used))
+        return out
+
+    def usage(self) -> int:
+        return sum(e.cached_bytes for e in self.entries())
+
+    def evict(self, digest: str) -> int:
+        """Drop everything cached of one blob; returns the bytes freed."""
+        data, mp = self.paths(digest)
+        if not os.path.exists(mp):
+            return 0
+        with _locked(mp, fcntl.LOCK_EX) as fd:
+            present = os.pread(fd, 1 << 30, 0).count(1)
+            os.ftruncate(fd, 0)
+            for path in (data, mp):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        return present * self.chunk
+
+    def prune(self, max_bytes: int | None = None) -> int:
+        """Evict least recently used blobs until the cache holds at most ``max_bytes`` (default: the bound)."""
+        limit = self.max_bytes if max_bytes is None else max_bytes
+        lock = os.open(os.path.join(self.root, "cache.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # someone else is evicting
+            entries = sorted(self.entries(), key=lambda e: e.last_used)
+            total = sum(e.cached_bytes for e in entries)
+            freed = 0
+            for e in entries:
+                if total - freed <= limit:
+                    break
+                freed += self.evict(e.digest)
+            return freed
+        finally:
+            os.close(lock)
+
+    def _fetched(self, n: int) -> None:
+        with self._lock:
+            self._fetched_since_check += n
+            due = self._fetched_since_check > max(self.chunk, self.max_bytes // 16)
+            if due:
+                self._fetched_since_check = 0
+        if due and self.usage() > self.max_bytes:
+            self.prune(int(self.max_bytes * 0.9))
+
+    def verify(self) -> list[tuple[Entry, str]]:
+        """Hash every fully cached blob; a mismatch is evicted. Returns (entry, "ok"|"corrupt, evicted"|"partial")."""
+        out = []
+        for e in self.entries():
+            if e.cached_bytes < e.size:
+                out.append((e, "partial"))
+                continue
+            data, mp = self.paths(e.digest)
+            with _locked(mp, fcntl.LOCK_SH):
+                h = hashlib.sha256()
+                with open(data, "rb") as f:
+                    while block := f.read(1 << 20):
+                        h.update(block)
+            if "sha256:" + h.hexdigest() == e.digest:
+                out.append((e, "ok"))
+            else:
+                self.evict(e.digest)
+                out.append((e, "corrupt, evicted"))
+        return out
+
+
+@contextmanager
+def _locked(path: str, mode: int) -> Iterator[int]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, mode)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+class CachedSource(BlockSource):
+    """A filter: reads come from the cache, missing chunks are fetched from ``upstream`` (concurrently, with
+    read-ahead) and kept."""
+
+    def __init__(self, cache: BlobCache, digest: str, size: int, upstream: BlockSource, *, readahead: int) -> None:
+        self.cache = cache
+        self.digest = digest
+        self.size = size
+        self.block_size = 1
+        self.upstream = upstream
+        self.name = upstream.name
+        self.readahead = readahead
+        self.data_path, self.map_path = cache.paths(digest)
+        self.nchunks = -(-size // cache.chunk)
+        self._touched = 0.0
+        self._prepare()
+        self.data_fd = os.open(self.data_path, os.O_RDWR | os.O_CLOEXEC)
+
+    def _prepare(self) -> None:
+        """Create, or check and if needed reset, this blob's files (never fails on a damaged cache)."""
+        with _locked(self.map_path, fcntl.LOCK_EX) as fd:
+            try:
+                mp = os.pread(fd, self.nchunks + 1, 0)
+                data_ok = os.path.exists(self.data_path) and os.path.getsize(self.data_path) == self.size
+            except OSError:
+                mp, data_ok = b"", False
+            if len(mp) == self.nchunks and data_ok and not mp.translate(None, b"\x00\x01"):
+                return
+            if mp:
+                log.warning("%s: cache entry damaged (map %d/%d bytes, data size ok: %s); rebuilding",
+                            self.digest, len(mp), self.nchunks, data_ok)
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, self.nchunks)
+            with open(self.data_path, "wb") as f:
+                f.truncate(self.size)
+
+    def _read_aligned(self, offset: int, buf: memoryview) -> None:
+        chunk = self.cache.chunk
+        first, last = chunk_span(offset, len(buf), chunk)
+        for _attempt in range(4):
+            fd = os.open(self.map_path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                end = min(self.nchunks, last + self.readahead)
+                present = os.pread(fd, end - first, first)
+                if len(present) == end - first and present[: last - first].count(1) == last - first:
+                    self._copy_out(offset, buf)
+                    self._touch()
+                    return
+            finally:
+                os.close(fd)
+            padded = bytes(first) + present if len(present) == end - first else bytes(end)
+            runs = plan_fetches(padded, first, last, readahead=self.readahead, nchunks=self.nchunks,
+                                max_run=MAX_RUN_CHUNKS)
+            if len(runs) > 1:
+                list(self.cache.pool.map(self._fetch, runs))  # concurrent range requests
+            elif runs:
+                self._fetch(runs[0])
+        raise CacheError(f"chunks of [{offset}, +{len(buf)}) keep disappearing (the cache is too small for this "
+                         "read?)", path=self.cache.root)
+
+    def _copy_out(self, offset: int, buf: memoryview) -> None:
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self.data_fd, [buf[done:]], offset + done)
+            if n <= 0:
+                raise LayerIOError("cache data file is short", path=self.data_path, offset=offset + done)
+            done += n
+
+    def _fetch(self, run: tuple[int, int]) -> None:
+        chunk = self.cache.chunk
+        start, count = run
+        off = start * chunk
+        n = min(count * chunk, self.size - off)
+        data = self.upstream.pread(off, n)
+        write_all(self.data_fd, data, off, self.data_path)
+        with _locked(self.map_path, fcntl.LOCK_SH) as fd:
+            os.pwrite(fd, b"\x01" * count, start)
+        self.cache._fetched(n)
+
+    def _touch(self) -> None:
+        now = time.monotonic()
+        if now - self._touched > TOUCH_EVERY:
+            self._touched = now
+            try:
+                os.utime(self.map_path)
+            except OSError:
+                pass
+
+    def invalidate(self, offset: int, length: int) -> None:
+        first, last = chunk_span(offset, length, self.cache.chunk)
+        with _locked(self.map_path, fcntl.LOCK_EX) as fd:
+            os.pwrite(fd, bytes(last - first), first)
+            start = first * self.cache.chunk
+            punch_hole(self.data_fd, start, min(last * self.cache.chunk, self.size) - start, self.data_path)
+
+    def close(self) -> None:
+        if self.data_fd >= 0:
+            os.close(self.data_fd)
+            self.data_fd = -1
