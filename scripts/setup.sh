@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in qemu-utils libnbd-bin fuse3 xfsprogs e2fsprogs mount; do
+for pkg in qemu-utils libnbd-bin fuse3 xfsprogs e2fsprogs mount docker-registry skopeo apache2-utils; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -155,7 +155,8 @@ class Volume:
                 layer = self.open_lower(n, owned)
                 out.append(Snapshot(n, path, format_uuid(layer.uuid), format_uuid(layer.parent_uuid),
                                     layer.header.message, created.get(path, ""), layer.virtual_size,
-                                    os.path.getsize(path)))
+                                    os.path.getsize(path) if os.path.exists(path)
+                                    else int(self.config["lowers"][n].get("size", 0))))
         return out
 
     def resolve(self, ref: str) -> int:

@@ -310,6 +310,13 @@ class RegistryRepository:
 
     def put_blob(self, path: str, digest: str, size: int, progress: Progress | None = None,
                  mount_from: tuple[str, ...] = ()) -> str:
+        found = self.exists_or_mount(digest, size, mount_from)
+        if found:
+            return found
+        return self._upload(path, digest, size, progress)
+
+    def exists_or_mount(self, digest: str, size: int, mount_from: tuple[str, ...] = ()) -> str | None:
+        """"exists" or "mounted" if the blob is (now) in this repository without uploading; else None."""
         if self.blob_size(digest) == size:
             return "exists"
         push = _scope(self.repo, "pull,push")
@@ -326,6 +333,10 @@ class RegistryRepository:
                 loc = r.headers.get("Location")
                 if loc:
                     self.client.request("DELETE", urljoin(self.client.base + "/", loc), scope=push).close()
+        return None
+
+    def _upload(self, path: str, digest: str, size: int, progress: Progress | None) -> str:
+        push = _scope(self.repo, "pull,push")
         r = self.client.request("POST", f"/v2/{self.repo}/blobs/uploads/", scope=push)
         r.close()
         if r.status_code != 202 or "Location" not in r.headers:
@@ -400,4 +411,12 @@ class HttpBlobSource(BlockSource):
         self.name = f"{repo.name}@{digest}"
 
     def _read_aligned(self, offset: int, buf: memoryview) -> None:
-        self.repo.read_range(self.digest, offset, buf)
+        # a body cut short or garbled Content-Range is retried like a dropped connection, a bounded number of times
+        for attempt in range(self.repo.client.retries):
+            try:
+                self.repo.read_range(self.digest, offset, buf)
+                return
+            except TransportError:
+                if attempt + 1 >= self.repo.client.retries:
+                    raise
+                time.sleep(BACKOFF * 2 ** attempt)

@@ -144,11 +144,18 @@ def push(vol: Volume, ref: Reference, *, insecure: bool = False, progress: Progr
     report = PushReport(str(ref), "")
     layers = []
     for snap in snaps:
-        path, digest, size = _blob_for_layer(vol, snap.number, repo, progress)
-        if isinstance(repo, RegistryRepository):
-            action = repo.put_blob(path, digest, size, progress, mount_from=mount_from)
-        else:
-            action = repo.put_blob(path, digest, size, progress)
+        entry = vol.config["lowers"][snap.number]
+        action = None
+        if not os.path.exists(snap.file) and isinstance(repo, RegistryRepository):
+            # lazily pulled: maybe the registry has it, or can mount it, and nothing need be downloaded
+            digest, size = entry["digest"], int(entry["size"])
+            action = repo.exists_or_mount(digest, size, mount_from)
+        if action is None:
+            path, digest, size = _blob_for_layer(vol, snap.number, repo, progress)
+            if isinstance(repo, RegistryRepository):
+                action = repo.put_blob(path, digest, size, progress, mount_from=mount_from)
+            else:
+                action = repo.put_blob(path, digest, size, progress)
         layers.append(layer_descriptor(digest, size, snap.message))
         report.layers.append({"snapshot": snap.number, "digest": digest, "size": size, "action": action})
     config_raw = image_config([d.digest for d in layers])

@@ -1,0 +1,243 @@
+"""A real CNCF distribution registry (Debian docker-registry) for tests, with no auth, htpasswd Basic auth, or
+token auth (a small token server of the tests' own), plus a fault-injecting proxy. All on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import http.client
+import http.server
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .nbd_helpers import require
+
+USER, PASSWORD = "testuser", "testpass"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"docker-registry exited: {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return  # 401: up, and asking for auth
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"docker-registry did not answer at {url}: {log.read_text()[-2000:]}")
+
+
+@contextmanager
+def registry(tmp: Path, auth: str = "none") -> Iterator[str]:
+    """Start docker-registry; yield HOST:PORT."""
+    exe = require("docker-registry")
+    port = free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
+    lines = ["version: 0.1", "log: {level: warn, accesslog: {disabled: true}}",
+             f"storage: {{filesystem: {{rootdirectory: {tmp / 'storage'}}}, delete: {{enabled: true}}}}",
+             f"http: {{addr: 127.0.0.1:{port}}}"]
+    token_server = None
+    if auth == "basic":
+        htpasswd = require("htpasswd")
+        out = subprocess.run([htpasswd, "-Bbn", USER, PASSWORD], capture_output=True, text=True, check=True)
+        (tmp / "htpasswd").write_text(out.stdout)
+        lines.append(f"auth: {{htpasswd: {{realm: basic-realm, path: {tmp / 'htpasswd'}}}}}")
+    elif auth == "token":
+        token_server = TokenServer(tmp)
+        lines.append(f"auth: {{token: {{realm: 'http://127.0.0.1:{token_server.port}/token', service: test-registry,"
+                     f" issuer: test-issuer, rootcertbundle: {token_server.cert_path}}}}}")
+    (tmp / "config.yml").write_text("\n".join(lines) + "\n")
+    log = tmp / "registry.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([exe, "serve", str(tmp / "config.yml")], stdout=out, stderr=out,
+                                stdin=subprocess.DEVNULL)
+    try:
+        _wait(f"http://127.0.0.1:{port}/v2/", proc, log)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if token_server is not None:
+            token_server.close()
+
+
+class TokenServer:
+    """Issues RS256 JWTs the registry trusts (cert in x5c). Valid Basic credentials get what they ask for;
+    anonymous callers get pull only."""
+
+    def __init__(self, tmp: Path) -> None:
+        import jwt
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import NameOID
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-token-issuer")])
+        now = dt.datetime.now(dt.UTC)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+                .not_valid_after(now + dt.timedelta(days=30)).sign(key, hashes.SHA256()))
+        self.cert_path = tmp / "token-cert.pem"
+        self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        x5c = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
+        self.requests: list[dict[str, str]] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                from urllib.parse import parse_qs, urlparse
+
+                q = parse_qs(urlparse(self.path).query)
+                authed = self.headers.get("Authorization", "") == "Basic " + base64.b64encode(
+                    f"{USER}:{PASSWORD}".encode()).decode()
+                if self.headers.get("Authorization") and not authed:
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                access = []
+                for scope in q.get("scope", []):
+                    for part in scope.split(" "):
+                        kind, _, rest = part.partition(":")
+                        repo, _, actions = rest.rpartition(":")
+                        granted = actions.split(",") if authed else [a for a in actions.split(",") if a == "pull"]
+                        access.append({"type": kind, "name": repo, "actions": granted})
+                server.requests.append({"authed": str(authed), "scope": " ".join(q.get("scope", []))})
+                t = int(time.time())
+                token = jwt.encode({"iss": "test-issuer", "sub": USER if authed else "", "aud": "test-registry",
+                                    "exp": t + 300, "nbf": t - 10, "iat": t, "jti": os.urandom(8).hex(),
+                                    "access": access}, key, algorithm="RS256", headers={"x5c": [x5c]})
+                body = json.dumps({"token": token, "expires_in": 300}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class FaultProxy:
+    """An HTTP proxy in front of the registry that misbehaves on blob GETs as told:
+    ``drop`` (close without answering), ``500``, ``truncate`` (half the body), ``corrupt`` (flip a byte of the
+    body), ``ignore-range`` (answer 200 with the whole blob). ``faults`` counts how many requests still get the
+    fault (then it passes requests through); -1 means forever."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.mode = "pass"
+        self.faults = 0
+        self.blob_gets = 0
+        self.bytes_sent = 0
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                is_blob_get = method == "GET" and "/blobs/sha256:" in self.path
+                with proxy._lock:
+                    mode = proxy.mode if is_blob_get and proxy.faults != 0 else "pass"
+                    if mode != "pass" and proxy.faults > 0:
+                        proxy.faults -= 1
+                    if is_blob_get:
+                        proxy.blob_gets += 1
+                if mode == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if mode == "500":
+                    self.send_response(500)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if mode == "ignore-range":
+                    headers.pop("Range", None)
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
+                conn.request(method, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                if mode == "corrupt" and data:
+                    data = bytearray(data)
+                    data[len(data) // 2] ^= 0x40
+                    data = bytes(data)
+                declared = len(data)
+                if mode == "truncate":
+                    data = data[: len(data) // 2]
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("content-length", "connection", "transfer-encoding"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(declared))
+                self.end_headers()
+                if method != "HEAD":
+                    self.wfile.write(data)
+                    with proxy._lock:
+                        proxy.bytes_sent += len(data) if is_blob_get else 0
+                if mode == "truncate":
+                    self.close_connection = True
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._forward("GET")
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self._forward("HEAD")
+
+            def do_POST(self) -> None:  # noqa: N802
+                self._forward("POST")
+
+            def do_PUT(self) -> None:  # noqa: N802
+                self._forward("PUT")
+
+            def do_PATCH(self) -> None:  # noqa: N802
+                self._forward("PATCH")
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.address = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def set(self, mode: str, faults: int = -1) -> None:
+        with self._lock:
+            self.mode, self.faults = mode, faults
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
