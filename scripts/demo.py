@@ -1,6 +1,7 @@
-"""The main job on an embedded default: build a two-layer image, commit it compressed, stack, check, export.
+"""The main job on an embedded default (a local OCI image-layout directory as the repository; no network):
 
-Everything happens in a fresh folder (default: a temporary one); nothing touches the network.
+create a volume, write to it, snapshot it twice (compressed), push it to oci:WORK/repo, pull it back eagerly and
+lazily into new volumes, check every device byte against a model, then flatten and export.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import subprocess
 import sys
 import tempfile
 
-import overlaybd
+from overlaybd.volume import Volume
 
 MiB = 1 << 20
 
 
-def run(cmd: list[str]) -> None:
+def run(cmd: list[str]) -> str:
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    print(out, end="", flush=True)
+    return out
 
 
 def main() -> int:
@@ -29,51 +32,56 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or tmp
         os.makedirs(work, exist_ok=True)
-        cli = os.path.join(os.path.dirname(sys.executable), "overlaybd")
+        os.environ.setdefault("OVERLAYBD_CACHE_DIR", os.path.join(work, "cache"))
+        cli = [os.path.join(os.path.dirname(sys.executable), "overlaybd")]
         model = bytearray(64 * MiB)
+        vol_path = os.path.join(work, "vol")
+        run([*cli, "create", vol_path, "--size", "64M"])
 
-        # layer 1: a base image written through a writable layer, committed as tar(ZFile zstd(LSMT))
-        base_data, base_index = f"{work}/base.data", f"{work}/base.index"
-        run([cli, "layer", "create", base_data, base_index, "64M"])
-        with overlaybd.open_layer(base_data, base_index, writable=True) as rw:
+        vol = Volume(vol_path)
+        with vol.open(writable=True) as disk:  # snapshot 0: a base image
             for i in range(0, 32 * MiB, MiB):
                 text = "".join(f"block {i:#x} line {n}: the quick brown fox\n" for n in range(4000)).encode()
-                block = (hashlib.shake_256(f"base{i}".encode()).digest(65536) + text)[:256 * 1024]
-                rw.pwrite(i, block)
+                block = (hashlib.shake_256(f"base{i}".encode()).digest(65536) + text)[: 256 * 1024]
+                disk.pwrite(i, block)
                 model[i : i + len(block)] = block
-            rw.flush()
-        run([cli, "layer", "commit", base_data, base_index, f"{work}/base.layer", "-z", "-t", "--algorithm", "zstd",
-             "--uuid", "b0000000-0000-4000-8000-000000000001", "-m", "base image"])
-
-        # layer 2: changes on top (unaligned writes, a discard), then committed as tar(ZFile lz4(LSMT))
-        top_data, top_index = f"{work}/top.data", f"{work}/top.index"
-        run([cli, "layer", "create", top_data, top_index, "64M", "-u", "b0000000-0000-4000-8000-000000000001"])
-        with overlaybd.open_stack([f"{work}/base.layer"], upper=(top_data, top_index), writable=True) as disk:
+            disk.flush()
+        run([*cli, "snapshot", vol_path, "-m", "base image", "--compress", "zstd"])
+        with vol.open(writable=True) as disk:  # snapshot 1: unaligned writes and a discard
             disk.pwrite(12345, b"hello, overlaybd!" * 1000)
             model[12345 : 12345 + 17000] = b"hello, overlaybd!" * 1000
             disk.trim(4 * MiB, 2 * MiB)
             model[4 * MiB : 6 * MiB] = bytes(2 * MiB)
             disk.flush()
-        run([cli, "layer", "commit", top_data, top_index, f"{work}/top.layer", "-z", "-t",
-             "--uuid", "b0000000-0000-4000-8000-000000000002", "-m", "second snapshot"])
+        run([*cli, "snapshot", vol_path, "-m", "second snapshot", "--compress", "lz4"])
+        run([*cli, "log", vol_path])
+        run([*cli, "diff", vol_path, "0", "1"])
 
-        layers = [f"{work}/base.layer", f"{work}/top.layer"]
-        run([cli, "info", *layers])
-        run([cli, "map", *layers])
-        run([cli, "check", *layers])
-        run([cli, "layer", "merge", *layers, "-o", f"{work}/flat.layer", "--algorithm", "zstd"])
-        run([cli, "cat", *layers, "-o", f"{work}/disk.raw"])
-        run([cli, "cat", f"{work}/flat.layer", "-o", f"{work}/flat.raw"])
+        repo = f"oci:{os.path.join(work, 'repo')}:v1"
+        run([*cli, "push", vol_path, repo])
+        run([*cli, "push", vol_path, repo])  # again: every blob is already there
+        run([*cli, "pull", repo, os.path.join(work, "eager")])
+        run([*cli, "pull", repo, os.path.join(work, "lazy"), "--lazy"])
+        lowers = Volume(os.path.join(work, "lazy")).lowers
+        run([*cli, "check", *[os.path.join(work, "eager", "layers", f) for f in
+                              sorted(os.listdir(os.path.join(work, "eager", "layers")))]])
 
         want = hashlib.sha256(model).hexdigest()
-        results = {name: hashlib.sha256(open(f"{work}/{name}", "rb").read()).hexdigest()
-                   for name in ("disk.raw", "flat.raw")}
-        for name, got in results.items():
-            print(f"{name}: sha256 {got} {'matches' if got == want else 'DIFFERS FROM'} the model")
-        sizes = {p: os.path.getsize(p) for p in layers + [f"{work}/flat.layer"]}
-        for p, n in sizes.items():
-            print(f"{os.path.basename(p)}: {n} bytes")
-        return 0 if all(g == want for g in results.values()) else 1
+        ok = True
+        for name in ("vol", "eager", "lazy"):
+            with Volume(os.path.join(work, name)).open() as dev:
+                got = hashlib.sha256(dev.pread(0, dev.size)).hexdigest()
+            print(f"{name}: device sha256 {got} {'matches' if got == want else 'DIFFERS FROM'} the model")
+            ok &= got == want
+        print(f"lazy pull downloaded no layer file: {not any(os.path.exists(p) for p in lowers)}")
+
+        run([*cli, "merge", vol_path])
+        run([*cli, "export", vol_path, os.path.join(work, "disk.raw")])
+        with open(os.path.join(work, "disk.raw"), "rb") as f:
+            flat = hashlib.sha256(f.read()).hexdigest()
+        print(f"merged and exported: sha256 {flat} {'matches' if flat == want else 'DIFFERS FROM'} the model")
+        ok &= flat == want
+        return 0 if ok else 1
 
 
 if __name__ == "__main__":

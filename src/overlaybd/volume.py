@@ -74,6 +74,10 @@ def _fsync_dir(path: str) -> None:
 class Volume:
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
+        self.reload()
+
+    def reload(self) -> None:
+        """Read config.json again: it is the truth, and other processes change it (snapshot, merge)."""
         cfg = os.path.join(self.path, CONFIG)
         try:
             with open(cfg) as f:
@@ -148,6 +152,7 @@ class Volume:
 
     # -- reading -----------------------------------------------------------------------------------------------
     def snapshots(self) -> list[Snapshot]:
+        self.reload()
         created = self.config.get(META, {}).get("created", {})
         out = []
         with ExitStack() as owned:
@@ -184,6 +189,7 @@ class Volume:
 
     def open(self, *, writable: bool = False, snapshot: int | None = None) -> LsmtStack:
         """The device: all snapshots plus the upper, or a snapshot (read-only)."""
+        self.reload()
         lock = ExitStack()
         try:
             if writable:
@@ -212,6 +218,7 @@ class Volume:
     def snapshot(self, message: str = "", compression: Compression | None = None) -> Snapshot:
         """Commit the upper into a new sealed layer on top, and start a fresh empty upper."""
         with self.writer_lock():
+            self.reload()
             data, index = self.upper
             number = len(self.lowers)
             new_uuid = str(uuidlib.uuid4())
@@ -238,6 +245,7 @@ class Volume:
     def merge(self, first: int, last: int, compression: Compression | None = None) -> Snapshot:
         """Flatten snapshots ``first..last`` (inclusive) into one that keeps the top one's UUID."""
         with self.writer_lock():
+            self.reload()
             lowers = self.lowers
             if not (0 <= first <= last < len(lowers)):
                 raise VolumeError(f"no snapshot range {first}..{last} (the volume has {len(lowers)})",
@@ -264,6 +272,7 @@ class Volume:
 
     def diff(self, a: int, b: int) -> list[tuple[int, int]]:
         """Byte ranges that snapshots after ``a`` up to ``b`` wrote or discarded (``a`` = -1: from empty)."""
+        self.reload()
         lo, hi = sorted((a, b))
         with ExitStack() as owned:
             layers = [self.open_lower(n, owned) for n in range(lo + 1, hi + 1)]
