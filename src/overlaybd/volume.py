@@ -187,8 +187,12 @@ class Volume:
             raise VolumeError(f"no snapshot {ref!r} (the volume has {len(snaps)})", path=self.path)
         return n
 
-    def open(self, *, writable: bool = False, snapshot: int | None = None) -> LsmtStack:
-        """The device: all snapshots plus the upper, or a snapshot (read-only)."""
+    def open(self, *, writable: bool = False, snapshot: int | None = None, record_trace: str | None = None
+             ) -> LsmtStack:
+        """The device: all snapshots plus the upper, or a snapshot (read-only).
+
+        ``record_trace``: note which blocks of which layer are read, written to that file at close. A trace
+        named by the config's ``recordTracePath`` is replayed in the background at open (prefetch)."""
         self.reload()
         lock = ExitStack()
         try:
@@ -206,6 +210,7 @@ class Volume:
                     raise VolumeError("the upper layer is not writable", path=data)
                 upper = top
             stack = LsmtStack(lowers, upper)
+            self._trace(stack, len(lowers), record_trace, lock)
         except BaseException:
             lock.close()
             raise
@@ -213,6 +218,21 @@ class Volume:
         if self.size and stack.size != self.size:
             stack.size = self.size
         return stack
+
+    def _trace(self, stack: LsmtStack, count: int, record_to: str | None, owned: ExitStack) -> None:
+        from .remote import trace
+
+        if record_to:
+            recorder = trace.TraceRecorder(record_to)
+            owned.callback(recorder.close)
+            stack.sources = [trace.RecordingSource(src, k, recorder) if k < count else src
+                             for k, src in enumerate(stack.sources)]
+        replay_from = self.config.get("recordTracePath")
+        if replay_from and not record_to and os.path.isfile(replay_from):
+            with open(replay_from, "rb") as f:
+                raw = f.read()
+            if trace.is_trace(raw[:4]):
+                trace.replay(trace.decode(raw, path=replay_from), stack.sources[:count])
 
     # -- changing ----------------------------------------------------------------------------------------------
     def snapshot(self, message: str = "", compression: Compression | None = None) -> Snapshot:

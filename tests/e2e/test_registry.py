@@ -183,3 +183,41 @@ def test_unreachable_registry_fails_cleanly(tmp_path: Path) -> None:
     assert res.returncode == 1 and res.stderr.startswith("overlaybd: error:") and "Traceback" not in res.stderr
     with pytest.raises(OverlaybdError):
         pull(parse_reference(f"127.0.0.1:{free_port()}/x/y:v1"), str(tmp_path / "v2"))
+
+
+def test_trace_recorded_then_prefetched_at_lazy_start(tmp_path: Path) -> None:
+    import time
+
+    from overlaybd.remote.trace import decode
+
+    vol, content = make_volume(tmp_path / "vol", snapshots=2)
+    trace_file = tmp_path / "boot.trace"
+    with vol.open(record_trace=str(trace_file)) as dev:  # the "workload": two small reads
+        dev.pread(4096, 8192)
+        dev.pread(9 * MiB + 2 * MiB + 8192, 65536)
+    recs = decode(trace_file.read_bytes())
+    assert recs and {r.layer for r in recs} == {0, 1}
+    assert (tmp_path / "boot.trace.ok").exists()
+    with registry(tmp_path / "reg") as host:
+        push(vol, parse_reference(f"{host}/t/vol:v1"))
+        proxy = FaultProxy(host)
+        try:
+            lazy = pull(parse_reference(f"{proxy.address}/t/vol:v1"), str(tmp_path / "lazy"), lazy=True,
+                        prefetch=str(trace_file))
+            with lazy.open() as dev:
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and threading_busy("trace-prefetch"):
+                    time.sleep(0.05)
+                before = proxy.blob_gets
+                assert dev.pread(4096, 8192) == content[4096 : 4096 + 8192]
+                off = 9 * MiB + 2 * MiB + 8192
+                assert dev.pread(off, 65536) == content[off : off + 65536]
+                assert proxy.blob_gets == before  # both reads were served from what the prefetch fetched
+        finally:
+            proxy.close()
+
+
+def threading_busy(name: str) -> bool:
+    import threading
+
+    return any(t.name == name and t.is_alive() for t in threading.enumerate())

@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     g.add_argument("volume")
     g.add_argument("--lazy", action="store_true", help="fetch only indexes now; data blocks when read")
     g.add_argument("--background", action="store_true", help="with --lazy: also download whole layers meanwhile")
+    g.add_argument("--prefetch", metavar="TRACE", help="with --lazy: a trace recorded by 'serve --record-trace'; "
+                   "its blocks are fetched first, concurrently, whenever the volume is opened")
     g.add_argument("--insecure", action="store_true")
     g.set_defaults(run=run_pull)
 
@@ -59,7 +61,8 @@ def run_push(args: argparse.Namespace) -> int:
 def run_pull(args: argparse.Namespace) -> int:
     with progress_bar("pull", not args.lazy) as progress:
         vol = pull(parse_reference(args.reference), args.volume, lazy=args.lazy, background=args.background,
-                   insecure=args.insecure, progress=progress)
+                   insecure=args.insecure, progress=progress,
+                   prefetch=os.path.abspath(args.prefetch) if args.prefetch else None)
     mode = "lazily (blocks fetched on demand)" if args.lazy else "fully, every blob verified"
     print(f"{vol.path}: {len(vol.lowers)} snapshot(s), {human(vol.size)}, pulled {mode}")
     return 0

@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="unix:PATH (default: unix:./overlaybd.sock) or tcp:HOST:PORT (tcp:PORT binds 127.0.0.1)")
     p.add_argument("--name", default="", help="name of the main export (default: the empty name)")
     p.add_argument("--workers", type=int, default=8, help="threads serving requests (default 8)")
+    p.add_argument("--record-trace", metavar="FILE",
+                   help="with a volume: record which layer blocks are read, for 'pull --lazy --prefetch FILE'")
     p.set_defaults(run=run)
 
 
@@ -34,13 +36,15 @@ def _exports(args: argparse.Namespace, owned: ExitStack) -> list[Export]:
         if args.upper:
             raise UsageError("--upper goes with layer files, not with a volume")
         vol = Volume(first)
-        main = owned.enter_context(vol.open(writable=not args.readonly))
+        main = owned.enter_context(vol.open(writable=not args.readonly, record_trace=args.record_trace))
         exports = [Export(args.name, main, readonly=args.readonly, description=f"volume {vol.path}")]
         for snap in vol.snapshots():
             dev = owned.enter_context(vol.open(snapshot=snap.number))
             exports.append(Export(snap.uuid, dev, readonly=True,
                                   description=f"snapshot {snap.number}: {snap.message}".strip()))
         return exports
+    if args.record_trace:
+        raise UsageError("--record-trace goes with a volume")
     upper = tuple(args.upper) if args.upper else None
     writable = upper is not None and not args.readonly
     stack = owned.enter_context(open_stack(args.layers, upper, writable=writable))

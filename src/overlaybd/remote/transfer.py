@@ -178,7 +178,7 @@ def resolve_manifest(repo: Repository, selector: str) -> tuple[Manifest, str]:
 
 
 def pull(ref: Reference, target: str, *, lazy: bool = False, background: bool = False, insecure: bool = False,
-         progress: Progress | None = None) -> Volume:
+         progress: Progress | None = None, prefetch: str | None = None) -> Volume:
     """Make a volume from an image: every layer downloaded and verified, or (lazy) only referenced."""
     repo = open_repository(ref, insecure=insecure)
     mf, digest = resolve_manifest(repo, ref.selector)
@@ -215,5 +215,7 @@ def pull(ref: Reference, target: str, *, lazy: bool = False, background: bool = 
                                      "created": {}}}
     if background:
         config["download"] = {"enable": True}
+    if prefetch:
+        config["recordTracePath"] = prefetch
     _write_config(target, config)
     return Volume(target)
