@@ -120,18 +120,25 @@ class BlobCache:
         return sum(e.cached_bytes for e in self.entries())
 
     def evict(self, digest: str) -> int:
-        """Drop everything cached of one blob; returns the bytes freed."""
+        """Drop everything cached of one blob; returns the bytes freed. The files stay (empty and sparse), so
+        processes that have the blob open go on working: they simply fetch again."""
         data, mp = self.paths(digest)
         if not os.path.exists(mp):
             return 0
         with _locked(mp, fcntl.LOCK_EX) as fd:
-            present = os.pread(fd, 1 << 30, 0).count(1)
-            os.ftruncate(fd, 0)
-            for path in (data, mp):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+            mapped = os.pread(fd, 1 << 30, 0)
+            present = mapped.count(1)
+            os.pwrite(fd, bytes(len(mapped)), 0)
+            try:
+                size = os.path.getsize(data)
+                dfd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                return present * self.chunk
+            try:
+                if size:
+                    punch_hole(dfd, 0, size, data)
+            finally:
+                os.close(dfd)
         return present * self.chunk
 
     def prune(self, max_bytes: int | None = None) -> int:
@@ -269,8 +276,10 @@ class CachedSource(BlockSource):
         off = start * chunk
         n = min(count * chunk, self.size - off)
         data = self.upstream.pread(off, n)
-        write_all(self.data_fd, data, off, self.data_path)
+        # data and map change together under the shared lock: an eviction (exclusive) cannot punch the data
+        # between the two and leave the map claiming bytes that are gone
         with _locked(self.map_path, fcntl.LOCK_SH) as fd:
+            write_all(self.data_fd, data, off, self.data_path)
             os.pwrite(fd, b"\x01" * count, start)
         self.cache._fetched(n)
 
