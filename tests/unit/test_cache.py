@@ -67,8 +67,8 @@ def test_lru_eviction_keeps_the_bound(tmp_path: Path) -> None:
         src = cache.source(digest_of(n), len(data), Counting(data), readahead=0)
         assert src.pread(0, len(data)) == data
         os.utime(cache.paths(digest_of(n))[1], (1000 + n, 1000 + n))  # n=0 is the least recently used
-    freed = cache.prune()
-    assert freed >= 0 and cache.usage() <= 8 * CHUNK  # reads already pruned on the way (bound enforced)
+    cache.prune()
+    assert cache.usage() <= 8 * CHUNK  # the reads pruned on the way; prune() found the bound kept
     assert digest_of(2) in {e.digest for e in cache.entries() if e.cached_bytes}
     assert [e.cached_bytes for e in cache.entries() if e.digest == digest_of(0)] == [0]
     # an evicted blob is simply fetched again
