@@ -45,14 +45,17 @@ def _wait(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 
 @contextmanager
-def registry(tmp: Path, auth: str = "none") -> Iterator[str]:
-    """Start docker-registry; yield HOST:PORT."""
+def registry(tmp: Path, auth: str = "none", redirect_to: str | None = None) -> Iterator[str]:
+    """Start docker-registry; yield HOST:PORT. With ``redirect_to`` (a base URL serving the storage folder), blob
+    GETs answer 307 to it, as registries in front of object storage do."""
     exe = require("docker-registry")
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     lines = ["version: 0.1", "log: {level: warn, accesslog: {disabled: true}}",
              f"storage: {{filesystem: {{rootdirectory: {tmp / 'storage'}}}, delete: {{enabled: true}}}}",
              f"http: {{addr: 127.0.0.1:{port}}}"]
+    if redirect_to:
+        lines.append(f"middleware: {{storage: [{{name: redirect, options: {{baseurl: '{redirect_to}'}}}}]}}")
     token_server = None
     if auth == "basic":
         htpasswd = require("htpasswd")
@@ -237,6 +240,53 @@ class FaultProxy:
     def set(self, mode: str, faults: int = -1) -> None:
         with self._lock:
             self.mode, self.faults = mode, faults
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class RangeFileServer:
+    """A static file server that honours Range (the "blob storage" behind a redirecting registry); counts GETs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.gets = 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                path = (server.root / self.path.split("?", 1)[0].lstrip("/")).resolve()
+                server.gets += 1
+                if not str(path).startswith(str(server.root.resolve())) or not path.is_file():
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                data = path.read_bytes()
+                rng = self.headers.get("Range", "")
+                if rng.startswith("bytes="):
+                    first, _, last = rng[6:].partition("-")
+                    a, b = int(first), min(int(last), len(data) - 1)
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {a}-{b}/{len(data)}")
+                    body = data[a : b + 1]
+                else:
+                    self.send_response(200)
+                    body = data
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def close(self) -> None:
         self.httpd.shutdown()

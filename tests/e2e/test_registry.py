@@ -221,3 +221,61 @@ def threading_busy(name: str) -> bool:
     import threading
 
     return any(t.name == name and t.is_alive() for t in threading.enumerate())
+
+
+def test_redirects_are_followed_and_remembered(tmp_path: Path) -> None:
+    from .registry import RangeFileServer
+
+    vol, content = make_volume(tmp_path / "vol", snapshots=1)
+    storage = RangeFileServer(tmp_path / "reg" / "storage")
+    try:
+        with registry(tmp_path / "reg", redirect_to=storage.url) as host:
+            push(vol, parse_reference(f"{host}/r/vol:v1"))
+            proxy = FaultProxy(host)
+            try:
+                lazy = pull(parse_reference(f"{proxy.address}/r/vol:v1"), str(tmp_path / "lazy"), lazy=True)
+                with lazy.open() as dev:
+                    registry_gets = proxy.blob_gets
+                    assert dev.pread(0, dev.size) == content
+                    assert storage.gets >= 2  # the bytes came from "blob storage"
+                    assert proxy.blob_gets == registry_gets  # the redirect URL was reused, not asked again
+            finally:
+                proxy.close()
+    finally:
+        storage.close()
+
+
+def test_chunked_upload_and_background_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from overlaybd.remote import registry as registry_module
+
+    monkeypatch.setattr(registry_module, "UPLOAD_CHUNK", 1 << 20)  # every layer here spans several chunks
+    vol, content = make_volume(tmp_path / "vol", snapshots=2)
+    with registry(tmp_path / "reg") as host:
+        report = push(vol, parse_reference(f"{host}/c/vol:v1"))
+        assert all(layer["size"] > 2 << 20 for layer in report.layers)
+        bg = pull(parse_reference(f"{host}/c/vol:v1"), str(tmp_path / "bg"), lazy=True, background=True)
+        with bg.open() as dev:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not all(os.path.exists(p) for p in bg.lowers):
+                time.sleep(0.05)
+            assert all(os.path.exists(p) for p in bg.lowers)  # downloaded and verified meanwhile
+            assert dev.pread(0, dev.size) == content
+        assert device_bytes(Volume(bg.path)) == content  # next time it opens from the local files
+
+
+def test_credential_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    helper_dir = tmp_path / "bin"
+    helper_dir.mkdir()
+    helper = helper_dir / "docker-credential-fake"
+    helper.write_text(f"#!/bin/sh\nread host\necho '{{\"Username\": \"{USER}\", \"Secret\": \"{PASSWORD}\"}}'\n")
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{helper_dir}:{os.environ['PATH']}")
+    vol, content = make_volume(tmp_path / "vol", snapshots=1)
+    with registry(tmp_path / "reg", auth="basic") as host:
+        docker = Path(os.environ["DOCKER_CONFIG"])
+        docker.mkdir(parents=True, exist_ok=True)
+        (docker / "config.json").write_text(json.dumps({"credHelpers": {host: "fake"}}))
+        push(vol, parse_reference(f"{host}/h/vol:v1"))
+        assert device_bytes(pull(parse_reference(f"{host}/h/vol:v1"), str(tmp_path / "p"), lazy=True)) == content
