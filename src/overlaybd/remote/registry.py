@@ -175,12 +175,14 @@ def _scope(repo: str, actions: str) -> str:
 class RegistryRepository:
     """A repository inside a registry."""
 
+    # where blobs redirected to, for every opener in this process: (base, repo, digest) -> (url, expires)
+    _redirects: dict[tuple[str, str, str], tuple[str, float]] = {}
+    _lock = threading.Lock()
+
     def __init__(self, client: RegistryClient, repo: str) -> None:
         self.client = client
         self.repo = repo
         self.name = f"{client.host}/{repo}"
-        self._redirects: dict[str, tuple[str, float]] = {}
-        self._lock = threading.Lock()
 
     @classmethod
     def from_blob_url(cls, url: str, **kwargs: Any) -> RegistryRepository:
@@ -215,22 +217,23 @@ class RegistryRepository:
         """Fill ``buf`` with the blob's bytes at ``offset``: a Range GET (redirects followed and remembered)."""
         length = len(buf)
         want = f"bytes={offset}-{offset + length - 1}"
+        key = (self.client.base, self.repo, digest)
         with self._lock:
-            cached = self._redirects.get(digest)
+            cached = self._redirects.get(key)
         url = cached[0] if cached and cached[1] > time.monotonic() else None
         if url is not None:
             r = self.client.request("GET", url, scope="", headers={"Range": want}, stream=True, authorize=False)
             if r.status_code not in (200, 206):
                 r.close()
                 with self._lock:
-                    self._redirects.pop(digest, None)
+                    self._redirects.pop(key, None)
                 url = None
         if url is None:
             r = self.client.request("GET", self._blob(digest), scope=_scope(self.repo, "pull"),
                                     headers={"Range": want}, stream=True)
             if r.history and r.url:
                 with self._lock:
-                    self._redirects[digest] = (r.url, time.monotonic() + REDIRECT_TTL)
+                    self._redirects[key] = (r.url, time.monotonic() + REDIRECT_TTL)
         try:
             if r.status_code == 404:
                 raise NotFoundError(f"blob {digest} is not in {self.name}")
