@@ -71,6 +71,7 @@ class BlockSource:
 
     # -- reading -------------------------------------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)  # before allocating: a huge or negative length is out of bounds too
         buf = bytearray(length)
         self.readinto(offset, buf)
         return bytes(buf)
@@ -127,12 +128,14 @@ class BlockSource:
             self._write_aligned(offset, view)
             return
         start = offset - head
-        aligned_end = end if tail == 0 else end - tail + bs
+        # the last block of a source whose size is not a multiple of bs ends at size, not at the next multiple
+        aligned_end = min(end if tail == 0 else end - tail + bs, self.size)
+        last = (aligned_end - 1) // bs * bs  # start of the last block
         buf = bytearray(aligned_end - start)
         # read-modify-write the partial first and last blocks only
-        self._read_aligned(start, memoryview(buf)[:bs])
-        if aligned_end - bs > start:
-            self._read_aligned(aligned_end - bs, memoryview(buf)[-bs:])
+        self._read_aligned(start, memoryview(buf)[: min(bs, aligned_end - start)])
+        if last > start:
+            self._read_aligned(last, memoryview(buf)[last - start :])
         buf[head : head + len(view)] = view
         self._write_aligned(start, memoryview(buf))
 
