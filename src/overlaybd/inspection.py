@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import OverlaybdError
+from .errors import FormatError
 from .formats.detect import open_layer, peel
 from .formats.lsmt.layer import LsmtLayer
 from .formats.lsmt.spec import SECTOR, LsmtHeader, format_uuid
@@ -134,8 +134,6 @@ def check_layer(path: str, index: str | None = None) -> dict[str, Any]:
                                           f"file (an unflushed write cut off by a crash); they are ignored")
             if len(seg) and not bool(np.all(seg.length > 0)):
                 report["warnings"].append("index holds records of length 0")
-    except OverlaybdError as exc:
+    except FormatError as exc:  # corruption is the result; a file that cannot be read is an error (exit 1)
         report["errors"].append(str(exc))
-    except OSError as exc:
-        report["errors"].append(f"{path}: {exc.strerror}")
     return report

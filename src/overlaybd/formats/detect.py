@@ -44,7 +44,7 @@ def peel(src: BlockSource) -> Peeled:
         src = RangeSource(src, member.offset, member.size)
         head = src.pread(0, min(SNIFF, src.size))
     if is_zfile(head):
-        z = ZFileSource(src)
+        z = ZFileSource(src, base=out.tar.offset if out.tar is not None else 0)
         out.zfile = z
         out.wrappers.append("zfile")
         src = z

@@ -15,7 +15,7 @@ import uuid as uuidlib
 
 import numpy as np
 
-from ...errors import BadMagicError, LayerIOError, LimitError, LockedError
+from ...errors import BadMagicError, CorruptIndexError, LayerIOError, LimitError, LockedError
 from ...source.base import Capability
 from ...source.file import FileSource, write_all
 from .index import MutableIndex, Segments, drop_invalid, replay
@@ -157,9 +157,15 @@ class WritableLayer(WritableBase):
         keep = rec["offset"] != INVALID_OFFSET
         positions = np.flatnonzero(keep)
         log_ = drop_invalid(rec)
+        below = np.flatnonzero(log_.moffset < HEADER_SIZE // SECTOR)
+        if below.size:
+            k = int(below[0])
+            raise CorruptIndexError(f"index record {int(positions[k])} maps to sector {int(log_.moffset[k])}, inside "
+                                    f"the data file's header", path=path,
+                                    offset=HEADER_SIZE + RECORD_SIZE * int(positions[k]))
         data_sectors = self.data.size // SECTOR
         mend = log_.moffset + np.where(log_.zeroed, 0, log_.length)
-        bad = np.flatnonzero((log_.moffset < HEADER_SIZE // SECTOR) | (mend > data_sectors))
+        bad = np.flatnonzero(mend > data_sectors)
         self.torn_records = 0
         if bad.size:
             k = int(bad[0])
@@ -174,6 +180,15 @@ class WritableLayer(WritableBase):
         self._data_end = -(-self.data.size // SECTOR) * SECTOR
         self._index_end = HEADER_SIZE + count * RECORD_SIZE if not self.torn_records else \
             HEADER_SIZE + int(positions[len(log_)]) * RECORD_SIZE
+        if self.torn_records and not self.readonly:
+            # drop the torn records before anything is appended: new data would otherwise bring those left
+            # beyond the new records back to life, pointing at the new data
+            try:
+                os.ftruncate(self.index_file.fd, self._index_end)
+                os.fsync(self.index_file.fd)
+            except OSError as exc:
+                raise LayerIOError(f"cannot drop torn index records: {exc.strerror}", path=path,
+                                   offset=self._index_end) from exc
 
     # -- writes ------------------------------------------------------------------------------------------------
     def _append(self, offset: int, length: int, data: memoryview | None, step: int) -> None:

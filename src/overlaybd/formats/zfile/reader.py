@@ -25,71 +25,81 @@ CRC_RETRIES = 3  # re-reads of a block whose CRC fails before giving up (a remot
 class ZFileSource(BlockSource):
     """The decompressed bytes of a ZFile stored in ``inner``."""
 
-    def __init__(self, inner: BlockSource, *, name: str | None = None) -> None:
+    def __init__(self, inner: BlockSource, *, name: str | None = None, base: int = 0) -> None:
+        """``base``: where ``inner`` starts in the file called ``name`` (the tar payload offset), so that error
+        offsets are offsets in that file."""
         self.inner = inner
+        self.base = base
         self.name = path = name or inner.name
         if inner.size < RECORD_SIZE:
-            raise TruncatedError(f"file is {inner.size} bytes, too short for a ZFile header", path=path, offset=0)
-        header = ZFileHeader.unpack(inner.pread(0, RECORD_SIZE), path=path, offset=0)
+            raise TruncatedError(f"file is {inner.size} bytes, too short for a ZFile header", path=path,
+                                 offset=self.base)
+        header = ZFileHeader.unpack(inner.pread(0, RECORD_SIZE), path=path, offset=self.base)
         if not header.is_header:
-            raise FormatError("ZFile record at offset 0 is not a header", path=path, offset=32)
+            raise FormatError("ZFile record at offset 0 is not a header", path=path, offset=self.base + 32)
         self.header = header
         if header.overwritten:
             info = header
             info_at = 0
         else:
             if not header.known_flags & FLAG_DATA:
-                raise FormatError("ZFile header lacks the data-file flag", path=path, offset=32)
+                raise FormatError("ZFile header lacks the data-file flag", path=path, offset=self.base + 32)
             info_at = inner.size - RECORD_SIZE
             if info_at < RECORD_SIZE:
-                raise TruncatedError("ZFile has no room for a trailer", path=path, offset=inner.size)
-            info = ZFileHeader.unpack(inner.pread(info_at, RECORD_SIZE), path=path, offset=info_at,
+                raise TruncatedError("ZFile has no room for a trailer", path=path, offset=self.base + inner.size)
+            info = ZFileHeader.unpack(inner.pread(info_at, RECORD_SIZE), path=path, offset=self.base + info_at,
                                       check_digest=False)
             want = FLAG_DATA | FLAG_SEALED
             if info.known_flags & FLAG_HEADER or info.known_flags & want != want:
                 raise FormatError(f"ZFile trailer flags 0x{info.flags:x} are not a sealed data trailer", path=path,
-                                  offset=info_at + 32)
+                                  offset=self.base + info_at + 32)
         self.info = info
         self.info_at = info_at
         if info.index_size > MAX_BLOCKS:
-            raise LimitError(f"declares {info.index_size} blocks (limit {MAX_BLOCKS})", path=path, offset=info_at + 48)
+            raise LimitError(f"declares {info.index_size} blocks (limit {MAX_BLOCKS})", path=path,
+                             offset=self.base + info_at + 48)
         bs = info.block_size
         if bs < 512 or bs > MAX_BLOCK_SIZE or bs & (bs - 1):
             raise UnsupportedError(f"block size {bs} is not a power of two up to {MAX_BLOCK_SIZE}", path=path,
-                                   offset=info_at + 72)
-        codecs.check_algo(info.algo)
+                                   offset=self.base + info_at + 72)
+        try:
+            codecs.check_algo(info.algo)
+        except UnsupportedError as exc:
+            raise UnsupportedError(exc.message, path=path, offset=self.base + info_at + 76) from exc
         if info.use_dict or info.dict_size:
-            raise UnsupportedError("ZFile dictionaries are not supported", path=path, offset=info_at + 78)
+            raise UnsupportedError("ZFile dictionaries are not supported", path=path,
+                                   offset=self.base + info_at + 78)
         nblocks = info.index_size
         table_end = info.index_offset + 4 * nblocks
         limit = inner.size - (0 if info.overwritten else RECORD_SIZE)
         if info.index_offset < RECORD_SIZE or table_end > limit:
             raise CorruptIndexError(f"jump table [{info.index_offset}, {table_end}) lies outside the file "
-                                    f"({inner.size} bytes)", path=path, offset=info_at + 40)
+                                    f"({inner.size} bytes)", path=path, offset=self.base + info_at + 40)
         expected_blocks = -(-info.original_file_size // bs)
         if nblocks != expected_blocks:
             raise CorruptIndexError(f"{nblocks} blocks cannot hold {info.original_file_size} bytes in blocks of {bs}",
-                                    path=path, offset=info_at + 48)
+                                    path=path, offset=self.base + info_at + 48)
         raw = inner.pread(info.index_offset, 4 * nblocks)
         if info.has_digest:
             crc = raw_crc32c(raw)
             if crc != info.index_crc:
                 raise ChecksumError(f"jump table CRC mismatch: stored 0x{info.index_crc:08x}, computed 0x{crc:08x}",
-                                    path=path, offset=info.index_offset, expected=info.index_crc, actual=crc)
+                                    path=path, offset=self.base + info.index_offset, expected=info.index_crc,
+                                    actual=crc)
         lengths = np.frombuffer(raw, dtype="<u4").astype(np.int64)
         floor = CRC_SIZE if info.verify else 0
         bad = np.flatnonzero(lengths <= floor)
         if bad.size:
             k = int(bad[0])
             raise CorruptIndexError(f"block {k} has stored length {int(lengths[k])}", path=path,
-                                    offset=info.index_offset + 4 * k)
+                                    offset=self.base + info.index_offset + 4 * k)
         starts = np.empty(nblocks + 1, dtype=np.int64)
         starts[0] = RECORD_SIZE + info.dict_size
         np.cumsum(lengths, out=starts[1:])
         starts[1:] += starts[0]
         if starts[-1] != info.index_offset:
             raise CorruptIndexError(f"blocks end at {int(starts[-1])} but the jump table starts at "
-                                    f"{info.index_offset}", path=path, offset=info.index_offset)
+                                    f"{info.index_offset}", path=path, offset=self.base + info.index_offset)
         self.block_starts = starts
         self.size = info.original_file_size
         self.block_size = bs
@@ -119,7 +129,8 @@ class ZFileSource(BlockSource):
             try:
                 plain = codecs.decompress(self.algo, data, out_len)
             except FormatError as exc:
-                raise FormatError(f"block {blk}: {exc.message}", path=self.name, offset=int(starts[blk])) from exc
+                raise FormatError(f"block {blk}: {exc.message}", path=self.name,
+                                  offset=self.base + int(starts[blk])) from exc
             buf[pos : pos + out_len] = plain
             pos += out_len
 
@@ -138,7 +149,7 @@ class ZFileSource(BlockSource):
                 self.inner.invalidate(a, n)  # a cache below drops its copy, so the re-read fetches afresh
                 stored = memoryview(self.inner.pread(a, n))
         raise ChecksumError(f"block {blk} CRC mismatch: stored 0x{want:08x}, computed 0x{got:08x}", path=self.name,
-                            offset=int(self.block_starts[blk]), block=blk, expected=want, actual=got)
+                            offset=self.base + int(self.block_starts[blk]), block=blk, expected=want, actual=got)
 
     def verify_all(self, progress: object = None) -> int:
         """Check every block's CRC and that it decompresses; return the number of blocks checked."""
