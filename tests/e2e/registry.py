@@ -35,7 +35,9 @@ def _wait(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"docker-registry exited: {log.read_text()[-2000:]}")
         try:
-            urllib.request.urlopen(url, timeout=1)
+            import ssl
+
+            urllib.request.urlopen(url, timeout=1, context=ssl._create_unverified_context())
             return
         except urllib.error.HTTPError:
             return  # 401: up, and asking for auth
@@ -45,7 +47,8 @@ def _wait(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 
 @contextmanager
-def registry(tmp: Path, auth: str = "none", redirect_to: str | None = None) -> Iterator[str]:
+def registry(tmp: Path, auth: str = "none", redirect_to: str | None = None, tls: tuple[Path, Path] | None = None
+             ) -> Iterator[str]:
     """Start docker-registry; yield HOST:PORT. With ``redirect_to`` (a base URL serving the storage folder), blob
     GETs answer 307 to it, as registries in front of object storage do."""
     exe = require("docker-registry")
@@ -53,7 +56,8 @@ def registry(tmp: Path, auth: str = "none", redirect_to: str | None = None) -> I
     tmp.mkdir(parents=True, exist_ok=True)
     lines = ["version: 0.1", "log: {level: warn, accesslog: {disabled: true}}",
              f"storage: {{filesystem: {{rootdirectory: {tmp / 'storage'}}}, delete: {{enabled: true}}}}",
-             f"http: {{addr: 127.0.0.1:{port}}}"]
+             f"http: {{addr: 127.0.0.1:{port}" + (f", tls: {{certificate: {tls[0]}, key: {tls[1]}}}" if tls else "")
+             + "}"]
     if redirect_to:
         lines.append(f"middleware: {{storage: [{{name: redirect, options: {{baseurl: '{redirect_to}'}}}}]}}")
     token_server = None
@@ -72,7 +76,7 @@ def registry(tmp: Path, auth: str = "none", redirect_to: str | None = None) -> I
         proc = subprocess.Popen([exe, "serve", str(tmp / "config.yml")], stdout=out, stderr=out,
                                 stdin=subprocess.DEVNULL)
     try:
-        _wait(f"http://127.0.0.1:{port}/v2/", proc, log)
+        _wait(f"http{'s' if tls else ''}://127.0.0.1:{port}/v2/", proc, log)
         yield f"127.0.0.1:{port}"
     finally:
         proc.terminate()
@@ -291,3 +295,28 @@ class RangeFileServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def self_signed_cert(tmp: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (as an IP SAN) and its key, PEM."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp / "tls-cert.pem", tmp / "tls-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path

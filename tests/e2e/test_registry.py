@@ -279,3 +279,18 @@ def test_credential_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         (docker / "config.json").write_text(json.dumps({"credHelpers": {host: "fake"}}))
         push(vol, parse_reference(f"{host}/h/vol:v1"))
         assert device_bytes(pull(parse_reference(f"{host}/h/vol:v1"), str(tmp_path / "p"), lazy=True)) == content
+
+
+def test_tls_with_a_private_ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from .registry import self_signed_cert
+
+    cert, key = self_signed_cert(tmp_path)
+    vol, content = make_volume(tmp_path / "vol", snapshots=1)
+    with registry(tmp_path / "reg", tls=(cert, key)) as host:
+        untrusted = cli("push", vol.path, f"{host}/tls/vol:v1")
+        assert untrusted.returncode == 1 and "certificate verify failed" in untrusted.stderr
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+        assert cli("push", vol.path, f"{host}/tls/vol:v1").returncode == 0
+        lazy = pull(parse_reference(f"{host}/tls/vol:v1"), str(tmp_path / "lazy"), lazy=True)
+        assert lazy.config["repoBlobUrl"].startswith("https://")
+        assert device_bytes(lazy) == content

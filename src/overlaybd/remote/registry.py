@@ -45,15 +45,35 @@ class RegistryClient:
                  retries: int = RETRIES) -> None:
         self.host = host
         ref = Reference("registry", "x", host=host)
-        http = plain_http if plain_http is not None else (ref.is_local_host or insecure)
-        self.base = f"{'http' if http else 'https'}://{host}"
         self.verify: bool | str = ca_bundle or (not insecure)
+        if plain_http is None and ref.is_local_host and not insecure:
+            plain_http = not self._speaks_tls(host)  # as Docker: HTTPS first, plain HTTP allowed on localhost
+        http = plain_http if plain_http is not None else insecure
+        self.base = f"{'http' if http else 'https'}://{host}"
         self.credentials = credentials if credentials is not None else find_credentials(host)
         self.retries = retries
         self._local = threading.local()
         self._tokens: dict[str, str] = {}
         self._basic = False
         self._lock = threading.Lock()
+
+    _tls_hosts: dict[str, bool] = {}
+
+    def _speaks_tls(self, host: str) -> bool:
+        """Does a local registry answer TLS? (Certificate errors count as yes: they must surface, not downgrade.)
+        Asked once per host and process."""
+        known = self._tls_hosts.get(host)
+        if known is not None:
+            return known
+        try:
+            requests.get(f"https://{host}/v2/", timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), verify=self.verify).close()
+            answer = True
+        except requests.exceptions.SSLError as exc:
+            answer = "certificate" in str(exc).lower()
+        except requests.RequestException:
+            answer = False
+        self._tls_hosts[host] = answer
+        return answer
 
     def _session(self) -> requests.Session:
         s = getattr(self._local, "session", None)
@@ -131,6 +151,10 @@ class RegistryClient:
                 r = self._session().request(method, url, headers=h, data=body() if body else None, stream=stream,
                                             allow_redirects=allow_redirects, verify=self.verify,
                                             timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+            except requests.exceptions.SSLError as exc:
+                reason = "certificate verify failed" if "certificate" in str(exc).lower() else "TLS error"
+                raise TransportError(f"{method} {_redact(url)}: {reason} (a private CA goes in REQUESTS_CA_BUNDLE)"
+                                     ) from None
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
                 attempt += 1
                 if attempt >= self.retries:
