@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Set up, then run every test (unit, property, interop with ../shared/fixtures), lint and type checks.
+# Set up, then run every test (unit, property, interop with ../shared/fixtures, real peers), lint and type checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-.venv/bin/ruff check src tests benchmarks scripts
+lint=(src tests scripts)
+[ -d benchmarks ] && lint+=(benchmarks)
+.venv/bin/ruff check "${lint[@]}"
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"
