@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ...errors import ChecksumError, CorruptIndexError, FormatError, LimitError, TruncatedError, UnsupportedError
@@ -20,6 +22,16 @@ from .spec import (
 )
 
 CRC_RETRIES = 3  # re-reads of a block whose CRC fails before giving up (a remote source may heal)
+
+_local = threading.local()
+
+
+def _scratch(n: int) -> memoryview:
+    """A per-thread buffer for stored bytes, reused: fresh memory is expensive on these VMs (PEERS §0)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _local.buf = bytearray(max(n, 1 << 20))
+    return memoryview(buf)[:n]
 
 
 class ZFileSource(BlockSource):
@@ -117,22 +129,36 @@ class ZFileSource(BlockSource):
         bs = self.block_size
         first = offset // bs
         last = (offset + len(buf) - 1) // bs
-        starts = self.block_starts
-        c0 = int(starts[first])
-        comp = memoryview(self.inner.pread(c0, int(starts[last + 1]) - c0))
+        starts = self.block_starts[first : last + 2].tolist()
+        c0 = starts[0]
+        stored = _scratch(starts[-1] - c0)
+        self.inner.readinto(c0, stored)
+        decompress = codecs.decompressor(self.algo)  # once per call, not per block
+        verify = self.verify
+        size = self.size
         pos = 0
-        for blk in range(first, last + 1):
-            a = int(starts[blk]) - c0
-            b = int(starts[blk + 1]) - c0
-            out_len = min(bs, self.size - blk * bs)
-            data = self._block_payload(blk, comp[a:b])
+        blk = first
+        for i in range(last - first + 1):
+            a = starts[i] - c0
+            b = starts[i + 1] - c0
+            out_len = min(bs, size - blk * bs)
+            if verify:
+                data = stored[a : b - CRC_SIZE]
+                if raw_crc32c(data, ZFILE_BLOCK_SEED) != int.from_bytes(stored[b - CRC_SIZE : b], "little"):
+                    data = self._block_payload(blk, memoryview(bytes(stored[a:b])))  # re-read, or raise
+            else:
+                data = stored[a:b]
             try:
-                plain = codecs.decompress(self.algo, data, out_len)
-            except FormatError as exc:
-                raise FormatError(f"block {blk}: {exc.message}", path=self.name,
-                                  offset=self.base + int(starts[blk])) from exc
+                plain = decompress(data, out_len)
+            except codecs.CODEC_ERRORS as exc:
+                raise FormatError(f"block {blk} does not decompress: {exc}", path=self.name,
+                                  offset=self.base + starts[i]) from None
+            if len(plain) != out_len:
+                raise FormatError(f"block {blk} decompresses to {len(plain)} bytes, expected {out_len}",
+                                  path=self.name, offset=self.base + starts[i])
             buf[pos : pos + out_len] = plain
             pos += out_len
+            blk += 1
 
     def _block_payload(self, blk: int, stored: memoryview) -> memoryview:
         if not self.verify:
