@@ -7,7 +7,7 @@ import numpy as np
 from ...errors import BadMagicError, CorruptIndexError, LimitError, TruncatedError
 from ...source.base import BlockSource
 from .index import Segments, drop_invalid
-from .mapping import MergedIndex
+from .mapping import Level, MergedIndex
 from .spec import (
     HEADER_SIZE,
     INVALID_OFFSET,
@@ -94,13 +94,28 @@ class LsmtLayer(LsmtView):
         seg, positions = load_records(data, t.index_offset, t.index_size)
         validate_index(seg, positions, HEADER_SIZE // SECTOR, t.index_offset // SECTOR, path=path,
                        index_offset=t.index_offset)
-        self._segments = seg
+        self._segments: Segments | None = seg
+        self._levels: list[Level] | None = None
         self.size = t.virtual_size
-        self.levels = [MergedIndex(seg)]
         self.sources = [data]
 
     def segments(self) -> Segments:
+        if self._segments is None:  # released after a stack merged it: read it again
+            t = self.trailer
+            self._segments = load_records(self.data, t.index_offset, t.index_size)[0]
         return self._segments
+
+    @property
+    def levels(self) -> list[Level]:  # type: ignore[override]
+        """Built on first use: a layer read on its own needs it, a layer in a stack does not."""
+        if self._levels is None:
+            self._levels = [MergedIndex(self.segments())]
+        return self._levels
+
+    def release_index(self) -> None:
+        """Drop the in-memory index (a stack has merged it); ``segments()`` reloads it if asked again."""
+        self._segments = None
+        self._levels = None
 
     @property
     def virtual_size(self) -> int:

@@ -49,7 +49,19 @@ class MergedIndex:
         return int(self.ends.nbytes + self.lengths.nbytes + self.moffsets.nbytes + self.sources.nbytes)
 
     def rows(self, start: int, end: int) -> list[Row]:
-        i, j = np.searchsorted(self.ends, np.array((start, end - 1), dtype=np.int64), side="right").tolist()
+        ends = self.ends
+        i = int(ends.searchsorted(start, side="right"))
+        if i < ends.size:
+            e = ends.item(i)
+            if e >= end:  # the common case: the read lies in one record (or in the gap before it)
+                ln = self.lengths.item(i)
+                if e - ln >= end:
+                    return []
+                m = self.moffsets.item(i)
+                return [(e - ln, ln, m, m < 0, self.sources.item(i))]
+        else:
+            return []
+        i, j = np.searchsorted(ends, np.array((start, end - 1), dtype=np.int64), side="right").tolist()
         j = min(j + 1, self.ends.size)
         if i >= j:
             return []

@@ -53,6 +53,10 @@ class LsmtStack(LsmtView):
         n = len(self.lowers)
         self.lower_index = MergedIndex(merge_layers([self.lowers[k].segments().with_tag(k)
                                                      for k in range(n - 1, -1, -1)]))
+        for layer in self.lowers:  # the merged index is all the stack needs: free the per-layer copies
+            release = getattr(layer, "release_index", None)
+            if release is not None:
+                release()
         levels: list[Level] = [self.lower_index]
         sources: list[BlockSource] = [layer.data for layer in self.lowers]
         if upper is not None:
