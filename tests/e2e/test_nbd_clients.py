@@ -41,6 +41,9 @@ def test_qemu_img_reads_the_stack(tmp_path: Path, b_layers: list[str], manifest:
         # qemu calls a ZERO extent (zeroed record: allocated, reads as zeros) "data": true, "zero": true
         theirs = [(m["start"], m["length"]) for m in mapped if m["data"] and not m["zero"]]
         assert _union(theirs) == _union(ours)
+        bench = run("qemu-img", "bench", "-f", "raw", "-c", "2000", "-d", "8", "-s", "4096", "-S", str(4096 * 104729),
+                    uri)
+        assert "Run completed" in bench
         flat = tmp_path / "flat.raw"
         run("qemu-img", "convert", "-O", "raw", uri, str(flat))
         assert "identical" in run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(flat), uri)

@@ -149,3 +149,21 @@ def test_bad_digest_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(CacheError):
         BlobCache(str(tmp_path)).paths("sha256:../../etc/passwd")
+
+
+def test_cache_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import hashlib
+
+    from overlaybd.cli.main import main
+
+    data = os.urandom(5 * CHUNK)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    cache = BlobCache(str(tmp_path), chunk=CHUNK)
+    cache.source(digest, len(data), Counting(data)).pread(0, len(data))
+    assert main(["cache", "ls", "--cache-dir", str(tmp_path), "--output", "json"]) == 0
+    listed = __import__("json").loads(capsys.readouterr().out)
+    assert listed[0]["digest"] == digest and listed[0]["cached"] == len(data)
+    assert main(["cache", "verify", "--cache-dir", str(tmp_path)]) == 0
+    assert "ok" in capsys.readouterr().out
+    assert main(["cache", "prune", "--cache-dir", str(tmp_path), "--max-size", "0"]) == 0
+    assert "freed" in capsys.readouterr().out and cache.usage() == 0
