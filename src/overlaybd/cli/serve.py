@@ -7,12 +7,16 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
+from typing import Any
 
 from ..errors import UsageError
-from ..export.nbd.server import Export, serve
+from ..export.control import serve_control, socket_path
+from ..export.nbd.server import Export, NbdServer, serve
+from ..formats.output import Compression
 from ..operations import open_stack
-from ..volume import CONFIG, Volume
+from ..volume import CONFIG, Snapshot, Volume
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -31,11 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _exports(args: argparse.Namespace, owned: ExitStack) -> list[Export]:
-    first = args.layers[0]
-    if len(args.layers) == 1 and os.path.isfile(os.path.join(first, CONFIG)):
-        if args.upper:
-            raise UsageError("--upper goes with layer files, not with a volume")
-        vol = Volume(first)
+    vol = _volume(args)
+    if vol is not None:
         main = owned.enter_context(vol.open(writable=not args.readonly, record_trace=args.record_trace))
         exports = [Export(args.name, main, readonly=args.readonly, description=f"volume {vol.path}")]
         for snap in vol.snapshots():
@@ -49,6 +50,46 @@ def _exports(args: argparse.Namespace, owned: ExitStack) -> list[Export]:
     writable = upper is not None and not args.readonly
     stack = owned.enter_context(open_stack(args.layers, upper, writable=writable))
     return [Export(args.name, stack, readonly=not writable)]
+
+
+def _volume(args: argparse.Namespace) -> Volume | None:
+    first = args.layers[0]
+    if len(args.layers) == 1 and os.path.isfile(os.path.join(first, CONFIG)):
+        if args.upper:
+            raise UsageError("--upper goes with layer files, not with a volume")
+        return Volume(first)
+    return None
+
+
+def _snapshot_between_requests(vol: Volume, main: Export, owned: ExitStack) -> Callable[[NbdServer], Awaitable[None]]:
+    """Serve the volume's control socket: ``overlaybd snapshot VOL`` while we serve it writable."""
+
+    async def started(server: NbdServer) -> None:
+        async def handle(req: dict[str, Any]) -> dict[str, Any]:
+            if req.get("op") != "snapshot":
+                return {"ok": False, "error": f"unknown operation {req.get('op')!r}"}
+            compression = Compression(req["compress"], 4096) if req.get("compress") else None
+
+            def work() -> Snapshot:
+                main.source.flush()
+                main.source.close()  # releases the upper and the volume lock for the snapshot
+                try:
+                    snap = vol.snapshot(str(req.get("message", "")), compression)
+                finally:
+                    main.source = owned.enter_context(vol.open(writable=True))
+                server.exports[snap.uuid] = Export(snap.uuid, owned.enter_context(vol.open(snapshot=snap.number)),
+                                                   readonly=True, description=f"snapshot {snap.number}: "
+                                                   f"{snap.message}".strip())
+                return snap
+
+            snap = await server.quiesced(work)
+            assert isinstance(snap, Snapshot)
+            return {"ok": True, "snapshot": {"number": snap.number, "uuid": snap.uuid, "file_size": snap.file_size}}
+
+        ctl = await serve_control(socket_path(vol.path), handle)
+        server.adopt_listener(ctl)
+
+    return started
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,7 +110,14 @@ def run(args: argparse.Namespace) -> int:
                 print(f"overlaybd: serving {main.source.size} bytes ({mode}), {len(exports)} export(s); "
                       "stop with Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
 
-            await serve(exports, listen, ready=ready, stop=stop, workers=args.workers)
+            vol = _volume(args)
+            started = _snapshot_between_requests(vol, main, owned) if vol is not None and not main.readonly \
+                else None
+            try:
+                await serve(exports, listen, ready=ready, stop=stop, workers=args.workers, started=started)
+            finally:
+                if vol is not None and os.path.exists(socket_path(vol.path)):
+                    os.unlink(socket_path(vol.path))
 
         try:
             asyncio.run(run_server())

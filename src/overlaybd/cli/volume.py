@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..errors import UsageError
+from ..errors import LockedError, UsageError
+from ..export import control
 from ..formats.output import Compression
-from ..volume import Volume
+from ..volume import Volume, VolumeError
 from .common import emit_json, human, parse_size
 
 
@@ -82,7 +83,17 @@ def run_create(args: argparse.Namespace) -> int:
 
 
 def run_snapshot(args: argparse.Namespace) -> int:
-    snap = Volume(args.volume).snapshot(args.message, _compression(args.compress))
+    vol = Volume(args.volume)
+    try:
+        snap = vol.snapshot(args.message, _compression(args.compress))
+    except LockedError:
+        # served writable: ask the server to take it between requests
+        reply = control.request(vol.path, {"op": "snapshot", "message": args.message, "compress": args.compress})
+        if reply is None:
+            raise
+        if not reply.get("ok"):
+            raise VolumeError(str(reply.get("error")), path=vol.path) from None
+        snap = vol.snapshots()[reply["snapshot"]["number"]]
     if args.output == "json":
         emit_json(_snap_json(snap))
     else:

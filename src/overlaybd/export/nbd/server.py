@@ -11,7 +11,7 @@ import asyncio
 import errno
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -83,6 +83,20 @@ class NbdServer:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd")
         self.connections = 0
         self._servers: list[asyncio.Server] = []
+        self._running = asyncio.Event()  # cleared while requests are held back (between-requests maintenance)
+        self._running.set()
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def quiesced(self, work: Callable[[], object]) -> object:
+        """Run ``work`` in the pool while no request is in progress; requests that arrive meanwhile wait."""
+        self._running.clear()
+        try:
+            await self._idle.wait()
+            return await asyncio.get_running_loop().run_in_executor(self.pool, work)
+        finally:
+            self._running.set()
 
     # -- listening -----------------------------------------------------------------------------------------------
     async def listen_unix(self, path: str) -> asyncio.Server:
@@ -96,6 +110,10 @@ class NbdServer:
         server = await asyncio.start_server(self.handle, host=host, port=port, reuse_address=True)
         self._servers.append(server)
         return server
+
+    def adopt_listener(self, server: asyncio.Server) -> None:
+        """Close another listener (a control socket) together with ours."""
+        self._servers.append(server)
 
     async def close(self) -> None:
         for server in self._servers:
@@ -259,6 +277,19 @@ class NbdServer:
 
     async def _serve(self, writer: asyncio.StreamWriter, export: Export, req: p.Request, payload: bytes,
                      structured: bool, allocation: bool) -> None:
+        while not self._running.is_set():
+            await self._running.wait()
+        self._active += 1
+        self._idle.clear()
+        try:
+            await self._serve_one(writer, export, req, payload, structured, allocation)
+        finally:
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
+
+    async def _serve_one(self, writer: asyncio.StreamWriter, export: Export, req: p.Request, payload: bytes,
+                         structured: bool, allocation: bool) -> None:
         loop = asyncio.get_running_loop()
         src = export.source
         try:
@@ -379,9 +410,12 @@ def parse_listen(spec: str) -> tuple[str, str, int]:
 
 
 async def serve(exports: list[Export], listen: str, *, ready: Callable[[str], None] | None = None,
-                stop: asyncio.Event | None = None, workers: int = 8) -> None:
+                stop: asyncio.Event | None = None, workers: int = 8,
+                started: Callable[[NbdServer], Awaitable[None]] | None = None) -> None:
     """Serve until ``stop`` is set; then close the listeners and finish requests in flight."""
     server = NbdServer(exports, workers=workers)
+    if started is not None:
+        await started(server)
     kind, where, port = parse_listen(listen)
     if kind == "unix":
         await server.listen_unix(where)
