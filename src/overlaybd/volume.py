@@ -201,7 +201,7 @@ class Volume:
             owned = ExitStack()
             lock.enter_context(owned)
             count = len(self.lowers) if snapshot is None else snapshot + 1
-            lowers = [self.open_lower(n, owned) for n in range(count)]
+            lowers = self._open_lowers(count, owned)
             upper = None
             if snapshot is None:
                 data, index = self.upper
@@ -331,6 +331,25 @@ class Volume:
         download = bool((self.config.get("download") or {}).get("enable"))
         return open_remote_layer(self.config.get("repoBlobUrl", ""), entry["digest"], int(entry["size"]), owned,
                                  name=path, download_to=path if download else None)
+
+    def _open_lowers(self, count: int, owned: ExitStack) -> list[LsmtLayer | WritableBase]:
+        """Snapshots ``0..count-1``; remote ones are opened concurrently (each costs round trips for its index)."""
+        remote = [n for n in range(count) if not os.path.exists(self.lowers[n])]
+        if len(remote) < 2:
+            return [self.open_lower(n, owned) for n in range(count)]
+        from concurrent.futures import ThreadPoolExecutor
+
+        stacks = [ExitStack() for _ in range(count)]
+        try:
+            with ThreadPoolExecutor(max_workers=min(8, count), thread_name_prefix="open-layer") as pool:
+                layers = list(pool.map(lambda n: self.open_lower(n, stacks[n]), range(count)))
+        except BaseException:
+            for st in stacks:
+                st.close()
+            raise
+        for st in stacks:
+            owned.enter_context(st)
+        return layers
 
     def _top_uuid(self, snapshot: int | None = None) -> str | None:
         n = len(self.lowers) - 1 if snapshot is None else snapshot

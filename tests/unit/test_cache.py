@@ -51,9 +51,13 @@ def test_reads_fetch_once_then_come_from_the_cache(tmp_path: Path) -> None:
     cache = BlobCache(str(tmp_path), max_bytes=1 << 30, chunk=CHUNK)
     src = cache.source(digest_of(1), len(data), up, readahead=2)
     assert src.pread(CHUNK + 5, 100) == data[CHUNK + 5 : CHUNK + 105]
-    assert up.reads == [(CHUNK, 3 * CHUNK)]  # the chunk plus two of read-ahead, in one request
-    assert src.pread(2 * CHUNK, CHUNK) == data[2 * CHUNK : 3 * CHUNK]
-    assert len(up.reads) == 1
+    assert up.reads == [(CHUNK, CHUNK)]  # a random read: its chunk only, no read-ahead
+    assert src.pread(CHUNK + 105, 1000) == data[CHUNK + 105 : CHUNK + 1105]
+    assert len(up.reads) == 1  # already there
+    assert src.pread(CHUNK + 1105, CHUNK) == data[CHUNK + 1105 : 2 * CHUNK + 1105]
+    assert up.reads[1:] == [(2 * CHUNK, 3 * CHUNK)]  # sequential: the missing chunk plus two ahead, one request
+    assert src.pread(3 * CHUNK, CHUNK) == data[3 * CHUNK : 4 * CHUNK]
+    assert len(up.reads) == 2
     assert src.pread(len(data) - 200, 200) == data[-200:]  # the short last chunk
     again = cache.source(digest_of(1), len(data), Counting(data))  # a new opener (another volume) shares it
     assert again.pread(CHUNK, 3 * CHUNK) == data[CHUNK : 4 * CHUNK]
