@@ -14,8 +14,7 @@ from ..formats.detect import open_layer, peel
 from ..formats.lsmt.layer import LsmtLayer
 from ..formats.lsmt.spec import format_uuid
 from ..formats.lsmt.writable import WritableBase
-from ..formats.output import Compression, compress_to
-from ..formats.tarwrap import PAYLOAD_OFFSET, envelope
+from ..formats.output import Compression, compress_to, write_atomically
 from ..source.file import FileSource, write_all
 from ..volume import CONFIG, LAYERS, META, Volume, _new_upper, _write_config
 from .errors import RemoteError
@@ -91,21 +90,17 @@ def _blob_for_layer(vol: Volume, n: int, repo: Repository, progress: Progress | 
 
 
 def _wrap(src: str, dst: str) -> None:
-    size = os.path.getsize(src)
-    fd = os.open(dst + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        head, end_at, total = envelope(size, os.fstat(fd).st_mode)
-        write_all(fd, head, 0, dst)
+    """The tar envelope around an existing ZFile, written atomically like every layer file."""
+
+    def produce(fd: int, base: int) -> int:
+        pos = base
         with open(src, "rb") as f:
-            pos = PAYLOAD_OFFSET
             while block := f.read(4 << 20):
                 write_all(fd, block, pos, dst)
                 pos += len(block)
-        os.ftruncate(fd, total)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(dst + ".tmp", dst)
+        return pos - base
+
+    write_atomically(dst, produce, tar=True)
 
 
 def _cached_hash(vol: Volume, path: str) -> str:
