@@ -1,0 +1,346 @@
+"""The NBD server (``overlaybd serve``) beside ``qemu-nbd`` on the same bytes, with the same clients, in the same run.
+
+1. Sequential 1 MiB reads of a volume (1 GiB; quick 256 MiB) of mixed data (50 % random, 30 % text, 10 % written
+   zeros, 10 % never written, by 1 MiB piece) held in one sealed snapshot: ``nbdcopy --no-extents
+   --request-size=1048576 --requests=R -C C URI null:``, ours vs ``qemu-nbd -r -t -f raw`` on
+   ``overlaybd export VOL disk.raw``. Target: ours/qemu >= 0.8.
+2. Random 4 KiB reads, ``qemu-img bench -f raw -c N -d 1|16 -s 4096 -S $((4096*104729)) URI``: ours on a
+   64-snapshot volume (256 MiB; quick 32 MiB; a random permutation of its 4 KiB blocks split into 64 shares,
+   snapshot i writes share i with byte i+1, PEERS.md §2) and on a 1-snapshot volume holding its top view, vs
+   qemu-nbd on the view as a raw file and on a 64-deep qcow2 chain (cluster_size=4096) of the same shares.
+   Target: ours at 64 snapshots >= qemu-nbd on the 64-deep chain. Then block status on the same four exports:
+   ``qemu-img map -f raw --max-length=16M URI`` (quick 4M) and ``nbdinfo --map URI``, in seconds.
+3. Random 4 KiB writes with a flush every 64 writes, ours (a writable clone of the 1-snapshot volume) vs
+   ``qemu-nbd -t -f raw`` on a copy of the raw view: ``fio --ioengine=nbd --rw=randwrite --bs=4k --fsync=64
+   --iodepth=1|16``, and ``qemu-io -t writeback -f raw URI`` reading a stdin script (``write -q -P <b> <off> 4k``
+   lines, ``flush`` every 64; without ``-t writeback`` qemu-io is writethrough and flushes after every write).
+
+Every server listens on a Unix socket. Measurements are interleaved (ours, peer, ours, peer, ...), the page cache
+is re-warmed right before each one (PEERS.md §0), and the median is printed. Correctness checks fail the run
+(timings never do): every export must read (``nbdcopy --no-extents URI -``) with the same SHA-256 as the raw
+file, and after the same qemu-io write script ours must read as the qemu-nbd disk.
+
+    .venv/bin/python benchmarks/bench_nbd.py [--quick] [--workdir DIR] [--repeats N] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+from nbd_common import (
+    BLOCK,
+    OVERLAYBD,
+    MiB,
+    base_parser,
+    build_layered_volume,
+    build_mixed_volume,
+    build_qcow2_chain,
+    build_view_volume,
+    emit_json,
+    fio,
+    log,
+    median,
+    need,
+    overlaybd_server,
+    qemu_img_bench,
+    qemu_nbd,
+    run,
+    shares,
+    table,
+    versions,
+    warm,
+    workdir,
+    write_view_raw,
+)
+
+SERVE_CMD: list[str] | None = None  # --serve-cmd: what runs "serve" instead of overlaybd
+
+
+def ours_server(vol: str, sock: str, *, readonly: bool) -> contextlib.AbstractContextManager[str]:
+    return overlaybd_server(vol, sock, readonly=readonly, command=SERVE_CMD)
+
+
+SEQ_SETTINGS = [  # (label, connections, requests in flight per connection)
+    ("1 conn, 1 in flight", 1, 1),
+    ("1 conn, 16 in flight", 1, 16),
+    ("4 conns, 16 in flight each", 4, 16),
+]
+
+
+def digest(uri_or_file: str) -> str:
+    """SHA-256 of a whole disk: a raw file, or an export read with ``nbdcopy --no-extents URI -``. (Not
+    ``qemu-img compare``: it asks for block status at every extent, which is quadratic on our server; see
+    RESULTS_BLOCKDEV.md.)"""
+    h = hashlib.sha256()
+    if not uri_or_file.startswith("nbd"):
+        with open(uri_or_file, "rb") as f:
+            while chunk := f.read(4 * MiB):
+                h.update(chunk)
+        return h.hexdigest()
+    proc = subprocess.Popen(["nbdcopy", "--no-extents", uri_or_file, "-"], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    while chunk := proc.stdout.read(4 * MiB):
+        h.update(chunk)
+    if proc.wait():
+        raise RuntimeError(f"nbdcopy {uri_or_file} - failed with {proc.returncode}")
+    return h.hexdigest()
+
+
+def check_same(uris: list[str], reference: str) -> None:
+    """Every export must read as ``reference`` byte for byte; a mismatch fails the run."""
+    want = digest(reference)
+    for uri in uris:
+        if digest(uri) != want:
+            raise SystemExit(f"MISMATCH: {uri} does not read as {reference}")
+
+
+def nbdcopy_mbps(uri: str, size: int, conns: int, requests: int) -> float:
+    t0 = time.perf_counter()
+    run(["nbdcopy", "--no-extents", "--request-size=1048576", f"--requests={requests}", f"--connections={conns}",
+         uri, "null:"])
+    return size / (time.perf_counter() - t0) / 1e6
+
+
+# -- 1. sequential -----------------------------------------------------------------------------------------
+
+
+def bench_sequential(wd: str, size: int, repeats: int, seed: int) -> dict[str, Any]:
+    vol = os.path.join(wd, "seqvol")
+    raw = os.path.join(wd, "seq.raw")
+    t0 = time.perf_counter()
+    kinds = build_mixed_volume(vol, size, seed)
+    run([*OVERLAYBD, "export", vol, raw])
+    log(f"seq: built {size // MiB} MiB volume {kinds} and its raw export in {time.perf_counter() - t0:.1f} s")
+    results: dict[str, dict[str, list[float]]] = {label: {"ours": [], "qemu": []} for label, _, _ in SEQ_SETTINGS}
+    with contextlib.ExitStack() as servers:
+        ours = servers.enter_context(ours_server(vol, os.path.join(wd, "seq-ours.sock"), readonly=True))
+        peer = servers.enter_context(qemu_nbd(raw, "raw", os.path.join(wd, "seq-qemu.sock"), readonly=True))
+        check_same([ours, peer], raw)
+        log("seq: both exports are identical to the raw file")
+        targets = {"ours": (ours, vol), "qemu": (peer, raw)}
+        for rep in range(repeats):
+            for label, conns, reqs in SEQ_SETTINGS:
+                for name in (("ours", "qemu") if rep % 2 == 0 else ("qemu", "ours")):
+                    uri, files = targets[name]
+                    warm([files])
+                    results[label][name].append(nbdcopy_mbps(uri, size, conns, reqs))
+            log(f"seq: repeat {rep + 1}/{repeats} done")
+    rows = []
+    out = []
+    for label, conns, reqs in SEQ_SETTINGS:
+        o, q = median(results[label]["ours"]), median(results[label]["qemu"])
+        rows.append([label, o, q, o / q, "met" if o / q >= 0.8 else "missed"])
+        out.append({"setting": label, "connections": conns, "requests": reqs, "ours_mbps": o, "qemu_mbps": q,
+                    "ratio": o / q, "ours_all": results[label]["ours"], "qemu_all": results[label]["qemu"]})
+    print(table(["nbdcopy --no-extents --request-size=1M", "ours MB/s", "qemu-nbd raw MB/s", "ours/qemu",
+                 "target >= 0.8"], rows,
+                title=f"Sequential 1 MiB reads of a {size // MiB} MiB volume (1 snapshot, mixed data), median of "
+                      f"{repeats}"))
+    print()
+    return {"size": size, "kinds": kinds, "settings": out}
+
+
+# -- 2. random reads ---------------------------------------------------------------------------------------
+
+
+def bench_random(wd: str, size: int, depth: int, repeats: int, seed: int, secs: float, map_length: int
+                 ) -> dict[str, Any]:
+    vol64 = os.path.join(wd, f"vol{depth}")
+    vol1 = os.path.join(wd, "vol1")
+    raw = os.path.join(wd, "view.raw")
+    chain = os.path.join(wd, "qcow2")
+    t0 = time.perf_counter()
+    owner = build_layered_volume(vol64, size, depth, seed)
+    t1 = time.perf_counter()
+    build_view_volume(vol1, owner, size)
+    run([*OVERLAYBD, "export", vol64, raw])
+    expected = os.path.join(wd, "expected.raw")
+    write_view_raw(expected, owner)
+    if digest(expected) != digest(raw):
+        raise SystemExit(f"MISMATCH: overlaybd export of {vol64} is not the expected view")
+    os.unlink(expected)
+    t2 = time.perf_counter()
+    parts, _ = shares(size // BLOCK, depth, seed)
+    top = build_qcow2_chain(chain, parts, size)
+    t3 = time.perf_counter()
+    log(f"rand: {depth}-snapshot volume {t1 - t0:.1f} s, 1-snapshot volume + raw {t2 - t1:.1f} s, "
+        f"{depth}-deep qcow2 chain {t3 - t2:.1f} s")
+    names = [f"ours, {depth} snapshots", "ours, 1 snapshot", "qemu-nbd, raw", f"qemu-nbd, {depth}-deep qcow2"]
+    res: dict[int, dict[str, list[float]]] = {d: {n: [] for n in names} for d in (1, 16)}
+    with contextlib.ExitStack() as servers:
+        uris = {
+            names[0]: servers.enter_context(ours_server(vol64, os.path.join(wd, "r64.sock"), readonly=True)),
+            names[1]: servers.enter_context(ours_server(vol1, os.path.join(wd, "r1.sock"), readonly=True)),
+            names[2]: servers.enter_context(qemu_nbd(raw, "raw", os.path.join(wd, "rraw.sock"), readonly=True)),
+            names[3]: servers.enter_context(qemu_nbd(top, "qcow2", os.path.join(wd, "rq.sock"), readonly=True,
+                                                     name="chain")),
+        }
+        files = {names[0]: vol64, names[1]: vol1, names[2]: raw, names[3]: chain}
+        check_same([uris[n] for n in names], raw)
+        log("rand: all four exports are identical to the raw view")
+        counts: dict[tuple[str, int], int] = {}
+        for rep in range(repeats):
+            for d in (1, 16):
+                order = names if rep % 2 == 0 else names[::-1]
+                for n in order:
+                    warm([files[n]])
+                    if (n, d) not in counts:  # calibrate: about `secs` seconds per measurement
+                        rate = qemu_img_bench(uris[n], 2000, d)
+                        counts[(n, d)] = int(min(max(rate * secs, 2000), 500_000))
+                    res[d][n].append(qemu_img_bench(uris[n], counts[(n, d)], d))
+            log(f"rand: repeat {rep + 1}/{repeats} done")
+        status = block_status(uris, files, names, map_length)
+    rows = []
+    out: dict[str, Any] = {"size": size, "depth": depth, "counts": {f"{n} QD{d}": c for (n, d), c in counts.items()}}
+    for d in (1, 16):
+        med = {n: median(res[d][n]) for n in names}
+        rows.append([f"QD{d}", *(med[n] for n in names), med[names[0]] / med[names[3]],
+                     med[names[1]] / med[names[2]],
+                     "met" if med[names[0]] >= med[names[3]] else "missed"])
+        out[f"qd{d}"] = {"median": med, "all": res[d]}
+    print(table(["depth", *[f"{n} IOPS" for n in names], f"ours{depth}/qcow2-{depth}", "ours1/raw",
+                 f"target ours{depth} >= qcow2-{depth}"], rows,
+                title=f"Random 4 KiB reads, qemu-img bench -f raw -s 4096 -S $((4096*104729)), {size // MiB} MiB "
+                      f"disk, median of {repeats}"))
+    print()
+    out["block_status"] = status
+    srows = [[n, status[n]["qemu_img_map_s"] * 1000, status[n]["nbdinfo_map_s"] * 1000] for n in names]
+    print(table(["export", f"qemu-img map --max-length={map_length // MiB}M, ms", "nbdinfo --map (whole disk), ms"],
+                srows, title="Block status (base:allocation): time to map the disk"))
+    print()
+    return out
+
+
+def block_status(uris: dict[str, str], files: dict[str, str], names: list[str], length: int) -> dict[str, Any]:
+    """``qemu-img map -f raw --output=json --max-length=L URI`` (qemu's NBD client sets REQ_ONE and asks again
+    after every extent it gets) and ``nbdinfo --map URI`` (asks for the whole disk at once)."""
+    out: dict[str, Any] = {}
+    for n in names:
+        warm([files[n]])
+        t0 = time.perf_counter()
+        run(["qemu-img", "map", "-f", "raw", "--output=json", f"--max-length={length}", uris[n]])
+        t1 = time.perf_counter()
+        run(["nbdinfo", "--map", uris[n]])
+        out[n] = {"qemu_img_map_s": t1 - t0, "nbdinfo_map_s": time.perf_counter() - t1}
+    return out
+
+
+# -- 3. random writes --------------------------------------------------------------------------------------
+
+
+def write_script(size: int, count: int, seed: int, every: int = 64) -> str:
+    rng = np.random.default_rng([seed, 3])
+    offs = rng.integers(0, size // BLOCK, count) * BLOCK
+    pats = rng.integers(1, 256, count)
+    lines = []
+    for i, (o, b) in enumerate(zip(offs.tolist(), pats.tolist(), strict=True)):
+        lines.append(f"write -q -P {b} {o} 4k\n")
+        if (i + 1) % every == 0:
+            lines.append("flush\n")
+    lines.append("flush\nquit\n")
+    return "".join(lines)
+
+
+def bench_writes(wd: str, size: int, repeats: int, seed: int, runtime: int, script_writes: int) -> dict[str, Any]:
+    vol1 = os.path.join(wd, "vol1")
+    wvol = os.path.join(wd, "wvol")
+    wraw = os.path.join(wd, "w.raw")
+    run([*OVERLAYBD, "clone", f"{vol1}@HEAD", wvol])
+    shutil.copyfile(os.path.join(wd, "view.raw"), wraw)
+    names = ["ours", "qemu"]
+    res: dict[str, dict[str, list[float]]] = {k: {n: [] for n in names}
+                                              for k in ("qemu-io", "fio QD1", "fio QD16")}
+    script = write_script(size, script_writes, seed)
+    with contextlib.ExitStack() as servers:
+        uris = {"ours": servers.enter_context(ours_server(wvol, os.path.join(wd, "w-ours.sock"),
+                                                               readonly=False)),
+                "qemu": servers.enter_context(qemu_nbd(wraw, "raw", os.path.join(wd, "w-qemu.sock"),
+                                                       readonly=False))}
+        files = {"ours": wvol, "qemu": wraw}
+        for rep in range(repeats):
+            order = names if rep % 2 == 0 else names[::-1]
+            if rep == 0:  # the same script on both, then the two disks must hold the same bytes
+                for n in order:
+                    warm([files[n]])
+                    t0 = time.perf_counter()
+                    run(["qemu-io", "-t", "writeback", "-f", "raw", uris[n]], stdin=script)
+                    res["qemu-io"][n].append(script_writes / (time.perf_counter() - t0))
+                check_same([uris["ours"]], uris["qemu"])
+                log("writes: after the same qemu-io script both disks are identical")
+            for qd in (1, 16):
+                for n in order:
+                    warm([files[n]])
+                    r = fio([f"--name=w{qd}", "--ioengine=nbd", f"--uri={uris[n]}", "--rw=randwrite", "--bs=4k",
+                             f"--iodepth={qd}", "--fsync=64", f"--size={size}", f"--runtime={runtime}",
+                             "--time_based", f"--randseed={seed + rep}"])
+                    if not r["syncs"]:
+                        raise SystemExit(f"fio issued no flush against {n}: {r}")
+                    res[f"fio QD{qd}"][n].append(r["write_iops"])
+            log(f"writes: repeat {rep + 1}/{repeats} done")
+    rows = []
+    out: dict[str, Any] = {"size": size, "script_writes": script_writes, "runtime": runtime}
+    for k, v in res.items():
+        o, q = median(v["ours"]), median(v["qemu"])
+        rows.append([k, o, q, o / q])
+        out[k] = {"ours": o, "qemu": q, "ratio": o / q, "all": v}
+    print(table(["client (flush every 64 writes)", "ours writes/s", "qemu-nbd raw writes/s", "ours/qemu"], rows,
+                title=f"Random 4 KiB writes with a flush every 64 writes, {size // MiB} MiB disk, median of "
+                      f"{repeats} (qemu-io: one run, {script_writes:,} writes)"))
+    print()
+    return out
+
+
+def main() -> int:
+    ap = base_parser(__doc__)
+    ap.add_argument("--seq-size-mib", type=int, help="sequential-read volume size (1024; quick 256)")
+    ap.add_argument("--rand-size-mib", type=int, help="random-read volume size (256; quick 32)")
+    ap.add_argument("--depth", type=int, default=64, help="snapshots / qcow2 layers of the deep volume (64)")
+    ap.add_argument("--only", default="seq,rand,write", help="comma-separated subset of seq,rand,write")
+    ap.add_argument("--serve-cmd", help="command that stands for 'overlaybd' when serving (e.g. 'python patched.py' "
+                                        "to measure a change to the server); default: the venv's overlaybd")
+    args = ap.parse_args()
+    global SERVE_CMD
+    SERVE_CMD = shlex.split(args.serve_cmd) if args.serve_cmd else None
+    need("qemu-nbd", "qemu-img", "qemu-io", "nbdcopy", "fio")
+    quick = args.quick
+    repeats = args.repeats or (1 if quick else 3)
+    seq_size = (args.seq_size_mib or (256 if quick else 1024)) * MiB
+    rand_size = (args.rand_size_mib or (32 if quick else 256)) * MiB
+    only = set(args.only.split(","))
+    result: dict[str, Any] = {"benchmark": "bench_nbd", "quick": quick, "repeats": repeats, "versions": versions(),
+                              "serve_cmd": args.serve_cmd}
+    log(f"bench_nbd: {result['versions']}")
+    t0 = time.perf_counter()
+    with workdir(args.workdir, args.keep, "bench-nbd-") as wd:
+        if "seq" in only:
+            result["sequential"] = bench_sequential(wd, seq_size, repeats, args.seed)
+            shutil.rmtree(os.path.join(wd, "seqvol"), ignore_errors=True)
+            os.unlink(os.path.join(wd, "seq.raw"))
+        if "rand" in only or "write" in only:
+            if "rand" in only:
+                result["random_reads"] = bench_random(wd, rand_size, args.depth, repeats, args.seed,
+                                                      secs=0.5 if quick else 2.0,
+                                                      map_length=(4 if quick else 16) * MiB)
+            else:
+                owner = build_layered_volume(os.path.join(wd, "vol64"), rand_size, 1, args.seed)
+                build_view_volume(os.path.join(wd, "vol1"), owner, rand_size)
+                write_view_raw(os.path.join(wd, "view.raw"), owner)
+        if "write" in only:
+            result["random_writes"] = bench_writes(wd, rand_size, repeats, args.seed, runtime=2 if quick else 10,
+                                                   script_writes=2000 if quick else 20000)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    emit_json(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""Helpers shared by ``bench_nbd.py`` and ``bench_loop.py``: building volumes and peer images with the same bytes,
+starting and stopping servers, running the external clients, and printing.
+
+Every figure is printed beside a peer measured in the same run on the same machine (2 shared vCPUs, noisy);
+no timing here is a pass/fail threshold. Only correctness checks fail a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import mmap
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import stat
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+MiB = 1 << 20
+GiB = 1 << 30
+BLOCK = 4096
+STRIDE_BLOCKS = 104729  # qemu-img bench -S $((4096*104729)): a prime stride spreads the reads over the disk
+VENV_BIN = os.path.dirname(sys.executable)
+OVERLAYBD = [os.path.join(VENV_BIN, "overlaybd")] if os.path.exists(os.path.join(VENV_BIN, "overlaybd")) \
+    else [sys.executable, "-m", "overlaybd.cli.main"]
+
+
+# -- arguments, folders, output ------------------------------------------------------------------------------
+
+
+def base_parser(description: str | None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke test that ends in under a minute")
+    ap.add_argument("--workdir", help="build the data under this folder (default: a temporary folder)")
+    ap.add_argument("--keep", action="store_true", help="keep the files built (only with --workdir)")
+    ap.add_argument("--json", metavar="FILE", help="also write the JSON result to FILE")
+    ap.add_argument("--seed", type=int, default=20261128, help="random seed for the data")
+    ap.add_argument("--repeats", type=int, help="measurements per setting, interleaved with the peer; median")
+    return ap
+
+
+@contextlib.contextmanager
+def workdir(path: str | None, keep: bool, prefix: str) -> Iterator[str]:
+    parent = path or os.environ.get("BENCH_TMPDIR")
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    sub = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield sub
+    finally:
+        if not (keep and path):
+            shutil.rmtree(sub, ignore_errors=True)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def fmt(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.2f}"
+    return str(x)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> str:
+    """A Markdown table."""
+    cells = [[fmt(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) for i in range(len(headers))]
+    out = [title, ""] if title else []
+    out.append("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
+    out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells:
+        out.append("| " + " | ".join(c.rjust(w) if num else c.ljust(w)
+                                     for c, w, num in zip(r, widths, numeric, strict=True)) + " |")
+    return "\n".join(out)
+
+
+def emit_json(result: dict[str, Any], path: str | None) -> None:
+    line = json.dumps(result, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+    print(line, flush=True)
+    if path:
+        with open(path, "w") as f:
+            f.write(line + "\n")
+
+
+def warm(paths: Sequence[str]) -> None:
+    """Read files (or every file under a folder) once into the page cache. PEERS.md §0: DAMON evicts pages idle
+    for ~60 s, so call this right before each measurement. Page-aligned buffer (PEERS.md §0)."""
+    files: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += [os.path.join(d, f) for d, _, names in os.walk(p) for f in names]  # sockets filtered below
+        else:
+            files.append(p)
+    buf = mmap.mmap(-1, 4 * MiB)
+    view = memoryview(buf)
+    try:
+        for f in files:
+            if not stat.S_ISREG(os.stat(f).st_mode):  # a served volume holds a control socket
+                continue
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                while os.readv(fd, [view]) > 0:
+                    pass
+            finally:
+                os.close(fd)
+    finally:
+        view.release()
+        buf.close()
+
+
+def _first_line(cmd: list[str]) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0].strip() if text else None
+
+
+def versions() -> dict[str, Any]:
+    import overlaybd
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    commit = _first_line(["git", "-C", repo, "rev-parse", "--short", "HEAD"])
+    dirty = _first_line(["git", "-C", repo, "status", "--porcelain", "--", "src"])
+    return {
+        "pyoverlaybd": overlaybd.__version__,
+        "commit": f"{commit}{' (src modified)' if dirty else ''}",
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "qemu-nbd": _first_line(["qemu-nbd", "--version"]),
+        "qemu-img": _first_line(["qemu-img", "--version"]),
+        "nbdcopy": _first_line(["nbdcopy", "--version"]),
+        "fio": _first_line(["fio", "--version"]),
+        "cpus": os.cpu_count(),
+        "load1": round(os.getloadavg()[0], 2),
+    }
+
+
+def run(cmd: Sequence[str], *, stdin: str | None = None, timeout: float = 1800) -> str:
+    """Run a command; its stdout, or an error naming the command and its stderr."""
+    res = subprocess.run(list(cmd), input=stdin, capture_output=True, text=True, timeout=timeout)
+    if res.returncode:
+        raise RuntimeError(f"{' '.join(cmd)}: exit {res.returncode}: {(res.stderr or res.stdout).strip()[-2000:]}")
+    return res.stdout
+
+
+def need(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        sys.exit(f"missing tools: {', '.join(missing)} (Debian: qemu-utils libnbd-bin fio)")
+
+
+# -- data ----------------------------------------------------------------------------------------------------
+
+_TEXT = b"".join(f"2026-11-28T12:{i % 60:02d}:{i * 7 % 60:02d} INFO worker-{i % 13} request {i * 7919} done "
+                 f"in {i % 97} ms status=200 path=/v2/repo/blobs/sha256:{i * 104729:064x}\n".encode()
+                 for i in range(12000))
+
+
+def mixed_pieces(size: int, seed: int, piece: int = MiB) -> list[tuple[int, str]]:
+    """Kinds of each 1 MiB piece: 'random' 50 %, 'text' 30 %, 'zero' (written zeros) 10 %, 'hole' 10 %."""
+    rng = np.random.default_rng([seed, 1])
+    kinds = rng.choice(["random", "text", "zero", "hole"], size=size // piece, p=[0.5, 0.3, 0.1, 0.1])
+    return [(i * piece, str(k)) for i, k in enumerate(kinds)]
+
+
+def build_mixed_volume(vol: str, size: int, seed: int) -> dict[str, int]:
+    """A volume of ``size`` bytes filled with mixed data through ``Volume.open(writable=True)`` + ``pwrite`` of up
+    to 4 MiB, then ``Volume.snapshot()`` so the data sits in one sealed layer. Returns counts of each kind."""
+    from overlaybd.volume import Volume
+
+    run([*OVERLAYBD, "create", vol, "--size", str(size)])
+    pool = np.random.default_rng([seed, 2]).integers(0, 256, 72 * MiB, dtype=np.uint8).tobytes()
+    text = (_TEXT * (MiB // len(_TEXT) + 2))
+    counts: dict[str, int] = {}
+    chunk = bytearray()
+    chunk_at = 0
+
+    v = Volume(vol)
+    with v.open(writable=True) as dev:
+        def put() -> None:
+            nonlocal chunk
+            if chunk:
+                dev.pwrite(chunk_at, chunk)
+                chunk = bytearray()
+
+        for off, kind in mixed_pieces(size, seed):
+            counts[kind] = counts.get(kind, 0) + 1
+            if kind == "hole":
+                put()
+                continue
+            if not chunk:
+                chunk_at = off
+            if kind == "random":
+                start = (off * 7 // MiB % 64) * MiB + (off // MiB) % 4096
+                chunk += pool[start : start + MiB]
+            elif kind == "text":
+                start = (off // MiB * 4099) % len(_TEXT)
+                chunk += text[start : start + MiB]
+            else:
+                chunk += bytes(MiB)
+            if len(chunk) >= 4 * MiB:
+                put()
+        put()
+        dev.flush()
+    v.snapshot("mixed data")
+    return counts
+
+
+def shares(nblocks: int, depth: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """PEERS.md §2: a random permutation of the disk's 4 KiB blocks split into ``depth`` shares; owner[block]."""
+    perm = np.random.default_rng([seed, depth]).permutation(nblocks)
+    parts = np.array_split(perm, depth)
+    owner = np.empty(nblocks, dtype=np.uint8)
+    for i, part in enumerate(parts):
+        owner[part] = i
+    return parts, owner
+
+
+def build_layered_volume(vol: str, size: int, depth: int, seed: int) -> np.ndarray:
+    """``depth`` rounds of (write share i, every byte i+1, one 4 KiB pwrite per block; ``Volume.snapshot()``).
+    Returns owner[block]; the top view of block b is bytes([owner[b] + 1]) * 4096."""
+    from overlaybd.volume import Volume
+
+    run([*OVERLAYBD, "create", vol, "--size", str(size)])
+    parts, owner = shares(size // BLOCK, depth, seed)
+    v = Volume(vol)
+    for i, part in enumerate(parts):
+        block = bytes([i + 1]) * BLOCK
+        with v.open(writable=True) as dev:
+            for b in np.sort(part).tolist():
+                dev.pwrite(b * BLOCK, block)
+            dev.flush()
+        v.snapshot(f"share {i}")
+    return owner
+
+
+def build_view_volume(vol: str, owner: np.ndarray, size: int) -> None:
+    """One snapshot holding the top view of a layered volume, written in 4 MiB pwrites."""
+    from overlaybd.volume import Volume
+
+    run([*OVERLAYBD, "create", vol, "--size", str(size)])
+    v = Volume(vol)
+    per = 4 * MiB // BLOCK
+    with v.open(writable=True) as dev:
+        for first in range(0, len(owner), per):
+            fill = (owner[first : first + per] + 1).astype(np.uint8)
+            dev.pwrite(first * BLOCK, np.repeat(fill, BLOCK).tobytes())
+        dev.flush()
+    v.snapshot("the top view in one layer")
+
+
+def write_view_raw(path: str, owner: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        per = 4 * MiB // BLOCK
+        for first in range(0, len(owner), per):
+            f.write(np.repeat((owner[first : first + per] + 1).astype(np.uint8), BLOCK).tobytes())
+
+
+def build_qcow2_chain(folder: str, parts: list[np.ndarray], size: int) -> str:
+    """PEERS.md §2: one qcow2 (cluster_size=4096) per share, written alone with ``qemu-io -t unsafe`` (one
+    ``write -q -P <byte> <off> 4k`` per block), then chained with ``qemu-img rebase -u -b prev -F qcow2``
+    (the same images as creating each with ``-b``, without reopening the whole chain once per layer)."""
+    os.makedirs(folder, exist_ok=True)
+    prev = None
+    for i, part in enumerate(parts):
+        img = os.path.join(folder, f"L{i:03d}.qcow2")
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", img, str(size)])
+        script = "".join(f"write -q -P {i + 1} {b * BLOCK} 4k\n" for b in np.sort(part).tolist()) + "quit\n"
+        run(["qemu-io", "-t", "unsafe", "-f", "qcow2", img], stdin=script)
+        if prev is not None:
+            run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", os.path.basename(prev), "-F", "qcow2", img])
+        prev = img
+    assert prev is not None
+    return prev
+
+
+# -- servers -------------------------------------------------------------------------------------------------
+
+
+def _wait_socket(path: str, proc: subprocess.Popen[Any], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        if os.path.exists(path):
+            with socket.socket(socket.AF_UNIX) as s:
+                try:
+                    s.connect(path)
+                    return
+                except OSError:
+                    pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not listen on {path}")
+        time.sleep(0.02)
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def overlaybd_server(vol: str, sock: str, *, readonly: bool, extra: Sequence[str] = (),
+                     command: Sequence[str] | None = None) -> Iterator[str]:
+    """``overlaybd serve VOL --listen unix:SOCK``; yields the NBD URI it prints; SIGTERM at the end.
+    ``command`` replaces ``overlaybd`` (e.g. a script that patches the server before calling the CLI)."""
+    cmd = [*(command or OVERLAYBD), "serve", vol, "--listen", f"unix:{sock}", *(["--readonly"] if readonly else []),
+           *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        uri = proc.stdout.readline().strip()
+        if not uri.startswith("nbd"):
+            _stop(proc)
+            err = proc.stderr.read() if proc.stderr else ""
+            raise RuntimeError(f"overlaybd serve did not start: {err.strip()[-2000:]}")
+        yield uri
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def qemu_nbd(image: str, fmt: str, sock: str, *, readonly: bool, name: str = "") -> Iterator[str]:
+    """``qemu-nbd [-r] -t -e 8 -f FMT -x NAME -k SOCK IMAGE``; yields the URI; SIGTERM at the end."""
+    if os.path.exists(sock):
+        os.unlink(sock)
+    cmd = ["qemu-nbd", *(["-r"] if readonly else []), "-t", "-e", "8", "-f", fmt, "-x", name, "-k", sock, image]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        _wait_socket(sock, proc, "qemu-nbd")
+        yield f"nbd+unix:///{name}?socket={sock}"
+    finally:
+        _stop(proc)
+
+
+# -- clients -------------------------------------------------------------------------------------------------
+
+
+def qemu_img_bench(uri: str, count: int, depth: int, *, size: int = BLOCK, write: bool = False) -> float:
+    """``qemu-img bench -f raw -c COUNT -d DEPTH -s 4096 -S $((4096*104729)) URI``; operations per second."""
+    cmd = ["qemu-img", "bench", "-f", "raw", "-c", str(count), "-d", str(depth), "-s", str(size),
+           "-S", str(BLOCK * STRIDE_BLOCKS), *(["-w"] if write else []), uri]
+    out = run(cmd)
+    m = re.search(r"Run completed in ([0-9.]+) seconds", out)
+    if not m:
+        raise RuntimeError(f"qemu-img bench: no timing in {out!r}")
+    return count / float(m.group(1))
+
+
+def fio(args: Sequence[str]) -> dict[str, Any]:
+    """Run one fio job with ``--output-format=json``; the job's read/write/sync figures."""
+    out = run(["fio", "--output-format=json", *args])
+    start = out.find("{")
+    job = json.loads(out[start:])["jobs"][0]
+    return {
+        "read_iops": job["read"]["iops"], "write_iops": job["write"]["iops"],
+        "read_lat_us": job["read"]["clat_ns"]["mean"] / 1000, "write_lat_us": job["write"]["clat_ns"]["mean"] / 1000,
+        "read_bw": job["read"]["bw_bytes"], "syncs": job.get("sync", {}).get("total_ios", 0),
+    }
