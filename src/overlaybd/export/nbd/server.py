@@ -364,17 +364,23 @@ class NbdServer:
 
     @staticmethod
     def _status(src: BlockSource, req: p.Request) -> list[tuple[int, int]]:
+        """Extents as NBD states. Neighbours of the same state are one extent (layers do not matter to
+        base:allocation); a request is answered for at most STATUS_SCAN bytes, which the spec allows."""
         out: list[tuple[int, int]] = []
-        for ext in src.extents(req.offset, req.length):
-            state = {ExtentKind.DATA: 0, ExtentKind.ZERO: p.STATE_ZERO,
-                     ExtentKind.HOLE: p.STATE_HOLE | p.STATE_ZERO}[ext.kind]
+        one = bool(req.flags & p.CMD_FLAG_REQ_ONE)
+        for ext in src.extents(req.offset, min(req.length, STATUS_SCAN)):
+            state = _STATE[ext.kind]
             if out and out[-1][1] == state:
                 out[-1] = (out[-1][0] + ext.length, state)
-            else:
-                out.append((ext.length, state))
-            if req.flags & p.CMD_FLAG_REQ_ONE or len(out) >= MAX_EXTENTS:
+                continue
+            if one and out or len(out) >= MAX_EXTENTS:
                 break
-        return out[:1] if req.flags & p.CMD_FLAG_REQ_ONE else out
+            out.append((ext.length, state))
+        return out
+
+
+_STATE = {ExtentKind.DATA: 0, ExtentKind.ZERO: p.STATE_ZERO, ExtentKind.HOLE: p.STATE_HOLE | p.STATE_ZERO}
+STATUS_SCAN = 64 << 20  # bytes of the device one BLOCK_STATUS looks at, at most
 
 
 def _write_zero_data(src: BlockSource, offset: int, length: int) -> None:
@@ -409,10 +415,24 @@ def parse_listen(spec: str) -> tuple[str, str, int]:
     raise UsageError(f"bad listen address {spec!r}: use unix:PATH or tcp:HOST:PORT")
 
 
+def tune_allocator() -> None:
+    """Keep freed request buffers in the heap instead of returning them to the kernel: fresh memory costs about
+    5 µs a page on these VMs (PEERS §0), which halves large-read throughput."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (its maximum on 64-bit glibc)
+    except (OSError, AttributeError):
+        pass
+
+
 async def serve(exports: list[Export], listen: str, *, ready: Callable[[str], None] | None = None,
                 stop: asyncio.Event | None = None, workers: int = 8,
                 started: Callable[[NbdServer], Awaitable[None]] | None = None) -> None:
     """Serve until ``stop`` is set; then close the listeners and finish requests in flight."""
+    tune_allocator()
     server = NbdServer(exports, workers=workers)
     if started is not None:
         await started(server)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import struct
 import threading
 import uuid as uuidlib
 
@@ -40,6 +41,7 @@ from .spec import (
 from .view import LsmtView
 
 log = logging.getLogger(__name__)
+_RECORD = struct.Struct("<QQ")  # one index record: offset | length << 50, moffset | zeroed << 55 (spec §3.3)
 
 
 def create_writable(data_path: str, index_path: str, virtual_size: int, *, uuid: bytes | None = None,
@@ -194,6 +196,19 @@ class WritableLayer(WritableBase):
     def _append(self, offset: int, length: int, data: memoryview | None, step: int) -> None:
         s0 = offset // SECTOR
         n = length // SECTOR
+        if n <= step:  # one record (the common case): no arrays
+            with self._lock:
+                mstart = self._data_end // SECTOR
+                if data is not None:
+                    write_all(self.data.fd, data, self._data_end, self.name)
+                rec = _RECORD.pack(s0 | n << 50, mstart | (data is None) << 55)
+                write_all(self.index_file.fd, rec, self._index_end, self.index_path)
+                if data is not None:
+                    self._data_end += length
+                    self.data.size = max(self.data.size, self._data_end)
+                self._index_end += len(rec)
+                self.index.insert(s0, n, mstart, data is None, self.source_tag)
+            return
         starts = np.arange(s0, s0 + n, step, dtype=np.int64)
         lens = np.minimum(step, s0 + n - starts)
         with self._lock:
