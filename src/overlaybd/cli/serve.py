@@ -38,10 +38,11 @@ def _exports(args: argparse.Namespace, owned: ExitStack) -> list[Export]:
     vol = _volume(args)
     if vol is not None:
         main = owned.enter_context(vol.open(writable=not args.readonly, record_trace=args.record_trace))
-        exports = [Export(args.name, main, readonly=args.readonly, description=f"volume {vol.path}")]
+        local = all(os.path.exists(path) for path in vol.lowers)  # no lazily pulled layer to wait for
+        exports = [Export(args.name, main, readonly=args.readonly, description=f"volume {vol.path}", inline=local)]
         for snap in vol.snapshots():
             dev = owned.enter_context(vol.open(snapshot=snap.number))
-            exports.append(Export(snap.uuid, dev, readonly=True,
+            exports.append(Export(snap.uuid, dev, readonly=True, inline=local,
                                   description=f"snapshot {snap.number}: {snap.message}".strip()))
         return exports
     if args.record_trace:
@@ -49,7 +50,7 @@ def _exports(args: argparse.Namespace, owned: ExitStack) -> list[Export]:
     upper = tuple(args.upper) if args.upper else None
     writable = upper is not None and not args.readonly
     stack = owned.enter_context(open_stack(args.layers, upper, writable=writable))
-    return [Export(args.name, stack, readonly=not writable)]
+    return [Export(args.name, stack, readonly=not writable, inline=True)]
 
 
 def _volume(args: argparse.Namespace) -> Volume | None:
@@ -78,6 +79,7 @@ def _snapshot_between_requests(vol: Volume, main: Export, owned: ExitStack) -> C
                 finally:
                     main.source = owned.enter_context(vol.open(writable=True))
                 server.exports[snap.uuid] = Export(snap.uuid, owned.enter_context(vol.open(snapshot=snap.number)),
+                                                   inline=main.inline,
                                                    readonly=True, description=f"snapshot {snap.number}: "
                                                    f"{snap.message}".strip())
                 return snap
