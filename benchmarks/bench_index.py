@@ -178,8 +178,11 @@ def main() -> int:
         res["bytes_per_record"] = merged.nbytes / len(merged)
         res["bad_checks"] = check(stack, truth, args.check, args.seed)
         res["checked"] = args.check
-        layer_segs = sum(seg_nbytes(layer.segments()) for layer in stack.lowers)
-        layer_idx = sum(layer.levels[0].nbytes for layer in stack.lowers)
+        # what the layers still hold once open (stacks release each layer's own index after merging; reading
+        # ``segments()`` / ``levels`` here would load them again, so only what is held is counted)
+        layer_segs = sum(seg_nbytes(s) for layer in stack.lowers
+                         if (s := getattr(layer, "_segments", None)) is not None)
+        layer_idx = sum(lv.nbytes for layer in stack.lowers for lv in (getattr(layer, "_levels", None) or []))
         res["per_layer_segments_bytes"] = layer_segs
         res["per_layer_merged_index_bytes"] = layer_idx
         stack.close()
@@ -235,8 +238,8 @@ def main() -> int:
     mem = [
         ["MergedIndex.nbytes / records (target <= 24)", res["bytes_per_record"]],
         ["tracemalloc: kept by the open stack / record", res["retained_per_record"]],
-        ["- of which per-layer Segments / record", res["per_layer_segments_bytes"] / n],
-        ["- of which per-layer MergedIndex / record", res["per_layer_merged_index_bytes"] / n],
+        ["- of which per-layer Segments still held / record", res["per_layer_segments_bytes"] / n],
+        ["- of which per-layer MergedIndex still held / record", res["per_layer_merged_index_bytes"] / n],
         ["tracemalloc: peak while opening / record", res["peak_per_record"]],
     ]
     print()

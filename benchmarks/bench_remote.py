@@ -19,9 +19,11 @@ compressed size is ~0.6 of the original). The volume is pushed with ``overlaybd.
    (a fixed list of scattered 64 KiB reads) after ``pull(lazy=True, prefetch=TRACE)`` beside the same pull without
    a trace. The trace is recorded by running the workload on the source volume with ``Volume.open(record_trace=)``.
 
-What-ifs (not shipped; the cache settings patched in this process only): 64 KiB chunks instead of 256 KiB, and a
-prototype of read-ahead only for a read that continues the previous read of the same blob (random reads then
-fetch no read-ahead), measured on parts 1, 2 and 3 beside the shipped settings.
+As shipped, the cache uses 64 KiB chunks and reads ahead (3 MiB) only for a read that continues the previous read
+of the same blob. For comparison, "previous settings" emulates the cache before 972f4c1 in this process only
+(256 KiB chunks, read-ahead of 4 chunks on every read, runs of at most 16 chunks), measured on parts 1, 2 and 3
+beside the shipped settings. The module constants (``store.CHUNK``, ``READAHEAD_CHUNKS``, ``MAX_RUN_CHUNKS``,
+``CONCURRENCY``) are read at call time, so they are set for the duration of a variant.
 
 OVERLAYBD_CACHE_DIR points into the work folder (the machine's cache is untouched) and is emptied before every
 cold run. All traffic stays on 127.0.0.1. Correctness (exit 1 on failure): every lazy read equals the same read
@@ -30,7 +32,6 @@ of the eagerly pulled volume.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import http.client
 import http.server
@@ -170,89 +171,49 @@ def cache_allocated() -> int:
     return total
 
 
+# As shipped: 64 KiB chunks, read-ahead only for a read that continues the previous one ("always": False).
 SHIPPED: dict[str, Any] = {"chunk": store.CHUNK, "readahead": store.READAHEAD_CHUNKS,
-                           "max_run": store.MAX_RUN_CHUNKS, "concurrency": store.CONCURRENCY, "adaptive": False}
-# What-ifs (not shipped): 64 KiB chunks; and read-ahead only for a read that starts where the previous read of the
-# same blob ended (a prototype of the proposed change, patched in here), of 48 x 64 KiB = 3 MiB (the shipped
-# 4 x 256 KiB = 1 MiB gave 0.86-0.9x the shipped sequential rate with 64 KiB chunks: the first read of each layer's
-# region after open is not "sequential").
+                           "max_run": store.MAX_RUN_CHUNKS, "concurrency": store.CONCURRENCY, "always": False}
 NO_READAHEAD = {**SHIPPED, "readahead": 0}
 BARE = {**SHIPPED, "readahead": 0, "max_run": 1, "concurrency": 1}
-SMALL_NO_RA = {**SHIPPED, "chunk": 64 * 1024, "readahead": 0, "max_run": 64}
-ADAPTIVE = {"chunk": 64 * 1024, "readahead": 48, "max_run": 64, "concurrency": store.CONCURRENCY, "adaptive": True}
+# The cache before 972f4c1 (emulated): 256 KiB chunks, 4 chunks of read-ahead on every read, runs of 16 chunks.
+PREVIOUS = {"chunk": 256 * 1024, "readahead": 4, "max_run": 16, "concurrency": store.CONCURRENCY, "always": True}
 
 
-def adaptive_read(orig: Callable[..., None], readahead: int) -> Callable[..., None]:
-    """CachedSource._read_aligned that reads ahead only when this read continues the previous one."""
+def always_read(orig: Callable[..., None]) -> Callable[..., None]:
+    """CachedSource._read_aligned that treats every read as sequential (read-ahead on every miss)."""
 
     def read(self: Any, offset: int, buf: memoryview) -> None:
-        self.readahead = readahead if getattr(self, "_bench_next", -1) == offset else 0
-        try:
-            orig(self, offset, buf)
-        finally:
-            self._bench_next = offset + len(buf)
+        self._next_offset = offset
+        orig(self, offset, buf)
 
     return read
 
 
 @contextmanager
-def kept_map_fd() -> Iterator[None]:
-    """Prototype (not shipped): a CachedSource keeps its map file open and checks the map under ``flock`` on that
-    descriptor, instead of open + flock + pread + close for every read."""
-    orig = store.CachedSource._read_aligned
-    fds: list[int] = []
-
-    def read(self: Any, offset: int, buf: memoryview) -> None:
-        fd = self.__dict__.get("_bench_map_fd")
-        if fd is None:
-            fd = self._bench_map_fd = os.open(self.map_path, os.O_RDWR | os.O_CLOEXEC)
-            fds.append(fd)
-        chunk = self.cache.chunk
-        first, last = offset // chunk, -(-(offset + len(buf)) // chunk)
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        try:
-            if os.pread(fd, last - first, first).count(1) == last - first:
-                self._copy_out(offset, buf)
-                return
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        orig(self, offset, buf)
-
-    store.CachedSource._read_aligned = read  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        store.CachedSource._read_aligned = orig  # type: ignore[method-assign]
-        for fd in fds:
-            os.close(fd)
-
-
-@contextmanager
-def cache_config(chunk: int, readahead: int, max_run: int, concurrency: int, adaptive: bool) -> Iterator[None]:
-    """Chunk size, read-ahead, run length and fetch pool as given, on an empty cache. ``READAHEAD_CHUNKS`` and
-    ``CHUNK`` are bound as defaults of ``BlobCache.source(readahead=)`` and ``BlobCache(chunk=)`` when the module
-    loads, so those defaults are patched; MAX_RUN_CHUNKS is read at each fetch, CONCURRENCY when a BlobCache is
-    made (``reset_cache`` drops the process's BlobCache objects)."""
-    src_defaults = store.BlobCache.source.__kwdefaults__
-    init_defaults = store.BlobCache.__init__.__kwdefaults__
-    assert src_defaults is not None and init_defaults is not None
-    saved = (init_defaults["chunk"], src_defaults["readahead"], store.MAX_RUN_CHUNKS, store.CONCURRENCY,
+def cache_config(chunk: int, readahead: int, max_run: int, concurrency: int, always: bool) -> Iterator[None]:
+    """Chunk size, read-ahead, run length and fetch pool as given, on an empty cache. ``BlobCache(chunk=None)`` and
+    ``BlobCache.source(readahead=None)`` read ``CHUNK`` and ``READAHEAD_CHUNKS`` at call time, MAX_RUN_CHUNKS is
+    read at each fetch, CONCURRENCY when a BlobCache is made (``reset_cache`` drops the process's BlobCache
+    objects), so the module constants are set. ``always``: read ahead on every read, not only sequential ones."""
+    saved = (store.CHUNK, store.READAHEAD_CHUNKS, store.MAX_RUN_CHUNKS, store.CONCURRENCY,
              store.CachedSource._read_aligned)
-    init_defaults["chunk"], src_defaults["readahead"] = chunk, readahead
-    store.MAX_RUN_CHUNKS, store.CONCURRENCY = max_run, concurrency
-    if adaptive:
-        store.CachedSource._read_aligned = adaptive_read(saved[4], readahead)  # type: ignore[method-assign]
+    store.CHUNK, store.READAHEAD_CHUNKS, store.MAX_RUN_CHUNKS, store.CONCURRENCY = chunk, readahead, max_run, \
+        concurrency
+    if always:
+        store.CachedSource._read_aligned = always_read(saved[4])  # type: ignore[method-assign]
     reset_cache()
     try:
         yield
     finally:
-        (init_defaults["chunk"], src_defaults["readahead"], store.MAX_RUN_CHUNKS, store.CONCURRENCY,
+        (store.CHUNK, store.READAHEAD_CHUNKS, store.MAX_RUN_CHUNKS, store.CONCURRENCY,
          store.CachedSource._read_aligned) = saved  # type: ignore[method-assign]
         reset_cache()
 
 
 def describe(cfg: dict[str, Any]) -> str:
-    ra = f"read-ahead {cfg['readahead']}" + (" if sequential" if cfg["adaptive"] else "")
+    ra = (f"read-ahead {cfg['readahead']}" + (" on every read" if cfg["always"] else " if sequential")
+          if cfg["readahead"] else "no read-ahead")
     return f"{cfg['chunk'] // 1024} KiB chunks, {ra}, max run {cfg['max_run']}, pool {cfg['concurrency']}"
 
 
@@ -434,7 +395,7 @@ class Bench:
             eager.append({"pull_s": t1 - t0, "open_read_s": t2 - t1, "total_s": t2 - t0})
             log(f"  eager start {r + 1}/{repeats}: {eager[-1]['total_s']:.3f} s")
             shutil.rmtree(vol.path)
-        with cache_config(**ADAPTIVE):
+        with cache_config(**PREVIOUS):
             whatif = self.lazy_start_once(ref, "lazy-start-whatif", first_block)
         # cross-check of the byte count by the tests' FaultProxy (pass mode), one run
         proxy = FaultProxy(self.host)
@@ -462,8 +423,7 @@ class Bench:
         loops = max(1, -(-2000 // count))  # timed warm runs read the list this many times (>= 2,000 reads)
         out: dict[str, Any] = {"reads": count, "read_bytes": count * READ, "loops": loops, "cold": []}
         for name, cfg in [("as shipped", SHIPPED), ("no read-ahead", NO_READAHEAD),
-                          ("64 KiB chunks, no read-ahead", SMALL_NO_RA),
-                          ("64 KiB chunks, read-ahead if sequential (prototype)", ADAPTIVE)]:
+                          ("previous settings (emulated)", PREVIOUS)]:
             with cache_config(**cfg):
                 vol = pull(parse_reference(ref), self.target("random"), lazy=True)
                 with vol.open() as dev:
@@ -505,16 +465,9 @@ class Bench:
                 a, b = timed_pairs(lz, loc, offsets, loops)
                 warm_s.append(a)
                 local_s.append(b)
-        kept = []
-        with kept_map_fd(), vol.open() as lz, eager.open() as loc:
-            for _ in range(max(3, repeats // 2)):
-                warm(cache_files)
-                warm(eager.lowers)
-                a, b = timed_pairs(lz, loc, offsets, loops)
-                kept.append(b / a)
         return {"warm_s": median(warm_s), "local_s": median(local_s), "warm_runs": warm_s, "local_runs": local_s,
                 "warm_vs_local": median([b / a for a, b in zip(warm_s, local_s, strict=True)]),
-                "warm_vs_local_best": min(local_s) / min(warm_s), "warm_vs_local_kept_fd": median(kept)}
+                "warm_vs_local_best": min(local_s) / min(warm_s)}
 
     # 3 ------------------------------------------------------------------------------------------------------
     def sequential(self, proxy: DelayProxy, ref: str, variants: list[tuple[str, dict[str, Any]]],
@@ -548,7 +501,7 @@ class Bench:
         with open(trace_file, "rb") as f:
             records = decode(f.read())
         variants = [("no prefetch", SHIPPED, None), ("trace prefetch", SHIPPED, trace_file),
-                    ("trace prefetch, what-if cache (prototype)", ADAPTIVE, trace_file)]
+                    ("trace prefetch, previous settings (emulated)", PREVIOUS, trace_file)]
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in variants}
         for _ in range(repeats):
             for name, cfg, prefetch in variants:
@@ -629,13 +582,14 @@ def main() -> int:
     ap.add_argument("--boot-reads", type=int, help="reads in the boot workload (200; quick 50)")
     ap.add_argument("--delay-ms", type=float, default=DELAY * 1000, help="latency the proxy adds per request")
     ap.add_argument("--bare-mib", type=int,
-                    help="how much of the volume the no-read-ahead, no-coalescing variant reads (whole; quick 32)")
+                    help="how much of the volume the no-read-ahead, no-coalescing variant reads (128; quick 32): one "
+                         "64 KiB request per chunk at +50 ms is ~1 MiB/s")
     ap.add_argument("--profile", action="store_true", help="also print cProfiles of warm lazy and local reads")
     args = ap.parse_args()
     size = (args.size_mib or (128 if args.quick else 1024)) * MiB
     repeats = args.repeats or (1 if args.quick else 3)
     boot_reads = args.boot_reads or (50 if args.quick else 200)
-    bare = (args.bare_mib * MiB if args.bare_mib else (32 * MiB if args.quick else size))
+    bare = min(size, args.bare_mib * MiB if args.bare_mib else (32 * MiB if args.quick else 128 * MiB))
     started = time.perf_counter()
     result: dict[str, Any] = {"benchmark": "remote", "size": size, "layers": LAYERS, "versions": versions(),
                               "machine": machine(), "quick": args.quick, **source_state()}
@@ -677,7 +631,7 @@ def main() -> int:
                     want_all = blake(lambda h: read_sequential(dev, size, h))
                     want_bare = blake(lambda h: read_sequential(dev, bare, h)) if bare < size else want_all
                 seq = bench.sequential(proxy, slow_ref, [("as shipped", SHIPPED), ("no read-ahead", NO_READAHEAD),
-                                                         ("read-ahead if sequential (prototype)", ADAPTIVE)],
+                                                         ("previous settings (emulated)", PREVIOUS)],
                                        want_all, size)
                 if bare < size:
                     seq += bench.sequential(proxy, slow_ref, [(f"as shipped, first {bare // MiB} MiB", SHIPPED)],
@@ -729,7 +683,7 @@ def print_report(r: dict[str, Any], args: Any) -> None:
          ls["eager_blob_bytes"], None],
         ["lazy / eager", m["total_s"] / e["total_s"], None, None, None, ls["fetched_bytes"] / ls["eager_blob_bytes"],
          None],
-        ["what-if: lazy, 64 KiB chunks, read-ahead if sequential", w["total_s"], w["pull_s"], w["open_s"],
+        ["lazy, previous settings (emulated)", w["total_s"], w["pull_s"], w["open_s"],
          w["first_read_s"], w["all"][1], w["all"][0]]], "1. Lazy start"))
     print(f"\nFaultProxy (pass mode) cross-check of one lazy start: {fp['blob_gets']} blob GETs, {fp['bytes']:,} "
           f"bytes; counted in process: {fp['ours'][0]} requests, {fp['ours'][1]:,} bytes\n")
@@ -750,8 +704,7 @@ def print_report(r: dict[str, Any], args: Any) -> None:
     print(f"\nfetched / read, cold, as shipped: {rd['ratio_fetched']:.2f} (target <= 2: {met_ratio}); "
           f"warm / local read rate: {rd['warm_vs_local']:.2f}, median of {len(rd['warm_runs'])} runs alternating "
           f"read by read "
-          f"(best / best {rd['warm_vs_local_best']:.2f}; target >= 0.8: {met_warm}); what-if, the map file kept open "
-          f"(prototype): {rd['warm_vs_local_kept_fd']:.2f}\n")
+          f"(best / best {rd['warm_vs_local_best']:.2f}; target >= 0.8: {met_warm})\n")
     seq = r["sequential"]
     ref_rate = seq[0]["mib_s"]
     print(table([f"sequential 1 MiB reads, +{args.delay_ms:g} ms a request", "cache settings", "MiB read", "seconds",
