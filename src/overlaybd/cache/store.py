@@ -218,7 +218,7 @@ class CachedSource(BlockSource):
         self.data_path, self.map_path = cache.paths(digest)
         self.nchunks = -(-size // cache.chunk)
         self._touched = 0.0
-        self._next_offset = 0  # where a sequential reader would read next
+        self._next_offset = -1  # where a sequential reader would read next (a first read is not one: it is a header)
         self._local = threading.local()
         self._map_fds: list[int] = []
         self._fds_lock = threading.Lock()
