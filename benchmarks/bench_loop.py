@@ -32,18 +32,15 @@ import sys
 import time
 from typing import Any
 
+from common import emit_json, log, median, table
 from nbd_common import (
     OVERLAYBD,
     MiB,
     base_parser,
     build_mixed_volume,
-    emit_json,
     fio,
-    log,
-    median,
     need,
     run,
-    table,
     versions,
     warm,
     workdir,

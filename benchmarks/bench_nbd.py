@@ -36,6 +36,7 @@ import time
 from typing import Any
 
 import numpy as np
+from common import emit_json, log, median, shares, table
 from nbd_common import (
     BLOCK,
     OVERLAYBD,
@@ -45,17 +46,12 @@ from nbd_common import (
     build_mixed_volume,
     build_qcow2_chain,
     build_view_volume,
-    emit_json,
     fio,
-    log,
-    median,
     need,
     overlaybd_server,
     qemu_img_bench,
     qemu_nbd,
     run,
-    shares,
-    table,
     versions,
     warm,
     workdir,

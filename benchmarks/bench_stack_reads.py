@@ -36,6 +36,7 @@ from common import (
     log,
     machine,
     median,
+    shares,
     table,
     versions,
     warm,
@@ -52,14 +53,6 @@ STRIDE_BLOCKS = 104729  # qemu-img bench -S $((4096*104729))
 # -- data ------------------------------------------------------------------------------------------------
 
 
-def shares(nblocks: int, depth: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """The permutation split into ``depth`` shares (each in permutation order) and owner[block] = layer."""
-    perm = np.random.default_rng([seed, depth]).permutation(nblocks)
-    parts = np.array_split(perm, depth)
-    owner = np.empty(nblocks, dtype=np.uint8)
-    for i, part in enumerate(parts):
-        owner[part] = i
-    return parts, owner
 
 
 # -- ours ------------------------------------------------------------------------------------------------

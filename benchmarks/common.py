@@ -106,6 +106,17 @@ def best_of(n: int, fn: Callable[[], Any]) -> float:
     return min(timed(fn)[0] for _ in range(n))
 
 
+def shares(nblocks: int, depth: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """PEERS.md §2: a random permutation of the disk's 4 KiB blocks split into ``depth`` shares (each in permutation
+    order), and owner[block] = the share (layer) holding it."""
+    perm = np.random.default_rng([seed, depth]).permutation(nblocks)
+    parts = np.array_split(perm, depth)
+    owner = np.empty(nblocks, dtype=np.uint8)
+    for i, part in enumerate(parts):
+        owner[part] = i
+    return parts, owner
+
+
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 

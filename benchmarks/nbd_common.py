@@ -18,7 +18,6 @@ import shutil
 import signal
 import socket
 import stat
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from common import shares
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -64,44 +64,14 @@ def workdir(path: str | None, keep: bool, prefix: str) -> Iterator[str]:
             shutil.rmtree(sub, ignore_errors=True)
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
-def median(xs: Sequence[float]) -> float:
-    return float(statistics.median(xs))
 
 
-def fmt(x: Any) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, int):
-        return f"{x:,}"
-    if isinstance(x, float):
-        return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.2f}"
-    return str(x)
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> str:
-    """A Markdown table."""
-    cells = [[fmt(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) for i in range(len(headers))]
-    out = [title, ""] if title else []
-    out.append("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
-    out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in cells:
-        out.append("| " + " | ".join(c.rjust(w) if num else c.ljust(w)
-                                     for c, w, num in zip(r, widths, numeric, strict=True)) + " |")
-    return "\n".join(out)
 
 
-def emit_json(result: dict[str, Any], path: str | None) -> None:
-    line = json.dumps(result, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
-    print(line, flush=True)
-    if path:
-        with open(path, "w") as f:
-            f.write(line + "\n")
 
 
 def warm(paths: Sequence[str]) -> None:
@@ -230,14 +200,6 @@ def build_mixed_volume(vol: str, size: int, seed: int) -> dict[str, int]:
     return counts
 
 
-def shares(nblocks: int, depth: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """PEERS.md §2: a random permutation of the disk's 4 KiB blocks split into ``depth`` shares; owner[block]."""
-    perm = np.random.default_rng([seed, depth]).permutation(nblocks)
-    parts = np.array_split(perm, depth)
-    owner = np.empty(nblocks, dtype=np.uint8)
-    for i, part in enumerate(parts):
-        owner[part] = i
-    return parts, owner
 
 
 def build_layered_volume(vol: str, size: int, depth: int, seed: int) -> np.ndarray:
