@@ -75,9 +75,6 @@ class LsmtStack(LsmtView):
     def depth(self) -> int:
         return len(self.lowers) + (self.upper is not None)
 
-    def merged_segments(self) -> Segments:
-        """The merged index of the lower layers (source = bottom-up layer number)."""
-        return self.lower_index.segments()
 
     def _write_aligned(self, offset: int, data: memoryview) -> None:
         assert self.upper is not None  # guarded by capabilities
