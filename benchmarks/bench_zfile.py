@@ -7,10 +7,13 @@ Data: SIZE bytes in 1 KiB pieces, half random bytes and half repetitive log-like
   ``threads`` = 1 or 2; per-block CRC on (the default).
 * ours, decompress: a ``ZFileSource`` over that file read whole in 1 MiB ``readinto`` calls into a reused
   page-aligned buffer: sequentially from 1 thread, or the two halves from 2 threads.
-* raw: ``lz4.block.compress(b, store_size=False)`` / ``ZstdCompressor(level=3).compress(b)`` of each block in a
-  loop, results dropped; decompress: ``lz4.block.decompress(c, uncompressed_size=bs)`` /
+* raw (the target's peer): ``lz4.block.compress(b, store_size=False)`` / ``ZstdCompressor(level=3).compress(b)``
+  of each block in a loop, results dropped; decompress: ``lz4.block.decompress(c, uncompressed_size=bs)`` /
   ``ZstdDecompressor().decompress(c, max_output_size=bs)``. 2 threads: a ThreadPoolExecutor running the two
   halves of the block list.
+* codec in C (a stricter peer, when the C block path is built): the same codec called from C in one tight loop
+  per thread (the extension's run functions, CRC off, memory to memory): what the codec itself does with no
+  Python per block, no CRC and no file. ours/C shows what the CRC, the reads and the writes cost.
 
 Throughput is original bytes / wall time (MB = 10^6 bytes). Repeats are interleaved and the best is reported.
 """
@@ -32,7 +35,9 @@ import numpy as np
 import zstandard
 from common import MiB, aligned_buffer, base_parser, emit_json, log, machine, table, versions, warm, workdir
 
+from overlaybd.formats.zfile import blocks
 from overlaybd.formats.zfile.reader import ZFileSource
+from overlaybd.formats.zfile.spec import ALGO_BY_NAME
 from overlaybd.formats.zfile.writer import write_zfile
 from overlaybd.source.file import FileSource, MemorySource
 
@@ -87,6 +92,46 @@ def raw_decompress_part(algo: str, bs: int, blocks: list[bytes]) -> int:
     for c in blocks:
         n += len(dec(c))
     return n
+
+
+class CodecInC:
+    """The codec from C in one call per thread over its half of the blocks (CRC off, in memory)."""
+
+    def __init__(self, algo: str, bs: int, data: bytes, threads: int) -> None:
+        native = blocks.NATIVE
+        assert native is not None
+        self.native, self.code, self.bs = native, ALGO_BY_NAME[algo], bs
+        per = -(-len(data) // bs // threads) * bs
+        self.parts = [memoryview(data)[i : i + per] for i in range(0, len(data), per)]
+        self.threads = threads
+        self.outs, self.lengths, self.starts, self.plain = [], [], [], []
+        for part in self.parts:
+            n = -(-len(part) // bs)
+            out = bytearray(n * native.compress_bound(self.code, bs))
+            lengths = np.empty(n, dtype="<u4")
+            native.compress(self.code, part, bs, False, out, lengths, 1 << 30)
+            starts = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(lengths, out=starts[1:])
+            self.outs.append(out)
+            self.lengths.append(lengths)
+            self.starts.append(starts)
+            self.plain.append(bytearray(n * bs))
+
+    def _compress(self, k: int) -> None:
+        self.native.compress(self.code, self.parts[k], self.bs, False, self.outs[k], self.lengths[k], 1 << 30)
+
+    def _decompress(self, k: int) -> None:
+        n = self.lengths[k].size
+        last = len(self.parts[k]) - (n - 1) * self.bs
+        done = self.native.decompress(self.code, self.outs[k], self.starts[k], 0, n, 0, self.plain[k], self.bs,
+                                      last, False)
+        assert done[1] == 0, done
+
+    def compress(self) -> None:
+        run_threads(self.threads, self._compress, list(range(len(self.parts))))
+
+    def decompress(self) -> None:
+        run_threads(self.threads, self._decompress, list(range(len(self.parts))))
 
 
 def split(items: list[Any], parts: int) -> list[list[Any]]:
@@ -192,7 +237,12 @@ def main() -> int:
     ap.add_argument("--profile", metavar="ALGO:BS", help="instead of the table: cProfile ours for one setting, "
                     "e.g. lz4:4096")
     ap.add_argument("--no-crc", action="store_true", help="write ZFiles without per-block CRCs")
+    ap.add_argument("--python-blocks", action="store_true", help="ours on the pure-Python block path (as "
+                    "OVERLAYBD_NATIVE=0), e.g. to compare it with the C one")
     args = ap.parse_args()
+    if args.python_blocks:
+        blocks.ACTIVE = blocks.PYTHON
+    log(f"ZFile blocks: {blocks.describe()}")
     size_mib = args.size_mib or (16 if args.quick else 128)
     repeats = args.repeats or (2 if args.quick else 3)
     algos = args.algos.split(",")
@@ -213,9 +263,9 @@ def main() -> int:
             return 0
         for algo in algos:
             for bs in block_sizes:
-                blocks = [mv[i : i + bs] for i in range(0, size, bs)]
+                block_views = [mv[i : i + bs] for i in range(0, size, bs)]
                 comp_c = raw_compressor(algo)
-                comp_blocks = [comp_c(b) for b in blocks]
+                comp_blocks = [comp_c(b) for b in block_views]
                 raw_ratio = sum(map(len, comp_blocks)) / size
                 path = os.path.join(work, f"data.{algo}.{bs}.zfile")
                 ours_compress(src, path, algo, bs, 1, crc)
@@ -226,8 +276,9 @@ def main() -> int:
                 bad_total += bad
                 for threads in thread_counts:
                     best: dict[str, float] = {}
-                    bchunks = split(blocks, threads)
+                    bchunks = split(block_views, threads)
                     cchunks = split(comp_blocks, threads)
+                    in_c = CodecInC(algo, bs, data, threads) if blocks.NATIVE is not None else None
                     for _ in range(repeats):
                         t = {
                             "ours_c": ours_compress(src, path, algo, bs, threads, crc),
@@ -239,6 +290,9 @@ def main() -> int:
                             t["ours_d"] = timeit(partial(ours_decompress, z, threads))
                         t["raw_d"] = timeit(partial(run_threads, threads, partial(raw_decompress_part, algo, bs),
                                                     cchunks))
+                        if in_c is not None:
+                            t["c_c"] = timeit(in_c.compress)
+                            t["c_d"] = timeit(in_c.decompress)
                         for k, v in t.items():
                             best[k] = min(best.get(k, float("inf")), v)
                     row = {"algo": algo, "block_size": bs, "threads": threads,
@@ -246,15 +300,21 @@ def main() -> int:
                            "zfile_ratio": zlen / size, "raw_ratio": raw_ratio, "bad_chunks": bad}
                     row["compress_ratio"] = row["ours_c_MBps"] / row["raw_c_MBps"]
                     row["decompress_ratio"] = row["ours_d_MBps"] / row["raw_d_MBps"]
+                    if in_c is not None:
+                        row["compress_vs_c"] = row["ours_c_MBps"] / row["c_c_MBps"]
+                        row["decompress_vs_c"] = row["ours_d_MBps"] / row["c_d_MBps"]
                     results.append(row)
                     log(f"{algo} {bs // 1024} KiB x{threads}: compress ours {row['ours_c_MBps']:.0f} raw "
                         f"{row['raw_c_MBps']:.0f} MB/s ({row['compress_ratio']:.2f}); decompress ours "
                         f"{row['ours_d_MBps']:.0f} raw {row['raw_d_MBps']:.0f} MB/s ({row['decompress_ratio']:.2f})")
                 os.unlink(path)
     headers = ["algo", "block", "threads", "ours compress MB/s", "raw compress MB/s", "ours/raw",
-               "ours decompress MB/s", "raw decompress MB/s", "ours/raw", "ZFile size ratio"]
+               "codec in C MB/s", "ours/C", "ours decompress MB/s", "raw decompress MB/s", "ours/raw",
+               "codec in C MB/s", "ours/C", "ZFile size ratio"]
     rows = [[r["algo"], f"{r['block_size'] // 1024} KiB", r["threads"], r["ours_c_MBps"], r["raw_c_MBps"],
-             r["compress_ratio"], r["ours_d_MBps"], r["raw_d_MBps"], r["decompress_ratio"], r["zfile_ratio"]]
+             r["compress_ratio"], r.get("c_c_MBps", "n/a"), r.get("compress_vs_c", "n/a"), r["ours_d_MBps"],
+             r["raw_d_MBps"], r["decompress_ratio"], r.get("c_d_MBps", "n/a"), r.get("decompress_vs_c", "n/a"),
+             r["zfile_ratio"]]
             for r in results]
     print(table(headers, rows, title=f"ZFile throughput, {size_mib} MiB of mixed data, best of {repeats}, "
                                      f"CRC {'on' if crc else 'off'}"))
@@ -267,7 +327,7 @@ def main() -> int:
     print(f"total {time.perf_counter() - t_start:.0f} s\n")
     emit_json({"benchmark": "zfile", "quick": args.quick, "size_mib": size_mib, "repeats": repeats, "crc": crc,
                "seed": args.seed, "results": results, "targets_missed": len(missed), "bad_chunks": bad_total,
-               "versions": versions(), "machine": machine()}, args.json)
+               "blocks": blocks.describe(), "versions": versions(), "machine": machine()}, args.json)
     return 1 if bad_total else 0
 
 

@@ -3,8 +3,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+PY=${PYTHON:-python3}
+# gcc and the lz4/zstd headers build the C block path (src/overlaybd/formats/zfile/_blocks.c); without them the
+# install still works, on the slower pure-Python path.
+pkgs=(qemu-utils libnbd-bin fuse3 xfsprogs e2fsprogs mount docker-registry skopeo apache2-utils
+      gcc libc6-dev liblz4-dev libzstd-dev)
+if ! "$PY" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))'
+then
+  pkgs+=(python3-dev)
+fi
 need=()
-for pkg in qemu-utils libnbd-bin fuse3 xfsprogs e2fsprogs mount docker-registry skopeo apache2-utils; do
+for pkg in "${pkgs[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -17,9 +26,9 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
-PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -U pip >/dev/null
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -c 'from overlaybd.formats.zfile import blocks; print("setup: ZFile blocks:", blocks.describe())'

@@ -7,4 +7,11 @@ lint=(src tests scripts)
 [ -d benchmarks ] && lint+=(benchmarks)
 .venv/bin/ruff check "${lint[@]}"
 .venv/bin/mypy
+# As root, setup.sh installed the compiler and headers, so the C block path must have been built.
+if [ "$(id -u)" -eq 0 ]; then export OVERLAYBD_REQUIRE_NATIVE=1; fi
 .venv/bin/python -m pytest "$@"
+if [ $# -eq 0 ]; then
+  echo "test: the ZFile tests again on the pure-Python block path (OVERLAYBD_NATIVE=0)"
+  OVERLAYBD_NATIVE=0 .venv/bin/python -m pytest -q tests/unit/test_zfile_blocks.py tests/properties/test_zfile_properties.py \
+    tests/interop/test_byte_identity.py tests/interop/test_reference_cases.py tests/interop/test_real_images.py
+fi

@@ -13,14 +13,24 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import OverlaybdError, UsageError
+from ..formats.zfile import blocks
 from . import attach, cat, check, info, layer, map, remote, serve, transfer, volume, zfile
 
 COMMANDS = (info, map, check, cat, volume, transfer, remote, serve, attach, layer, zfile)
 
 
+class _Version(argparse.Action):
+    """--version, unwrapped: the package version and which ZFile block path (C or Python) is in use."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        print(f"overlaybd {__version__}\nZFile blocks: {blocks.describe()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="overlaybd", description="OverlayBD block images: layers, ZFile, stacks.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and the ZFile block path")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:

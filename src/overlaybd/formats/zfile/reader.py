@@ -9,7 +9,7 @@ import numpy as np
 from ...errors import ChecksumError, CorruptIndexError, FormatError, LimitError, TruncatedError, UnsupportedError
 from ...source.base import BlockSource
 from ..checksum import ZFILE_BLOCK_SEED, raw_crc32c
-from . import codecs
+from . import blocks, codecs
 from .spec import (
     CRC_SIZE,
     FLAG_DATA,
@@ -129,53 +129,53 @@ class ZFileSource(BlockSource):
         bs = self.block_size
         first = offset // bs
         last = (offset + len(buf) - 1) // bs
-        starts = self.block_starts[first : last + 2].tolist()
-        c0 = starts[0]
-        stored = _scratch(starts[-1] - c0)
+        starts = self.block_starts
+        c0 = int(starts[first])
+        stored: memoryview = _scratch(int(starts[last + 1]) - c0)
         self.inner.readinto(c0, stored)
-        decompress = codecs.decompressor(self.algo)  # once per call, not per block
-        verify = self.verify
-        size = self.size
-        pos = 0
+        last_len = min(bs, self.size - last * bs)
+        runs = blocks.ACTIVE
         blk = first
-        for i in range(last - first + 1):
-            a = starts[i] - c0
-            b = starts[i + 1] - c0
-            out_len = min(bs, size - blk * bs)
-            if verify:
-                data = stored[a : b - CRC_SIZE]
-                if raw_crc32c(data, ZFILE_BLOCK_SEED) != int.from_bytes(stored[b - CRC_SIZE : b], "little"):
-                    data = self._block_payload(blk, memoryview(bytes(stored[a:b])))  # re-read, or raise
-            else:
-                data = stored[a:b]
-            try:
-                plain = decompress(data, out_len)
-            except codecs.CODEC_ERRORS as exc:
-                raise FormatError(f"block {blk} does not decompress: {exc}", path=self.name,
-                                  offset=self.base + starts[i]) from None
-            if len(plain) != out_len:
-                raise FormatError(f"block {blk} decompresses to {len(plain)} bytes, expected {out_len}",
-                                  path=self.name, offset=self.base + starts[i])
-            buf[pos : pos + out_len] = plain
-            pos += out_len
-            blk += 1
+        while True:
+            done, status, detail, message = runs.decompress(self.algo, stored, starts, blk, last - blk + 1, c0,
+                                                            buf[(blk - first) * bs :], bs, last_len, self.verify)
+            if status == blocks.OK:
+                return
+            blk += done
+            at = int(starts[blk])
+            out_len = last_len if blk == last else bs
+            if status == blocks.CRC:
+                # Read the block again (a source below may heal) and go on from it, or raise ChecksumError.
+                healed = self._reread_block(blk, detail)
+                one = np.array([0, len(healed)], dtype=np.int64)
+                done, status, detail, message = runs.decompress(self.algo, healed, one, 0, 1, 0,
+                                                                buf[(blk - first) * bs :], bs, out_len, True)
+                if status == blocks.OK:
+                    if blk == last:
+                        return
+                    blk += 1
+                    continue
+            if status == blocks.LENGTH:
+                raise FormatError(f"block {blk} decompresses to {detail} bytes, expected {out_len}", path=self.name,
+                                  offset=self.base + at)
+            raise FormatError(f"block {blk} does not decompress: {message}", path=self.name, offset=self.base + at)
 
-    def _block_payload(self, blk: int, stored: memoryview) -> memoryview:
-        if not self.verify:
-            return stored
-        for attempt in range(CRC_RETRIES + 1):
-            data = stored[:-CRC_SIZE]
+    def _reread_block(self, blk: int, computed: int) -> bytes:
+        """The stored bytes of a block whose CRC just failed (``computed`` was what it gave), read again up to
+        CRC_RETRIES times; a cache below drops its copy first, so a remote source fetches afresh. ChecksumError
+        if the CRC never matches."""
+        a = int(self.block_starts[blk])
+        n = int(self.block_starts[blk + 1]) - a
+        want = 0
+        for _ in range(CRC_RETRIES):
+            self.inner.invalidate(a, n)
+            stored = self.inner.pread(a, n)
             want = int.from_bytes(stored[-CRC_SIZE:], "little")
-            got = raw_crc32c(data, ZFILE_BLOCK_SEED)
-            if got == want:
-                return data
-            if attempt < CRC_RETRIES:
-                a = int(self.block_starts[blk])
-                n = int(self.block_starts[blk + 1]) - a
-                self.inner.invalidate(a, n)  # a cache below drops its copy, so the re-read fetches afresh
-                stored = memoryview(self.inner.pread(a, n))
-        raise ChecksumError(f"block {blk} CRC mismatch: stored 0x{want:08x}, computed 0x{got:08x}", path=self.name,
-                            offset=self.base + int(self.block_starts[blk]), block=blk, expected=want, actual=got)
+            computed = raw_crc32c(memoryview(stored)[:-CRC_SIZE], ZFILE_BLOCK_SEED)
+            if computed == want:
+                return stored
+        raise ChecksumError(f"block {blk} CRC mismatch: stored 0x{want:08x}, computed 0x{computed:08x}",
+                            path=self.name, offset=self.base + a, block=blk, expected=want, actual=computed)
 
     def verify_all(self, progress: object = None) -> int:
         """Check every block's CRC and that it decompresses; return the number of blocks checked."""

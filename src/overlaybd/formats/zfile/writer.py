@@ -14,17 +14,18 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
-import crc32c
 import numpy as np
 
-from ...errors import UsageError
+from ...errors import FormatError, UsageError
 from ...source.base import BlockSource
 from ...source.file import write_all
-from ..checksum import ZFILE_BLOCK_SEED, raw_crc32c  # raw_crc32c(x, seed) inlined in the hot loop
-from . import codecs
+from ..checksum import raw_crc32c
+from . import blocks, codecs
 from .spec import (
     ALGO_BY_NAME,
+    CRC_SIZE,
     FLAG_DATA,
     FLAG_DIGEST,
     FLAG_HEADER,
@@ -72,35 +73,93 @@ def check_block_size(block_size: int) -> None:
         raise UsageError(f"block size {block_size} must be a power of two from 4 KiB to 64 KiB")
 
 
-_local = threading.local()
+class _Slot(NamedTuple):
+    """One batch's buffers: its input, and its output with each block's stored length."""
+
+    data: bytearray
+    out: bytearray
 
 
-def _input_buffer(n: int) -> memoryview:
-    """A per-thread input buffer, reused: fresh memory per batch serialises threads on these VMs (PEERS §0)."""
-    buf = getattr(_local, "buf", None)
-    if buf is None or len(buf) < n:
-        buf = _local.buf = bytearray(n)
-    return memoryview(buf)[:n]
+_spare: list[_Slot] = []  # slots kept from one write to the next
+_spare_lock = threading.Lock()
+SPARE_SLOTS = 2 * (os.cpu_count() or 1)
 
 
-def _compress_batch(src: BlockSource, offset: int, length: int, block_size: int, algo: int,
-                    verify: bool) -> tuple[bytes, list[int]]:
-    data = _input_buffer(length)
-    src.readinto(offset, data)
-    compress = codecs.compressor(algo)
-    parts: list[bytes] = []
-    lengths: list[int] = []
-    for pos in range(0, length, block_size):
-        comp = compress(data[pos : pos + block_size])
-        n = len(comp)
-        parts.append(comp)
-        if verify:
-            parts.append((crc32c.crc32c(comp, value=ZFILE_BLOCK_SEED ^ 0xFFFFFFFF) ^ 0xFFFFFFFF).to_bytes(4, "little"))
-            n += 4
-        if n > MAX_STORED_BLOCK:
+def _take_slots(n: int, data_len: int, out_len: int) -> list[_Slot]:
+    """``n`` slots at least this big: kept ones first, since fresh memory costs ~1 ms a MiB here (PEERS §0)."""
+    with _spare_lock:
+        slots = [s for s in _spare if len(s.data) >= data_len and len(s.out) >= out_len][:n]
+        for s in slots:
+            _spare.remove(s)
+    return slots + [_Slot(bytearray(data_len), bytearray(out_len)) for _ in range(n - len(slots))]
+
+
+def _keep_slots(slots: list[_Slot]) -> None:
+    with _spare_lock:
+        _spare[:0] = slots
+        del _spare[SPARE_SLOTS:]
+
+
+class _Compressed(NamedTuple):
+    slot: _Slot
+    used: int  # bytes of slot.out
+    lengths: np.ndarray  # stored length of each block (uint32)
+
+
+class _Aborted(Exception):
+    """An earlier batch failed, so this one has no place in the file."""
+
+
+class _Placer:
+    """Hands out file positions to batches in order, as their compressed sizes become known, so that workers can
+    write their own batches (in parallel, in any order) instead of queueing the writes on one thread."""
+
+    def __init__(self, pos: int) -> None:
+        self.pos = pos
+        self._next = 0
+        self._failed_from = 1 << 62
+        self._cond = threading.Condition()
+
+    def place(self, index: int, size: int) -> int:
+        with self._cond:
+            while self._next != index and index < self._failed_from:
+                self._cond.wait()
+            if index >= self._failed_from:
+                raise _Aborted
+            at = self.pos
+            self.pos += size
+            self._next += 1
+            self._cond.notify_all()
+            return at
+
+    def fail(self, index: int) -> None:
+        """Batch ``index`` failed: the batches after it get no place (those before it still do)."""
+        with self._cond:
+            self._failed_from = min(self._failed_from, index)
+            self._cond.notify_all()
+
+
+def _compress_batch(slot: _Slot, src: BlockSource | None, offset: int, length: int, block_size: int, algo: int,
+                    verify: bool, placer: _Placer | None, index: int, fd: int, name: str) -> _Compressed:
+    """Compress ``length`` bytes at ``offset``, read from ``src`` first unless the caller already did; with a
+    ``placer``, also write them where it says (batch ``index``)."""
+    try:
+        if src is not None:
+            src.readinto(offset, memoryview(slot.data)[:length])
+        lengths = np.empty(-(-length // block_size), dtype="<u4")
+        done, used, status, message = blocks.ACTIVE.compress(algo, memoryview(slot.data)[:length], block_size,
+                                                             verify, slot.out, lengths, MAX_STORED_BLOCK)
+        if status == blocks.TOO_BIG:
             raise _BlockTooLarge
-        lengths.append(n)
-    return b"".join(parts), lengths
+        if status != blocks.OK:
+            raise FormatError(f"block {offset // block_size + done} does not compress: {message}")
+        if placer is not None:
+            write_all(fd, memoryview(slot.out)[:used], placer.place(index, used), name)
+    except BaseException:
+        if placer is not None:
+            placer.fail(index)
+        raise
+    return _Compressed(slot, used, lengths)
 
 
 def write_zfile(src: BlockSource, fd: int, base: int = 0, *, algo: str | int = "lz4", block_size: int = 4096,
@@ -128,43 +187,60 @@ def _write(src: BlockSource, fd: int, base: int, algo: int, block_size: int, ver
     pos = base + RECORD_SIZE
     total = src.size
     batch = max(block_size, BATCH_BYTES // block_size * block_size)
-    all_lengths: list[int] = []
+    all_lengths: list[np.ndarray] = []
 
-    def emit(result: tuple[bytes, list[int]], upto: int) -> None:
+    # With one worker, this thread reads each batch and writes it out once compressed, so both overlap the
+    # compression. With more, each worker reads, compresses and writes its own batch (at the place a _Placer
+    # gives it), and this thread only hands out work: a third busy thread would take CPU from the workers. At most
+    # 2 * threads batches are in flight, and their buffers go round (fresh memory is slow here, PEERS §0).
+    capacity = batch // block_size * (blocks.ACTIVE.compress_bound(algo, block_size) + CRC_SIZE)
+    free = _take_slots(min(2 * threads, -(-total // batch)), batch, capacity)
+    owned = list(free)
+    placer = _Placer(pos) if threads > 1 else None
+
+    def emit(done: _Compressed, upto: int) -> None:
         nonlocal pos
-        blob, lengths = result
-        write_all(fd, blob, pos, name)
-        pos += len(blob)
-        all_lengths.extend(lengths)
+        if placer is None:
+            write_all(fd, memoryview(done.slot.out)[: done.used], pos, name)
+            pos += done.used
+        free.append(done.slot)
+        all_lengths.append(done.lengths)
         if progress is not None:
             progress(upto, total)
 
-    offsets = range(0, total, batch)
-    if threads == 1:
-        for off in offsets:
-            emit(_compress_batch(src, off, min(batch, total - off), block_size, algo, verify), off + batch)
-    else:
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zfile") as pool:
-            pending: deque[tuple[Future[tuple[bytes, list[int]]], int]] = deque()
-            try:
-                for off in offsets:
-                    pending.append((pool.submit(_compress_batch, src, off, min(batch, total - off), block_size,
-                                                algo, verify), min(off + batch, total)))
-                    if len(pending) >= 2 * threads:
-                        fut, upto = pending.popleft()
-                        emit(fut.result(), upto)
-                while pending:
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zfile") as workers:
+        pending: deque[tuple[Future[_Compressed], int]] = deque()
+        try:
+            for index, off in enumerate(range(0, total, batch)):
+                if not free:
                     fut, upto = pending.popleft()
                     emit(fut.result(), upto)
-            finally:
-                for fut, _ in pending:
-                    fut.cancel()
-    table = np.asarray(all_lengths, dtype="<u4").tobytes()
+                slot = free.pop()
+                length = min(batch, total - off)
+                if placer is None:
+                    src.readinto(off, memoryview(slot.data)[:length])
+                pending.append((workers.submit(_compress_batch, slot, None if placer is None else src, off, length,
+                                               block_size, algo, verify, placer, index, fd, name), off + length))
+            while pending:
+                fut, upto = pending.popleft()
+                emit(fut.result(), upto)
+        except BaseException:
+            if placer is not None:
+                placer.fail(-1)  # workers waiting for their place stop
+            raise
+        finally:
+            for fut, _ in pending:
+                fut.cancel()
+    if placer is not None:
+        pos = placer.pos
+    _keep_slots(owned)  # only once no worker can touch them any more
+    lengths = np.concatenate(all_lengths) if all_lengths else np.empty(0, dtype="<u4")
+    table = lengths.astype("<u4").tobytes()
     index_offset = pos - base
     write_all(fd, table, pos, name)
     pos += len(table)
     trailer = header.with_(flags=FLAG_DATA | FLAG_SEALED | FLAG_DIGEST, index_offset=index_offset,
-                           index_size=len(all_lengths), original_file_size=total, index_crc=raw_crc32c(table))
+                           index_size=len(lengths), original_file_size=total, index_crc=raw_crc32c(table))
     write_all(fd, trailer.pack(), pos, name)
     pos += RECORD_SIZE
     if overwrite_header:

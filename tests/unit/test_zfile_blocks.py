@@ -1,0 +1,278 @@
+"""Runs of ZFile blocks (formats.zfile.blocks): the C extension and the pure-Python path keep one contract.
+
+Each contract test runs on both implementations. CI builds the extension, and ``OVERLAYBD_REQUIRE_NATIVE=1`` (set
+by scripts/test.sh) turns its absence into a failure instead of a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import threading
+
+import crc32c
+import lz4.block
+import numpy as np
+import pytest
+import zstandard
+
+from overlaybd.errors import LayerIOError
+from overlaybd.formats.zfile import blocks
+from overlaybd.formats.zfile.reader import ZFileSource
+from overlaybd.formats.zfile.spec import ALGO_LZ4, ALGO_ZSTD, CRC_SIZE, MAX_STORED_BLOCK
+from overlaybd.formats.zfile.writer import write_zfile
+from overlaybd.source.file import MemorySource
+
+from ..native import require_native
+
+SEED = 100007
+
+
+def _native() -> blocks.NativeRuns:
+    if blocks.NATIVE is None:
+        require_native()  # fails or skips, saying why
+    assert blocks.NATIVE is not None
+    return blocks.NATIVE
+
+
+@pytest.fixture(params=["python", "native"])
+def runs(request: pytest.FixtureRequest) -> blocks.BlockRuns:
+    return blocks.PYTHON if request.param == "python" else _native()
+
+
+def mixed(size: int, seed: int = 1) -> bytes:
+    """Half random 1 KiB pieces, half text, so blocks compress to about half."""
+    rnd = random.Random(seed)
+    words = [b"alpha", b"beta", b"GET /v2/", b"200", b"layer", b"sha256:", b"0123456789"]
+    out = bytearray()
+    while len(out) < size:
+        if rnd.random() < 0.5:
+            out += rnd.randbytes(1024)
+        else:
+            out += b" ".join(rnd.choice(words) for _ in range(200))[:1024].ljust(1024, b".")
+    return bytes(out[:size])
+
+
+def compress_all(runs: blocks.BlockRuns, algo: int, data: bytes, bs: int, verify: bool) -> tuple[bytes, np.ndarray]:
+    n = -(-len(data) // bs)
+    out = bytearray(n * (runs.compress_bound(algo, bs) + CRC_SIZE))
+    lengths = np.zeros(n, dtype="<u4")
+    done, used, status, message = runs.compress(algo, data, bs, verify, out, lengths, MAX_STORED_BLOCK)
+    assert (done, status, message) == (n, blocks.OK, None)
+    assert int(lengths.sum()) == used
+    return bytes(out[:used]), lengths
+
+
+def starts_of(lengths: np.ndarray, base: int = 0) -> np.ndarray:
+    starts = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    return starts + base
+
+
+# -- CRC32C --------------------------------------------------------------------------------------------------------
+
+
+def test_native_crc32c_matches_the_crc32c_package_at_every_length_and_alignment() -> None:
+    native = _native().module
+    rnd = random.Random(7)
+    # lengths around the 8-byte steps and the 3 x 256 and 3 x 8192 interleaved runs
+    for n in [0, 1, 7, 8, 9, 255, 256, 767, 768, 769, 2400, 4096, 24575, 24576, 24577, 65536, 100003]:
+        blob = rnd.randbytes(n + 8)
+        for shift in range(8):
+            data = memoryview(blob)[shift : shift + n]
+            for seed in (0, SEED, 0xFFFFFFFF):
+                want = crc32c.crc32c(data, value=seed ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
+                assert native.crc32c_raw(data, seed) == want, (n, shift, seed)
+
+
+# -- the contract, on both implementations -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", [ALGO_LZ4, ALGO_ZSTD])
+@pytest.mark.parametrize("bs", [4096, 65536])
+@pytest.mark.parametrize("verify", [True, False])
+def test_compress_then_decompress_a_run(runs: blocks.BlockRuns, algo: int, bs: int, verify: bool) -> None:
+    data = mixed(5 * bs + 1234)  # a short last block
+    stored, lengths = compress_all(runs, algo, data, bs, verify)
+    if verify:  # each block's CRC32C (seed 100007) follows it
+        for a, b in zip(starts_of(lengths)[:-1], starts_of(lengths)[1:], strict=True):
+            crc = crc32c.crc32c(stored[a : b - 4], value=SEED ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
+            assert int.from_bytes(stored[b - 4 : b], "little") == crc
+    # decompress the middle of the run from a buffer that starts at a file offset (base)
+    base = 512
+    starts = starts_of(lengths, base)
+    first, count = 1, lengths.size - 1
+    c0 = int(starts[first])
+    out = bytearray(count * bs)
+    result = runs.decompress(algo, stored[c0 - base :], starts, first, count, c0, out, bs, 1234, verify)
+    assert result == (count, blocks.OK, 0, None)
+    assert bytes(out[: (count - 1) * bs + 1234]) == data[bs:]
+
+
+def test_native_and_python_write_the_same_zstd_bytes() -> None:
+    """Both call the same libzstd (the zstandard wheel's) when the extension found it. LZ4 is another matter:
+    python-lz4's block call compresses differently from LZ4_compress_default, which the reference uses and the
+    extension calls (tests/interop/test_byte_identity.py holds the LZ4 files to the reference's bytes)."""
+    native = _native()
+    if native.module.zstd_version() != ".".join(map(str, zstandard.ZSTD_VERSION)):
+        pytest.skip(f"the extension uses zstd {native.module.zstd_version()}, zstandard {zstandard.ZSTD_VERSION}")
+    data = mixed(300_000, seed=3)
+    for bs in (4096, 32768):
+        ours = compress_all(native, ALGO_ZSTD, data, bs, True)[0]
+        assert ours == compress_all(blocks.PYTHON, ALGO_ZSTD, data, bs, True)[0]
+
+
+def test_the_python_path_reads_what_the_native_path_writes_and_back() -> None:
+    native = _native()
+    bs = 8192
+    data = mixed(10 * bs + 77, seed=6)
+    for algo in (ALGO_LZ4, ALGO_ZSTD):
+        for writer, reader in ((native, blocks.PYTHON), (blocks.PYTHON, native)):
+            stored, lengths = compress_all(writer, algo, data, bs, True)
+            out = bytearray(11 * bs)
+            result = reader.decompress(algo, stored, starts_of(lengths), 0, 11, 0, out, bs, 77, True)
+            assert result == (11, blocks.OK, 0, None)
+            assert bytes(out[: len(data)]) == data
+
+
+@pytest.mark.parametrize("algo", [ALGO_LZ4, ALGO_ZSTD])
+def test_a_crc_mismatch_stops_the_run_at_that_block(runs: blocks.BlockRuns, algo: int) -> None:
+    bs = 4096
+    data = mixed(6 * bs)
+    stored, lengths = compress_all(runs, algo, data, bs, True)
+    starts = starts_of(lengths)
+    bad = bytearray(stored)
+    bad[int(starts[3]) + 5] ^= 0x40  # inside block 3's payload
+    out = bytearray(6 * bs)
+    done, status, detail, message = runs.decompress(algo, bad, starts, 0, 6, 0, out, bs, bs, True)
+    assert (done, status) == (3, blocks.CRC)
+    a, b = int(starts[3]), int(starts[4]) - 4
+    assert detail == crc32c.crc32c(bad[a:b], value=SEED ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
+    assert bytes(out[: 3 * bs]) == data[: 3 * bs], "the blocks before the bad one are delivered"
+
+
+@pytest.mark.parametrize("algo", [ALGO_LZ4, ALGO_ZSTD])
+def test_a_block_the_codec_rejects_stops_the_run(runs: blocks.BlockRuns, algo: int) -> None:
+    bs = 4096
+    data = mixed(4 * bs)
+    stored, lengths = compress_all(runs, algo, data, bs, False)
+    starts = starts_of(lengths)
+    bad = bytearray(stored)
+    a, b = int(starts[2]), int(starts[3])
+    bad[a:b] = bytes(range(256)) * ((b - a) // 256) + bytes((b - a) % 256)  # garbage of the same length
+    done, status, detail, message = runs.decompress(algo, bad, starts, 0, 4, 0, bytearray(4 * bs), bs, bs, False)
+    assert done == 2
+    assert status in (blocks.CODEC, blocks.LENGTH)
+    assert message if status == blocks.CODEC else detail != bs
+
+
+@pytest.mark.parametrize("algo", [ALGO_LZ4, ALGO_ZSTD])
+def test_a_block_of_the_wrong_size_is_reported(runs: blocks.BlockRuns, algo: int) -> None:
+    bs = 4096
+    short = mixed(1000)
+    stored, lengths = compress_all(runs, algo, short, bs, False)  # a block holding 1000 bytes
+    done, status, detail, _ = runs.decompress(algo, stored, starts_of(lengths), 0, 1, 0, bytearray(bs), bs, bs, False)
+    assert done == 0
+    assert (status, detail) == (blocks.LENGTH, 1000) or status == blocks.CODEC
+
+
+@pytest.mark.parametrize("algo", [ALGO_LZ4, ALGO_ZSTD])
+def test_a_block_that_would_pass_the_stored_limit_stops_compression(runs: blocks.BlockRuns, algo: int) -> None:
+    bs = 65536
+    data = mixed(bs) + random.Random(5).randbytes(bs)  # block 1 cannot shrink
+    out = bytearray(2 * (runs.compress_bound(algo, bs) + CRC_SIZE))
+    lengths = np.zeros(2, dtype="<u4")
+    done, used, status, _ = runs.compress(algo, data, bs, True, out, lengths, MAX_STORED_BLOCK)
+    assert (done, status) == (1, blocks.TOO_BIG)
+    assert used == int(lengths[0]) > 0
+
+
+def test_native_refuses_runs_outside_its_buffers() -> None:
+    native = _native()
+    bs = 4096
+    stored, lengths = compress_all(native, ALGO_LZ4, mixed(2 * bs), bs, True)
+    starts = starts_of(lengths)
+    with pytest.raises(ValueError, match="outside"):
+        native.decompress(ALGO_LZ4, stored[:-1], starts, 0, 2, 0, bytearray(2 * bs), bs, bs, True)
+    with pytest.raises(ValueError, match="outside"):
+        native.decompress(ALGO_LZ4, stored, starts, 0, 2, 0, bytearray(2 * bs - 1), bs, bs, True)
+    with pytest.raises(ValueError, match="starts"):
+        native.decompress(ALGO_LZ4, stored, starts[:2], 0, 2, 0, bytearray(2 * bs), bs, bs, True)
+    with pytest.raises(ValueError, match="starts"):
+        native.decompress(ALGO_LZ4, stored, starts.astype(np.int32), 0, 2, 0, bytearray(2 * bs), bs, bs, True)
+    with pytest.raises(ValueError, match="algorithm"):
+        native.decompress(0, stored, starts, 0, 2, 0, bytearray(2 * bs), bs, bs, True)
+    with pytest.raises(TypeError):
+        native.decompress(ALGO_LZ4, stored, starts, 0, 2, 0, bytes(2 * bs), bs, bs, True)  # read-only out
+    with pytest.raises(ValueError, match="room"):
+        native.compress(ALGO_LZ4, mixed(bs), bs, True, bytearray(100), np.zeros(1, dtype="<u4"), MAX_STORED_BLOCK)
+
+
+def test_choosing_the_zstd_library() -> None:
+    module = _native().module
+    with pytest.raises(OSError):
+        module.use_zstd("/nonexistent/libzstd.so")
+    with pytest.raises(OSError, match="ZSTD_"):
+        module.use_zstd(lz4.block._block.__file__)  # a shared object without zstd in it
+    compress_all(blocks.NATIVE, ALGO_ZSTD, mixed(4096), 4096, True)  # this thread now holds zstd state
+    with pytest.raises(RuntimeError, match="contexts exist"):
+        module.use_zstd("libzstd.so.1")
+    version = module.zstd_version()
+    assert version.count(".") == 2 and tuple(map(int, version.split("."))) >= (1, 4, 0)
+
+
+def test_describe_names_the_path_in_use() -> None:
+    text = blocks.describe()
+    assert text.startswith(blocks.ACTIVE.name)
+    if blocks.ACTIVE is blocks.NATIVE:
+        assert "zstd" in text and "liblz4" in text
+
+
+# -- the writer's threads ---------------------------------------------------------------------------------------
+
+
+def write_bytes(src: MemorySource | object, **options: object) -> bytes:
+    with tempfile.TemporaryFile() as f:
+        result = write_zfile(src, f.fileno(), **options)  # type: ignore[arg-type]
+        return os.pread(f.fileno(), result.length, 0)
+
+
+@pytest.mark.parametrize("algo", ["lz4", "zstd"])
+def test_one_two_and_three_threads_write_the_same_file(algo: str) -> None:
+    data = mixed((5 << 20) + 4321, seed=9)  # several 1 MiB batches and a short one
+    files = [write_bytes(MemorySource(data), algo=algo, block_size=8192, threads=t) for t in (1, 2, 3)]
+    assert files[0] == files[1] == files[2]
+    assert ZFileSource(MemorySource(files[1])).pread(0, len(data)) == data
+
+
+class FailingSource(MemorySource):
+    """Reads fail from ``fail_at`` on, as a disk that went away would."""
+
+    def __init__(self, data: bytes, fail_at: int) -> None:
+        super().__init__(data)
+        self.fail_at = fail_at
+
+    def readinto(self, offset: int, buf: memoryview) -> None:  # type: ignore[override]
+        if offset + len(buf) > self.fail_at:
+            raise LayerIOError("read failed: Input/output error", path="failing", offset=offset)
+        super().readinto(offset, buf)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_read_error_in_any_batch_ends_the_write_with_that_error(threads: int) -> None:
+    data = mixed(8 << 20, seed=4)
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            write_bytes(FailingSource(data, fail_at=(5 << 20) + 1), algo="lz4", threads=threads)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "write_zfile hung after a worker's read failed"
+    assert isinstance(outcome[0], LayerIOError) and outcome[0].offset == 5 << 20
