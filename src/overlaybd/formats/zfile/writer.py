@@ -82,7 +82,7 @@ class _Slot(NamedTuple):
 
 _spare: list[_Slot] = []  # slots kept from one write to the next
 _spare_lock = threading.Lock()
-SPARE_SLOTS = 2 * (os.cpu_count() or 1)
+SPARE_SLOTS = min(8, 2 * (os.cpu_count() or 1))  # at most ~17 MiB kept
 
 
 def _take_slots(n: int, data_len: int, out_len: int) -> list[_Slot]:
