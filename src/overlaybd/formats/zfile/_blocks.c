@@ -310,6 +310,23 @@ static Context *take_context(PyObject *capsule) {
     return ctx;
 }
 
+/* The context's zstd compressor (or decompressor), made on first use; on failure the context is let go. */
+static int zstd_state(Context *ctx, int compress) {
+    if (compress ? ctx->cctx != NULL : ctx->dctx != NULL)
+        return 0;
+    if (compress)
+        ctx->cctx = zstd.createCCtx();
+    else
+        ctx->dctx = zstd.createDCtx();
+    if (compress ? ctx->cctx == NULL : ctx->dctx == NULL) {
+        ctx->busy = 0;
+        PyErr_NoMemory();
+        return -1;
+    }
+    zstd_states++;
+    return 0;
+}
+
 static int check_algo(int algo) {
     if (algo == ALGO_LZ4 || algo == ALGO_ZSTD)
         return 0;
@@ -385,12 +402,24 @@ static int decompress_run(DecompressJob *j) {
     return ST_OK;
 }
 
-static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *what) {
-    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) {
-        PyErr_Format(PyExc_TypeError, "%s must be a contiguous%s buffer", what, writable ? " writable" : "");
-        return -1;
+/* Three contiguous buffers (the last two writable when asked), all or none. */
+static int get_buffers(PyObject *const objs[3], Py_buffer views[3], const int writable[3],
+                       const char *const names[3]) {
+    for (int i = 0; i < 3; i++) {
+        if (PyObject_GetBuffer(objs[i], &views[i], PyBUF_C_CONTIGUOUS | (writable[i] ? PyBUF_WRITABLE : 0)) < 0) {
+            PyErr_Format(PyExc_TypeError, "%s must be a contiguous%s buffer", names[i],
+                         writable[i] ? " writable" : "");
+            while (i--)
+                PyBuffer_Release(&views[i]);
+            return -1;
+        }
     }
     return 0;
+}
+
+static void release_buffers(Py_buffer views[3]) {
+    for (int i = 0; i < 3; i++)
+        PyBuffer_Release(&views[i]);
 }
 
 PyDoc_STRVAR(decompress_blocks_doc,
@@ -414,18 +443,11 @@ static PyObject *decompress_blocks(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "bad block run");
         return NULL;
     }
-    Py_buffer stored, starts, out;
-    if (get_buffer(stored_obj, &stored, 0, "stored") < 0)
+    Py_buffer views[3];
+    if (get_buffers((PyObject *const[]){stored_obj, starts_obj, out_obj}, views, (const int[]){0, 0, 1},
+                    (const char *const[]){"stored", "starts", "out"}) < 0)
         return NULL;
-    if (get_buffer(starts_obj, &starts, 0, "starts") < 0) {
-        PyBuffer_Release(&stored);
-        return NULL;
-    }
-    if (get_buffer(out_obj, &out, 1, "out") < 0) {
-        PyBuffer_Release(&stored);
-        PyBuffer_Release(&starts);
-        return NULL;
-    }
+    Py_buffer stored = views[0], starts = views[1], out = views[2];
     PyObject *result = NULL;
     if (starts.itemsize != 8 || starts.len / 8 < first + count + 1) {
         PyErr_SetString(PyExc_ValueError, "starts must be 64-bit integers covering the run and one past it");
@@ -434,14 +456,8 @@ static PyObject *decompress_blocks(PyObject *self, PyObject *args) {
     Context *ctx = take_context(capsule);
     if (!ctx)
         goto done;
-    if (algo == ALGO_ZSTD && !ctx->dctx) {
-        if (!(ctx->dctx = zstd.createDCtx())) {
-            ctx->busy = 0;
-            PyErr_NoMemory();
-            goto done;
-        }
-        zstd_states++;
-    }
+    if (algo == ALGO_ZSTD && zstd_state(ctx, 0) < 0)
+        goto done;
     DecompressJob j = {.stored = stored.buf, .stored_len = (size_t)stored.len, .starts = starts.buf,
                        .first = first, .count = count, .base = base, .out = out.buf, .out_len = (size_t)out.len,
                        .block_size = (size_t)block_size, .last_len = (size_t)last_len, .verify = verify,
@@ -457,9 +473,7 @@ static PyObject *decompress_blocks(PyObject *self, PyObject *args) {
     }
     result = Py_BuildValue("(niLz)", j.done, status, j.detail, j.message);
 done:
-    PyBuffer_Release(&stored);
-    PyBuffer_Release(&starts);
-    PyBuffer_Release(&out);
+    release_buffers(views);
     return result;
 }
 
@@ -543,18 +557,11 @@ static PyObject *compress_blocks(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "bad block size");
         return NULL;
     }
-    Py_buffer src, out, lengths;
-    if (get_buffer(src_obj, &src, 0, "src") < 0)
+    Py_buffer views[3];
+    if (get_buffers((PyObject *const[]){src_obj, out_obj, lengths_obj}, views, (const int[]){0, 1, 1},
+                    (const char *const[]){"src", "out", "lengths"}) < 0)
         return NULL;
-    if (get_buffer(out_obj, &out, 1, "out") < 0) {
-        PyBuffer_Release(&src);
-        return NULL;
-    }
-    if (get_buffer(lengths_obj, &lengths, 1, "lengths") < 0) {
-        PyBuffer_Release(&src);
-        PyBuffer_Release(&out);
-        return NULL;
-    }
+    Py_buffer src = views[0], out = views[1], lengths = views[2];
     PyObject *result = NULL;
     Py_ssize_t nblocks = (src.len + block_size - 1) / block_size;
     if (lengths.itemsize != 4 || lengths.len / 4 < nblocks) {
@@ -564,14 +571,8 @@ static PyObject *compress_blocks(PyObject *self, PyObject *args) {
     Context *ctx = take_context(capsule);
     if (!ctx)
         goto done;
-    if (algo == ALGO_ZSTD && !ctx->cctx) {
-        if (!(ctx->cctx = zstd.createCCtx())) {
-            ctx->busy = 0;
-            PyErr_NoMemory();
-            goto done;
-        }
-        zstd_states++;
-    }
+    if (algo == ALGO_ZSTD && zstd_state(ctx, 1) < 0)
+        goto done;
     CompressJob j = {.src = src.buf, .src_len = (size_t)src.len, .block_size = (size_t)block_size,
                      .out = out.buf, .out_len = (size_t)out.len, .lengths = lengths.buf,
                      .max_stored = (size_t)max_stored, .verify = verify, .algo = algo, .level = level,
@@ -587,9 +588,7 @@ static PyObject *compress_blocks(PyObject *self, PyObject *args) {
     }
     result = Py_BuildValue("(nniz)", j.done, (Py_ssize_t)j.total, status, j.message);
 done:
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&out);
-    PyBuffer_Release(&lengths);
+    release_buffers(views);
     return result;
 }
 
