@@ -5,8 +5,9 @@
  * buffer, check each block's CRC32C, or compress a batch into one output buffer with the CRCs appended.
  *
  * Codecs are the system liblz4 and libzstd; zstd calls go through a table of functions so that a newer libzstd
- * already in the process's reach (the one inside the zstandard wheel, often faster) can replace it. CRC32C is the "raw" form of the reference (register starts at the
- * seed, no final inversion): SSE4.2 with three interleaved streams where the CPU has it, a table otherwise.
+ * already in the process's reach (the one inside the zstandard wheel, often faster) can replace it. CRC32C is
+ * the "raw" form of the reference (register starts at the seed, no final inversion): SSE4.2 with three
+ * interleaved streams where the CPU has it, a table otherwise.
  *
  * The Python module overlaybd.formats.zfile.blocks holds the same contract in pure Python and picks this one
  * when it is built; tests run both and compare them.
