@@ -245,6 +245,32 @@ def test_redirects_are_followed_and_remembered(tmp_path: Path) -> None:
         storage.close()
 
 
+def test_http_proxy_from_the_environment_and_no_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTP_PROXY is honoured (the FaultProxy, passing everything, serves as a forward proxy: plain-HTTP requests
+    reach it with absolute URLs), and NO_PROXY takes a host off it again."""
+    vol, content = make_volume(tmp_path / "vol", snapshots=1)
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with registry(tmp_path / "reg") as host:
+        proxy = FaultProxy(host)
+        try:
+            monkeypatch.setenv("HTTP_PROXY", f"http://{proxy.address}")
+            push(vol, parse_reference(f"{host}/p/vol:v1"))
+            through_proxy = proxy.blob_gets
+            lazy = pull(parse_reference(f"{host}/p/vol:v1"), str(tmp_path / "via-proxy"), lazy=True)
+            assert device_bytes(lazy) == content
+            assert proxy.blob_gets > through_proxy, "the lazy reads did not go through HTTP_PROXY"
+            monkeypatch.setenv("OVERLAYBD_CACHE_DIR", str(tmp_path / "cache2"))  # nothing cached: all must fetch
+            monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+            before = proxy.blob_gets
+            direct = pull(parse_reference(f"{host}/p/vol:v1"), str(tmp_path / "direct"), lazy=True)
+            assert device_bytes(direct) == content
+            assert proxy.blob_gets == before, "NO_PROXY did not take the registry off the proxy"
+        finally:
+            proxy.close()
+
+
 def test_chunked_upload_and_background_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
