@@ -1,7 +1,7 @@
-"""The one compiled part: runs of ZFile blocks in C over the system liblz4 and libzstd (Debian liblz4-dev and
-libzstd-dev, which scripts/setup.sh installs). It is optional: without a compiler or those headers the build goes
-on, and overlaybd uses its pure-Python block path, which gives the same bytes more slowly (`overlaybd version`
-says which one is in use). Everything else is declared in pyproject.toml."""
+"""The two compiled parts, both optional: runs of ZFile blocks in C over the system liblz4 and libzstd (Debian
+liblz4-dev and libzstd-dev, which scripts/setup.sh installs), and the cache's hit path. Without a compiler or those
+headers the build goes on, and overlaybd uses the Python code that does the same, more slowly (`overlaybd
+--version` says which paths are in use). Everything else is declared in pyproject.toml."""
 
 from setuptools import Extension, setup
 
@@ -13,6 +13,12 @@ setup(
             libraries=["lz4", "zstd", "dl"],
             extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
-        )
+        ),
+        Extension(
+            "overlaybd.cache._hits",
+            sources=["src/overlaybd/cache/_hits.c"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            optional=True,
+        ),
     ]
 )

@@ -224,6 +224,39 @@ def profile(data: bytes, work: str, algo: str, bs: int, crc: bool, top: int = 15
         pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(top)
 
 
+def write_cost(data: bytes, work: str, algos: list[str], block_sizes: list[int], thread_counts: list[int],
+               repeats: int, crc: bool) -> None:
+    """What writing the ZFile costs: ours into a new page-cached file, ours into /dev/null (the same work but
+    the copy into the page cache), and the codec in C, interleaved, best of ``repeats``."""
+    src = MemorySource(data)
+    path = os.path.join(work, "cost.zfile")
+    rows = []
+    for algo in algos:
+        for bs in block_sizes:
+            for threads in thread_counts:
+                in_c = CodecInC(algo, bs, data, threads) if blocks.NATIVE is not None else None
+                best: dict[str, float] = {}
+                for _ in range(repeats):
+                    t = {"file": ours_compress(src, path, algo, bs, threads, crc)}
+                    fd = os.open(os.devnull, os.O_WRONLY)
+                    try:
+                        t["null"] = timeit(partial(write_zfile, src, fd, algo=algo, block_size=bs, verify=crc,
+                                                   threads=threads))
+                    finally:
+                        os.close(fd)
+                    if in_c is not None:
+                        t["c"] = timeit(in_c.compress)
+                    for k, v in t.items():
+                        best[k] = min(best.get(k, float("inf")), v)
+                mbps = {k: len(data) / v / 1e6 for k, v in best.items()}
+                rows.append([algo, f"{bs // 1024} KiB", threads, mbps["file"], mbps["null"], mbps.get("c", "n/a"),
+                             mbps["file"] / mbps["c"] if "c" in mbps else "n/a",
+                             mbps["null"] / mbps["c"] if "c" in mbps else "n/a"])
+    print(table(["algo", "block", "threads", "ours -> file MB/s", "ours -> /dev/null MB/s", "codec in C MB/s",
+                 "file/C", "/dev/null/C"], rows,
+                title=f"What writing costs: ZFile compress of {len(data) >> 20} MiB, best of {repeats}"))
+
+
 # -- main ------------------------------------------------------------------------------------------------
 
 
@@ -237,6 +270,8 @@ def main() -> int:
     ap.add_argument("--profile", metavar="ALGO:BS", help="instead of the table: cProfile ours for one setting, "
                     "e.g. lz4:4096")
     ap.add_argument("--no-crc", action="store_true", help="write ZFiles without per-block CRCs")
+    ap.add_argument("--write-cost", action="store_true", help="instead of the table: ours into a file, ours into "
+                    "/dev/null and the codec in C, to show what the page-cache writes cost")
     ap.add_argument("--python-blocks", action="store_true", help="ours on the pure-Python block path (as "
                     "OVERLAYBD_NATIVE=0), e.g. to compare it with the C one")
     args = ap.parse_args()
@@ -260,6 +295,9 @@ def main() -> int:
         if args.profile:
             p_algo, p_bs = args.profile.split(":")
             profile(data, work, p_algo, int(p_bs), crc)
+            return 0
+        if args.write_cost:
+            write_cost(data, work, algos, block_sizes, thread_counts, repeats, crc)
             return 0
         for algo in algos:
             for bs in block_sizes:

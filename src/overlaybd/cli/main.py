@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
+from ..cache import store
 from ..errors import OverlaybdError, UsageError
 from ..formats.zfile import blocks
 from . import attach, cat, check, info, layer, map, remote, serve, transfer, volume, zfile
@@ -20,11 +21,11 @@ COMMANDS = (info, map, check, cat, volume, transfer, remote, serve, attach, laye
 
 
 class _Version(argparse.Action):
-    """--version, unwrapped: the package version and which ZFile block path (C or Python) is in use."""
+    """--version, unwrapped: the package version and which paths (C or Python) are in use."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
                  option_string: str | None = None) -> None:
-        print(f"overlaybd {__version__}\nZFile blocks: {blocks.describe()}")
+        print(f"overlaybd {__version__}\nZFile blocks: {blocks.describe()}\ncache reads: {store.describe_reads()}")
         parser.exit()
 
 
