@@ -1,5 +1,6 @@
-"""The two compiled parts, both optional: runs of ZFile blocks in C over the system liblz4 and libzstd (Debian
-liblz4-dev and libzstd-dev, which scripts/setup.sh installs), and the cache's hit path. Without a compiler or those
+"""The compiled parts, all optional: runs of ZFile blocks in C over the system liblz4 and libzstd (Debian
+liblz4-dev and libzstd-dev, which scripts/setup.sh installs), the merged index's one-record read, and the cache's
+hit path. Without a compiler or those
 headers the build goes on, and overlaybd uses the Python code that does the same, more slowly (`overlaybd
 --version` says which paths are in use). Everything else is declared in pyproject.toml."""
 
@@ -12,6 +13,12 @@ setup(
             sources=["src/overlaybd/formats/zfile/_blocks.c"],
             libraries=["lz4", "zstd", "dl"],
             extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            optional=True,
+        ),
+        Extension(
+            "overlaybd.formats.lsmt._lookup",
+            sources=["src/overlaybd/formats/lsmt/_lookup.c"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
         ),
         Extension(

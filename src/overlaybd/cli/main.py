@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from .. import __version__
 from ..cache import store
 from ..errors import OverlaybdError, UsageError
+from ..formats.lsmt import mapping
 from ..formats.zfile import blocks
 from . import attach, cat, check, info, layer, map, remote, serve, transfer, volume, zfile
 
@@ -25,7 +26,8 @@ class _Version(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
                  option_string: str | None = None) -> None:
-        print(f"overlaybd {__version__}\nZFile blocks: {blocks.describe()}\ncache reads: {store.describe_reads()}")
+        print(f"overlaybd {__version__}\nZFile blocks: {blocks.describe()}\ncache reads: {store.describe_reads()}\n"
+              f"index lookups: {mapping.describe_lookups()}")
         parser.exit()
 
 

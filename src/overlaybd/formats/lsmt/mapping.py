@@ -7,6 +7,7 @@ where they are; its gaps are asked of the next level; what no level covers is a 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
@@ -14,6 +15,18 @@ from typing import Protocol
 import numpy as np
 
 from .index import MutableIndex, Segments
+
+try:  # the one-record read in C, where built; numpy below gives the same answers without it
+    from . import _lookup  # type: ignore[attr-defined]
+except ImportError:
+    _lookup = None
+if os.environ.get("OVERLAYBD_NATIVE", "1") == "0":
+    _lookup = None
+
+
+def describe_lookups() -> str:
+    """How merged indexes are searched here."""
+    return "C (interpolated search)" if _lookup is not None else "numpy searchsorted"
 
 Row = tuple[int, int, int, bool, int]
 
@@ -33,13 +46,15 @@ class MergedIndex:
     """The frozen merged index of a stack, 19 bytes a record: ends (i8), lengths (u2), moffsets (i8, -1 =
     zeroed), sources (u1)."""
 
-    __slots__ = ("ends", "lengths", "moffsets", "sources")
+    __slots__ = ("ends", "lengths", "moffsets", "sources", "_native")
 
     def __init__(self, seg: Segments) -> None:
         self.ends = np.ascontiguousarray(seg.end, dtype=np.int64)
         self.lengths = seg.length.astype(np.uint16)
         self.moffsets = np.where(seg.zeroed, np.int64(-1), seg.moffset).astype(np.int64)
         self.sources = seg.tag.astype(np.uint8)
+        # the common case in C (_lookup.c), over these same arrays
+        self._native = _lookup.index(self.ends, self.lengths, self.moffsets, self.sources) if _lookup else None
 
     def __len__(self) -> int:
         return int(self.ends.size)
@@ -49,6 +64,12 @@ class MergedIndex:
         return int(self.ends.nbytes + self.lengths.nbytes + self.moffsets.nbytes + self.sources.nbytes)
 
     def rows(self, start: int, end: int) -> list[Row]:
+        native = self._native
+        if native is not None:
+            row = _lookup.one_row(native, start, end)
+            if row is not None:
+                return [row] if row else []
+            # more than one record may meet the read: the general path below
         ends = self.ends
         i = int(ends.searchsorted(start, side="right"))
         if i < ends.size:
