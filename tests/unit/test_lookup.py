@@ -68,9 +68,29 @@ def test_rows_are_the_same_with_and_without_c(clustered: bool, monkeypatch: pyte
 
 def test_the_index_handle_checks_its_arrays() -> None:
     lookup = _lookup()
-    ok = [np.zeros(3, np.int64), np.zeros(3, np.uint16), np.zeros(3, np.int64), np.zeros(3, np.uint8)]
+    ok = [np.zeros(3, np.int64), np.zeros(3, np.uint64)]
     lookup.index(*ok)  # type: ignore[attr-defined]
-    with pytest.raises(ValueError, match="int64, uint16"):
-        lookup.index(ok[0], np.zeros(3, np.int32), ok[2], ok[3])  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="int64 and uint64"):
+        lookup.index(ok[0], np.zeros(3, np.int32))  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="one length"):
-        lookup.index(ok[0], ok[1], np.zeros(4, np.int64), ok[3])  # type: ignore[attr-defined]
+        lookup.index(ok[0], np.zeros(4, np.uint64))  # type: ignore[attr-defined]
+
+
+def test_a_record_beyond_the_packed_limits_is_refused() -> None:
+    from overlaybd.errors import LimitError
+
+    far = Segments(np.array([0], np.int64), np.array([8], np.int64), np.array([1 << 40], np.int64),
+                   np.array([False]), np.array([0], np.int32))
+    with pytest.raises(LimitError, match="points"):
+        MergedIndex(far)
+    zeroed_far = Segments(far.offset, far.length, far.moffset, np.array([True]), far.tag)
+    assert MergedIndex(zeroed_far).rows(0, 8) == [(0, 8, -1, True, 0)]  # a zeroed record's moffset is not used
+
+
+def test_packing_keeps_every_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    seg = random_segments(rng, 5000, 1 << 24, False)
+    back = MergedIndex(seg).segments()
+    assert np.array_equal(back.offset, seg.offset) and np.array_equal(back.length, seg.length)
+    assert np.array_equal(back.zeroed, seg.zeroed) and np.array_equal(back.tag, seg.tag)
+    assert np.array_equal(back.moffset[~back.zeroed], seg.moffset[~seg.zeroed])

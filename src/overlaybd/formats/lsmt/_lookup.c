@@ -11,14 +11,15 @@
 
 #include <stdint.h>
 
+#define MOFFSET_BITS 40
+#define MOFFSET_MASK ((UINT64_C(1) << MOFFSET_BITS) - 1) /* also the mark of a zeroed record */
+
 typedef struct {
     const int64_t *ends;
-    const uint16_t *lengths;
-    const int64_t *moffsets;
-    const uint8_t *sources;
+    const uint64_t *packed; /* moffset (bits 0-39), length (40-55), source (56-63): mapping.MergedIndex */
     size_t n;
-    PyObject *arrays; /* the tuple of the four arrays, kept alive while the handle is */
-    Py_buffer views[4];
+    PyObject *arrays; /* the tuple of the two arrays, kept alive while the handle is */
+    Py_buffer views[2];
 } Index;
 
 static const char INDEX_NAME[] = "overlaybd.lsmt.Index";
@@ -27,52 +28,45 @@ static void index_free(PyObject *capsule) {
     Index *ix = PyCapsule_GetPointer(capsule, INDEX_NAME);
     if (!ix)
         return;
-    for (int k = 0; k < 4; k++)
+    for (int k = 0; k < 2; k++)
         PyBuffer_Release(&ix->views[k]);
     Py_XDECREF(ix->arrays);
     PyMem_Free(ix);
 }
 
-PyDoc_STRVAR(index_doc, "index(ends, lengths, moffsets, sources) -> handle: int64, uint16, int64 and uint8 arrays of\n"
-                        "one length, held (not copied) for one_row.");
+PyDoc_STRVAR(index_doc, "index(ends, packed) -> handle: int64 and uint64 arrays of one length, held (not copied)\n"
+                        "for one_row.");
 
 static PyObject *py_index(PyObject *self, PyObject *args) {
-    PyObject *arrays[4];
-    if (!PyArg_ParseTuple(args, "OOOO", &arrays[0], &arrays[1], &arrays[2], &arrays[3]))
+    PyObject *arrays[2];
+    if (!PyArg_ParseTuple(args, "OO", &arrays[0], &arrays[1]))
         return NULL;
     Index *ix = PyMem_Calloc(1, sizeof(Index));
     if (!ix)
         return PyErr_NoMemory();
-    static const Py_ssize_t itemsize[4] = {8, 2, 8, 1};
     int got = 0;
-    for (; got < 4; got++) {
+    for (; got < 2; got++) {
         if (PyObject_GetBuffer(arrays[got], &ix->views[got], PyBUF_C_CONTIGUOUS) < 0)
             goto fail;
-        if (ix->views[got].itemsize != itemsize[got]) {
+        if (ix->views[got].itemsize != 8) {
             got++;
-            PyErr_SetString(PyExc_ValueError, "index arrays must be int64, uint16, int64 and uint8");
+            PyErr_SetString(PyExc_ValueError, "index arrays must be int64 and uint64");
             goto fail;
         }
     }
-    size_t n = (size_t)(ix->views[0].len / 8);
-    for (int k = 1; k < 4; k++) {
-        if ((size_t)(ix->views[k].len / itemsize[k]) != n) {
-            PyErr_SetString(PyExc_ValueError, "index arrays must have one length");
-            goto fail;
-        }
+    if (ix->views[0].len != ix->views[1].len) {
+        PyErr_SetString(PyExc_ValueError, "index arrays must have one length");
+        goto fail;
     }
     ix->ends = ix->views[0].buf;
-    ix->lengths = ix->views[1].buf;
-    ix->moffsets = ix->views[2].buf;
-    ix->sources = ix->views[3].buf;
-    ix->n = n;
-    ix->arrays = PyTuple_Pack(4, arrays[0], arrays[1], arrays[2], arrays[3]);
+    ix->packed = ix->views[1].buf;
+    ix->n = (size_t)(ix->views[0].len / 8);
+    ix->arrays = PyTuple_Pack(2, arrays[0], arrays[1]);
     if (!ix->arrays)
         goto fail;
     PyObject *capsule = PyCapsule_New(ix, INDEX_NAME, index_free);
     if (!capsule) {
         Py_DECREF(ix->arrays);
-        got = 4;
         goto fail;
     }
     return capsule;
@@ -158,12 +152,14 @@ static PyObject *py_one_row(PyObject *self, PyObject *const *args, Py_ssize_t na
     int64_t e = ix->ends[i];
     if (e < end)
         Py_RETURN_NONE;
-    int64_t ln = ix->lengths[i];
+    uint64_t p = ix->packed[i];
+    int64_t ln = (int64_t)((p >> MOFFSET_BITS) & 0xFFFF);
     if (e - ln >= end)
         return PyLong_FromLong(0);
-    int64_t m = ix->moffsets[i];
-    return Py_BuildValue("(LLLOi)", (long long)(e - ln), (long long)ln, (long long)m, m < 0 ? Py_True : Py_False,
-                         (int)ix->sources[i]);
+    uint64_t m = p & MOFFSET_MASK;
+    int zeroed = m == MOFFSET_MASK;
+    return Py_BuildValue("(LLLOi)", (long long)(e - ln), (long long)ln, zeroed ? -1LL : (long long)m,
+                         zeroed ? Py_True : Py_False, (int)(p >> 56));
 }
 
 PyDoc_STRVAR(upper_bound_doc, "upper_bound(handle, key) -> the first i with ends[i] > key (for tests).");
