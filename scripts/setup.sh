@@ -33,3 +33,4 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 .venv/bin/python -c 'from overlaybd.formats.zfile import blocks; print("setup: ZFile blocks:", blocks.describe())'
 .venv/bin/python -c 'from overlaybd.cache import store; print("setup: cache reads:", store.describe_reads())'
+.venv/bin/python -c 'from overlaybd.formats.lsmt import mapping; print("setup: index lookups:", mapping.describe_lookups())'
