@@ -32,7 +32,7 @@ import sys
 import time
 from typing import Any
 
-from common import emit_json, log, median, table
+from common import emit_json, log, median, table, warm, workdir
 from nbd_common import (
     OVERLAYBD,
     MiB,
@@ -42,8 +42,6 @@ from nbd_common import (
     need,
     run,
     versions,
-    warm,
-    workdir,
 )
 
 READERS = ["ours (attach, FUSE + loop DIO)", "loop DIO on raw", "loop buffered on raw"]

@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 import numpy as np
-from common import emit_json, log, median, shares, table
+from common import emit_json, log, median, shares, table, warm, workdir
 from nbd_common import (
     BLOCK,
     OVERLAYBD,
@@ -53,8 +53,6 @@ from nbd_common import (
     qemu_nbd,
     run,
     versions,
-    warm,
-    workdir,
     write_view_raw,
 )
 

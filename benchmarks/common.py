@@ -13,6 +13,7 @@ import mmap
 import os
 import platform
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
@@ -42,20 +43,16 @@ def base_parser(description: str | None) -> argparse.ArgumentParser:
 
 @contextlib.contextmanager
 def workdir(path: str | None, keep: bool, prefix: str) -> Iterator[str]:
-    """A folder to build in: ``path`` (created, emptied of what we made at the end unless ``keep``) or a temp one."""
-    if path is None:
-        tmp = tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("BENCH_TMPDIR"))
-        try:
-            yield tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return
-    os.makedirs(path, exist_ok=True)
-    sub = tempfile.mkdtemp(prefix=prefix, dir=path)
+    """A fresh folder to build in, under ``path`` (or $BENCH_TMPDIR, or the system's temp folder); removed at the
+    end unless ``keep`` was asked for with ``path``."""
+    parent = path or os.environ.get("BENCH_TMPDIR")
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    sub = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         yield sub
     finally:
-        if not keep:
+        if not (keep and path):
             shutil.rmtree(sub, ignore_errors=True)
 
 
@@ -70,21 +67,31 @@ def fresh_dir(parent: str, name: str) -> str:
 
 
 def warm(paths: Sequence[str]) -> int:
-    """Read every file once so it sits in the page cache (DAMON evicts pages idle for ~60 s: call just before
-    measuring). Returns the bytes read."""
+    """Read files (or every file under a folder) once so they sit in the page cache (PEERS.md §0: DAMON evicts
+    pages idle for ~60 s: call just before measuring). Sockets and other non-files are passed over. Returns the
+    bytes read."""
+    files: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += [os.path.join(d, f) for d, _, names in os.walk(p) for f in names]
+        else:
+            files.append(p)
     buf = aligned_buffer(4 * MiB)
     view = memoryview(buf)
     total = 0
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            while True:
-                n = os.readv(fd, [view])
-                if n <= 0:
-                    break
-                total += n
-        finally:
-            os.close(fd)
+    try:
+        for f in files:
+            if not stat.S_ISREG(os.stat(f).st_mode):  # a served volume holds a control socket
+                continue
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                while (n := os.readv(fd, [view])) > 0:
+                    total += n
+            finally:
+                os.close(fd)
+    finally:
+        view.release()
+        buf.close()
     return total
 
 

@@ -10,21 +10,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import mmap
 import os
 import platform
 import re
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import common
 import numpy as np
 from common import shares
 
@@ -41,63 +39,10 @@ OVERLAYBD = [os.path.join(VENV_BIN, "overlaybd")] if os.path.exists(os.path.join
 
 
 def base_parser(description: str | None) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke test that ends in under a minute")
-    ap.add_argument("--workdir", help="build the data under this folder (default: a temporary folder)")
-    ap.add_argument("--keep", action="store_true", help="keep the files built (only with --workdir)")
-    ap.add_argument("--json", metavar="FILE", help="also write the JSON result to FILE")
-    ap.add_argument("--seed", type=int, default=20261128, help="random seed for the data")
+    """common.base_parser, plus --repeats."""
+    ap = common.base_parser(description)
     ap.add_argument("--repeats", type=int, help="measurements per setting, interleaved with the peer; median")
     return ap
-
-
-@contextlib.contextmanager
-def workdir(path: str | None, keep: bool, prefix: str) -> Iterator[str]:
-    parent = path or os.environ.get("BENCH_TMPDIR")
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    sub = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    try:
-        yield sub
-    finally:
-        if not (keep and path):
-            shutil.rmtree(sub, ignore_errors=True)
-
-
-
-
-
-
-
-
-
-
-
-
-def warm(paths: Sequence[str]) -> None:
-    """Read files (or every file under a folder) once into the page cache. PEERS.md §0: DAMON evicts pages idle
-    for ~60 s, so call this right before each measurement. Page-aligned buffer (PEERS.md §0)."""
-    files: list[str] = []
-    for p in paths:
-        if os.path.isdir(p):
-            files += [os.path.join(d, f) for d, _, names in os.walk(p) for f in names]  # sockets filtered below
-        else:
-            files.append(p)
-    buf = mmap.mmap(-1, 4 * MiB)
-    view = memoryview(buf)
-    try:
-        for f in files:
-            if not stat.S_ISREG(os.stat(f).st_mode):  # a served volume holds a control socket
-                continue
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                while os.readv(fd, [view]) > 0:
-                    pass
-            finally:
-                os.close(fd)
-    finally:
-        view.release()
-        buf.close()
 
 
 def _first_line(cmd: list[str]) -> str | None:
