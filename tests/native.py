@@ -1,4 +1,5 @@
-"""The C block path (overlaybd.formats.zfile._blocks) in tests: required where scripts/test.sh says so."""
+"""The optional C extensions in tests: required where scripts/test.sh says so (OVERLAYBD_REQUIRE_NATIVE=1, as
+root in CI, which builds them), skipped with the reason otherwise."""
 
 from __future__ import annotations
 
@@ -6,15 +7,23 @@ import os
 
 import pytest
 
+from overlaybd import native
 from overlaybd.formats.zfile import blocks
 
 
+def require_extension(loaded: object | None, name: str) -> None:
+    """Fail or skip, saying why, unless ``loaded`` (the extension ``name``, as the code uses it) is there."""
+    if loaded is not None:
+        return
+    if native.switched_off():
+        pytest.skip(f"the C extension {name} is turned off (OVERLAYBD_NATIVE=0)")
+    if os.environ.get("OVERLAYBD_REQUIRE_NATIVE") == "1":
+        pytest.fail(f"the C extension {name} was not built (OVERLAYBD_REQUIRE_NATIVE=1)")
+    pytest.skip(f"the C extension {name} was not built")
+
+
 def require_native() -> blocks.NativeRuns:
-    """The native block runs, in use. Without them: a failure under OVERLAYBD_REQUIRE_NATIVE=1 (CI builds the
-    extension, so its absence there is a defect), a skip that says why otherwise."""
-    if blocks.NATIVE is None or blocks.ACTIVE is not blocks.NATIVE:
-        why = "was not built" if blocks.NATIVE is None else "is turned off (OVERLAYBD_NATIVE=0)"
-        if blocks.NATIVE is None and os.environ.get("OVERLAYBD_REQUIRE_NATIVE") == "1":
-            pytest.fail(f"the C extension overlaybd.formats.zfile._blocks {why} (OVERLAYBD_REQUIRE_NATIVE=1)")
-        pytest.skip(f"the C extension overlaybd.formats.zfile._blocks {why}")
+    """The native block runs, in use."""
+    require_extension(blocks.NATIVE if blocks.ACTIVE is blocks.NATIVE else None, "overlaybd.formats.zfile._blocks")
+    assert blocks.NATIVE is not None
     return blocks.NATIVE

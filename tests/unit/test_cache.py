@@ -14,6 +14,8 @@ from overlaybd.cache.store import BlobCache
 from overlaybd.source.base import BlockSource
 from overlaybd.source.file import MemorySource
 
+from ..native import require_extension
+
 CHUNK = 64 * 1024
 
 
@@ -279,10 +281,5 @@ print("ok", evictions)
 def test_the_lock_free_path_is_there_where_ci_builds_it() -> None:
     from overlaybd.cache import store
 
-    if os.environ.get("OVERLAYBD_NATIVE") == "0":
-        pytest.skip("OVERLAYBD_NATIVE=0: the locked path is under test")
-    if store._hits is None:
-        if os.environ.get("OVERLAYBD_REQUIRE_NATIVE") == "1":
-            pytest.fail("the C extension overlaybd.cache._hits was not built (OVERLAYBD_REQUIRE_NATIVE=1)")
-        pytest.skip("the C extension overlaybd.cache._hits is not built here")
+    require_extension(store._hits, "overlaybd.cache._hits")
     assert store.describe_reads().startswith("lock-free")

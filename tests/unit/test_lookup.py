@@ -3,7 +3,7 @@ gives the same rows with and without it."""
 
 from __future__ import annotations
 
-import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,12 +12,11 @@ from overlaybd.formats.lsmt import mapping
 from overlaybd.formats.lsmt.index import Segments
 from overlaybd.formats.lsmt.mapping import MergedIndex
 
+from ..native import require_extension
 
-def _lookup() -> object:
-    if mapping._lookup is None:
-        if os.environ.get("OVERLAYBD_REQUIRE_NATIVE") == "1" and os.environ.get("OVERLAYBD_NATIVE") != "0":
-            pytest.fail("the C extension overlaybd.formats.lsmt._lookup was not built (OVERLAYBD_REQUIRE_NATIVE=1)")
-        pytest.skip("the C extension overlaybd.formats.lsmt._lookup is not in use here")
+
+def _lookup() -> Any:
+    require_extension(mapping._lookup, "overlaybd.formats.lsmt._lookup")
     return mapping._lookup
 
 
@@ -47,7 +46,7 @@ def test_upper_bound_is_numpys(n: int, clustered: bool) -> None:
     ends = mi.ends
     keys = np.concatenate([rng.integers(-5, (1 << 30) + 5, 3000), ends, ends - 1, ends + 1, [-1, 0, 1 << 62]])
     for key in keys.tolist():
-        assert lookup.upper_bound(mi._native, key) == int(ends.searchsorted(key, side="right")), key  # type: ignore[attr-defined]
+        assert lookup.upper_bound(mi._native, key) == int(ends.searchsorted(key, side="right")), key
 
 
 @pytest.mark.parametrize("clustered", [False, True])
@@ -69,11 +68,11 @@ def test_rows_are_the_same_with_and_without_c(clustered: bool, monkeypatch: pyte
 def test_the_index_handle_checks_its_arrays() -> None:
     lookup = _lookup()
     ok = [np.zeros(3, np.int64), np.zeros(3, np.uint64)]
-    lookup.index(*ok)  # type: ignore[attr-defined]
+    lookup.index(*ok)
     with pytest.raises(ValueError, match="int64 and uint64"):
-        lookup.index(ok[0], np.zeros(3, np.int32))  # type: ignore[attr-defined]
+        lookup.index(ok[0], np.zeros(3, np.int32))
     with pytest.raises(ValueError, match="one length"):
-        lookup.index(ok[0], np.zeros(4, np.uint64))  # type: ignore[attr-defined]
+        lookup.index(ok[0], np.zeros(4, np.uint64))
 
 
 def test_a_record_beyond_the_packed_limits_is_refused() -> None:

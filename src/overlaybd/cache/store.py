@@ -31,7 +31,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
+from .. import native
 from ..errors import LayerIOError, OverlaybdError
 from ..formats.lsmt.writable import punch_hole
 from ..source.base import BlockSource
@@ -40,12 +42,8 @@ from .planning import chunk_span, plan_fetches
 
 log = logging.getLogger(__name__)
 
-try:  # the lock-free hit path in C (_hits.c), where it was built; the locked path below serves without it
-    from . import _hits  # type: ignore[attr-defined]
-except ImportError:
-    _hits = None
-if os.environ.get("OVERLAYBD_NATIVE", "1") == "0":
-    _hits = None
+# the lock-free hit path in C (_hits.c), where it was built; the locked path below serves without it
+_hits: Any = native.load("overlaybd.cache._hits")
 GENERATION_SIZE = 4096
 
 
@@ -53,8 +51,7 @@ def describe_reads() -> str:
     """How cache hits are read here."""
     if _hits is not None:
         return "lock-free (C, generation-checked)"
-    return "locked (Python; " + ("OVERLAYBD_NATIVE=0)" if os.environ.get("OVERLAYBD_NATIVE") == "0"
-                                 else "the C extension was not built)")
+    return f"locked (Python; {native.why_not()})"
 
 CHUNK = 64 * 1024  # small enough that a random read fetches little more than it needs (benchmarks/RESULTS_REMOTE)
 DEFAULT_MAX_BYTES = 4 << 30

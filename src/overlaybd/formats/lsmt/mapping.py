@@ -7,22 +7,18 @@ where they are; its gaps are asked of the next level; what no level covers is a 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
+from ... import native
 from ...errors import LimitError
 from .index import MutableIndex, Segments
 
-try:  # the one-record read in C, where built; numpy below gives the same answers without it
-    from . import _lookup  # type: ignore[attr-defined]
-except ImportError:
-    _lookup = None
-if os.environ.get("OVERLAYBD_NATIVE", "1") == "0":
-    _lookup = None
+# the one-record read in C (_lookup.c), where built; numpy below gives the same answers without it
+_lookup: Any = native.load("overlaybd.formats.lsmt._lookup")
 
 
 def describe_lookups() -> str:

@@ -13,10 +13,10 @@ Statuses: a run stops at its first failing block and reports how many blocks cam
 from __future__ import annotations
 
 import importlib.util
-import os
 import threading
 from typing import Any, Protocol
 
+from ... import native
 from ..checksum import ZFILE_BLOCK_SEED, raw_crc32c
 from . import codecs
 from .spec import ALGO_LZ4, CRC_SIZE
@@ -130,12 +130,11 @@ class NativeRuns:
 
 
 def _native() -> NativeRuns | None:
-    try:
-        from . import _blocks  # type: ignore[attr-defined]
-    except ImportError:
+    module = native.load("overlaybd.formats.zfile._blocks", even_if_switched_off=True)  # tests compare both
+    if module is None:
         return None
-    _prefer_bundled_zstd(_blocks)
-    return NativeRuns(_blocks)
+    _prefer_bundled_zstd(module)
+    return NativeRuns(module)
 
 
 def _prefer_bundled_zstd(module: Any) -> None:
@@ -155,10 +154,9 @@ def describe() -> str:
     if ACTIVE is NATIVE and NATIVE is not None:
         m = NATIVE.module
         return f"native (liblz4 {m.LZ4_VERSION}, zstd {m.zstd_version()}, CRC32C {'SSE4.2' if m.HW_CRC else 'table'})"
-    why = "OVERLAYBD_NATIVE=0" if NATIVE is not None else "the C extension was not built"
-    return f"python ({why})"
+    return f"python ({native.why_not()})"
 
 
 NATIVE = _native()
 PYTHON = PythonRuns()
-ACTIVE: BlockRuns = NATIVE if NATIVE is not None and os.environ.get("OVERLAYBD_NATIVE", "1") != "0" else PYTHON
+ACTIVE: BlockRuns = NATIVE if NATIVE is not None and not native.switched_off() else PYTHON

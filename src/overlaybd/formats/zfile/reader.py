@@ -146,7 +146,7 @@ class ZFileSource(BlockSource):
             out_len = last_len if blk == last else bs
             if status == blocks.CRC:
                 # Read the block again (a source below may heal) and go on from it, or raise ChecksumError.
-                healed = self._reread_block(blk, detail)
+                healed = self._reread_block(blk)
                 one = np.array([0, len(healed)], dtype=np.int64)
                 done, status, detail, message = runs.decompress(self.algo, healed, one, 0, 1, 0,
                                                                 buf[(blk - first) * bs :], bs, out_len, True)
@@ -160,13 +160,12 @@ class ZFileSource(BlockSource):
                                   offset=self.base + at)
             raise FormatError(f"block {blk} does not decompress: {message}", path=self.name, offset=self.base + at)
 
-    def _reread_block(self, blk: int, computed: int) -> bytes:
-        """The stored bytes of a block whose CRC just failed (``computed`` was what it gave), read again up to
-        CRC_RETRIES times; a cache below drops its copy first, so a remote source fetches afresh. ChecksumError
-        if the CRC never matches."""
+    def _reread_block(self, blk: int) -> bytes:
+        """The stored bytes of a block whose CRC just failed, read again up to CRC_RETRIES times; a cache below
+        drops its copy first, so a remote source fetches afresh. ChecksumError if the CRC never matches."""
         a = int(self.block_starts[blk])
         n = int(self.block_starts[blk + 1]) - a
-        want = 0
+        want = computed = 0
         for _ in range(CRC_RETRIES):
             self.inner.invalidate(a, n)
             stored = self.inner.pread(a, n)
