@@ -74,7 +74,7 @@ def check_block_size(block_size: int) -> None:
 
 
 class _Slot(NamedTuple):
-    """One batch's buffers: its input, and its output with each block's stored length."""
+    """One batch's buffers: its input and its output."""
 
     data: bytearray
     out: bytearray
