@@ -14,16 +14,15 @@ compressed size is ~0.6 of the original). The volume is pushed with ``overlaybd.
    (empty cache: bytes fetched / bytes read, target <= 2) and warm (same reads again). Peer: the same reads
    through the eagerly pulled volume, page cache warm (warm/local rate, target >= 0.8).
 3. 50 ms per request (a delaying proxy of our own between client and registry): a sequential read of the whole
-   volume in 1 MiB ``readinto`` calls, with read-ahead as shipped (cache.store READAHEAD_CHUNKS, MAX_RUN_CHUNKS,
-   CONCURRENCY) beside without read-ahead and with neither read-ahead nor run coalescing; and a "boot" workload
+   volume in 1 MiB ``readinto`` calls, with read-ahead as shipped (``CachePolicy`` defaults: read-ahead, run
+   length, concurrency) beside without read-ahead and with neither read-ahead nor run coalescing; and a "boot" workload
    (a fixed list of scattered 64 KiB reads) after ``pull(lazy=True, prefetch=TRACE)`` beside the same pull without
    a trace. The trace is recorded by running the workload on the source volume with ``Volume.open(record_trace=)``.
 
 As shipped, the cache uses 64 KiB chunks and reads ahead (3 MiB) only for a read that continues the previous read
 of the same blob. For comparison, "previous settings" emulates the cache before 972f4c1 in this process only
 (256 KiB chunks, read-ahead of 4 chunks on every read, runs of at most 16 chunks), measured on parts 1, 2 and 3
-beside the shipped settings. The module constants (``store.CHUNK``, ``READAHEAD_CHUNKS``, ``MAX_RUN_CHUNKS``,
-``CONCURRENCY``) are read at call time, so they are set for the duration of a variant.
+beside the shipped settings: each variant is a ``CachePolicy`` given to the process's cache (``lazy.use_cache``).
 
 OVERLAYBD_CACHE_DIR points into the work folder (the machine's cache is untouched) and is emptied before every
 cold run. All traffic stays on 127.0.0.1. Correctness (exit 1 on failure): every lazy read equals the same read
@@ -66,7 +65,7 @@ from common import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: tests.e2e.registry
 
-from overlaybd.cache import store  # noqa: E402
+from overlaybd.cache.store import BlobCache, CachePolicy  # noqa: E402
 from overlaybd.formats.output import Compression  # noqa: E402
 from overlaybd.remote import lazy as lazy_mod  # noqa: E402
 from overlaybd.remote.reference import parse_reference  # noqa: E402
@@ -159,7 +158,7 @@ def cache_dir() -> str:
 def reset_cache() -> None:
     """Empty the cache folder and forget the process's BlobCache objects (their fetch pools too)."""
     for c in lazy_mod._CACHES.values():
-        c.pool.shutdown(wait=True)
+        c.close()
     lazy_mod._CACHES.clear()
     shutil.rmtree(cache_dir(), ignore_errors=True)
 
@@ -172,42 +171,26 @@ def cache_allocated() -> int:
 
 
 # As shipped: 64 KiB chunks, read-ahead only for a read that continues the previous one ("always": False).
-SHIPPED: dict[str, Any] = {"chunk": store.CHUNK, "readahead": store.READAHEAD_CHUNKS,
-                           "max_run": store.MAX_RUN_CHUNKS, "concurrency": store.CONCURRENCY, "always": False}
+_DEFAULT = CachePolicy()
+SHIPPED: dict[str, Any] = {"chunk": _DEFAULT.chunk, "readahead": _DEFAULT.readahead_chunks,
+                           "max_run": _DEFAULT.max_run_chunks, "concurrency": _DEFAULT.concurrency, "always": False}
 NO_READAHEAD = {**SHIPPED, "readahead": 0}
 BARE = {**SHIPPED, "readahead": 0, "max_run": 1, "concurrency": 1}
 # The cache before 972f4c1 (emulated): 256 KiB chunks, 4 chunks of read-ahead on every read, runs of 16 chunks.
-PREVIOUS = {"chunk": 256 * 1024, "readahead": 4, "max_run": 16, "concurrency": store.CONCURRENCY, "always": True}
-
-
-def always_read(orig: Callable[..., None]) -> Callable[..., None]:
-    """CachedSource._read_aligned that treats every read as sequential (read-ahead on every miss)."""
-
-    def read(self: Any, offset: int, buf: memoryview) -> None:
-        self._next_offset = offset
-        orig(self, offset, buf)
-
-    return read
+PREVIOUS = {"chunk": 256 * 1024, "readahead": 4, "max_run": 16, "concurrency": _DEFAULT.concurrency, "always": True}
 
 
 @contextmanager
 def cache_config(chunk: int, readahead: int, max_run: int, concurrency: int, always: bool) -> Iterator[None]:
-    """Chunk size, read-ahead, run length and fetch pool as given, on an empty cache. ``BlobCache(chunk=None)`` and
-    ``BlobCache.source(readahead=None)`` read ``CHUNK`` and ``READAHEAD_CHUNKS`` at call time, MAX_RUN_CHUNKS is
-    read at each fetch, CONCURRENCY when a BlobCache is made (``reset_cache`` drops the process's BlobCache
-    objects), so the module constants are set. ``always``: read ahead on every read, not only sequential ones."""
-    saved = (store.CHUNK, store.READAHEAD_CHUNKS, store.MAX_RUN_CHUNKS, store.CONCURRENCY,
-             store.CachedSource._read_aligned)
-    store.CHUNK, store.READAHEAD_CHUNKS, store.MAX_RUN_CHUNKS, store.CONCURRENCY = chunk, readahead, max_run, \
-        concurrency
-    if always:
-        store.CachedSource._read_aligned = always_read(saved[4])  # type: ignore[method-assign]
+    """Chunk size, read-ahead, run length and fetch pool as given, on an empty cache, for every layer the process
+    opens. ``always``: read ahead on every read, not only sequential ones."""
     reset_cache()
+    lazy_mod.use_cache(BlobCache(cache_dir(), policy=CachePolicy(
+        chunk=chunk, readahead_chunks=readahead, max_run_chunks=max_run, concurrency=concurrency,
+        readahead_always=always)))
     try:
         yield
     finally:
-        (store.CHUNK, store.READAHEAD_CHUNKS, store.MAX_RUN_CHUNKS, store.CONCURRENCY,
-         store.CachedSource._read_aligned) = saved  # type: ignore[method-assign]
         reset_cache()
 
 
@@ -496,7 +479,7 @@ class Bench:
         trace_file = os.path.join(self.wd, "boot.trace")
         with source.open(record_trace=trace_file) as dev:
             read_list(dev, offsets, READ)
-        from overlaybd.remote.trace import decode
+        from overlaybd.trace import decode
 
         with open(trace_file, "rb") as f:
             records = decode(f.read())

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 
+from overlaybd.remote.lazy import RemoteLayers
 from overlaybd.volume import Volume
 
 MiB = 1 << 20
@@ -69,7 +70,7 @@ def main() -> int:
         want = hashlib.sha256(model).hexdigest()
         ok = True
         for name in ("vol", "eager", "lazy"):
-            with Volume(os.path.join(work, name)).open() as dev:
+            with Volume(os.path.join(work, name), opener=RemoteLayers()).open() as dev:
                 got = hashlib.sha256(dev.pread(0, dev.size)).hexdigest()
             print(f"{name}: device sha256 {got} {'matches' if got == want else 'DIFFERS FROM'} the model")
             ok &= got == want

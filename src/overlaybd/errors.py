@@ -9,7 +9,8 @@ The tree::
     │   ├── CorruptIndexError       index records overlap, are unordered or point outside the file
     │   ├── ChecksumError           a CRC32C (block, index or header digest) does not match
     │   ├── UnsupportedError        a valid but unsupported feature (dictionary, MINI_LZO, ...)
-    │   └── LimitError              a declared count is absurd; refused before allocating
+    │   ├── LimitError              a declared count is absurd; refused before allocating
+    │   └── DigestMismatchError     bytes whose sha256 (or size) is not what their descriptor says
     ├── SourceError                 misuse of a BlockSource
     │   ├── OutOfBoundsError        a request outside [0, size)
     │   ├── AlignmentError          a request that breaks a required alignment
@@ -83,6 +84,10 @@ class UnsupportedError(FormatError):
 
 class LimitError(FormatError):
     """A declared size or count is beyond the format's limits."""
+
+
+class DigestMismatchError(FormatError):
+    """Bytes whose sha256 (or size) is not what the descriptor says."""
 
 
 class SourceError(OverlaybdError):

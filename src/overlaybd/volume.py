@@ -2,14 +2,24 @@
 of the reference image config) and its layer files. Snapshots are the sealed lowers; the upper takes writes.
 
 ```
-VOL/config.json        {"lowers": [{"file": ...}], "upper": {"data": ..., "index": ...}, "pyoverlaybd": {...}}
+VOL/config.json        {"lowers": [{"file": "layers/..."}], "upper": {"data": ..., "index": ...}, "pyoverlaybd": {...}}
 VOL/layers/NNNN-UUID.lsmt|.zfile   sealed snapshots
 VOL/upper-XXXXXXXX.data|.index     the writable layer
 VOL/.lock              flock: one writer at a time
 ```
 
-Every change writes new files first and switches ``config.json`` atomically last, so a crash at any point leaves
-either the old or the new volume, never a mix; files a crash orphaned are removed at the next change.
+**Self-contained.** Every path in ``config.json`` is relative to the volume's directory, so a volume may be copied
+(``cp -a``, ``rsync -a``, tar) or moved and opens as itself; a path that leads outside the directory is refused, so
+a copy never opens, locks or writes a file of another volume. Configs of earlier versions (absolute paths) still
+open: their paths are read relative to the folder they were written in (where the upper was), wherever the volume
+is now, and the next change writes them relative.
+
+**Atomic changes.** A change records the files it is about to make (``pending`` in config.json), writes them, then
+switches ``config.json`` atomically, so a crash at any point leaves either the old or the new volume; clean-up then
+removes only files the volume recorded as its own (never another file someone put in the directory).
+
+**Layers.** Snapshots are opened through a ``LayerOpener``: local files by default; ``overlaybd.remote.lazy``
+gives one that also opens layers pulled lazily (still in their repository).
 """
 
 from __future__ import annotations
@@ -19,28 +29,30 @@ import errno
 import fcntl
 import json
 import os
-import re
+import shutil
 import uuid as uuidlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from . import operations
+from . import operations, trace
 from .errors import LockedError, OverlaybdError, UsageError
 from .formats.detect import open_layer
 from .formats.lsmt.index import covered, merge_layers
 from .formats.lsmt.layer import LsmtLayer
 from .formats.lsmt.spec import SECTOR, format_uuid
-from .formats.lsmt.stack import LsmtStack
+from .formats.lsmt.stack import LowerLayer, LsmtStack
 from .formats.lsmt.writable import WritableBase
 from .formats.output import Compression
 
 CONFIG = "config.json"
-_SEQ = re.compile(r"^\d{4}-")  # the sequence prefix of a layer file name
 LAYERS = "layers"
 LOCK = ".lock"
 META = "pyoverlaybd"
+VERSION = 2
+COMMIT_FILE = "overlaybd.commit"  # the reference's name for a layer kept in a folder (``lowers[].dir``)
+Layer = LsmtLayer | WritableBase
 
 
 class VolumeError(OverlaybdError):
@@ -59,6 +71,29 @@ class Snapshot:
     file_size: int
 
 
+class LayerOpener(Protocol):
+    """Opens a volume's snapshots ``numbers`` (their files, or wherever they are)."""
+
+    def open_lowers(self, volume: Volume, numbers: Sequence[int], owned: ExitStack) -> list[Layer]: ...
+
+
+class LocalLayers:
+    """Snapshots from their local files; one still in a repository (pulled lazily) is a clear error."""
+
+    def open_lowers(self, volume: Volume, numbers: Sequence[int], owned: ExitStack) -> list[Layer]:
+        return [self.open_local(volume, n, owned) for n in numbers]
+
+    @staticmethod
+    def open_local(volume: Volume, n: int, owned: ExitStack) -> Layer:
+        path = volume.lowers[n]
+        if os.path.exists(path):
+            return open_layer(path, owned=owned)
+        if "digest" in volume.config["lowers"][n]:
+            raise VolumeError(f"snapshot {n} is still in its repository (pulled lazily): open the volume with "
+                              "overlaybd's remote support (overlaybd.remote.lazy.RemoteLayers)", path=path)
+        raise VolumeError(f"snapshot {n}: layer file is missing", path=path)
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
@@ -72,8 +107,13 @@ def _fsync_dir(path: str) -> None:
 
 
 class Volume:
-    def __init__(self, path: str) -> None:
+    """A volume directory: its config, its snapshots (sealed lowers) and its writable upper (module docstring).
+    ``open()`` gives the device as an ``LsmtStack``; ``snapshot()``, ``merge()``, ``clone()`` change it atomically.
+    """
+
+    def __init__(self, path: str, *, opener: LayerOpener | None = None) -> None:
         self.path = os.path.abspath(path)
+        self.opener: LayerOpener = opener or LocalLayers()
         self.reload()
 
     def reload(self) -> None:
@@ -81,27 +121,30 @@ class Volume:
         cfg = os.path.join(self.path, CONFIG)
         try:
             with open(cfg) as f:
-                self.config: dict[str, Any] = json.load(f)
+                config = json.load(f)
         except FileNotFoundError:
             raise VolumeError("not a volume (no config.json)", path=self.path) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise VolumeError(f"config.json is not valid JSON: {exc}", path=cfg) from None
-        if not isinstance(self.config.get("lowers", []), list) or not isinstance(self.config.get("upper"), dict):
+        if not isinstance(config, dict) or not isinstance(config.get("lowers", []), list) \
+                or not isinstance(config.get("upper"), dict):
             raise VolumeError("config.json lacks 'lowers' or 'upper'", path=cfg)
+        self.config: dict[str, Any] = _relative_config(config, self.path, cfg)
 
     # -- paths -------------------------------------------------------------------------------------------------
-    def _abs(self, p: str) -> str:
-        return p if os.path.isabs(p) else os.path.join(self.path, p)
+    def file(self, recorded: str) -> str:
+        """A path recorded in config.json (relative to the volume) as an absolute path."""
+        return os.path.join(self.path, recorded)
 
     @property
     def lowers(self) -> list[str]:
-        return [self._abs(entry.get("file") or os.path.join(entry["dir"], "overlaybd.commit"))
+        return [self.file(entry.get("file") or os.path.join(entry["dir"], COMMIT_FILE))
                 for entry in self.config.get("lowers", [])]
 
     @property
     def upper(self) -> tuple[str, str]:
         up = self.config["upper"]
-        return self._abs(up["data"]), self._abs(up["index"])
+        return self.file(up["data"]), self.file(up["index"])
 
     @property
     def size(self) -> int:
@@ -109,34 +152,58 @@ class Volume:
 
     # -- creation ----------------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str, size: int | None, lowers: list[str] | None = None) -> Volume:
-        """A new volume; ``lowers`` (bottom→top layer files) become its first snapshots, hard-linked in."""
-        path = os.path.abspath(path)
-        if os.path.exists(os.path.join(path, CONFIG)):
-            raise UsageError("a volume already exists here", path=path)
+    def create(cls, path: str, size: int | None, lowers: list[str] | None = None, *,
+               opener: LayerOpener | None = None) -> Volume:
+        """A new volume in a new or empty directory; ``lowers`` (bottom→top layer files) become its first
+        snapshots, hard-linked in (copied across file systems)."""
         lowers = lowers or []
         if size is None:
             if not lowers:
                 raise UsageError("give --size for a volume without a base")
             with operations.open_stack(lowers) as stack:
                 size = stack.size
+        with new_volume_dir(path) as target:
+            os.makedirs(os.path.join(target, LAYERS), exist_ok=True)
+            files = [_share(src, os.path.join(target, LAYERS, f"{n:04d}-{_unnumbered(os.path.basename(src))}"))
+                     for n, src in enumerate(lowers)]
+            parent = None
+            if files:
+                with ExitStack() as owned:
+                    parent = format_uuid(open_layer(files[-1], owned=owned).uuid)
+            now = _now()
+            entries = [{"file": f} for f in files]
+            return cls.assemble(target, size, entries, parent_uuid=parent, created={f: now for f in files},
+                                opener=opener)
+
+    @classmethod
+    def assemble(cls, path: str, size: int, lowers: list[dict[str, Any]], *, parent_uuid: str | None,
+                 settings: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
+                 created: dict[str, str] | None = None, opener: LayerOpener | None = None) -> Volume:
+        """Write a volume from layers already in its directory: ``lowers`` are config entries (``file`` or
+        ``dir``, paths inside ``path``; ``digest``/``size`` for layers still in a repository), ``settings`` the
+        reference's other config keys (``repoBlobUrl``, ``download``, ``recordTracePath``), ``meta`` more of
+        ours. A fresh upper is made on top. The directory should come from ``new_volume_dir``."""
+        path = os.path.abspath(path)
         if size <= 0 or size % SECTOR:
             raise UsageError(f"size {size} must be a positive multiple of {SECTOR}")
-        os.makedirs(os.path.join(path, LAYERS), exist_ok=True)
-        files = [_share(src, os.path.join(path, LAYERS, f"{n:04d}-{_SEQ.sub('', os.path.basename(src))}"))
-                 for n, src in enumerate(lowers)]
-        parent = _top_uuid(files)
-        data, index = _new_upper(path, size, parent)
-        config = {"lowers": [{"file": f} for f in files], "upper": {"data": data, "index": index},
-                  META: {"version": 1, "size": size, "created": {f: _now() for f in files}}}
-        _write_config(path, config)
-        return cls(path)
+        data, index = _new_upper(path, size, parent_uuid)
+
+        def rel(p: str) -> str:
+            return os.path.relpath(p, path) if os.path.isabs(p) else p
+
+        config: dict[str, Any] = dict(settings or {})
+        config["lowers"] = [{k: rel(v) if k in ("file", "dir") else v for k, v in e.items()} for e in lowers]
+        config["upper"] = {"data": rel(data), "index": rel(index)}
+        config[META] = {**(meta or {}), "version": VERSION, "size": size,
+                        "created": {rel(k): v for k, v in (created or {}).items()}}
+        _write_config(path, _relative_config(config, path, os.path.join(path, CONFIG)))
+        return cls(path, opener=opener)
 
     # -- locking -----------------------------------------------------------------------------------------------
     @contextmanager
     def writer_lock(self) -> Iterator[None]:
         """Held by whoever may change the volume (a writable server, snapshot, merge). Not reentrant."""
-        fd = os.open(os.path.join(self.path, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(os.path.join(self.path, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -156,12 +223,13 @@ class Volume:
         created = self.config.get(META, {}).get("created", {})
         out = []
         with ExitStack() as owned:
-            for n, path in enumerate(self.lowers):
-                layer = self.open_lower(n, owned)
+            layers = self.opener.open_lowers(self, range(len(self.lowers)), owned)
+            for n, (path, layer) in enumerate(zip(self.lowers, layers, strict=True)):
+                entry = self.config["lowers"][n]
                 out.append(Snapshot(n, path, format_uuid(layer.uuid), format_uuid(layer.parent_uuid),
-                                    layer.header.message, created.get(path, ""), layer.virtual_size,
-                                    os.path.getsize(path) if os.path.exists(path)
-                                    else int(self.config["lowers"][n].get("size", 0))))
+                                    layer.header.message, created.get(entry.get("file") or entry.get("dir"), ""),
+                                    layer.virtual_size,
+                                    os.path.getsize(path) if os.path.exists(path) else int(entry.get("size", 0))))
         return out
 
     def resolve(self, ref: str) -> int:
@@ -172,10 +240,9 @@ class Volume:
         text = ref.strip().lstrip("@")
         if text.upper().startswith("HEAD"):
             back = text[4:]
-            steps = int(back[1:] or 1) if back.startswith("~") else 0
-            if back and not back.startswith("~"):
+            if back and not (back.startswith("~") and (back[1:] == "" or back[1:].isdigit())):
                 raise VolumeError(f"bad snapshot reference {ref!r}", path=self.path)
-            n = len(snaps) - 1 - steps
+            n = len(snaps) - 1 - (int(back[1:] or 1) if back else 0)
         elif text.isdigit():
             n = int(text)
         else:
@@ -194,14 +261,18 @@ class Volume:
         ``record_trace``: note which blocks of which layer are read, written to that file at close. A trace
         named by the config's ``recordTracePath`` is replayed in the background at open (prefetch)."""
         self.reload()
-        lock = ExitStack()
+        owned = ExitStack()
         try:
             if writable:
-                lock.enter_context(self.writer_lock())
-            owned = ExitStack()
-            lock.enter_context(owned)
+                owned.enter_context(self.writer_lock())
             count = len(self.lowers) if snapshot is None else snapshot + 1
-            lowers = self._open_lowers(count, owned)
+            lowers: list[LowerLayer] = list(self.opener.open_lowers(self, range(count), owned))
+            if record_trace:
+                recorder = trace.TraceRecorder(record_trace)
+                owned.callback(recorder.close)
+                lowers = [trace.RecordedLayer(layer, k, recorder) for k, layer in enumerate(lowers)]
+            else:
+                self._prefetch(lowers)
             upper = None
             if snapshot is None:
                 data, index = self.upper
@@ -209,57 +280,45 @@ class Volume:
                 if not isinstance(top, WritableBase):
                     raise VolumeError("the upper layer is not writable", path=data)
                 upper = top
-            stack = LsmtStack(lowers, upper)
-            self._trace(stack, len(lowers), record_trace, lock)
+            stack = LsmtStack(lowers, upper, owned=owned, size=self.size or None)
         except BaseException:
-            lock.close()
+            owned.close()
             raise
-        stack.hold(lock)
-        if self.size and stack.size != self.size:
-            stack.size = self.size
         return stack
 
-    def _trace(self, stack: LsmtStack, count: int, record_to: str | None, owned: ExitStack) -> None:
-        from .remote import trace
-
-        if record_to:
-            recorder = trace.TraceRecorder(record_to)
-            owned.callback(recorder.close)
-            stack.sources = [trace.RecordingSource(src, k, recorder) if k < count else src
-                             for k, src in enumerate(stack.sources)]
+    def _prefetch(self, lowers: Sequence[LowerLayer]) -> None:
         replay_from = self.config.get("recordTracePath")
-        if replay_from and not record_to and os.path.isfile(replay_from):
+        if replay_from and os.path.isfile(replay_from):
             with open(replay_from, "rb") as f:
                 raw = f.read()
             if trace.is_trace(raw[:4]):
-                trace.replay(trace.decode(raw, path=replay_from), stack.sources[:count])
+                trace.replay(trace.decode(raw, path=replay_from), [layer.data for layer in lowers])
 
     # -- changing ----------------------------------------------------------------------------------------------
     def snapshot(self, message: str = "", compression: Compression | None = None) -> Snapshot:
-        """Commit the upper into a new sealed layer on top, and start a fresh empty upper."""
+        """Commit the upper into a new sealed layer on top, and start a fresh upper."""
         with self.writer_lock():
             self.reload()
             data, index = self.upper
             number = len(self.lowers)
             new_uuid = str(uuidlib.uuid4())
-            ext = "zfile" if compression else "lsmt"
-            target = os.path.join(self.path, LAYERS, f"{number:04d}-{new_uuid}.{ext}")
+            target = os.path.join(LAYERS, f"{number:04d}-{new_uuid}.{'zfile' if compression else 'lsmt'}")
+            new_data, new_index = _upper_names()
+            self._record_pending([target, new_data, new_index])
             with ExitStack() as owned:
                 # opened writable: its flock refuses a snapshot while anyone else has the upper open for writing
                 upper = open_layer(data, index, owned=owned, writable=True)
                 if not isinstance(upper, WritableBase):
                     raise VolumeError("the upper layer is not writable", path=data)
-                parent = self._top_uuid()
-                operations.commit(upper, target, uuid=new_uuid, parent_uuid=parent, message=message,
-                                  compression=compression)
-            new_data, new_index = _new_upper(self.path, self.size, new_uuid)
+                operations.commit(upper, self.file(target), uuid=new_uuid, parent_uuid=self._top_uuid(),
+                                  message=message, compression=compression)
+            operations.create(self.file(new_data), self.file(new_index), self.size, parent_uuid=new_uuid)
             config = dict(self.config)
             config["lowers"] = [*self.config.get("lowers", []), {"file": target}]
             config["upper"] = {**self.config["upper"], "data": new_data, "index": new_index}
-            config.setdefault(META, {}).setdefault("created", {})[target] = _now()
-            _write_config(self.path, config)
-            self.config = config
-            self._collect_garbage()
+            config[META] = {**config.get(META, {}), "created": {**config.get(META, {}).get("created", {}),
+                                                                target: _now()}}
+            self._switch(config, dropped=list(self.config["upper"].values()))
         return self.snapshots()[-1]
 
     def merge(self, first: int, last: int, compression: Compression | None = None) -> Snapshot:
@@ -272,22 +331,20 @@ class Volume:
                                   path=self.path)
             if first == last:
                 return self.snapshots()[first]
-            snaps = self.snapshots()
-            top = snaps[last]
-            ext = "zfile" if compression else "lsmt"
-            target = os.path.join(self.path, LAYERS, f"{first:04d}-{top.uuid}-merged.{ext}")
+            top = self.snapshots()[last]
+            target = os.path.join(LAYERS, f"{first:04d}-{top.uuid}-merged.{'zfile' if compression else 'lsmt'}")
+            self._record_pending([target])
             with ExitStack() as owned:
-                layers = [self.open_lower(n, owned) for n in range(first, last + 1)]
-                operations.merge(layers, target, uuid=top.uuid, message=top.message, compression=compression,
-                                 force=True)
+                layers = self.opener.open_lowers(self, range(first, last + 1), owned)
+                operations.merge(layers, self.file(target), uuid=top.uuid, message=top.message,
+                                 compression=compression, force=True)
             entries = self.config["lowers"]
             config = dict(self.config)
             config["lowers"] = [*entries[:first], {"file": target}, *entries[last + 1 :]]
-            created = config.setdefault(META, {}).setdefault("created", {})
-            created[target] = created.get(lowers[last], _now())
-            _write_config(self.path, config)
-            self.config = config
-            self._collect_garbage()
+            created = dict(config.get(META, {}).get("created", {}))
+            created[target] = created.get(entries[last].get("file") or entries[last].get("dir"), _now())
+            config[META] = {**config.get(META, {}), "created": created}
+            self._switch(config, dropped=[e.get("file") or e["dir"] for e in entries[first : last + 1]])
         return self.snapshots()[first]
 
     def diff(self, a: int, b: int) -> list[tuple[int, int]]:
@@ -295,7 +352,7 @@ class Volume:
         self.reload()
         lo, hi = sorted((a, b))
         with ExitStack() as owned:
-            layers = [self.open_lower(n, owned) for n in range(lo + 1, hi + 1)]
+            layers = self.opener.open_lowers(self, range(lo + 1, hi + 1), owned)
             seg = merge_layers([layer.segments() for layer in layers[::-1]])
         starts, ends = covered(seg)
         return [(int(s) * SECTOR, int(e - s) * SECTOR) for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
@@ -303,53 +360,31 @@ class Volume:
     def clone(self, snapshot: int, target: str) -> Volume:
         """A new volume over the same read-only layers (hard links, so each volume can drop its own; layers
         not downloaded yet are shared by reference to the same repository)."""
+        self.reload()
         if all(os.path.exists(p) for p in self.lowers[: snapshot + 1]):
-            return Volume.create(target, self.size, self.lowers[: snapshot + 1])
-        new = Volume.create(target, self.size)
-        config = dict(new.config)
-        config["lowers"] = [dict(e) for e in self.config["lowers"][: snapshot + 1]]
-        config["repoBlobUrl"] = self.config.get("repoBlobUrl", "")
-        data, index = new.upper
-        os.unlink(data)
-        os.unlink(index)
-        config["upper"] = dict(zip(("data", "index"), _new_upper(new.path, new.size, self._top_uuid(snapshot)),
-                                   strict=True))
-        _write_config(new.path, config)
-        return Volume(new.path)
+            return Volume.create(target, self.size, self.lowers[: snapshot + 1], opener=self.opener)
+        parent = self._top_uuid(snapshot)
+        with new_volume_dir(target) as path:
+            os.makedirs(os.path.join(path, LAYERS), exist_ok=True)
+            entries = []
+            for n, entry in enumerate(self.config["lowers"][: snapshot + 1]):
+                base = _unnumbered(os.path.basename(entry.get("file") or entry["dir"]))
+                name = os.path.join(LAYERS, f"{n:04d}-{base}")
+                kept = {k: v for k, v in entry.items() if k not in ("file", "dir")}
+                source = self.lowers[n]
+                if os.path.exists(source):
+                    kept["file"] = _share(source, os.path.join(path, name))
+                else:
+                    kept["dir"] = name
+                entries.append(kept)
+            settings: dict[str, Any] = {k: self.config[k] for k in ("repoBlobUrl", "download") if k in self.config}
+            return Volume.assemble(path, self.size, entries, parent_uuid=parent, settings=settings,
+                                   opener=self.opener)
 
     # -- layers ------------------------------------------------------------------------------------------------
-    def open_lower(self, n: int, owned: ExitStack) -> LsmtLayer | WritableBase:
-        """Snapshot ``n`` as a layer: its local file, or (lazily pulled, not downloaded yet) its remote blob."""
-        path = self.lowers[n]
-        if os.path.exists(path):
-            return open_layer(path, owned=owned)
-        entry = self.config["lowers"][n]
-        if "digest" not in entry:
-            raise VolumeError(f"snapshot {n}: layer file is missing", path=path)
-        from .remote.lazy import open_remote_layer
-
-        download = bool((self.config.get("download") or {}).get("enable"))
-        return open_remote_layer(self.config.get("repoBlobUrl", ""), entry["digest"], int(entry["size"]), owned,
-                                 name=path, download_to=path if download else None)
-
-    def _open_lowers(self, count: int, owned: ExitStack) -> list[LsmtLayer | WritableBase]:
-        """Snapshots ``0..count-1``; remote ones are opened concurrently (each costs round trips for its index)."""
-        remote = [n for n in range(count) if not os.path.exists(self.lowers[n])]
-        if len(remote) < 2:
-            return [self.open_lower(n, owned) for n in range(count)]
-        from concurrent.futures import ThreadPoolExecutor
-
-        stacks = [ExitStack() for _ in range(count)]
-        try:
-            with ThreadPoolExecutor(max_workers=min(8, count), thread_name_prefix="open-layer") as pool:
-                layers = list(pool.map(lambda n: self.open_lower(n, stacks[n]), range(count)))
-        except BaseException:
-            for st in stacks:
-                st.close()
-            raise
-        for st in stacks:
-            owned.enter_context(st)
-        return layers
+    def open_lower(self, n: int, owned: ExitStack) -> Layer:
+        """Snapshot ``n`` as a layer, through the volume's opener."""
+        return self.opener.open_lowers(self, [n], owned)[0]
 
     def _top_uuid(self, snapshot: int | None = None) -> str | None:
         n = len(self.lowers) - 1 if snapshot is None else snapshot
@@ -358,16 +393,152 @@ class Volume:
         with ExitStack() as owned:
             return format_uuid(self.open_lower(n, owned).uuid)
 
-    def _collect_garbage(self) -> None:
-        """Remove files in the volume no config references (left by an earlier crash or change)."""
-        keep = set(self.lowers) | set(self.upper) | {os.path.dirname(p) for p in self.lowers}
-        for folder in (self.path, os.path.join(self.path, LAYERS)):
-            for name in os.listdir(folder):
-                path = os.path.join(folder, name)
-                if path in keep or name in (CONFIG, LOCK, LAYERS) or not os.path.isfile(path):
-                    continue
-                if name.endswith((".lsmt", ".zfile", ".data", ".index", ".tmp")):
-                    os.unlink(path)
+    # -- atomic changes and clean-up -----------------------------------------------------------------------------
+    def _referenced(self, config: dict[str, Any]) -> set[str]:
+        out = {e.get("file") or e.get("dir") for e in config.get("lowers", [])}
+        out.update(config["upper"].values())
+        return {p for p in out if p}
+
+    def _record_pending(self, names: list[str]) -> None:
+        """Before making files: note them in config.json as the volume's own, so that if we die before the switch,
+        the next change knows it may remove them. Notes of files already gone are dropped."""
+        meta = dict(self.config.get(META, {}))
+        still = [p for p in meta.get("pending", []) if os.path.lexists(self.file(p)) or _temporaries(self.file(p))]
+        meta["pending"] = sorted(set(still) | set(names))
+        config = {**self.config, META: meta}
+        _write_config(self.path, config)
+        self.config = config
+
+    def _switch(self, config: dict[str, Any], dropped: list[str]) -> None:
+        """Make ``config`` the volume (atomically), then remove the files it no longer uses that are the volume's
+        own: ``dropped`` and what earlier changes left pending."""
+        meta = dict(config.get(META, {}))
+        keep = self._referenced(config)
+        meta["pending"] = sorted((set(meta.get("pending", [])) | set(dropped)) - keep)
+        meta["created"] = {k: v for k, v in meta.get("created", {}).items() if k in keep}
+        config = {**config, META: meta}
+        _switch_config(self.path, config)
+        self.config = config
+        for name in meta["pending"]:
+            _remove_own(self.file(name))
+
+
+def _remove_own(path: str) -> None:
+    """Remove a file (or a layer folder) the volume made, and the temporary files of an interrupted write of it."""
+    for tmp in _temporaries(path):
+        os.unlink(tmp)
+    if os.path.isdir(path) and not os.path.islink(path):
+        commit = os.path.join(path, COMMIT_FILE)
+        if os.path.lexists(commit):
+            os.unlink(commit)
+        for name in os.listdir(path):
+            if name.startswith(".download-"):
+                os.unlink(os.path.join(path, name))
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def _temporaries(path: str) -> list[str]:
+    """The temporary files ``formats.output`` makes while writing ``path`` (``.NAME.*.tmp`` beside it)."""
+    folder, name = os.path.split(path)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return [os.path.join(folder, n) for n in names if n.startswith(f".{name}.") and n.endswith(".tmp")]
+
+
+def _relative_config(config: dict[str, Any], volume: str, cfg_path: str) -> dict[str, Any]:
+    """``config`` with every path the volume uses relative to its folder, checked to stay inside it.
+
+    Earlier versions wrote absolute paths: those are read relative to the folder the config was written in (the
+    folder of its upper), wherever the volume is now."""
+    up = config["upper"]
+    if not isinstance(up.get("data"), str) or not isinstance(up.get("index"), str):
+        raise VolumeError("config.json: 'upper' needs 'data' and 'index'", path=cfg_path)
+    meta = dict(config.get(META) or {})
+    old = int(meta.get("version") or 1) < VERSION
+    home = os.path.dirname(up["data"]) if old and os.path.isabs(up["data"]) else None
+
+    def inside(recorded: Any) -> str:
+        if not isinstance(recorded, str) or not recorded:
+            raise VolumeError(f"config.json: bad path {recorded!r}", path=cfg_path)
+        rel = recorded
+        if os.path.isabs(recorded):
+            if home is not None and recorded.startswith(home + os.sep):
+                rel = os.path.relpath(recorded, home)
+            else:
+                raise VolumeError(f"config.json names {recorded}, outside the volume (a volume uses only files in "
+                                  "its own directory)", path=cfg_path)
+        rel = os.path.normpath(rel)
+        real = os.path.realpath(os.path.join(volume, rel))
+        if rel.startswith(os.pardir) or os.path.isabs(rel) or \
+                not real.startswith(os.path.realpath(volume) + os.sep):
+            raise VolumeError(f"config.json names {recorded}, outside the volume (a volume uses only files in its "
+                              "own directory)", path=cfg_path)
+        return rel
+
+    out = dict(config)
+    lowers = []
+    for entry in config.get("lowers", []):
+        if not isinstance(entry, dict) or not (entry.get("file") or entry.get("dir")):
+            raise VolumeError(f"config.json: a lower needs 'file' or 'dir': {entry!r}", path=cfg_path)
+        entry = dict(entry)
+        for key in ("file", "dir"):
+            if entry.get(key):
+                entry[key] = inside(entry[key])
+        lowers.append(entry)
+    out["lowers"] = lowers
+    out["upper"] = {**up, "data": inside(up["data"]), "index": inside(up["index"])}
+    meta["created"] = {inside(k): v for k, v in (meta.get("created") or {}).items() if _inside_or_none(k, inside)}
+    meta["pending"] = [p for p in (meta.get("pending") or []) if _inside_or_none(p, inside)]
+    meta["pending"] = [inside(p) for p in meta["pending"]]
+    out[META] = meta
+    return out
+
+
+def _inside_or_none(recorded: Any, inside: Any) -> bool:
+    try:
+        inside(recorded)
+    except VolumeError:
+        return False
+    return True
+
+
+@contextmanager
+def new_volume_dir(path: str) -> Iterator[str]:
+    """A new or empty directory for a volume (anything else is refused, so nothing of someone else's is ever in a
+    volume); if what is built there fails, the directory is left as it was found (removed, or emptied)."""
+    path = os.path.abspath(path)
+    made = not os.path.lexists(path)
+    if not made:
+        if os.path.exists(os.path.join(path, CONFIG)):
+            raise UsageError("a volume already exists here", path=path)
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise UsageError("not a directory", path=path)
+        if os.listdir(path):
+            raise UsageError("the directory is not empty (a volume needs a new or empty directory)", path=path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the volume's directory: {exc.strerror}", path=path) from None
+    try:
+        yield path
+    except BaseException:
+        if made:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            for name in os.listdir(path):
+                full = os.path.join(path, name)
+                if os.path.isdir(full) and not os.path.islink(full):
+                    shutil.rmtree(full, ignore_errors=True)
+                else:
+                    os.unlink(full)
+        raise
 
 
 def _share(src: str, dst: str) -> str:
@@ -377,23 +548,23 @@ def _share(src: str, dst: str) -> str:
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
             raise
-        import shutil
-
         shutil.copyfile(src, dst)
     return dst
 
 
-def _top_uuid(files: list[str]) -> str | None:
-    if not files:
-        return None
-    with ExitStack() as owned:
-        return format_uuid(open_layer(files[-1], owned=owned).uuid)
+def _unnumbered(name: str) -> str:
+    """A layer file name without the ``NNNN-`` sequence prefix a volume gives it."""
+    head, sep, rest = name.partition("-")
+    return rest if sep and len(head) == 4 and head.isdigit() else name
+
+
+def _upper_names() -> tuple[str, str]:
+    tag = uuidlib.uuid4().hex[:8]
+    return f"upper-{tag}.data", f"upper-{tag}.index"
 
 
 def _new_upper(path: str, size: int, parent: str | None) -> tuple[str, str]:
-    tag = uuidlib.uuid4().hex[:8]
-    data = os.path.join(path, f"upper-{tag}.data")
-    index = os.path.join(path, f"upper-{tag}.index")
+    data, index = (os.path.join(path, n) for n in _upper_names())
     operations.create(data, index, size, parent_uuid=parent)
     return data, index
 
@@ -407,3 +578,8 @@ def _write_config(path: str, config: dict[str, Any]) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(path, CONFIG))
     _fsync_dir(path)
+
+
+def _switch_config(path: str, config: dict[str, Any]) -> None:
+    """The moment a change takes effect (a name of its own, so tests can stop a change just before it)."""
+    _write_config(path, config)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from overlaybd.errors import ChecksumError, OverlaybdError
+from overlaybd.remote.lazy import RemoteLayers
 from overlaybd.remote.reference import parse_reference
 from overlaybd.remote.transfer import pull, push
 from overlaybd.volume import Volume
@@ -130,7 +131,7 @@ def test_basic_auth_env_and_docker_config(tmp_path: Path) -> None:
         (docker / "config.json").write_text(json.dumps({"auths": {host: {"auth": auth}}}))
         got = cli("pull", f"{host}/auth/vol:v1", str(tmp_path / "pulled"), "--lazy")
         assert got.returncode == 0, got.stderr
-        assert device_bytes(Volume(str(tmp_path / "pulled"))) == content
+        assert device_bytes(Volume(str(tmp_path / "pulled"), opener=RemoteLayers())) == content
 
 
 def test_token_auth(tmp_path: Path) -> None:
@@ -188,7 +189,7 @@ def test_unreachable_registry_fails_cleanly(tmp_path: Path) -> None:
 def test_trace_recorded_then_prefetched_at_lazy_start(tmp_path: Path) -> None:
     import time
 
-    from overlaybd.remote.trace import decode
+    from overlaybd.trace import decode
 
     vol, content = make_volume(tmp_path / "vol", snapshots=2)
     trace_file = tmp_path / "boot.trace"
@@ -288,7 +289,7 @@ def test_chunked_upload_and_background_download(tmp_path: Path, monkeypatch: pyt
                 time.sleep(0.05)
             assert all(os.path.exists(p) for p in bg.lowers)  # downloaded and verified meanwhile
             assert dev.pread(0, dev.size) == content
-        assert device_bytes(Volume(bg.path)) == content  # next time it opens from the local files
+        assert device_bytes(Volume(bg.path, opener=RemoteLayers())) == content  # next time: from the local files
 
 
 def test_credential_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -293,17 +293,17 @@ def test_built_sources_are_what_they_claim(built: Built) -> None:
 
 def _cached(b: Built, upstream: Callable[[], BlockSource], expected: bytes, *, warm: bool, chunk: int = 16384
             ) -> Subject:
-    from overlaybd.cache.store import BlobCache
+    from overlaybd.cache.store import BlobCache, CachePolicy
 
     root = b.root / "cache-warm" if warm else b.fresh()
-    cache = BlobCache(str(root), max_bytes=1 << 30, chunk=chunk)
+    cache = BlobCache(str(root), policy=CachePolicy(max_bytes=1 << 30, chunk=chunk))
     up = upstream()
     digest = "sha256:" + hashlib.sha256(expected).hexdigest()
-    src = cache.source(digest, up.size, up)
+    src = cache.source(digest, up.size, up, origin="https://registry.test/v2/contract/blobs")
 
     def release() -> None:
         up.close()
-        cache.pool.shutdown(wait=True)
+        cache.close()
     return Subject(src, expected, release)
 
 
@@ -322,7 +322,7 @@ def _cached_layer(b: Built, path: Path, expected: bytes) -> Subject:
 
 def _filters(b: Built) -> dict[str, Factory]:
     from overlaybd.remote.lazy import SwitchSource
-    from overlaybd.remote.trace import RecordingSource, TraceRecorder
+    from overlaybd.trace import RecordingSource, TraceRecorder
 
     r = b.root
     m = b.models

@@ -8,7 +8,7 @@ import pytest
 
 from overlaybd.errors import FormatError, TruncatedError
 from overlaybd.formats.checksum import raw_crc32c
-from overlaybd.remote.trace import MAGIC, TraceRecord, decode, encode
+from overlaybd.trace import MAGIC, TraceRecord, decode, encode
 
 
 def test_layout_and_round_trip() -> None:

@@ -1,50 +1,72 @@
-"""A persistent cache of remote blob bytes: shared by all volumes on the machine, keyed by blob digest,
-size-bounded with LRU eviction, safe for several processes at once.
+"""A persistent cache of remote blob bytes: shared by all volumes on the machine, bounded (LRU), safe for several
+processes at once, and bound to where its bytes came from.
 
 ```
-CACHE/blobs/<hex>.data   sparse file, the blob's size; fetched chunks are where they belong
-CACHE/blobs/<hex>.map    one byte per chunk: 1 = present and complete
-CACHE/cache.lock         held (exclusively) by whoever evicts
-CACHE/generation         a counter, odd while someone drops cached bytes (mapped shared by every process)
+CACHE/blobs/<hex>                      verified blobs: whole, their sha256 checked against the digest; never written
+CACHE/origins/<key>/origin             the repository the entries beside it came from (its blob URL)
+CACHE/origins/<key>/<hex>.data|.map    bytes fetched from that repository, not yet proven: a sparse file of the blob's
+                                       size, and one byte per chunk (1 = present and complete)
+CACHE/origins/<key>/<hex>.bad          that repository served bytes that do not hash to the digest
+CACHE/generation                       a counter, odd while someone drops cached bytes (mapped shared by all)
+CACHE/cache.lock                       held by whoever prunes
 ```
 
-Bytes are never dropped under a reader. Eviction, invalidation and resets hold the blob's map exclusively (``flock``)
-and the generation lock, and move the generation to odd before they change anything and to even after. A read
-goes one of two ways. Lock-free (``_hits.c``, where built): note the generation, check the map, copy the bytes,
-and keep them only if the generation was even and has not moved. Locked (this file, always there): hold the map
-shared while checking it and copying. Fetching only adds bytes, data before map, under the shared lock. A map or data
-file that does not fit (wrong size, unknown byte values) is reset at open: a damaged cache costs refetching,
-never a failed start or wrong bytes. Nothing fetched is trusted beyond what the layers above check: a ZFile block
-whose CRC fails is invalidated here and fetched again.
+**What the cache trusts.** Bytes fetched from a repository serve only volumes that read from that same repository
+until they are proven: when an entry is complete, its sha256 is computed and, if it matches the digest, the data
+file becomes the verified blob every origin shares; if not, the entry is dropped, marked bad, and every reader of that
+blob from that repository gets a ``DigestMismatchError`` from then on (``overlaybd cache prune`` clears the mark).
+A registry that serves other bytes under a known digest can therefore mislead only the volumes pulled from it, and
+only until the blob is whole. Folders must be the user's own and not writable by others; files are opened without
+following symlinks (``folder.py``).
+
+**Several processes.** Bytes are never dropped under a reader. Eviction, invalidation and resets of an origin entry
+hold its map exclusively (``flock``) and the generation lock, and move the generation to odd before they change
+anything and to even after. A read goes one of two ways. Lock-free (``_hits.c``, where built): note the generation,
+check the map, copy the bytes, and keep them only if the generation was even and has not moved. Locked (always
+there): hold the map shared while checking it and copying. Fetching only adds bytes, data before map, under the
+shared lock. A verified blob is never written: evicting it removes its name, and readers that have it open keep
+reading it. A map or data file that does not fit is reset at open: a damaged cache costs refetching, never a failed
+start or wrong bytes.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import mmap
 import os
 import threading
-import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from .. import native
-from ..errors import LayerIOError, OverlaybdError
-from ..formats.lsmt.writable import punch_hole
 from ..source.base import BlockSource
-from ..source.file import write_all
-from .planning import chunk_span, plan_fetches
+from ..source.file import punch_hole
+from .cached import CachedSource, _hits
+from .folder import (
+    CacheError,
+    OriginFolder,
+    hash_fd,
+    hex_of,
+    is_hex_digest,
+    lock_entry,
+    open_file,
+    open_root,
+    open_subdir,
+    origin_key,
+    same_file,
+)
+from .policy import CachePolicy, default_dir
 
 log = logging.getLogger(__name__)
 
-# the lock-free hit path in C (_hits.c), where it was built; the locked path below serves without it
-_hits: Any = native.load("overlaybd.cache._hits")
+__all__ = ["BlobCache", "CacheError", "CachePolicy", "CachedSource", "Entry", "default_dir", "describe_reads"]
+
 GENERATION_SIZE = 4096
+LAYOUT = "2"
 
 
 def describe_reads() -> str:
@@ -53,35 +75,6 @@ def describe_reads() -> str:
         return "lock-free (C, generation-checked)"
     return f"locked (Python; {native.why_not()})"
 
-CHUNK = 64 * 1024  # small enough that a random read fetches little more than it needs (benchmarks/RESULTS_REMOTE)
-DEFAULT_MAX_BYTES = 4 << 30
-READAHEAD_CHUNKS = 48  # 3 MiB ahead, only for reads that continue where the last one ended
-MAX_RUN_CHUNKS = 64  # one range request fetches at most 4 MiB
-CONCURRENCY = 4
-TOUCH_EVERY = 1.0
-
-
-class CacheError(OverlaybdError):
-    """The cache cannot serve a read (its folder is unusable)."""
-
-
-def default_dir() -> str:
-    env = os.environ.get("OVERLAYBD_CACHE_DIR")
-    if env:
-        return env
-    if os.geteuid() == 0:
-        return "/var/cache/overlaybd"
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "overlaybd")
-
-
-def default_max_bytes() -> int:
-    env = os.environ.get("OVERLAYBD_CACHE_SIZE")
-    if env:
-        from ..cli.common import parse_size
-
-        return parse_size(env)
-    return DEFAULT_MAX_BYTES
-
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -89,30 +82,58 @@ class Entry:
     size: int
     cached_bytes: int
     last_used: float
+    origin: str  # the repository its bytes came from; "" for a verified blob
+    state: str  # "verified", "partial", "complete" (whole, not yet checked) or "bad"
+    key: str = ""  # the origin's folder under CACHE/origins
 
 
 class BlobCache:
-    def __init__(self, root: str | None = None, *, max_bytes: int | None = None, chunk: int | None = None) -> None:
+    """The machine's cache of remote blob bytes: verified blobs shared by all, and unproven bytes kept apart per
+    repository (module docstring). ``source()`` puts it in front of a remote blob."""
+
+    def __init__(self, root: str | None = None, *, policy: CachePolicy | None = None) -> None:
         self.root = os.path.abspath(root or default_dir())
-        self.max_bytes = max_bytes if max_bytes is not None else default_max_bytes()
-        self.chunk = chunk or CHUNK
-        self.blobs = os.path.join(self.root, "blobs")
-        try:
-            os.makedirs(self.blobs, exist_ok=True)
-        except OSError as exc:
-            raise CacheError(f"cannot create the cache folder: {exc.strerror}", path=self.blobs) from None
+        self.policy = policy or CachePolicy()
+        self.root_fd = open_root(self.root)
+        self.blobs_fd = open_subdir(self.root_fd, "blobs", self.root)
+        self.origins_fd = open_subdir(self.root_fd, "origins", self.root)
+        self._origins: dict[str, OriginFolder] = {}
         self._fetched_since_check = 0
         self._lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="cache-fetch")
+        self.pool = ThreadPoolExecutor(max_workers=self.policy.concurrency, thread_name_prefix="cache-fetch")
+        self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-verify")
+        self._migrate()
         self._generation_fd, self.generation = self._open_generation()
 
-    def _open_generation(self) -> tuple[int, mmap.mmap | None]:
-        """CACHE/generation, mapped. Without it (an odd file system, a read-only folder) writers cannot announce
-        their changes, so nobody may read lock-free: a missing mapping sends every read the locked way, and a
-        writer that cannot open the file fails (CacheError) rather than change anything unannounced."""
-        path = os.path.join(self.root, "generation")
+    def _migrate(self) -> None:
+        """Entries of the first layout (``blobs/<hex>.data|.map``) were not bound to a repository and were never
+        proven: they are dropped, not trusted."""
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = open_file(self.root_fd, "layout", os.O_RDONLY, self.root)
+        except FileNotFoundError:
+            pass
+        else:
+            try:
+                if os.read(fd, 16).decode(errors="replace").strip() == LAYOUT:
+                    return
+            finally:
+                os.close(fd)
+        for name in os.listdir(self.blobs_fd):
+            if name.endswith((".data", ".map")):
+                os.unlink(name, dir_fd=self.blobs_fd)
+        fd = open_file(self.root_fd, "layout", os.O_WRONLY | os.O_TRUNC, self.root, create=True)
+        try:
+            os.write(fd, LAYOUT.encode() + b"\n")
+        finally:
+            os.close(fd)
+
+    # -- the generation ----------------------------------------------------------------------------------------
+    def _open_generation(self) -> tuple[int, mmap.mmap | None]:
+        """CACHE/generation, mapped. Without it (an odd file system) writers cannot announce their changes, so
+        nobody may read lock-free: a missing mapping sends every read the locked way, and a writer that cannot open
+        the file fails (CacheError) rather than change anything unannounced."""
+        try:
+            fd = open_file(self.root_fd, "generation", os.O_RDWR, self.root, create=True)
         except OSError:
             return -1, None
         try:
@@ -145,8 +166,8 @@ class BlobCache:
 
     @contextmanager
     def dropping(self) -> Iterator[None]:
-        """Around any change that drops cached bytes (held inside the blob's exclusive map lock): the generation
-        is odd while it lasts, so lock-free readers throw away what they copied meanwhile."""
+        """Around any change that drops cached bytes of an origin entry (inside its exclusive map lock): the
+        generation is odd while it lasts, so lock-free readers throw away what they copied meanwhile."""
         fd = self._generation_fd
         if fd < 0:
             raise CacheError("cannot open the cache's generation file", path=os.path.join(self.root, "generation"))
@@ -160,264 +181,297 @@ class BlobCache:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def paths(self, digest: str) -> tuple[str, str]:
-        hexdigest = digest.split(":", 1)[-1]
-        if len(hexdigest) != 64 or not all(c in "0123456789abcdef" for c in hexdigest):
-            raise CacheError(f"bad digest {digest!r}")
-        base = os.path.join(self.blobs, hexdigest)
-        return base + ".data", base + ".map"
+    # -- entries -----------------------------------------------------------------------------------------------
+    def origin(self, name: str) -> OriginFolder:
+        """The folder of one repository's unproven entries (made on first use)."""
+        folder = self._folder(origin_key(name))
+        try:
+            nfd = open_file(folder.fd, "origin", os.O_RDONLY, folder.where)
+            os.close(nfd)
+        except FileNotFoundError:
+            nfd = open_file(folder.fd, "origin", os.O_WRONLY | os.O_TRUNC, folder.where, create=True)
+            try:
+                os.write(nfd, name.encode() + b"\n")
+            finally:
+                os.close(nfd)
+        return folder
 
-    def source(self, digest: str, size: int, upstream: BlockSource, *, readahead: int | None = None
-               ) -> CachedSource:
-        """``readahead``: chunks fetched ahead of a sequential read (default READAHEAD_CHUNKS)."""
-        return CachedSource(self, digest, size, upstream,
-                            readahead=READAHEAD_CHUNKS if readahead is None else readahead)
+    def _folder(self, key: str) -> OriginFolder:
+        with self._lock:
+            folder = self._origins.get(key)
+            if folder is not None:
+                return folder
+            fd = open_subdir(self.origins_fd, key, os.path.join(self.root, "origins"))
+            folder = self._origins[key] = OriginFolder(self.root, key, fd)
+        return folder
+
+    def source(self, digest: str, size: int, upstream: BlockSource, *, origin: str) -> CachedSource:
+        """``upstream`` (the blob as ``origin``, a repository's blob URL, serves it) through the cache."""
+        return CachedSource(self, digest, size, upstream, self.origin(origin), origin)
+
+    def open_verified(self, digest: str, size: int) -> int:
+        """A descriptor of the verified blob, or -1 if there is none (one of the wrong size is removed)."""
+        hexdigest = hex_of(digest)
+        try:
+            fd = open_file(self.blobs_fd, hexdigest, os.O_RDONLY, os.path.join(self.root, "blobs"))
+        except FileNotFoundError:
+            return -1
+        except CacheError:
+            os.unlink(hexdigest, dir_fd=self.blobs_fd)
+            return -1
+        if os.fstat(fd).st_size != size:
+            os.close(fd)
+            log.warning("%s: the verified copy in the cache has the wrong size; removed", digest)
+            self._unlink_verified(hexdigest)
+            return -1
+        return fd
+
+    def adopt(self, digest: str, path: str) -> bool:
+        """Share a blob already verified elsewhere (a finished background download) as a verified blob: a hard
+        link, no copy; False where that cannot be (another file system)."""
+        hexdigest = hex_of(digest)
+        try:
+            os.link(path, hexdigest, dst_dir_fd=self.blobs_fd, follow_symlinks=False)
+        except FileExistsError:
+            return True
+        except OSError:
+            return False
+        return True
+
+    def _unlink_verified(self, hexdigest: str, *, only_if: int = -1) -> None:
+        """Remove a verified blob's name (readers keep the file); with ``only_if``, only while the name still names
+        that open file."""
+        if only_if >= 0 and not same_file(only_if, self.blobs_fd, hexdigest):
+            return
+        try:
+            os.unlink(hexdigest, dir_fd=self.blobs_fd)
+        except FileNotFoundError:
+            pass
+
+    def verify_later(self, work: Any) -> Future[Any]:
+        return self._verifier.submit(work)
+
+    def wait_verified(self) -> None:
+        """Until every check already asked for has run (tests; a clean exit)."""
+        self._verifier.submit(lambda: None).result()
 
     # -- housekeeping ------------------------------------------------------------------------------------------
+    def _origin_folders(self) -> Iterator[OriginFolder]:
+        for key in sorted(os.listdir(self.origins_fd)):
+            if len(key) != 32:
+                continue
+            try:
+                yield self._folder(key)
+            except CacheError as exc:
+                log.warning("%s", exc)
+
     def entries(self) -> list[Entry]:
         out = []
-        for name in sorted(os.listdir(self.blobs)):
-            if not name.endswith(".map"):
+        for name in sorted(os.listdir(self.blobs_fd)):
+            if not is_hex_digest(name):
                 continue
-            hexdigest = name[:-4]
-            data, mp = self.paths(hexdigest)
             try:
-                size = os.path.getsize(data)
-                with open(mp, "rb") as f:
-                    present = f.read().count(1)
-                used = os.path.getmtime(mp)
+                st = os.stat(name, dir_fd=self.blobs_fd, follow_symlinks=False)
             except OSError:
                 continue
-            out.append(Entry(f"sha256:{hexdigest}", size, min(size, present * self.chunk), used))
+            out.append(Entry(f"sha256:{name}", st.st_size, min(st.st_size, st.st_blocks * 512), st.st_mtime,
+                             "", "verified"))
+        for folder in self._origin_folders():
+            out.extend(self._origin_entries(folder))
         return out
+
+    def _origin_entries(self, folder: OriginFolder) -> Iterator[Entry]:
+        try:
+            fd = open_file(folder.fd, "origin", os.O_RDONLY, folder.where)
+            try:
+                name = os.read(fd, 4096).decode(errors="replace").strip()
+            finally:
+                os.close(fd)
+        except (OSError, CacheError):
+            name = f"(unknown origin {folder.key})"
+        for entry in sorted(os.listdir(folder.fd)):
+            hexdigest, _, kind = entry.partition(".")
+            if not is_hex_digest(hexdigest) or kind not in ("map", "bad"):
+                continue
+            if kind == "bad":
+                when = os.stat(entry, dir_fd=folder.fd, follow_symlinks=False).st_mtime
+                yield Entry(f"sha256:{hexdigest}", 0, 0, when, name, "bad", folder.key)
+                continue
+            try:
+                size = os.stat(hexdigest + ".data", dir_fd=folder.fd, follow_symlinks=False).st_size
+                fd = open_file(folder.fd, entry, os.O_RDONLY, folder.where)
+                try:
+                    mp = os.pread(fd, 1 << 30, 0)
+                    used = os.fstat(fd).st_mtime
+                finally:
+                    os.close(fd)
+            except (OSError, CacheError):
+                continue
+            present = mp.count(1)
+            state = "complete" if mp and present == len(mp) else "partial"
+            yield Entry(f"sha256:{hexdigest}", size, min(size, present * self.policy.chunk), used, name, state,
+                        folder.key)
 
     def usage(self) -> int:
         return sum(e.cached_bytes for e in self.entries())
 
-    def evict(self, digest: str) -> int:
-        """Drop everything cached of one blob; returns the bytes freed. The files stay (empty and sparse), so
-        processes that have the blob open go on working: they simply fetch again."""
-        data, mp = self.paths(digest)
-        if not os.path.exists(mp):
-            return 0
-        with _locked(mp, fcntl.LOCK_EX) as fd, self.dropping():
-            mapped = os.pread(fd, 1 << 30, 0)
-            present = mapped.count(1)
-            os.pwrite(fd, bytes(len(mapped)), 0)
+    def evict(self, digest: str, origin: str | None = None) -> int:
+        """Drop what is cached of one blob (from one origin, or everywhere: ``origin`` None, the verified blob
+        included); returns the bytes freed. Origin entries keep their (emptied, sparse) files, so processes that
+        have them open go on working: they simply fetch again."""
+        hexdigest = hex_of(digest)
+        freed = 0
+        if origin is None:
             try:
-                size = os.path.getsize(data)
-                dfd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
-            except OSError:
-                return present * self.chunk
-            try:
-                if size:
-                    punch_hole(dfd, 0, size, data)
-            finally:
-                os.close(dfd)
-        return present * self.chunk
+                st = os.stat(hexdigest, dir_fd=self.blobs_fd, follow_symlinks=False)
+                freed += min(st.st_size, st.st_blocks * 512)
+                self._unlink_verified(hexdigest)
+            except FileNotFoundError:
+                pass
+            folders = list(self._origin_folders())
+        else:
+            folders = [self.origin(origin)]
+        for folder in folders:
+            freed += self._empty(folder, hexdigest)
+        return freed
 
-    def prune(self, max_bytes: int | None = None) -> int:
-        """Evict least recently used blobs until the cache holds at most ``max_bytes`` (default: the bound)."""
-        limit = self.max_bytes if max_bytes is None else max_bytes
-        lock = os.open(os.path.join(self.root, "cache.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    def _empty(self, folder: OriginFolder, hexdigest: str) -> int:
+        data, mp, _bad = folder.names(hexdigest)
+        try:
+            fd = lock_entry(folder.fd, mp, fcntl.LOCK_EX, folder.where)
+        except FileNotFoundError:
+            return 0
+        try:
+            with self.dropping():
+                present = os.pread(fd, 1 << 30, 0)
+                count = present.count(1)
+                os.pwrite(fd, bytes(len(present)), 0)
+                try:
+                    dfd = open_file(folder.fd, data, os.O_RDWR, folder.where)
+                except (OSError, CacheError):
+                    return count * self.policy.chunk
+                try:
+                    size = os.fstat(dfd).st_size
+                    if size:
+                        punch_hole(dfd, 0, size, os.path.join(folder.where, data))
+                finally:
+                    os.close(dfd)
+        finally:
+            os.close(fd)
+        return count * self.policy.chunk
+
+    def condemn(self, digest: str, origin: str, reason: str) -> None:
+        """``origin`` served bytes that do not match ``digest``: drop them and refuse further reads of that blob
+        from it (the ``.bad`` mark, cleared by ``overlaybd cache prune``)."""
+        folder = self.origin(origin)
+        hexdigest = hex_of(digest)
+        fd = open_file(folder.fd, hexdigest + ".bad", os.O_WRONLY | os.O_TRUNC, folder.where, create=True)
+        try:
+            os.write(fd, reason.encode() + b"\n")
+        finally:
+            os.close(fd)
+        self._empty(folder, hexdigest)
+        log.warning("%s: %s served bytes that do not match the digest (%s); reads of it from there are stopped and "
+                    "its bytes evicted", digest, origin, reason)
+
+    def prune(self, max_bytes: int | None = None, *, clear_bad: bool = False) -> int:
+        """Evict least recently used entries until the cache holds at most ``max_bytes`` (default: the bound);
+        with ``clear_bad``, bad marks are cleared too (the repository may be read again). Returns the bytes
+        freed."""
+        limit = self.policy.max_bytes if max_bytes is None else max_bytes
+        lock = open_file(self.root_fd, "cache.lock", os.O_RDWR, self.root, create=True)
         try:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return 0  # someone else is evicting
             entries = sorted(self.entries(), key=lambda e: e.last_used)
+            for e in entries:
+                if e.state == "bad" and clear_bad:
+                    os.unlink(hex_of(e.digest) + ".bad", dir_fd=self._folder(e.key).fd)
             total = sum(e.cached_bytes for e in entries)
             freed = 0
             for e in entries:
                 if total - freed <= limit:
                     break
-                freed += self.evict(e.digest)
+                if e.state == "verified":
+                    self._unlink_verified(hex_of(e.digest))
+                    freed += e.cached_bytes
+                elif e.cached_bytes:
+                    freed += self._empty(self._folder(e.key), hex_of(e.digest))
             return freed
         finally:
             os.close(lock)
 
-    def _fetched(self, n: int) -> None:
+    def fetched(self, n: int) -> None:
+        """Note ``n`` bytes newly cached; prune when the bound may have been passed."""
         with self._lock:
             self._fetched_since_check += n
-            due = self._fetched_since_check > max(self.chunk, self.max_bytes // 16)
+            due = self._fetched_since_check > max(self.policy.chunk, self.policy.max_bytes // 16)
             if due:
                 self._fetched_since_check = 0
-        if due and self.usage() > self.max_bytes:
+        if due and self.usage() > self.policy.max_bytes:
             try:
-                self.prune(int(self.max_bytes * 0.9))
+                self.prune(int(self.policy.max_bytes * 0.9))
             except CacheError as exc:  # over its bound for now; the read that fetched is not at fault
                 log.warning("cache not pruned: %s", exc)
 
     def verify(self) -> list[tuple[Entry, str]]:
-        """Hash every fully cached blob; a mismatch is evicted. Returns (entry, "ok"|"corrupt, evicted"|"partial")."""
+        """Hash every whole blob: verified ones (removed if they no longer match) and complete origin entries
+        (promoted, or condemned). Returns (entry, "ok" | "corrupt, evicted" | "partial" | "bad")."""
         out = []
         for e in self.entries():
-            if e.cached_bytes < e.size:
-                out.append((e, "partial"))
+            if e.state in ("partial", "bad"):
+                out.append((e, e.state))
                 continue
-            data, mp = self.paths(e.digest)
-            with _locked(mp, fcntl.LOCK_SH):
-                h = hashlib.sha256()
-                with open(data, "rb") as f:
-                    while block := f.read(1 << 20):
-                        h.update(block)
-            if "sha256:" + h.hexdigest() == e.digest:
-                out.append((e, "ok"))
-            else:
-                self.evict(e.digest)
-                out.append((e, "corrupt, evicted"))
+            hexdigest = hex_of(e.digest)
+            if e.state == "verified":
+                fd = self.open_verified(e.digest, e.size)
+                if fd < 0:
+                    continue
+                try:
+                    good = hash_fd(fd, e.size, os.path.join(self.root, "blobs", hexdigest)) == e.digest
+                    if not good:
+                        self._unlink_verified(hexdigest, only_if=fd)
+                finally:
+                    os.close(fd)
+                out.append((e, "ok" if good else "corrupt, evicted"))
+                continue
+            state = self.promote(self._folder(e.key), e.digest, e.size, e.origin)
+            out.append((e, {"promoted": "ok", "condemned": "corrupt, evicted"}.get(state, "partial")))
         return out
 
-
-@contextmanager
-def _locked(path: str, mode: int) -> Iterator[int]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, mode)
-        yield fd
-    finally:
-        os.close(fd)
-
-
-class CachedSource(BlockSource):
-    """A filter: reads come from the cache, missing chunks are fetched from ``upstream`` (concurrently, with
-    read-ahead) and kept."""
-
-    def __init__(self, cache: BlobCache, digest: str, size: int, upstream: BlockSource, *, readahead: int) -> None:
-        self.cache = cache
-        self.digest = digest
-        self.size = size
-        self.block_size = 1
-        self.upstream = upstream
-        self.name = upstream.name
-        self.readahead = readahead
-        self.data_path, self.map_path = cache.paths(digest)
-        self.nchunks = -(-size // cache.chunk)
-        self._touched = 0.0
-        self._next_offset = -1  # where a sequential reader would read next (a first read is not one: it is a header)
-        self._local = threading.local()
-        self._map_fds: list[int] = []
-        self._fds_lock = threading.Lock()
-        self._prepare()
-        self.data_fd = os.open(self.data_path, os.O_RDWR | os.O_CLOEXEC)
-
-    def _prepare(self) -> None:
-        """Create, or check and if needed reset, this blob's files (never fails on a damaged cache)."""
-        with _locked(self.map_path, fcntl.LOCK_EX) as fd:
-            try:
-                mp = os.pread(fd, self.nchunks + 1, 0)
-                data_ok = os.path.exists(self.data_path) and os.path.getsize(self.data_path) == self.size
-            except OSError:
-                mp, data_ok = b"", False
-            if len(mp) == self.nchunks and data_ok and not mp.translate(None, b"\x00\x01"):
-                return
-            if mp:
-                log.warning("%s: cache entry damaged (map %d/%d bytes, data size ok: %s); rebuilding",
-                            self.digest, len(mp), self.nchunks, data_ok)
-            with self.cache.dropping():
-                os.ftruncate(fd, 0)
-                os.ftruncate(fd, self.nchunks)
-                with open(self.data_path, "wb") as f:
-                    f.truncate(self.size)
-
-    def _map_fd(self) -> int:
-        """This thread's own descriptor of the map: ``flock`` belongs to an open file description, so threads
-        sharing one would unlock each other."""
-        fd: int | None = getattr(self._local, "fd", None)
-        if fd is None:
-            fd = self._local.fd = os.open(self.map_path, os.O_RDWR | os.O_CLOEXEC)
-            with self._fds_lock:
-                self._map_fds.append(fd)
-        return fd
-
-    def _read_aligned(self, offset: int, buf: memoryview) -> None:
-        chunk = self.cache.chunk
-        n = len(buf)
-        first = offset // chunk
-        last = -(-(offset + n) // chunk)
-        sequential = offset == self._next_offset
-        self._next_offset = offset + n
-        readahead = self.readahead if sequential else 0
+    def promote(self, folder: OriginFolder, digest: str, size: int, origin: str) -> str:
+        """Check a complete origin entry against its digest: "promoted" (its data is now the verified blob),
+        "condemned" (dropped and marked bad), or "incomplete" (not whole, or gone)."""
+        hexdigest = hex_of(digest)
+        data, mp, _bad = folder.names(hexdigest)
         try:
-            fd = self._local.fd
-        except AttributeError:
-            fd = self._map_fd()
-        flock, pread, want = fcntl.flock, os.pread, last - first
-        generation = self.cache.generation
-        if _hits is not None and generation is not None:  # lock-free; a miss or a moved generation goes on below
-            if _hits.read_present(generation, fd, self.data_fd, first, want, buf, offset) == _hits.HIT:
-                now = time.monotonic()
-                if now - self._touched > TOUCH_EVERY:
-                    self._touch(now)
-                return
-        for _attempt in range(4):
-            flock(fd, fcntl.LOCK_SH)
+            fd = lock_entry(folder.fd, mp, fcntl.LOCK_EX, folder.where)
+        except FileNotFoundError:
+            return "incomplete"
+        try:
+            present = os.pread(fd, 1 << 30, 0)
+            if not present or present.count(1) != len(present):
+                return "incomplete"
             try:
-                end = min(self.nchunks, last + readahead)
-                present = pread(fd, end - first, first)
-                # the hit path: every chunk present, the bytes copied out under the shared lock
-                if len(present) == end - first and present.find(0, 0, want) < 0:
-                    if os.preadv(self.data_fd, [buf], offset) != n:
-                        self._copy_out(offset, buf)
-                    now = time.monotonic()
-                    if now - self._touched > TOUCH_EVERY:
-                        self._touch(now)
-                    return
+                dfd = open_file(folder.fd, data, os.O_RDONLY, folder.where)
+            except (OSError, CacheError):
+                return "incomplete"
+            try:
+                got = hash_fd(dfd, size, os.path.join(folder.where, data))
             finally:
-                flock(fd, fcntl.LOCK_UN)
-            padded = bytes(first) + present if len(present) == end - first else bytes(end)
-            runs = plan_fetches(padded, first, last, readahead=readahead, nchunks=self.nchunks,
-                                max_run=MAX_RUN_CHUNKS)
-            if len(runs) > 1:
-                list(self.cache.pool.map(self._fetch, runs))  # concurrent range requests
-            elif runs:
-                self._fetch(runs[0])
-        # other processes keep evicting what we fetch (a cache much smaller than the working set): read through
-        log.debug("%s: [%d, +%d) evicted under us repeatedly; reading past the cache", self.digest, offset, len(buf))
-        self.upstream.readinto(offset, buf)
-
-    def _copy_out(self, offset: int, buf: memoryview) -> None:
-        done = 0
-        while done < len(buf):
-            n = os.preadv(self.data_fd, [buf[done:]], offset + done)
-            if n <= 0:
-                raise LayerIOError("cache data file is short", path=self.data_path, offset=offset + done)
-            done += n
-
-    def _fetch(self, run: tuple[int, int]) -> None:
-        chunk = self.cache.chunk
-        start, count = run
-        off = start * chunk
-        n = min(count * chunk, self.size - off)
-        data = self.upstream.pread(off, n)
-        # data and map change together under the shared lock: an eviction (exclusive) cannot punch the data
-        # between the two and leave the map claiming bytes that are gone
-        with _locked(self.map_path, fcntl.LOCK_SH) as fd:
-            write_all(self.data_fd, data, off, self.data_path)
-            os.pwrite(fd, b"\x01" * count, start)
-        self.cache._fetched(n)
-
-    def _touch(self, now: float) -> None:
-        """Mark the entry used (its map's mtime orders LRU eviction), at most once every TOUCH_EVERY seconds."""
-        self._touched = now
-        try:
-            os.utime(self.map_path)
-        except OSError:
-            pass
-
-    def invalidate(self, offset: int, length: int) -> None:
-        first, last = chunk_span(offset, length, self.cache.chunk)
-        with _locked(self.map_path, fcntl.LOCK_EX) as fd, self.cache.dropping():
-            os.pwrite(fd, bytes(last - first), first)
-            start = first * self.cache.chunk
-            punch_hole(self.data_fd, start, min(last * self.cache.chunk, self.size) - start, self.data_path)
+                os.close(dfd)
+            if got == digest:
+                os.rename(data, hexdigest, src_dir_fd=folder.fd, dst_dir_fd=self.blobs_fd)
+                os.unlink(mp, dir_fd=folder.fd)
+                log.info("%s: whole and verified; now shared by every repository", digest)
+                return "promoted"
+        finally:
+            os.close(fd)
+        self.condemn(digest, origin, f"whole blob hashes to {got}")
+        return "condemned"
 
     def close(self) -> None:
-        if self.data_fd >= 0:
-            os.close(self.data_fd)
-            self.data_fd = -1
-        with self._fds_lock:
-            for fd in self._map_fds:
-                os.close(fd)
-            self._map_fds.clear()
-        self._local = threading.local()
+        self.pool.shutdown(wait=True)
+        self._verifier.shutdown(wait=True)

@@ -18,8 +18,7 @@ import tempfile
 import time
 
 from ..errors import LayerIOError, UsageError
-from ..volume import Volume
-from .volume import _split_ref
+from .common import open_volume, split_volume_ref
 
 STATE = "/run/overlaybd"
 OVERLAYBD = [sys.executable, "-m", "overlaybd.cli.main"]
@@ -62,8 +61,8 @@ def _run(cmd: list[str]) -> str:
 
 def run_attach(args: argparse.Namespace) -> int:
     _need_root()
-    vol_path, ref = _split_ref(args.volume)
-    vol = Volume(vol_path)
+    vol_path, ref = split_volume_ref(args.volume)
+    vol = open_volume(vol_path)
     readonly = args.readonly or ref is not None
     snapshot = vol.resolve(ref) if ref is not None else None
     os.makedirs(STATE, exist_ok=True)
@@ -159,7 +158,7 @@ def _alive(pid: int) -> bool:
 def run_daemon(args: argparse.Namespace) -> int:
     from ..export.fuse import run_fuse
 
-    vol = Volume(args.volume)
+    vol = open_volume(args.volume)
     with vol.open(writable=not args.readonly and args.snapshot is None, snapshot=args.snapshot) as dev:
         try:
             run_fuse(dev, args.mountpoint, readonly=args.readonly or args.snapshot is not None)

@@ -3,37 +3,35 @@
 from __future__ import annotations
 
 import json
-import re
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..errors import UsageError
+from ..remote.lazy import RemoteLayers
+from ..sizes import human, parse_size
+from ..volume import Volume
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgtpe]?)(i?b?)?\s*$", re.I)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+__all__ = ["emit_json", "human", "open_volume", "parse_size", "progress_bar", "split_volume_ref"]
 
 
-def parse_size(text: str) -> int:
-    """``10G``, ``512M``, ``4096`` (bytes), as qemu-img reads sizes (binary units)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise UsageError(f"not a size: {text!r} (try 10G, 512M or a number of bytes)")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+def open_volume(path: str) -> Volume:
+    """A volume whose snapshots may still be in their repository (pulled lazily)."""
+    return Volume(path, opener=RemoteLayers())
+
+
+def split_volume_ref(text: str) -> tuple[str, str | None]:
+    """``VOL@SNAP`` -> (VOL, SNAP); a plain path -> (path, None)."""
+    if "@" in text and not os.path.exists(text):
+        vol, _, ref = text.rpartition("@")
+        return vol, ref
+    return text, None
 
 
 def emit_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
-
-
-def human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
 
 
 @contextmanager

@@ -9,8 +9,7 @@ import os
 from ..cache.store import BlobCache
 from ..remote.reference import parse_reference
 from ..remote.transfer import pull, push
-from ..volume import Volume
-from .common import emit_json, human, parse_size, progress_bar
+from .common import emit_json, human, open_volume, parse_size, progress_bar
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -36,10 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ls = csub.add_parser("ls", help="cached blobs, how much of each, last used")
     ls.add_argument("--output", choices=("human", "json"), default="human")
     ls.set_defaults(run=run_cache_ls)
-    pr = csub.add_parser("prune", help="evict least recently used blobs down to a size (default: the bound)")
+    pr = csub.add_parser("prune", help="evict least recently used blobs down to a size (default: the bound); "
+                         "clears the marks of repositories caught serving wrong bytes")
     pr.add_argument("--max-size", help="e.g. 1G; 0 empties the cache")
     pr.set_defaults(run=run_cache_prune)
-    ve = csub.add_parser("verify", help="hash fully cached blobs; evict any that do not match their digest")
+    ve = csub.add_parser("verify", help="hash whole cached blobs: share the ones that match their digest, evict "
+                         "the others")
     ve.set_defaults(run=run_cache_verify)
     for q in (ls, pr, ve):
         q.add_argument("--cache-dir", help="default: $OVERLAYBD_CACHE_DIR, /var/cache/overlaybd as root")
@@ -47,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run_push(args: argparse.Namespace) -> int:
     with progress_bar("push", args.output == "human") as progress:
-        report = push(Volume(args.volume), parse_reference(args.reference), insecure=args.insecure,
+        report = push(open_volume(args.volume), parse_reference(args.reference), insecure=args.insecure,
                       progress=progress)
     if args.output == "json":
         emit_json({"reference": report.reference, "manifest": report.manifest_digest, "layers": report.layers})
@@ -75,19 +76,23 @@ def _cache(args: argparse.Namespace) -> BlobCache:
 def run_cache_ls(args: argparse.Namespace) -> int:
     entries = _cache(args).entries()
     if args.output == "json":
-        emit_json([{"digest": e.digest, "size": e.size, "cached": e.cached_bytes, "last_used": e.last_used}
-                   for e in entries])
+        emit_json([{"digest": e.digest, "size": e.size, "cached": e.cached_bytes, "last_used": e.last_used,
+                    "state": e.state, "origin": e.origin or None} for e in entries])
         return 0
     for e in entries:
         when = dt.datetime.fromtimestamp(e.last_used).isoformat(timespec="seconds")
-        print(f"{e.digest[:19]}  {human(e.cached_bytes):>10} of {human(e.size):>10}  {when}")
-    print(f"{len(entries)} blob(s), {human(sum(e.cached_bytes for e in entries))} cached")
+        where = "all repositories" if e.state == "verified" else e.origin
+        if e.state == "bad":
+            print(f"{e.digest[:19]}  BAD: {where} served bytes that do not match it; reads from there are stopped")
+            continue
+        print(f"{e.digest[:19]}  {human(e.cached_bytes):>10} of {human(e.size):>10}  {when}  {e.state:<8}  {where}")
+    print(f"{len(entries)} entries, {human(sum(e.cached_bytes for e in entries))} cached")
     return 0
 
 
 def run_cache_prune(args: argparse.Namespace) -> int:
     cache = _cache(args)
-    freed = cache.prune(parse_size(args.max_size) if args.max_size is not None else None)
+    freed = cache.prune(parse_size(args.max_size) if args.max_size is not None else None, clear_bad=True)
     print(f"freed {human(freed)}; {human(cache.usage())} left in {os.path.abspath(cache.root)}")
     return 0
 
@@ -96,6 +101,6 @@ def run_cache_verify(args: argparse.Namespace) -> int:
     results = _cache(args).verify()
     bad = 0
     for e, state in results:
-        print(f"{e.digest[:19]}  {state}")
-        bad += state.startswith("corrupt")
+        print(f"{e.digest[:19]}  {state}  {e.origin or 'verified'}")
+        bad += state.startswith("corrupt") or state == "bad"
     return 2 if bad else 0

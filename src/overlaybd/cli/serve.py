@@ -17,6 +17,7 @@ from ..export.nbd.server import Export, NbdServer, serve
 from ..formats.output import Compression
 from ..operations import open_stack
 from ..volume import CONFIG, Snapshot, Volume
+from .common import open_volume
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -58,7 +59,7 @@ def _volume(args: argparse.Namespace) -> Volume | None:
     if len(args.layers) == 1 and os.path.isfile(os.path.join(first, CONFIG)):
         if args.upper:
             raise UsageError("--upper goes with layer files, not with a volume")
-        return Volume(first)
+        return open_volume(first)
     return None
 
 

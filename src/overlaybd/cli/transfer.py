@@ -13,8 +13,7 @@ from ..formats.output import Compression, copy_out
 from ..source.base import ExtentKind
 from ..source.file import FileSource
 from ..volume import Volume
-from .common import human, progress_bar
-from .volume import _split_ref
+from .common import human, open_volume, progress_bar, split_volume_ref
 
 QCOW2_MAGIC = b"QFI\xfb"
 
@@ -61,7 +60,7 @@ def run_import(args: argparse.Namespace) -> int:
             _run([_qemu_img(), "convert", "-f", "qcow2", "-O", "raw", "-S", "4k", args.src, raw])
         with FileSource(raw) as disk:
             size = -(-disk.size // 512) * 512
-            vol = Volume(args.volume) if os.path.exists(os.path.join(args.volume, "config.json")) else \
+            vol = open_volume(args.volume) if os.path.exists(os.path.join(args.volume, "config.json")) else \
                 Volume.create(args.volume, size)
             if disk.size > vol.size:
                 raise UsageError(f"the disk ({human(disk.size)}) is larger than the volume ({human(vol.size)})")
@@ -89,8 +88,8 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    vol_path, ref = _split_ref(args.volume)
-    vol = Volume(vol_path)
+    vol_path, ref = split_volume_ref(args.volume)
+    vol = open_volume(vol_path)
     snapshot = vol.resolve(ref) if ref is not None else None
     with vol.open(snapshot=snapshot) as dev, progress_bar("export", True) as progress:
         if args.format == "raw":

@@ -9,15 +9,7 @@ from ..errors import LockedError, UsageError
 from ..export import control
 from ..formats.output import Compression
 from ..volume import Volume, VolumeError
-from .common import emit_json, human, parse_size
-
-
-def _split_ref(text: str) -> tuple[str, str | None]:
-    """``VOL@SNAP`` -> (VOL, SNAP); a plain path -> (path, None)."""
-    if "@" in text and not os.path.exists(text):
-        vol, _, ref = text.rpartition("@")
-        return vol, ref
-    return text, None
+from .common import emit_json, human, open_volume, parse_size, split_volume_ref
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -68,9 +60,9 @@ def run_create(args: argparse.Namespace) -> int:
     lowers: list[str] = []
     if args.base:
         if len(args.base) == 1:
-            vol, ref = _split_ref(args.base[0])
+            vol, ref = split_volume_ref(args.base[0])
             if ref is not None or os.path.isdir(vol):
-                src = Volume(vol)
+                src = open_volume(vol)
                 n = src.resolve(ref) if ref is not None else len(src.lowers) - 1
                 lowers = src.lowers[: n + 1]
             else:
@@ -83,7 +75,7 @@ def run_create(args: argparse.Namespace) -> int:
 
 
 def run_snapshot(args: argparse.Namespace) -> int:
-    vol = Volume(args.volume)
+    vol = open_volume(args.volume)
     try:
         snap = vol.snapshot(args.message, _compression(args.compress))
     except LockedError:
@@ -107,7 +99,7 @@ def _snap_json(s: object) -> dict[str, object]:
 
 
 def run_log(args: argparse.Namespace) -> int:
-    snaps = Volume(args.volume).snapshots()
+    snaps = open_volume(args.volume).snapshots()
     if args.output == "json":
         emit_json([_snap_json(s) for s in reversed(snaps)])
         return 0
@@ -121,7 +113,7 @@ def run_log(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    vol = Volume(args.volume)
+    vol = open_volume(args.volume)
     if args.range:
         first_ref, sep, last_ref = args.range.partition("..")
         if not sep:
@@ -137,7 +129,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_diff(args: argparse.Namespace) -> int:
-    vol = Volume(args.volume)
+    vol = open_volume(args.volume)
     a = -1 if args.a == "empty" else vol.resolve(args.a)
     ranges = vol.diff(a, vol.resolve(args.b))
     if args.output == "json":
@@ -150,8 +142,8 @@ def run_diff(args: argparse.Namespace) -> int:
 
 
 def run_clone(args: argparse.Namespace) -> int:
-    vol_path, ref = _split_ref(args.source)
-    src = Volume(vol_path)
+    vol_path, ref = split_volume_ref(args.source)
+    src = open_volume(vol_path)
     n = src.resolve(ref) if ref is not None else len(src.lowers) - 1
     new = src.clone(n, args.target)
     print(f"{new.path}: clone of snapshot {n} of {src.path}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import FormatError, OverlaybdError
+from ..errors import DigestMismatchError, OverlaybdError
 
 
 class RemoteError(OverlaybdError):
@@ -21,5 +21,4 @@ class TransportError(RemoteError):
     """The connection failed, or the server kept failing, after bounded retries."""
 
 
-class DigestMismatchError(FormatError):
-    """Bytes whose sha256 (or size) is not what the descriptor says."""
+__all__ = ["AuthError", "DigestMismatchError", "NotFoundError", "RemoteError", "TransportError"]

@@ -1,17 +1,23 @@
-"""Opening a layer that lives in a repository: its blob through the cache, peeled and opened as LSMT."""
+"""Opening a layer that lives in a repository: its blob through the cache, peeled and opened as LSMT; and the
+volume layer opener that does so for snapshots pulled lazily."""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
-from ..cache.store import BlobCache
+from ..cache.store import BlobCache, default_dir
+from ..errors import DigestMismatchError, OverlaybdError
 from ..formats.detect import peel
 from ..formats.lsmt.layer import LsmtLayer
 from ..source.base import BlockSource
 from ..source.file import FileSource
+from ..source.filter import Filter
+from ..volume import Layer, LocalLayers, Volume
 from .errors import RemoteError
 from .layout import OciLayout
 from .registry import RegistryRepository
@@ -19,6 +25,7 @@ from .repository import Repository
 
 log = logging.getLogger(__name__)
 _CACHES: dict[str, BlobCache] = {}
+_CACHES_LOCK = threading.Lock()
 
 
 def repository_for(blob_url: str) -> Repository:
@@ -31,27 +38,35 @@ def repository_for(blob_url: str) -> Repository:
 
 
 def shared_cache() -> BlobCache:
-    from .. import cache as _cache_pkg  # noqa: F401
-    from ..cache.store import default_dir
+    """The process's cache at the default folder (one per folder, shared by every layer opened)."""
+    root = os.path.abspath(default_dir())
+    with _CACHES_LOCK:
+        if root not in _CACHES:
+            _CACHES[root] = BlobCache(root)
+        return _CACHES[root]
 
-    root = default_dir()
-    if root not in _CACHES:
-        _CACHES[root] = BlobCache(root)
-    return _CACHES[root]
+
+def use_cache(cache: BlobCache) -> None:
+    """Make ``cache`` the process's cache for its folder (a policy of one's own: benchmarks, embedders)."""
+    with _CACHES_LOCK:
+        _CACHES[cache.root] = cache
 
 
 def open_remote_blob(blob_url: str, digest: str, size: int, owned: ExitStack) -> BlockSource:
+    """A blob of a repository, random access: a local file for an OCI layout, else range reads through the cache
+    (its bytes kept apart as this repository's until the whole blob is proven)."""
     repo = repository_for(blob_url)
     blob = owned.enter_context(repo.open_blob(digest, size))
     if isinstance(repo, OciLayout):
         return blob  # already a local file
-    return owned.enter_context(shared_cache().source(digest, size, blob))
+    return owned.enter_context(shared_cache().source(digest, size, blob, origin=repo.blob_url()))
 
 
 def open_remote_layer(blob_url: str, digest: str, size: int, owned: ExitStack, *, name: str,
                       download_to: str | None = None) -> LsmtLayer:
     """The layer in a repository blob. With ``download_to``, the whole blob is also downloaded in the background
-    (verified by sha256, as the reference's ``download`` option does) and reads then switch to the local copy."""
+    (verified by sha256, as the reference's ``download`` option does) and reads then switch to the local copy; a
+    download whose bytes do not match the digest stops reads of that blob from the repository (they fail)."""
     src: BlockSource = open_remote_blob(blob_url, digest, size, owned)
     if download_to is not None:
         switch = SwitchSource(src)
@@ -63,20 +78,40 @@ def open_remote_layer(blob_url: str, digest: str, size: int, owned: ExitStack, *
     return LsmtLayer(peeled.source, name=name)
 
 
-class SwitchSource(BlockSource):
-    """A filter whose source can be swapped for one with the same bytes (a finished download)."""
+class RemoteLayers(LocalLayers):
+    """A volume's snapshots: local files where they are, else from the volume's repository (``repoBlobUrl``),
+    opened concurrently (each costs round trips for its index)."""
 
-    def __init__(self, inner: BlockSource) -> None:
-        self.inner = inner
-        self.size = inner.size
-        self.name = inner.name
-        self.block_size = 1
+    def open_lowers(self, volume: Volume, numbers: Sequence[int], owned: ExitStack) -> list[Layer]:
+        numbers = list(numbers)
+        remote = [n for n in numbers if not os.path.exists(volume.lowers[n])]
+        if len(remote) < 2:
+            return [self._open(volume, n, owned) for n in numbers]
+        stacks = {n: ExitStack() for n in numbers}
+        try:
+            with ThreadPoolExecutor(max_workers=min(8, len(numbers)), thread_name_prefix="open-layer") as pool:
+                layers = list(pool.map(lambda n: self._open(volume, n, stacks[n]), numbers))
+        except BaseException:
+            for st in stacks.values():
+                st.close()
+            raise
+        for n in numbers:
+            owned.enter_context(stacks[n])
+        return layers
 
-    def _read_aligned(self, offset: int, buf: memoryview) -> None:
-        self.inner.readinto(offset, buf)
+    def _open(self, volume: Volume, n: int, owned: ExitStack) -> Layer:
+        path = volume.lowers[n]
+        entry = volume.config["lowers"][n]
+        if os.path.exists(path) or "digest" not in entry:
+            return self.open_local(volume, n, owned)
+        download = bool((volume.config.get("download") or {}).get("enable"))
+        return open_remote_layer(volume.config.get("repoBlobUrl", ""), entry["digest"], int(entry["size"]), owned,
+                                 name=path, download_to=path if download else None)
 
-    def invalidate(self, offset: int, length: int) -> None:
-        self.inner.invalidate(offset, length)
+
+class SwitchSource(Filter):
+    """A filter whose source can be swapped for one with the same bytes (a finished download), or cut off (a
+    download that proved the repository's bytes wrong)."""
 
     def switch(self, inner: BlockSource) -> None:
         if inner.size != self.size:
@@ -84,14 +119,37 @@ class SwitchSource(BlockSource):
         self.inner = inner
 
 
+class FailedSource(Filter):
+    """Every read fails with the error that cut the source off."""
+
+    def __init__(self, inner: BlockSource, error: OverlaybdError) -> None:
+        super().__init__(inner)
+        self.error = error
+
+    def _read_aligned(self, offset: int, buf: memoryview) -> None:
+        raise self.error
+
+
 def _download(blob_url: str, digest: str, size: int, dest: str, switch: SwitchSource, owned: ExitStack) -> None:
+    repo = None
     try:
+        repo = repository_for(blob_url)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         if not os.path.exists(dest):
-            repository_for(blob_url).fetch_blob(digest, size, dest)
+            repo.fetch_blob(digest, size, dest)
         local = FileSource(dest)
         owned.callback(local.close)
         switch.switch(local)
+        if not isinstance(repo, OciLayout):
+            shared_cache().adopt(digest, dest)  # proven: every repository's readers may share it now
         log.info("%s: downloaded and verified; reads now come from %s", digest, dest)
+    except DigestMismatchError as exc:
+        origin = repo.blob_url() if repo is not None else blob_url
+        if not isinstance(repo, OciLayout):
+            shared_cache().condemn(digest, origin, str(exc))
+        error = DigestMismatchError(f"the background download from {origin} does not match the digest ({exc}); "
+                                    "reads of this layer are stopped", path=digest)
+        switch.switch(FailedSource(switch.inner, error))
+        log.warning("%s", error)
     except Exception as exc:  # reads go on from the repository
         log.warning("background download of %s failed: %s", digest, exc)

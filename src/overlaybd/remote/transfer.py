@@ -16,10 +16,10 @@ from ..formats.lsmt.spec import format_uuid
 from ..formats.lsmt.writable import WritableBase
 from ..formats.output import Compression, compress_to, write_atomically
 from ..source.file import FileSource, write_all
-from ..volume import CONFIG, LAYERS, META, Volume, _new_upper, _write_config
+from ..volume import LAYERS, Volume, new_volume_dir
 from .errors import RemoteError
 from .layout import OciLayout, hash_file
-from .lazy import open_remote_layer, repository_for
+from .lazy import RemoteLayers, open_remote_layer, repository_for
 from .oci import (
     CONFIG_OCI,
     INDEX_TYPES,
@@ -174,43 +174,38 @@ def resolve_manifest(repo: Repository, selector: str) -> tuple[Manifest, str]:
 
 def pull(ref: Reference, target: str, *, lazy: bool = False, background: bool = False, insecure: bool = False,
          progress: Progress | None = None, prefetch: str | None = None) -> Volume:
-    """Make a volume from an image: every layer downloaded and verified, or (lazy) only referenced."""
+    """Make a volume from an image, in a new or empty directory: every layer downloaded and verified, or (lazy)
+    only referenced. A pull that fails leaves the directory as it found it."""
     repo = open_repository(ref, insecure=insecure)
     mf, digest = resolve_manifest(repo, ref.selector)
     bad = [n for n, d in enumerate(mf.layers) if not d.is_overlaybd]
     if bad:
         raise UsageError(f"{ref} is not an overlaybd image: layer {bad[0]} has no overlaybd annotations")
-    target = os.path.abspath(target)
-    if os.path.exists(os.path.join(target, CONFIG)):
-        raise UsageError("a volume already exists here", path=target)
-    os.makedirs(os.path.join(target, LAYERS), exist_ok=True)
-    entries: list[dict[str, Any]] = []
-    for n, d in enumerate(mf.layers):
-        name = f"{n:04d}-{d.digest.split(':')[1][:16]}"
-        if lazy:
-            entries.append({"dir": os.path.join(target, LAYERS, name), "digest": d.digest, "size": d.size})
-        else:
-            path = os.path.join(target, LAYERS, name + ".tar")
-            repo.fetch_blob(d.digest, d.size, path, progress)
-            entries.append({"file": path, "digest": d.digest, "size": d.size})
-    with ExitStack() as owned:
-        top = entries[-1]
-        layer: LsmtLayer | WritableBase
-        if lazy:
-            layer = open_remote_layer(repo.blob_url(), top["digest"], top["size"], owned, name=top["dir"])
-        else:
-            layer = open_layer(top["file"], owned=owned)
-        size = layer.virtual_size
-        parent = format_uuid(layer.uuid)
-    data, index = _new_upper(target, size, parent)
-    config: dict[str, Any] = {"repoBlobUrl": repo.blob_url(), "lowers": entries,
-                              "upper": {"data": data, "index": index},
-                              META: {"version": 1, "size": size, "origin": {"reference": str(ref),
-                                                                             "manifest": digest},
-                                     "created": {}}}
-    if background:
-        config["download"] = {"enable": True}
-    if prefetch:
-        config["recordTracePath"] = prefetch
-    _write_config(target, config)
-    return Volume(target)
+    if not mf.layers:
+        raise UsageError(f"{ref} has no layers")
+    with new_volume_dir(target) as path:
+        os.makedirs(os.path.join(path, LAYERS), exist_ok=True)
+        entries: list[dict[str, Any]] = []
+        for n, d in enumerate(mf.layers):
+            name = os.path.join(path, LAYERS, f"{n:04d}-{d.digest.split(':')[1][:16]}")
+            if lazy:
+                entries.append({"dir": name, "digest": d.digest, "size": d.size})
+            else:
+                repo.fetch_blob(d.digest, d.size, name + ".tar", progress)
+                entries.append({"file": name + ".tar", "digest": d.digest, "size": d.size})
+        with ExitStack() as owned:
+            top = entries[-1]
+            layer: LsmtLayer | WritableBase
+            if lazy:
+                layer = open_remote_layer(repo.blob_url(), top["digest"], top["size"], owned, name=top["dir"])
+            else:
+                layer = open_layer(top["file"], owned=owned)
+            size = layer.virtual_size
+            parent = format_uuid(layer.uuid)
+        settings: dict[str, Any] = {"repoBlobUrl": repo.blob_url()}
+        if background:
+            settings["download"] = {"enable": True}
+        if prefetch:
+            settings["recordTracePath"] = prefetch
+        return Volume.assemble(path, size, entries, parent_uuid=parent, settings=settings,
+                               meta={"origin": {"reference": str(ref), "manifest": digest}}, opener=RemoteLayers())

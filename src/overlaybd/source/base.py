@@ -90,9 +90,23 @@ class BlockSource:
         if start == offset and aligned_end == end:
             self._read_aligned(offset, view)
             return
-        tmp = bytearray(aligned_end - start)
-        self._read_aligned(start, memoryview(tmp))
-        view[:] = tmp[offset - start : offset - start + length]
+        # a partial head block and a partial tail block through small buffers; the aligned body straight into buf
+        pos = offset
+        if offset != start:
+            block_end = min(start + bs, self.size)
+            tmp = bytearray(block_end - start)
+            self._read_aligned(start, memoryview(tmp))
+            n = min(block_end, end) - offset
+            view[:n] = tmp[offset - start : offset - start + n]
+            pos += n
+        body_end = end if aligned_end == end else end - end % bs
+        if body_end > pos:
+            self._read_aligned(pos, view[pos - offset : body_end - offset])
+            pos = body_end
+        if pos < end:
+            tmp = bytearray(aligned_end - pos)
+            self._read_aligned(pos, memoryview(tmp))
+            view[pos - offset :] = tmp[: end - pos]
 
     def _read_aligned(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf``; ``offset`` is a multiple of block_size, the end is one too or equals size."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
-import threading
 from collections.abc import Iterator
 
 from ..errors import LayerIOError, TruncatedError
 from .base import BlockSource, Capability, Extent, ExtentKind
+from .filter import Filter
 
 
 class FileSource(BlockSource):
@@ -23,7 +24,6 @@ class FileSource(BlockSource):
         self.size = os.fstat(self.fd).st_size
         self.block_size = 1
         self.capabilities = Capability.WRITE | Capability.FLUSH if writable else Capability.NONE
-        self._grow_lock = threading.Lock()
 
     def _read_aligned(self, offset: int, buf: memoryview) -> None:
         done = 0
@@ -86,6 +86,20 @@ def write_all(fd: int, data: memoryview | bytes, offset: int, name: str) -> None
             raise LayerIOError(f"write failed: {exc.strerror}", path=name, offset=offset + done) from exc
 
 
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def punch_hole(fd: int, offset: int, length: int, name: str) -> None:
+    """``fallocate(PUNCH_HOLE | KEEP_SIZE)``: the range reads as zeros and takes no space (no binding in ``os``)."""
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise LayerIOError(f"cannot punch a hole: {os.strerror(err)}", path=name, offset=offset) from OSError(
+            err, os.strerror(err))
+
+
 class MemorySource(BlockSource):
     """Bytes in memory; writable if built from a bytearray."""
 
@@ -106,7 +120,7 @@ class MemorySource(BlockSource):
         self._data[offset : offset + len(data)] = data  # type: ignore[index]
 
 
-class RangeSource(BlockSource):
+class RangeSource(Filter):
     """A filter exposing ``[start, start+length)`` of another source (e.g. the payload of a tar member)."""
 
     def __init__(self, inner: BlockSource, start: int, length: int) -> None:
@@ -114,14 +128,15 @@ class RangeSource(BlockSource):
             raise TruncatedError(
                 f"range [{start}, {start + length}) is beyond the end ({inner.size})", path=inner.name, offset=start
             )
-        self.inner = inner
+        super().__init__(inner, size=length)
         self.start = start
-        self.name = inner.name
-        self.size = length
-        self.block_size = 1
 
     def _read_aligned(self, offset: int, buf: memoryview) -> None:
         self.inner.readinto(self.start + offset, buf)
+
+    def _extents(self, offset: int, length: int) -> Iterator[Extent]:
+        for ext in self.inner.extents(self.start + offset, length):
+            yield Extent(ext.offset - self.start, ext.length, ext.kind, ext.layer)
 
     def invalidate(self, offset: int, length: int) -> None:
         self.inner.invalidate(self.start + offset, length)

@@ -41,7 +41,8 @@ class LsmtStack(LsmtView):
     """
 
     def __init__(self, lowers: Sequence[LowerLayer], upper: WritableBase | None = None, *,
-                 owned: ExitStack | None = None) -> None:
+                 owned: ExitStack | None = None, size: int | None = None) -> None:
+        """``size``: the device's size when its owner knows it (a volume), else the top layer's virtual size."""
         if len(lowers) > MAX_LAYERS:
             raise LimitError(f"{len(lowers)} layers: a stack holds at most {MAX_LAYERS}")
         if not lowers and upper is None:
@@ -68,7 +69,7 @@ class LsmtStack(LsmtView):
         self.levels = levels
         self.sources = sources
         top = [layer for layer in ([upper] if upper else []) + self.lowers[::-1] if layer.virtual_size]
-        self.size = top[0].virtual_size if top else 0
+        self.size = size if size is not None else top[0].virtual_size if top else 0
         self.name = upper.name if upper is not None else self.lowers[-1].name
 
     @property

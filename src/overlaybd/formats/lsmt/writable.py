@@ -18,7 +18,7 @@ import numpy as np
 
 from ...errors import BadMagicError, CorruptIndexError, LayerIOError, LimitError, LockedError
 from ...source.base import Capability
-from ...source.file import FileSource, write_all
+from ...source.file import FileSource, punch_hole, write_all
 from .index import MutableIndex, Segments, drop_invalid, replay
 from .layer import read_header
 from .mapping import MutableLevel
@@ -286,22 +286,6 @@ class SparseLayer(WritableBase):
         """Rebuilt from the file's allocation, as the reference does on open (record cuts matter to commit)."""
         with self._lock:
             return sparse_segments(self.data.fd, self.data.size)
-
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-
-
-def punch_hole(fd: int, offset: int, length: int, name: str) -> None:
-    """``fallocate(PUNCH_HOLE | KEEP_SIZE)``; the standard library has no binding for it."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise LayerIOError(f"cannot punch a hole: {os.strerror(err)}", path=name, offset=offset) from OSError(
-            err, os.strerror(err))
 
 
 def sparse_segments(fd: int, file_size: int) -> Segments:

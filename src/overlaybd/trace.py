@@ -14,10 +14,13 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
-from ..errors import FormatError, TruncatedError
-from ..formats.checksum import raw_crc32c
-from ..source.base import BlockSource
+from .errors import FormatError, TruncatedError
+from .formats.checksum import raw_crc32c
+from .formats.lsmt.index import Segments
+from .source.base import BlockSource
+from .source.filter import Filter
 
 log = logging.getLogger(__name__)
 
@@ -106,23 +109,61 @@ class TraceRecorder:
         log.info("%s: recorded %d reads", self.path, len(self.records))
 
 
-class RecordingSource(BlockSource):
+class RecordingSource(Filter):
     """A filter noting every read of a layer's data stream."""
 
     def __init__(self, inner: BlockSource, layer: int, recorder: TraceRecorder) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.layer = layer
         self.recorder = recorder
-        self.size = inner.size
-        self.name = inner.name
-        self.block_size = 1
 
     def _read_aligned(self, offset: int, buf: memoryview) -> None:
         self.recorder.note(self.layer, offset, len(buf))
         self.inner.readinto(offset, buf)
 
-    def invalidate(self, offset: int, length: int) -> None:
-        self.inner.invalidate(offset, length)
+
+class Layer(Protocol):
+    """What a stack needs of a lower layer (``formats.lsmt.stack.LowerLayer``)."""
+
+    name: str
+
+    @property
+    def data(self) -> BlockSource: ...
+
+    @property
+    def virtual_size(self) -> int: ...
+
+    @property
+    def uuid(self) -> bytes: ...
+
+    @property
+    def parent_uuid(self) -> bytes: ...
+
+    def segments(self) -> Segments: ...
+
+
+class RecordedLayer:
+    """A layer whose data reads are recorded as layer ``number`` of the trace; the rest is the layer's own."""
+
+    def __init__(self, layer: Layer, number: int, recorder: TraceRecorder) -> None:
+        self.layer = layer
+        self.name = layer.name
+        self.data = RecordingSource(layer.data, number, recorder)
+
+    @property
+    def virtual_size(self) -> int:
+        return self.layer.virtual_size
+
+    @property
+    def uuid(self) -> bytes:
+        return self.layer.uuid
+
+    @property
+    def parent_uuid(self) -> bytes:
+        return self.layer.parent_uuid
+
+    def segments(self) -> Segments:
+        return self.layer.segments()
 
 
 def replay(records: Sequence[TraceRecord], sources: Sequence[BlockSource], *, concurrency: int = CONCURRENCY
