@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 _hits: Any = native.load("overlaybd.cache._hits")
 
 
+class _EntryGone(Exception):
+    """This repository's entry was promoted to the verified blob (or removed) under us: look again."""
+
+
 class _Binding:
     """The entry files a source reads and fills: its repository's data file (and map, opened per thread)."""
 
@@ -106,20 +110,39 @@ class CachedSource(Filter):
         mine: tuple[int, int] | None = getattr(self._local, "map", None)
         if mine is not None and mine[0] == binding.serial:
             return mine[1]
-        fd = self._keep(open_file(self.folder.fd, self.map_name, os.O_RDWR, self.folder.where))
+        try:
+            fd = self._keep(open_file(self.folder.fd, self.map_name, os.O_RDWR, self.folder.where))
+        except FileNotFoundError:
+            raise _EntryGone from None
         self._local.map = (binding.serial, fd)
         return fd
 
+    def _follow(self) -> None:
+        """The entry moved: read the verified blob if it is there now, else a fresh entry."""
+        with self._fds_lock:
+            fd = self.cache.open_verified(self.digest, self.size)
+            if fd >= 0:
+                self._fds.append(fd)
+                self.verified_fd = fd
+                return
+        self._bind()
+
     # -- reading -------------------------------------------------------------------------------------------------
     def _read_aligned(self, offset: int, buf: memoryview) -> None:
-        if self.failure is not None:
-            raise self.failure
-        vfd = self.verified_fd
-        if vfd >= 0:
-            _read_all(vfd, buf, offset, self.data_name)
-            self._touch_verified()
-            return
-        self._read_entry(offset, buf)
+        for _attempt in range(4):
+            if self.failure is not None:
+                raise self.failure
+            vfd = self.verified_fd
+            if vfd >= 0:
+                _read_all(vfd, buf, offset, self.data_name)
+                self._touch_verified()
+                return
+            try:
+                self._read_entry(offset, buf)
+                return
+            except _EntryGone:
+                self._follow()
+        self.inner.readinto(offset, buf)  # the entry keeps moving under us: read past the cache
 
     def _read_entry(self, offset: int, buf: memoryview) -> None:
         chunk = self.policy.chunk
@@ -255,7 +278,11 @@ class CachedSource(Filter):
         binding = self._binding
         assert binding is not None
         first, last = chunk_span(offset, length, self.policy.chunk)
-        fd = lock_entry(self.folder.fd, self.map_name, fcntl.LOCK_EX, self.folder.where)
+        try:
+            fd = lock_entry(self.folder.fd, self.map_name, fcntl.LOCK_EX, self.folder.where)
+        except FileNotFoundError:  # promoted meanwhile: the next read finds where the bytes are now
+            self._follow()
+            return
         try:
             if not same_file(binding.data_fd, self.folder.fd, self.data_name):
                 self._bind()
