@@ -15,4 +15,6 @@ if [ $# -eq 0 ]; then
   OVERLAYBD_NATIVE=0 .venv/bin/python -m pytest -q tests/unit/test_zfile_blocks.py tests/properties/test_zfile_properties.py \
     tests/unit/test_cache.py tests/unit/test_lookup.py tests/properties/test_index_properties.py \
     tests/interop/test_byte_identity.py tests/interop/test_reference_cases.py tests/interop/test_real_images.py
+  echo "test: the built sdist and wheel, installed in a fresh venv"
+  ./scripts/check_wheel.sh
 fi
