@@ -348,7 +348,7 @@ class Bench:
         reset_cache()
         m0 = self.wire.mark()
         t0 = time.perf_counter()
-        vol = pull(parse_reference(ref), self.target(name), lazy=True)
+        vol = pull(parse_reference(ref), self.target(name), lazy=True).volume
         t1 = time.perf_counter()
         m1 = self.wire.mark()
         with vol.open() as dev:
@@ -369,7 +369,7 @@ class Bench:
         eager = []
         for r in range(repeats):
             t0 = time.perf_counter()
-            vol = pull(parse_reference(ref), self.target("eager-start"))
+            vol = pull(parse_reference(ref), self.target("eager-start")).volume
             t1 = time.perf_counter()
             with vol.open() as dev:
                 got = dev.pread(0, 4096)
@@ -385,7 +385,8 @@ class Bench:
         try:
             reset_cache()
             m0 = self.wire.mark()
-            vol = pull(parse_reference(ref.replace(self.host, proxy.address)), self.target("lazy-proxy"), lazy=True)
+            vol = pull(parse_reference(ref.replace(self.host, proxy.address)), self.target("lazy-proxy"),
+                       lazy=True).volume
             with vol.open() as dev:
                 dev.pread(0, 4096)
             ours = self.wire.since(m0)
@@ -408,7 +409,7 @@ class Bench:
         for name, cfg in [("as shipped", SHIPPED), ("no read-ahead", NO_READAHEAD),
                           ("previous settings (emulated)", PREVIOUS)]:
             with cache_config(**cfg):
-                vol = pull(parse_reference(ref), self.target("random"), lazy=True)
+                vol = pull(parse_reference(ref), self.target("random"), lazy=True).volume
                 with vol.open() as dev:
                     m0 = self.wire.mark()
                     h = hashlib.blake2b()
@@ -458,7 +459,7 @@ class Bench:
         out = []
         for name, cfg in variants:
             with cache_config(**cfg):
-                vol = pull(parse_reference(ref), self.target("seq"), lazy=True)
+                vol = pull(parse_reference(ref), self.target("seq"), lazy=True).volume
                 with vol.open() as dev:
                     m0 = self.wire.mark()
                     p0 = proxy.requests
@@ -489,7 +490,7 @@ class Bench:
         for _ in range(repeats):
             for name, cfg, prefetch in variants:
                 with cache_config(**cfg):
-                    vol = pull(parse_reference(ref), self.target("boot"), lazy=True, prefetch=prefetch)
+                    vol = pull(parse_reference(ref), self.target("boot"), lazy=True, prefetch=prefetch).volume
                     m0 = self.wire.mark()
                     h = hashlib.blake2b()
                     t0 = time.perf_counter()
@@ -601,7 +602,7 @@ def main() -> int:
             result["lazy_start"] = bench.lazy_start(ref, blob_bytes, first_block, repeats)
 
             log("2. random 5% reads")
-            eager = pull(parse_reference(ref), fresh_dir(wd, "eager"))
+            eager = pull(parse_reference(ref), fresh_dir(wd, "eager")).volume
             result["random"] = bench.random_5pct(ref, eager, 7 if args.quick else 11, args.profile)
             if args.profile:
                 result["profile"] = result["random"].pop("profile")

@@ -69,6 +69,8 @@ class Snapshot:
     created: str
     virtual_size: int
     file_size: int
+    digest: str | None = None  # the snapshot's blob in repositories (what pull fetched or push sent)
+    repositories: tuple[str, ...] = ()  # where push and pull saw it
 
 
 class LayerOpener(Protocol):
@@ -229,7 +231,8 @@ class Volume:
                 out.append(Snapshot(n, path, format_uuid(layer.uuid), format_uuid(layer.parent_uuid),
                                     layer.header.message, created.get(entry.get("file") or entry.get("dir"), ""),
                                     layer.virtual_size,
-                                    os.path.getsize(path) if os.path.exists(path) else int(entry.get("size", 0))))
+                                    os.path.getsize(path) if os.path.exists(path) else int(entry.get("size", 0)),
+                                    entry.get("digest"), tuple(entry.get("repositories", ()))))
         return out
 
     def resolve(self, ref: str) -> int:
@@ -392,6 +395,54 @@ class Volume:
             return None
         with ExitStack() as owned:
             return format_uuid(self.open_lower(n, owned).uuid)
+
+    # -- changes made by others (pull, push) ---------------------------------------------------------------------
+    def begin_change(self, names: list[str]) -> None:
+        """Before making files in the volume (paths relative to it), under ``writer_lock``: record them as the
+        volume's own, so that a crash before ``extend`` leaves nothing the next change cannot remove."""
+        self._record_pending(names)
+
+    def extend(self, entries: list[dict[str, Any]], *, fresh_upper: bool, top_uuid: str) -> None:
+        """Add snapshots on top (config entries whose files are in place, paths relative to the volume; the new
+        top layer's uuid is ``top_uuid``), under ``writer_lock``. ``fresh_upper``: the upper's writes are dropped
+        and a new empty upper starts on the new top; otherwise the upper stays, its writes above the new ones."""
+        dropped: list[str] = []
+        upper = dict(self.config["upper"])
+        if fresh_upper:
+            new_data, new_index = _upper_names()
+            self._record_pending([new_data, new_index])
+            operations.create(self.file(new_data), self.file(new_index), self.size, parent_uuid=top_uuid)
+            dropped = [upper["data"], upper["index"]]
+            upper.update(data=new_data, index=new_index)
+        config = dict(self.config)
+        config["lowers"] = [*self.config.get("lowers", []), *entries]
+        config["upper"] = upper
+        now = _now()
+        meta = config.get(META, {})
+        config[META] = {**meta, "created": {**meta.get("created", {}),
+                                            **{e.get("file") or e["dir"]: now for e in entries}}}
+        self._switch(config, dropped=dropped)
+
+    def note_repository(self, n: int, reference: str, digest: str, size: int) -> None:
+        """Snapshot ``n`` is blob ``digest`` in repository ``reference`` (what a push or pull learned)."""
+        with self.writer_lock():
+            self.reload()
+            config = dict(self.config)
+            lowers = [dict(e) for e in config["lowers"]]
+            entry = lowers[n]
+            entry.setdefault("digest", digest)
+            entry.setdefault("size", size)
+            if entry["digest"] == digest and reference not in entry.get("repositories", []):
+                entry["repositories"] = [*entry.get("repositories", []), reference]
+            config["lowers"] = lowers
+            _write_config(self.path, config)
+            self.config = config
+
+    def has_unsnapshotted_writes(self) -> bool:
+        data, index = self.upper
+        with ExitStack() as owned:
+            upper = open_layer(data, index, owned=owned)
+            return bool(len(upper.segments()))
 
     # -- atomic changes and clean-up -----------------------------------------------------------------------------
     def _referenced(self, config: dict[str, Any]) -> set[str]:

@@ -37,12 +37,12 @@ def test_converted_image_round_trips_through_a_registry_and_mounts(tmp_path: Pat
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OVERLAYBD_CACHE_DIR", str(tmp_path / "cache"))
     layout = real_dir / "hello-world-oci"
-    local = pull(parse_reference(f"oci:{layout}:amd64-converted"), str(tmp_path / "local"))
+    local = pull(parse_reference(f"oci:{layout}:amd64-converted"), str(tmp_path / "local")).volume
     assert local.config["lowers"][0]["digest"] == CONVERTED_LAYER
     with registry(tmp_path / "reg") as host:
         report = push(local, parse_reference(f"{host}/library/hello-world:converted"))
         assert report.layers[0]["digest"] == CONVERTED_LAYER  # byte for byte, same digest
-        lazy = pull(parse_reference(f"{host}/library/hello-world:converted"), str(tmp_path / "lazy"), lazy=True)
+        lazy = pull(parse_reference(f"{host}/library/hello-world:converted"), str(tmp_path / "lazy"), lazy=True).volume
         assert not os.path.exists(lazy.lowers[0])
         if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
             pytest.skip("mounting needs root and /dev/fuse; the pull and push above ran")

@@ -71,7 +71,7 @@ def test_push_pull_eager_lazy_and_skopeo(tmp_path: Path) -> None:
         # --preserve-digests: else skopeo gzips uncompressed layers on the way (and drops their annotations)
         subprocess.run([skopeo, "copy", "--preserve-digests", "--src-tls-verify=false", f"docker://{host}/test/vol:v1",
                         f"oci:{tmp_path / 'skopeo-copy'}:v1"], capture_output=True, check=True)
-        via_skopeo = pull(parse_reference(f"oci:{tmp_path / 'skopeo-copy'}:v1"), str(tmp_path / "from-skopeo"))
+        via_skopeo = pull(parse_reference(f"oci:{tmp_path / 'skopeo-copy'}:v1"), str(tmp_path / "from-skopeo")).volume
         assert device_bytes(via_skopeo) == content
 
         # the next snapshot uploads only the new layer
@@ -83,13 +83,13 @@ def test_push_pull_eager_lazy_and_skopeo(tmp_path: Path) -> None:
         again = push(vol, parse_reference(f"{host}/test/vol:v2"))
         assert [layer["action"] for layer in again.layers] == ["exists", "exists", "uploaded"]
 
-        eager = pull(parse_reference(f"{host}/test/vol:v2"), str(tmp_path / "eager"))
+        eager = pull(parse_reference(f"{host}/test/vol:v2"), str(tmp_path / "eager")).volume
         assert device_bytes(eager) == content3
         res = cli("push", eager.path, f"{host}/test/vol:v3", "--output", "json")
         assert res.returncode == 0, res.stderr
         assert [x["digest"] for x in json.loads(res.stdout)["layers"]] == [x["digest"] for x in again.layers]
 
-        lazy = pull(parse_reference(f"{host}/test/vol:v2"), str(tmp_path / "lazy"), lazy=True)
+        lazy = pull(parse_reference(f"{host}/test/vol:v2"), str(tmp_path / "lazy"), lazy=True).volume
         assert not any(os.path.exists(p) for p in lazy.lowers)  # nothing downloaded
         with lazy.open() as dev:
             assert dev.pread(4096, 65536) == content3[4096 : 4096 + 65536]
@@ -141,7 +141,7 @@ def test_token_auth(tmp_path: Path) -> None:
         assert denied.returncode == 1 and "denied" in denied.stderr
         env = {"OVERLAYBD_REGISTRY_USERNAME": USER, "OVERLAYBD_REGISTRY_PASSWORD": PASSWORD}
         assert cli("push", vol.path, f"{host}/tok/vol:v1", env=env).returncode == 0
-        anon = pull(parse_reference(f"{host}/tok/vol:v1"), str(tmp_path / "anon"), lazy=True)
+        anon = pull(parse_reference(f"{host}/tok/vol:v1"), str(tmp_path / "anon"), lazy=True).volume
         assert device_bytes(anon) == content
 
 
@@ -153,7 +153,7 @@ def test_faults_give_right_bytes_or_clear_errors(tmp_path: Path, mode: str, faul
         push(vol, parse_reference(f"{host}/f/vol:v1"))
         proxy = FaultProxy(host)
         try:
-            lazy = pull(parse_reference(f"{proxy.address}/f/vol:v1"), str(tmp_path / "lazy"), lazy=True)
+            lazy = pull(parse_reference(f"{proxy.address}/f/vol:v1"), str(tmp_path / "lazy"), lazy=True).volume
             proxy.set(mode, faults)
             assert device_bytes(lazy) == content  # retried, refetched, or sliced: the right bytes
         finally:
@@ -166,7 +166,7 @@ def test_persistent_corruption_is_an_error_never_wrong_bytes(tmp_path: Path) -> 
         push(vol, parse_reference(f"{host}/f/vol:v1"))
         proxy = FaultProxy(host)
         try:
-            lazy = pull(parse_reference(f"{proxy.address}/f/vol:v1"), str(tmp_path / "lazy"), lazy=True)
+            lazy = pull(parse_reference(f"{proxy.address}/f/vol:v1"), str(tmp_path / "lazy"), lazy=True).volume
             proxy.set("corrupt", -1)
             with lazy.open() as dev, pytest.raises(ChecksumError) as exc:
                 dev.pread(0, dev.size)
@@ -204,7 +204,7 @@ def test_trace_recorded_then_prefetched_at_lazy_start(tmp_path: Path) -> None:
         proxy = FaultProxy(host)
         try:
             lazy = pull(parse_reference(f"{proxy.address}/t/vol:v1"), str(tmp_path / "lazy"), lazy=True,
-                        prefetch=str(trace_file))
+                        prefetch=str(trace_file)).volume
             with lazy.open() as dev:
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline and threading_busy("trace-prefetch"):
@@ -234,7 +234,7 @@ def test_redirects_are_followed_and_remembered(tmp_path: Path) -> None:
             push(vol, parse_reference(f"{host}/r/vol:v1"))
             proxy = FaultProxy(host)
             try:
-                lazy = pull(parse_reference(f"{proxy.address}/r/vol:v1"), str(tmp_path / "lazy"), lazy=True)
+                lazy = pull(parse_reference(f"{proxy.address}/r/vol:v1"), str(tmp_path / "lazy"), lazy=True).volume
                 with lazy.open() as dev:
                     registry_gets = proxy.blob_gets
                     assert dev.pread(0, dev.size) == content
@@ -259,13 +259,13 @@ def test_http_proxy_from_the_environment_and_no_proxy(tmp_path: Path, monkeypatc
             monkeypatch.setenv("HTTP_PROXY", f"http://{proxy.address}")
             push(vol, parse_reference(f"{host}/p/vol:v1"))
             through_proxy = proxy.blob_gets
-            lazy = pull(parse_reference(f"{host}/p/vol:v1"), str(tmp_path / "via-proxy"), lazy=True)
+            lazy = pull(parse_reference(f"{host}/p/vol:v1"), str(tmp_path / "via-proxy"), lazy=True).volume
             assert device_bytes(lazy) == content
             assert proxy.blob_gets > through_proxy, "the lazy reads did not go through HTTP_PROXY"
             monkeypatch.setenv("OVERLAYBD_CACHE_DIR", str(tmp_path / "cache2"))  # nothing cached: all must fetch
             monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
             before = proxy.blob_gets
-            direct = pull(parse_reference(f"{host}/p/vol:v1"), str(tmp_path / "direct"), lazy=True)
+            direct = pull(parse_reference(f"{host}/p/vol:v1"), str(tmp_path / "direct"), lazy=True).volume
             assert device_bytes(direct) == content
             assert proxy.blob_gets == before, "NO_PROXY did not take the registry off the proxy"
         finally:
@@ -282,7 +282,7 @@ def test_chunked_upload_and_background_download(tmp_path: Path, monkeypatch: pyt
     with registry(tmp_path / "reg") as host:
         report = push(vol, parse_reference(f"{host}/c/vol:v1"))
         assert all(layer["size"] > 2 << 20 for layer in report.layers)
-        bg = pull(parse_reference(f"{host}/c/vol:v1"), str(tmp_path / "bg"), lazy=True, background=True)
+        bg = pull(parse_reference(f"{host}/c/vol:v1"), str(tmp_path / "bg"), lazy=True, background=True).volume
         with bg.open() as dev:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and not all(os.path.exists(p) for p in bg.lowers):
@@ -305,7 +305,7 @@ def test_credential_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         docker.mkdir(parents=True, exist_ok=True)
         (docker / "config.json").write_text(json.dumps({"credHelpers": {host: "fake"}}))
         push(vol, parse_reference(f"{host}/h/vol:v1"))
-        assert device_bytes(pull(parse_reference(f"{host}/h/vol:v1"), str(tmp_path / "p"), lazy=True)) == content
+        assert device_bytes(pull(parse_reference(f"{host}/h/vol:v1"), str(tmp_path / "p"), lazy=True).volume) == content
 
 
 def test_tls_with_a_private_ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -318,6 +318,6 @@ def test_tls_with_a_private_ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         assert untrusted.returncode == 1 and "certificate verify failed" in untrusted.stderr
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
         assert cli("push", vol.path, f"{host}/tls/vol:v1").returncode == 0
-        lazy = pull(parse_reference(f"{host}/tls/vol:v1"), str(tmp_path / "lazy"), lazy=True)
+        lazy = pull(parse_reference(f"{host}/tls/vol:v1"), str(tmp_path / "lazy"), lazy=True).volume
         assert lazy.config["repoBlobUrl"].startswith("https://")
         assert device_bytes(lazy) == content

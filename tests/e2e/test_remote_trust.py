@@ -136,10 +136,10 @@ def device(vol: Volume) -> bytes:
 
 def test_a_lying_registry_cannot_poison_pulls_from_the_genuine_one(images: Images, liar: SwappingProxy,
                                                                     tmp_path: Path) -> None:
-    fooled = pull(parse_reference(f"{liar.host}/genuine/vol:v1"), str(tmp_path / "fooled"), lazy=True)
+    fooled = pull(parse_reference(f"{liar.host}/genuine/vol:v1"), str(tmp_path / "fooled"), lazy=True).volume
     assert device(fooled) == images.content_b  # lazily, what it served is what its own volume reads
     assert liar.lies
-    genuine = pull(parse_reference(f"{images.host}/genuine/vol:v1"), str(tmp_path / "genuine"), lazy=True)
+    genuine = pull(parse_reference(f"{images.host}/genuine/vol:v1"), str(tmp_path / "genuine"), lazy=True).volume
     assert device(genuine) == images.content_a  # the liar's bytes, cached under the same digest, are not used
 
 
@@ -148,7 +148,7 @@ def test_a_whole_blob_that_does_not_hash_right_stops_reads_from_that_registry(im
     from overlaybd.cache.cached import CachedSource
     from overlaybd.remote.lazy import shared_cache
 
-    fooled = pull(parse_reference(f"{liar.host}/genuine/vol:v1"), str(tmp_path / "fooled"), lazy=True)
+    fooled = pull(parse_reference(f"{liar.host}/genuine/vol:v1"), str(tmp_path / "fooled"), lazy=True).volume
     with fooled.open() as dev:
         src = dev.lowers[0].data
         while not isinstance(src, CachedSource):
@@ -162,13 +162,13 @@ def test_a_whole_blob_that_does_not_hash_right_stops_reads_from_that_registry(im
             dev.pread(MiB, 4096)
     states = {(e.origin.split("/")[2], e.state) for e in shared_cache().entries() if e.state != "partial"}
     assert (liar.host, "bad") in states
-    genuine = pull(parse_reference(f"{images.host}/genuine/vol:v1"), str(tmp_path / "genuine"), lazy=True)
+    genuine = pull(parse_reference(f"{images.host}/genuine/vol:v1"), str(tmp_path / "genuine"), lazy=True).volume
     assert device(genuine) == images.content_a
 
 
 def test_background_download_that_fails_its_digest_stops_reads(images: Images, liar: SwappingProxy,
                                                                tmp_path: Path) -> None:
-    vol = pull(parse_reference(f"{liar.host}/genuine/vol:v1"), str(tmp_path / "bg"), lazy=True, background=True)
+    vol = pull(parse_reference(f"{liar.host}/genuine/vol:v1"), str(tmp_path / "bg"), lazy=True, background=True).volume
     target = tmp_path / "bg"
     proc = subprocess.Popen([*OVERLAYBD, "serve", str(target), "--readonly", "--listen",
                              f"unix:{tmp_path / 'nbd.sock'}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

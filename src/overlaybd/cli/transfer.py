@@ -1,30 +1,34 @@
-"""``overlaybd import`` / ``export``: raw and qcow2 disks in and out of volumes (qcow2 through qemu-img)."""
+"""``overlaybd import`` / ``export``: raw and qcow2 disks (and block devices) in and out of volumes (qcow2 through
+qemu-img). An import writes only what differs from the volume's current device, as one new snapshot; a qcow2
+backing chain becomes one snapshot per image of the chain."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import tempfile
+from typing import Any
 
-from ..errors import LayerIOError, UsageError
+from .. import qemu
+from ..errors import UsageError
 from ..formats.output import Compression, copy_out
-from ..source.base import ExtentKind
+from ..importing import DeltaStats, write_delta, write_ranges
 from ..source.file import FileSource
-from ..volume import Volume
-from .common import human, open_volume, progress_bar, split_volume_ref
-
-QCOW2_MAGIC = b"QFI\xfb"
+from ..volume import CONFIG, Volume
+from .common import emit_json, human, open_volume, progress_bar, split_volume_ref
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    i = sub.add_parser("import", help="import a raw or qcow2 disk as a new snapshot of a volume")
-    i.add_argument("src")
+    i = sub.add_parser("import", help="import a raw or qcow2 disk, or a block device, as a new snapshot of a volume "
+                       "holding only what differs from it")
+    i.add_argument("src", help="a raw or qcow2 file, or a block device (/dev/VG/LV)")
     i.add_argument("volume", help="created (with the disk's size) if it does not exist")
     i.add_argument("-f", "--format", choices=("raw", "qcow2"), help="default: detected")
     i.add_argument("-m", "--message", default="")
     i.add_argument("--compress", choices=("lz4", "zstd"))
+    i.add_argument("--layers", action=argparse.BooleanOptionalAction, default=None,
+                   help="a qcow2 backing chain as one snapshot per image (default: when SRC has backing files)")
+    i.add_argument("--output", choices=("human", "json"), default="human")
     i.set_defaults(run=run_import)
 
     e = sub.add_parser("export", help="write a volume (or VOL@SNAP) to a raw or qcow2 disk; holes stay holes")
@@ -35,56 +39,61 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e.set_defaults(run=run_export)
 
 
-def _qemu_img() -> str:
-    path = shutil.which("qemu-img")
-    if path is None:
-        raise UsageError("qcow2 needs qemu-img (Debian package qemu-utils)")
-    return path
-
-
-def _run(cmd: list[str]) -> None:
-    res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if res.returncode:
-        raise LayerIOError(f"{os.path.basename(cmd[0])} failed: {res.stderr.strip() or res.returncode}",
-                           path=cmd[-1])
+def _target(volume: str, size: int) -> Volume:
+    if os.path.exists(os.path.join(volume, CONFIG)):
+        vol = open_volume(volume)
+        if size > vol.size:
+            raise UsageError(f"the disk ({human(size)}) is larger than the volume ({human(vol.size)})")
+        return vol
+    return Volume.create(volume, -(-size // 512) * 512)
 
 
 def run_import(args: argparse.Namespace) -> int:
-    with open(args.src, "rb") as f:
-        magic = f.read(4)
-    fmt = args.format or ("qcow2" if magic == QCOW2_MAGIC else "raw")
+    fmt = args.format or qemu.image_format(args.src)
+    chain = qemu.backing_chain(args.src) if fmt == "qcow2" else []
+    layered = args.layers if args.layers is not None else len(chain) > 1
+    compression = Compression(args.compress, 4096) if args.compress else None
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.volume)) or ".") as tmp:
-        raw = args.src
-        if fmt == "qcow2":
-            raw = os.path.join(tmp, "disk.raw")
-            _run([_qemu_img(), "convert", "-f", "qcow2", "-O", "raw", "-S", "4k", args.src, raw])
-        with FileSource(raw) as disk:
-            size = -(-disk.size // 512) * 512
-            vol = open_volume(args.volume) if os.path.exists(os.path.join(args.volume, "config.json")) else \
-                Volume.create(args.volume, size)
-            if disk.size > vol.size:
-                raise UsageError(f"the disk ({human(disk.size)}) is larger than the volume ({human(vol.size)})")
-            done = 0
-            with vol.open(writable=True) as dev, progress_bar("import", True) as progress:
-                buf = bytearray(4 << 20)
-                for ext in disk.extents():
-                    if ext.kind is not ExtentKind.DATA:
-                        continue
-                    pos = ext.offset
-                    while pos < ext.end:
-                        n = min(len(buf), ext.end - pos)
-                        view = memoryview(buf)[:n]
-                        disk.readinto(pos, view)
-                        dev.pwrite(pos, view)
-                        pos += n
-                        done += n
-                        if progress:
-                            progress(done, disk.size)
-                dev.flush()
-    snap = vol.snapshot(args.message or f"import {os.path.basename(args.src)}",
-                        Compression(args.compress, 4096) if args.compress else None)
-    print(f"snapshot {snap.number} {snap.uuid}: {human(done)} of data from {args.src} ({fmt})")
+        if fmt == "qcow2" and layered:
+            vol = _target(args.volume, int(chain[-1]["virtual-size"]))
+            for n, image in enumerate(chain):
+                path, image_fmt = image["filename"], image.get("format", "qcow2")
+                raw = os.path.join(tmp, f"layer{n}.raw")
+                qemu.to_raw(path, image_fmt, raw)
+                with FileSource(raw) as src, vol.open(writable=True) as dev, progress_bar(
+                        f"import {os.path.basename(path)}", args.output == "human") as progress:
+                    stats = write_ranges(dev, src, qemu.own_ranges(path, image_fmt), progress=progress)
+                    dev.flush()
+                os.unlink(raw)
+                message = args.message or f"import {os.path.basename(path)}"
+                results.append(_snapshot(vol, message, compression, stats, path))
+        else:
+            raw = args.src
+            if fmt == "qcow2":
+                raw = os.path.join(tmp, "disk.raw")
+                qemu.to_raw(args.src, "qcow2", raw)
+            with FileSource(raw) as src:
+                vol = _target(args.volume, src.size)
+                with vol.open(writable=True) as dev, progress_bar("import", args.output == "human") as progress:
+                    stats = write_delta(dev, src, progress=progress)
+                    dev.flush()
+            results.append(_snapshot(vol, args.message or f"import {os.path.basename(args.src)}", compression, stats,
+                                     args.src))
+    if args.output == "json":
+        emit_json({"volume": vol.path, "format": fmt, "snapshots": results})
+    else:
+        for r in results:
+            print(f"snapshot {r['snapshot']} {r['uuid']}: {human(r['written'])} of data, {human(r['zeroed'])} "
+                  f"zeroed, of {human(r['compared'])} ({r['source']})")
     return 0
+
+
+def _snapshot(vol: Volume, message: str, compression: Compression | None, stats: DeltaStats, source: str
+              ) -> dict[str, Any]:
+    snap = vol.snapshot(message, compression)
+    return {"snapshot": snap.number, "uuid": snap.uuid, "file_size": snap.file_size, "source": source,
+            **stats.as_json()}
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -100,6 +109,6 @@ def run_export(args: argparse.Namespace) -> int:
             with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.dst))) as tmp:
                 raw = os.path.join(tmp, "disk.raw")
                 copy_out(raw, dev, progress=progress)
-                _run([_qemu_img(), "convert", "-f", "raw", "-O", "qcow2", raw, args.dst])
+                qemu.from_raw(raw, args.dst)
     print(f"{args.dst}: {args.format}, {human(dev.size)}")
     return 0

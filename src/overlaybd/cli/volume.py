@@ -94,8 +94,10 @@ def run_snapshot(args: argparse.Namespace) -> int:
 
 
 def _snap_json(s: object) -> dict[str, object]:
-    return {k: getattr(s, k) for k in ("number", "uuid", "parent_uuid", "message", "created", "virtual_size",
-                                       "file_size", "file")}
+    out: dict[str, object] = {k: getattr(s, k) for k in ("number", "uuid", "parent_uuid", "message", "created",
+                                                         "virtual_size", "file_size", "file", "digest")}
+    out["repositories"] = list(getattr(s, "repositories", ()))
+    return out
 
 
 def run_log(args: argparse.Namespace) -> int:
@@ -108,6 +110,10 @@ def run_log(args: argparse.Namespace) -> int:
         print(f"Date:   {s.created or '-'}")
         print(f"Parent: {s.parent_uuid}")
         print(f"Size:   {human(s.file_size)} on disk, {human(s.virtual_size)} device")
+        if s.digest:
+            print(f"Blob:   {s.digest}")
+        for ref in s.repositories:
+            print(f"In:     {ref}")
         print(f"\n    {s.message or '(no message)'}\n")
     return 0
 

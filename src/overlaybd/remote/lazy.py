@@ -14,6 +14,7 @@ from ..cache.store import BlobCache, default_dir
 from ..errors import DigestMismatchError, OverlaybdError
 from ..formats.detect import peel
 from ..formats.lsmt.layer import LsmtLayer
+from ..layerstore import LayerStore
 from ..source.base import BlockSource
 from ..source.file import FileSource
 from ..source.filter import Filter
@@ -105,7 +106,8 @@ class RemoteLayers(LocalLayers):
         if os.path.exists(path) or "digest" not in entry:
             return self.open_local(volume, n, owned)
         download = bool((volume.config.get("download") or {}).get("enable"))
-        return open_remote_layer(volume.config.get("repoBlobUrl", ""), entry["digest"], int(entry["size"]), owned,
+        return open_remote_layer(entry.get("repoBlobUrl") or volume.config.get("repoBlobUrl", ""), entry["digest"],
+                                 int(entry["size"]), owned,
                                  name=path, download_to=path if download else None)
 
 
@@ -130,6 +132,18 @@ class FailedSource(Filter):
         raise self.error
 
 
+def _keep_in_store(digest: str, path: str) -> None:
+    """A downloaded (verified) layer joins the machine's layer store, for the next volume that needs it."""
+    try:
+        store = LayerStore()
+        try:
+            store.adopt(digest, path)
+        finally:
+            store.close()
+    except (OverlaybdError, OSError) as exc:
+        log.info("%s: not kept in the layer store: %s", digest, exc)
+
+
 def _download(blob_url: str, digest: str, size: int, dest: str, switch: SwitchSource, owned: ExitStack) -> None:
     repo = None
     try:
@@ -142,6 +156,7 @@ def _download(blob_url: str, digest: str, size: int, dest: str, switch: SwitchSo
         switch.switch(local)
         if not isinstance(repo, OciLayout):
             shared_cache().adopt(digest, dest)  # proven: every repository's readers may share it now
+        _keep_in_store(digest, dest)
         log.info("%s: downloaded and verified; reads now come from %s", digest, dest)
     except DigestMismatchError as exc:
         origin = repo.blob_url() if repo is not None else blob_url

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 from collections.abc import Iterator
 
 from ..errors import LayerIOError, TruncatedError
@@ -21,7 +22,10 @@ class FileSource(BlockSource):
             self.fd = os.open(self.name, flags)
         except OSError as exc:
             raise LayerIOError(f"cannot open: {exc.strerror}", path=self.name) from exc
-        self.size = os.fstat(self.fd).st_size
+        st = os.fstat(self.fd)
+        self.regular = stat.S_ISREG(st.st_mode)
+        # a block device (an LVM volume, /dev/sdX) has no size in fstat: its end is where lseek says
+        self.size = st.st_size if self.regular else os.lseek(self.fd, 0, os.SEEK_END)
         self.block_size = 1
         self.capabilities = Capability.WRITE | Capability.FLUSH if writable else Capability.NONE
 
@@ -48,7 +52,11 @@ class FileSource(BlockSource):
             raise LayerIOError(f"fsync failed: {exc.strerror}", path=self.name) from exc
 
     def _extents(self, offset: int, length: int) -> Iterator[Extent]:
-        """Allocated ranges are DATA; holes of a sparse file are ZERO (as qemu-img map reports raw files)."""
+        """Allocated ranges are DATA; holes of a sparse file are ZERO (as qemu-img map reports raw files). A block
+        device is all DATA."""
+        if not self.regular:
+            yield Extent(offset, length, ExtentKind.DATA)
+            return
         end = offset + length
         pos = offset
         while pos < end:
