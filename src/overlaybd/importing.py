@@ -52,6 +52,7 @@ def write_delta(dev: BlockSource, src: BlockSource, *, progress: Progress | None
     total = src.size
     new_buf, old_buf = bytearray(WINDOW), bytearray(WINDOW)
     new, old = np.frombuffer(new_buf, dtype=np.uint8), np.frombuffer(old_buf, dtype=np.uint8)
+    new64, old64 = new.view(np.uint64), old.view(np.uint64)  # compared 8 bytes at a time
     for pos in range(0, total, WINDOW):
         n = min(WINDOW, total - pos)
         stats.compared += n
@@ -69,8 +70,9 @@ def write_delta(dev: BlockSource, src: BlockSource, *, progress: Progress | None
         dev.readinto(pos, memoryview(old_buf)[:n])
         full = n - n % BLOCK
         if full:
-            blocks_a = a[:full].reshape(-1, BLOCK)
-            changed = np.asarray((blocks_a != b[:full].reshape(-1, BLOCK)).any(axis=1))
+            words = BLOCK // 8
+            blocks_a = new64[: full // 8].reshape(-1, words)
+            changed = np.asarray((blocks_a != old64[: full // 8].reshape(-1, words)).any(axis=1))
             if changed.any():
                 zero = np.asarray(~blocks_a.any(axis=1))
                 for first, count, all_zero in block_runs(changed, zero):
