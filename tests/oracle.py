@@ -43,6 +43,7 @@ LSMT_HEADER = 4096
 LSMT_MAGIC = b"LSMT\x00\x01\x02\x00" + bytes.fromhex("657E63D29444084CA2D2C8EC4FCFAE8A")
 LSMT_INVALID = (1 << 50) - 1
 LSMT_MAX_RO_RECORDS = 1_000_000
+LSMT_MAX_VIRTUAL = (1 << 50) * SECTOR  # record offsets are 50 bits of sectors (spec §3.3): nothing lies beyond
 L_HEADER, L_DATA, L_SEALED, L_SPARSE = 0x01, 0x02, 0x04, 0x10
 
 #: (name, start, end) of the meaningful fields of the 4096-byte LSMT header/trailer record
@@ -292,6 +293,8 @@ def expect_lsmt_file(buf: bytes | bytearray, *, index_sibling: bool = False) -> 
         return Raises((UsageError, FormatError), "looks like a writable data file without its index file")
     if not (h.flags & L_HEADER and h.flags & L_DATA):
         return Raises((BadMagicError,), "header flags are not a data-file header")
+    if h.virtual_size > LSMT_MAX_VIRTUAL:
+        return Raises((LimitError,), "header virtual size beyond what records can address")
     if size < 2 * LSMT_HEADER:
         return Raises((TruncatedError,), "no room for a trailer")
     if trailer is None:
@@ -304,6 +307,8 @@ def expect_lsmt_file(buf: bytes | bytearray, *, index_sibling: bool = False) -> 
     trailer_at = size - LSMT_HEADER
     if t.index_offset < LSMT_HEADER or t.index_offset + 16 * t.index_size > trailer_at:
         return Raises((CorruptIndexError,), "index does not fit between header and trailer")
+    if t.virtual_size > LSMT_MAX_VIRTUAL:
+        return Raises((LimitError,), "trailer virtual size beyond what records can address")
     recs = decode_records(buf[t.index_offset : t.index_offset + 16 * t.index_size])
     bad = _check_ro_index(recs, LSMT_HEADER // SECTOR, t.index_offset // SECTOR)
     if bad:
@@ -330,6 +335,8 @@ def expect_writable(data: bytes | bytearray, index: bytes | bytearray) -> Expect
         return Raises((BadMagicError, TruncatedError), "data-file header says sealed: opened as a sealed layer")
     if not (h.flags & L_HEADER and h.flags & L_DATA):
         return Raises((BadMagicError,), "data-file header flags are not a writable data file")
+    if h.virtual_size > LSMT_MAX_VIRTUAL:
+        return Raises((LimitError,), "virtual size beyond what records can address")
     if h.flags & L_SPARSE:
         return RaisesOrReads((OverlaybdError,), None, "data-file header says sparse: the index file is not used")
     if len(index) < LSMT_HEADER:

@@ -91,6 +91,13 @@ def _absurd_cases(reference_dir: Path, tmp: Path) -> list[Absurd]:
     lsmt_case("lsmt-index-size-at-limit", CorruptIndexError, index_size=1_000_000)
     lsmt_case("lsmt-index-offset-2^63", CorruptIndexError, index_offset=1 << 63)
     lsmt_case("lsmt-index-offset-0", CorruptIndexError, index_offset=0)
+    # a device beyond the 2^50 sectors index records can address (and beyond what a file offset can hold)
+    lsmt_case("lsmt-virtual-size-2^63", LimitError, virtual_size=1 << 63)
+    lsmt_case("lsmt-virtual-size-2^64-1", LimitError, virtual_size=(1 << 64) - 1)
+    lsmt_case("lsmt-virtual-size-2^59+512", LimitError, virtual_size=(1 << 59) + 512)
+    p = tmp / "lsmt-header-virtual-size-2^63.lsmt"
+    p.write_bytes(lsmt_record_patch(lsmt, 0, virtual_size=1 << 63) + lsmt[LSMT_HEADER:])
+    cases.append(Absurd("lsmt-header-virtual-size-2^63", "device", p, LimitError))
 
     z = (reference_dir / "c/layer1.lz4.bs4k.zfile").read_bytes()
     lay = parse_zfile(z)
@@ -145,9 +152,36 @@ def _absurd_cases(reference_dir: Path, tmp: Path) -> list[Absurd]:
         p.write_bytes(lsmt_record_patch(idx, 0, **fields) + idx[LSMT_HEADER:])
         cases.append(Absurd(label, "device", rw_data, BadMagicError, p))
 
+    data = (reference_dir / "a/rw.data").read_bytes()
+    p = tmp / "rw-virtual-size-2^63.data"
+    p.write_bytes(lsmt_record_patch(data, 0, virtual_size=1 << 63) + data[LSMT_HEADER:])
+    cases.append(Absurd("rw-virtual-size-2^63", "device", p, LimitError, reference_dir / "a/rw.index"))
+
+    # tar envelopes whose extended headers claim 1.5 GiB (sparse files): refused before they are read
+    for kind in (b"x", b"g", b"L", b"K"):
+        cases.append(Absurd(f"tar-{kind.decode()}-header-1.5GiB", "device", _huge_extended_header(tmp, kind),
+                            LimitError))
+
     # a stack of 256 layers (the limit is 255)
     cases.append(Absurd("stack-256-layers", "stack", reference_dir / "b/layer2.lsmt", LimitError))
     return cases
+
+
+def _huge_extended_header(tmp: Path, kind: bytes) -> Path:
+    """A sparse 1.5 GiB tar whose first header is an extended header (PAX or GNU) of 1.5 GiB."""
+    size = 3 << 29
+    hdr = bytearray(512)
+    hdr[0:13] = b"././@LongLink"
+    hdr[124:136] = b"%11o " % size
+    hdr[156:157] = kind
+    hdr[257:265] = b"ustar\x0000"
+    hdr[148:156] = b" " * 8
+    hdr[148:156] = b"%6o \x00" % sum(hdr)
+    path = tmp / f"huge-{kind.decode()}.tar"
+    with open(path, "wb") as f:
+        f.write(hdr)
+        f.truncate(512 + size + 1024)
+    return path
 
 
 def test_absurd_counts_refused_before_allocating(reference_dir: Path, tmp_path: Path) -> None:

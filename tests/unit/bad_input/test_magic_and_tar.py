@@ -11,6 +11,7 @@ import overlaybd
 from overlaybd.errors import (
     BadMagicError,
     FormatError,
+    LimitError,
     OverlaybdError,
     TruncatedError,
 )
@@ -119,7 +120,8 @@ def test_bad_pax_record(record: bytes, expected: type[OverlaybdError], baselines
 
 
 def test_tar_header_size_beyond_file(baselines: dict[str, Baseline], tmp_path: Path) -> None:
-    """A PAX extended header whose own size field is huge (octal and GNU base-256): refused, not read."""
+    """A PAX extended header whose own size field is huge (octal and GNU base-256): refused for its size (over the
+    1 MiB limit), before anything is read."""
     b = baselines[TAR]
     for field in (b"%11o " % (1 << 32), b"\x80" + (1 << 60).to_bytes(11, "big")):
         hdr = bytearray(b.data[:512])
@@ -129,5 +131,5 @@ def test_tar_header_size_beyond_file(baselines: dict[str, Baseline], tmp_path: P
         path = tmp_path / "big.tar"
         path.write_bytes(bytes(hdr) + b.data[512:])
         obs = observe_device(path)
-        assert isinstance(obs.exc, TruncatedError), obs.tb or obs.size
-        assert check_error(obs.exc, obs.tb, (str(path),)) is None
+        assert isinstance(obs.exc, LimitError), obs.tb or obs.size
+        assert check_error(obs.exc, obs.tb, (str(path),)) is None and obs.exc.offset == 124, obs.exc
