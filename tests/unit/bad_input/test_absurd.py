@@ -138,6 +138,25 @@ def _absurd_cases(reference_dir: Path, tmp: Path) -> list[Absurd]:
                       zfile_record_patch(z, lay.info_at, fix_digest=True, index_crc=raw_crc32c(table)))
         cases.append(Absurd(label, "stream", p, CorruptIndexError))
 
+    # three blocks' stored bytes given to one (the sum still right, index_crc matching): longer than any 4 KiB
+    # block can compress to, so refused at open instead of handed to the codec
+    table = bytearray(z[lay.index_offset : lay.info_at])
+    entries = list(struct.unpack_from("<3I", table, 4 * 3))
+    struct.pack_into("<3I", table, 4 * 3, sum(entries) - 10, 5, 5)
+    p = tmp / "zfile-jump-entry-over-the-codec-bound.zfile"
+    p.write_bytes(z[: lay.index_offset] + bytes(table) +
+                  zfile_record_patch(z, lay.info_at, fix_digest=True, index_crc=raw_crc32c(table)))
+    cases.append(Absurd("zfile-jump-entry-over-the-codec-bound", "stream", p, CorruptIndexError))
+
+    # 10^9 blocks whose 4 GB jump table fits in a sparse file, but whose data area (8 bytes) cannot hold them:
+    # refused before the table is read
+    p = tmp / "zfile-10^9-blocks-in-8-bytes.zfile"
+    with open(p, "wb") as f:
+        f.write(zfile_record_patch(z, 0, fix_digest=True, flags=0x1B, index_offset=ZREC + 8, index_size=10**9,
+                                   original_file_size=10**9 * 4096, index_crc=0))
+        f.truncate(ZREC + 8 + 4 * 10**9)
+    cases.append(Absurd("zfile-10^9-blocks-in-8-bytes", "stream", p, CorruptIndexError))
+
     # writable pair: an index file holding 128,000,001 records (a sparse 2 GB file): refused before reading it
     rw_data = tmp / "big.data"
     rw_index = tmp / "big.index"
