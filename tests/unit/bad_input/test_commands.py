@@ -80,3 +80,16 @@ def test_a_device_the_output_file_system_cannot_hold(reference_dir: Path, tmp_pa
     lines = err.splitlines()
     assert rc == 1 and len(lines) == 1 and lines[0].startswith(f"overlaybd: error: {out_dir / 'device.raw'}: "), err
     assert os.listdir(out_dir) == []
+
+
+@pytest.mark.parametrize("content", [b"", b"L", bytes(8192), b"\x89PNG\r\n\x1a\n" + bytes(600)])
+def test_check_of_a_file_without_any_magic_is_not_ok(content: bytes, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A layer whose magic is destroyed (or any other file) is no layer: ``check`` used to print 'raw: ok' for it
+    while ``cat`` refused it."""
+    path = tmp_path / "no-magic.bin"
+    path.write_bytes(content)
+    rc, out, err = _run(capsys, "check", path)
+    assert rc == 2 and f"{path}: raw: corrupt" in out and "not an LSMT layer" in out, out + err
+    rc, out, err = _run(capsys, "cat", path, "-o", tmp_path / "out.raw")
+    assert rc == 1 and len(err.splitlines()) == 1 and "not an LSMT layer" in err, err
