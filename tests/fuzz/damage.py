@@ -354,7 +354,7 @@ def interesting(rng: random.Random, width: int, current: int, near: tuple[int, .
 
 def random_steps(seed: Seed, rng: random.Random, structure: dict[str, Wrapped | None]) -> list[Step]:
     """One to three random steps for ``seed``; ``structure`` holds each file's unwrapped form (computed once)."""
-    count = rng.choices((1, 2, 3), weights=(80, 15, 5))[0]
+    count = rng.choices((1, 2, 3), weights=(70, 20, 10))[0]
     return [_one_step(seed, rng, structure) for _ in range(count)]
 
 

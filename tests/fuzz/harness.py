@@ -154,6 +154,12 @@ def commands(shape: str, paths: list[str], out: str) -> list[tuple[list[str], st
         return [(["check", data, "--index", index, "--output", "json"], None),
                 (["info", data, "--index", index, "--output", "json"], None),
                 (["cat", "--upper", data, index, "-o", out, "-f", "--output", "json"], out)]
+    if shape == "stack+upper":
+        *lowers, data, index = paths
+        upper = ["--upper", data, index]
+        return [(["check", *lowers, data, "--index", index, "--output", "json"], None),
+                (["info", *lowers, "--output", "json"], None), (["map", *lowers, *upper, "--output", "json"], None),
+                (["cat", *lowers, *upper, "-o", out, "-f", "--output", "json"], out)]
     return [(["check", *paths, "--output", "json"], None), (["info", *paths, "--output", "json"], None),
             (["map", *paths, "--output", "json"], None), (["cat", *paths, "-o", out, "-f", "--output", "json"], out)]
 

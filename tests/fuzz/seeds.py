@@ -14,7 +14,8 @@ HELLO_WORLD_BLOB = "hello-world-oci/blobs/sha256/022231c3f1af70e0cc42f0c3781eabf
 @dataclass(frozen=True)
 class Seed:
     """``files`` in the order the commands take them; ``shape`` says how: ``layer`` (one file), ``pair`` (a
-    writable data file and its index) or ``stack`` (layers bottom to top)."""
+    writable data file and its index), ``stack`` (layers bottom to top) or ``stack+upper`` (layers, then a
+    writable data file and its index on top)."""
 
     name: str
     files: tuple[tuple[str, bytes], ...]
@@ -51,6 +52,11 @@ def load_seeds(fixtures: Path, *, heavy: bool) -> dict[str, Seed]:
     if all((ref / f"b/layer{k}.lsmt").exists() for k in (1, 2, 3)):
         seeds["b/stack"] = Seed("b/stack", tuple((f"layer{k}.lsmt", (ref / f"b/layer{k}.lsmt").read_bytes())
                                                  for k in (1, 2, 3)), "stack", 1.0)
+    tar = ref / "c/layer1.lz4.bs4k.zfile.tar"
+    if "b/stack" in seeds and "a/rw" in seeds and tar.exists():
+        # the same stack with its bottom layer tar-wrapped and ZFile'd, and a writable layer on top
+        lowers = (("layer1.zfile.tar", tar.read_bytes()), *seeds["b/stack"].files[1:])
+        seeds["mixed/stack+upper"] = Seed("mixed/stack+upper", (*lowers, *seeds["a/rw"].files), "stack+upper", 1.5)
     if (real / HELLO_WORLD_BLOB).exists():
         seeds["real/hello-world"] = Seed("real/hello-world", (("hello-world.tar", (real / HELLO_WORLD_BLOB)
                                                                                    .read_bytes()),), "layer", 0.5)

@@ -15,6 +15,7 @@ import os
 import select
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,37 +46,43 @@ def fixtures() -> Path:
 def run_worker(job: dict[str, Any], workdir: Path, timeout: float) -> tuple[list[str], dict[str, Any]]:
     """Problems found (each with its mutant), and the worker's closing counts."""
     job = {**job, "fixtures": str(FIXTURES), "workdir": str(workdir), "memory": MEMORY}
+    errors = tempfile.TemporaryFile()  # a file, not a pipe: a chatty child never blocks on it
     proc = subprocess.Popen([sys.executable, "-m", "tests.fuzz.worker"], cwd=PROJECT, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=errors, bufsize=0)
     assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(json.dumps(job))
+    proc.stdin.write(json.dumps(job).encode())
     proc.stdin.close()
     problems: list[str] = []
     current: Any = None
     end: dict[str, Any] = {}
     deadline = time.monotonic() + timeout
+    pending = b""
     try:
-        while True:
+        while True:  # unbuffered: a line the child wrote is seen as soon as it is written
             ready, _, _ = select.select([proc.stdout], [], [], HANG)
             if not ready or time.monotonic() > deadline:
                 proc.kill()
                 problems.append(f"no answer for {HANG:.0f} s (a hang?) while running {json.dumps(current)}")
                 break
-            line = proc.stdout.readline()
-            if not line:
+            chunk = os.read(proc.stdout.fileno(), 1 << 16)
+            if not chunk:
                 break
-            event = json.loads(line)
-            if event["event"] == "start":
-                current = event["entry"]
-            elif event["event"] == "done" and event["problems"]:
-                problems.append(f"mutant {json.dumps(current)}:\n  " + "\n  ".join(event["problems"]))
-            elif event["event"] == "baseline":
-                problems.append(f"unmutated seed {event['seed']}:\n  " + "\n  ".join(event["problems"]))
-            elif event["event"] in ("paths", "end"):
-                end.update(event)
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                event = json.loads(line)
+                if event["event"] == "start":
+                    current = event["entry"]
+                elif event["event"] == "done" and event["problems"]:
+                    problems.append(f"mutant {json.dumps(current)}:\n  " + "\n  ".join(event["problems"]))
+                elif event["event"] == "baseline":
+                    problems.append(f"unmutated seed {event['seed']}:\n  " + "\n  ".join(event["problems"]))
+                elif event["event"] in ("paths", "end"):
+                    end.update(event)
     finally:
         proc.wait(timeout=30)
-        stderr = proc.stderr.read() if proc.stderr else ""
+        errors.seek(0)
+        stderr = errors.read().decode(errors="replace")[-20000:]
+        errors.close()
     if proc.returncode not in (0, -9):
         problems.append(f"the worker died (exit {proc.returncode}) while running {json.dumps(current)}:\n{stderr}")
     return problems, end

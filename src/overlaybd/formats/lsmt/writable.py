@@ -161,7 +161,8 @@ class WritableLayer(WritableBase):
                                 f"not a writable index file", path=path, offset=0)
         count = (self.index_file.size - HEADER_SIZE) // RECORD_SIZE
         if count > MAX_RW_INDEX_RECORDS:
-            raise LimitError(f"index file holds {count} records (limit {MAX_RW_INDEX_RECORDS})", path=path)
+            raise LimitError(f"index file holds {count} records (limit {MAX_RW_INDEX_RECORDS})", path=path,
+                             offset=HEADER_SIZE + RECORD_SIZE * MAX_RW_INDEX_RECORDS)
         raw = self.index_file.pread(HEADER_SIZE, count * RECORD_SIZE)
         rec = decode_records(raw)
         keep = rec["offset"] != INVALID_OFFSET
