@@ -101,7 +101,8 @@ def describe_stack(stack: LsmtStack) -> dict[str, Any]:
 
 
 def check_layer(path: str, index: str | None = None) -> dict[str, Any]:
-    """Every check the format allows: headers, index order and bounds, and every ZFile block CRC."""
+    """Every check the format allows: headers, index order and bounds, and every ZFile block CRC. A file that is
+    neither an LSMT layer nor a ZFile (its magic gone) is reported as corrupt, not as fine."""
     report: dict[str, Any] = {"path": path, "errors": [], "warnings": []}
     try:
         with ExitStack() as owned:
@@ -113,9 +114,9 @@ def check_layer(path: str, index: str | None = None) -> dict[str, Any]:
                 if not z.verify:
                     report["warnings"].append("ZFile has no per-block CRCs: blocks were only decompressed")
                 report["blocks_checked"] = z.verify_all()
-            if not peeled.is_lsmt:
-                return report
-            f.close()
+            if not peeled.is_lsmt and peeled.zfile is not None:
+                return report  # a ZFile of any bytes: its blocks were all there is to check
+            f.close()  # below: an LSMT layer, or what open_layer says is none
             layer = open_layer(path, index, owned=owned)
             report["format"] = "+".join(peeled.wrappers + [layer_kind(layer)])
             seg = layer.segments()

@@ -19,7 +19,7 @@ import pytest
 
 from overlaybd.cli.main import main
 
-from .mutations import parse_zfile
+from ..oracle import parse_zfile
 
 pytestmark = pytest.mark.fixtures
 

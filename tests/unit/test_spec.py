@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,7 @@ from overlaybd.cli.common import parse_size
 from overlaybd.errors import BadMagicError, ChecksumError, TruncatedError, UsageError
 from overlaybd.formats import tarwrap
 from overlaybd.formats.checksum import raw_crc32c
+from overlaybd.formats.detect import replace_last, sibling_index
 from overlaybd.formats.lsmt import spec as lsmt
 from overlaybd.formats.zfile import spec as zf
 
@@ -108,3 +111,28 @@ def test_parse_size(text: str, value: int) -> None:
 def test_parse_size_rejects_garbage() -> None:
     with pytest.raises(UsageError):
         parse_size("ten gigs")
+
+
+def test_sibling_index_replaces_the_last_data(tmp_path: Path) -> None:
+    for data, index in (("x.data", "x.index"), ("writable_data", "writable_index"), ("data.data", "data.index"),
+                        ("data_dir_data", "data_dir_index")):
+        (tmp_path / index).write_bytes(b"")
+        assert sibling_index(str(tmp_path / data)) == str(tmp_path / index)
+    assert sibling_index(str(tmp_path / "missing.data")) is None
+    assert sibling_index(str(tmp_path / "x.lsmt")) is None
+    assert replace_last("a-data-data", "data", "index") == "a-data-index"
+    assert replace_last("abc", "data", "index") == "abc"
+
+
+def test_field_offsets_come_from_the_declarations_and_match_the_spec_tables() -> None:
+    # spec §3.1 and §4.2: the offsets errors point at
+    assert {k: lsmt.FIELD[k] for k in ("size", "flags", "index_offset", "index_size", "virtual_size", "uuid",
+                                       "parent_uuid", "version", "user_tag")} == {
+        "size": 24, "flags": 28, "index_offset": 32, "index_size": 40, "virtual_size": 48, "uuid": 56,
+        "parent_uuid": 93, "version": 132, "user_tag": 134}
+    assert lsmt.HEADER_RECORD.size == lsmt.STRUCT_SIZE == 390
+    assert {k: zf.FIELD[k] for k in ("digest", "flags", "index_offset", "index_size", "original_file_size",
+                                     "index_crc", "block_size", "algo", "use_dict", "dict_size", "verify")} == {
+        "digest": 28, "flags": 32, "index_offset": 40, "index_size": 48, "original_file_size": 56, "index_crc": 64,
+        "block_size": 72, "algo": 76, "use_dict": 78, "dict_size": 84, "verify": 88}
+    assert zf.RECORD.size == zf.STRUCT_SIZE == 96 and zf.RECORD.span("digest") == (28, 32)

@@ -10,6 +10,7 @@ import os
 import random
 import tempfile
 import threading
+from collections.abc import Callable
 
 import crc32c
 import lz4.block
@@ -17,10 +18,10 @@ import numpy as np
 import pytest
 import zstandard
 
-from overlaybd.errors import LayerIOError
+from overlaybd.errors import LayerIOError, OverlaybdError
 from overlaybd.formats.zfile import blocks
 from overlaybd.formats.zfile.reader import ZFileSource
-from overlaybd.formats.zfile.spec import ALGO_LZ4, ALGO_ZSTD, CRC_SIZE, MAX_STORED_BLOCK
+from overlaybd.formats.zfile.spec import ALGO_LZ4, ALGO_ZSTD, CRC_SIZE, MAX_STORED_BLOCK, ZFileHeader
 from overlaybd.formats.zfile.writer import write_zfile
 from overlaybd.source.file import MemorySource
 
@@ -276,3 +277,167 @@ def test_a_read_error_in_any_batch_ends_the_write_with_that_error(threads: int) 
     worker.join(60)
     assert not worker.is_alive(), "write_zfile hung after a worker's read failed"
     assert isinstance(outcome[0], LayerIOError) and outcome[0].offset == 5 << 20
+
+
+# -- one verdict on damaged blocks and files, whichever path reads them ---------------------------------------------
+
+_SKIPPABLE = (0x184D2A50).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"xyz"
+
+
+def _rle_bomb(blocks_of_128k: int) -> bytes:
+    """A zstd frame with no content size whose RLE blocks (4 bytes each) decompress to 128 KiB apiece."""
+    frame = bytearray((0xFD2FB528).to_bytes(4, "little") + bytes([0x00, 0x38]))  # no FCS; 128 KiB window
+    for k in range(blocks_of_128k):
+        last = int(k == blocks_of_128k - 1)
+        frame += (last | 1 << 1 | (128 << 10) << 3).to_bytes(3, "little") + b"\xaa"
+    return bytes(frame)
+
+
+def _compressor(algo: int) -> Callable[[bytes], bytes]:
+    if algo == ALGO_ZSTD:
+        return zstandard.ZstdCompressor(level=3).compress
+
+    def lz4_block(d: bytes) -> bytes:
+        return lz4.block.compress(d, mode="default", store_size=False)  # type: ignore[no-any-return]
+
+    return lz4_block
+
+
+#: damage after which a block may still decode, to other bytes: nothing but a CRC could tell
+MAY_DECODE_OTHERWISE = ("flip", "random")
+
+
+def damaged_blocks(algo: int, plain: bytes, seed: int = 11) -> dict[str, bytes]:
+    """The compressed block of ``plain`` (which is what it should decompress to), and damaged forms of it: trailing
+    bytes, cuts, byte flips, frames of the wrong size, several frames, skippable frames, a decompression bomb."""
+    rnd = random.Random(seed)
+    comp = _compressor(algo)
+    good = comp(plain)
+    out = {"good": good, "short": comp(plain[:-1]), "long": comp(plain + b"x"), "empty-input": comp(b""),
+           "random": rnd.randbytes(len(good)), "doubled": good + good}
+    for tail in (b"\x00", b"abcd", b"abcde", b"abcdefgh", bytes(16)):
+        out[f"trailing {tail!r}"] = good + tail
+    positions = range(len(good)) if len(good) <= 200 else sorted(rnd.sample(range(len(good)), 200))
+    for k in positions:
+        for x in (0x01, 0x80, 0xFF):
+            flipped = bytearray(good)
+            flipped[k] ^= x
+            out[f"flip byte {k} ^ {x:#x}"] = bytes(flipped)
+        out[f"cut to {k} bytes"] = good[: max(k, 1)]
+    if algo == ALGO_ZSTD:
+        out["two frames"] = comp(plain[:1000]) + comp(plain[1000:])
+        out["two frames, one byte too many"] = comp(plain[:1000]) + comp(plain[1000:] + b"x")
+        out["skippable after"] = good + _SKIPPABLE
+        out["skippable before"] = _SKIPPABLE + good
+        out["skippable cut"] = good + _SKIPPABLE[:-1]
+        out["skippable only"] = _SKIPPABLE
+        unsized = zstandard.ZstdCompressor(level=3, write_content_size=False, write_checksum=True)
+        out["no content size, checksum"] = unsized.compress(plain)
+        out["no content size, too long"] = unsized.compress(plain + b"x")
+        bad_sum = bytearray(unsized.compress(plain))
+        bad_sum[-1] ^= 1
+        out["bad frame checksum"] = bytes(bad_sum)
+        out["RLE bomb, 128 MiB"] = _rle_bomb(1024)
+    return out
+
+
+@pytest.mark.parametrize("algo", [ALGO_LZ4, ALGO_ZSTD])
+def test_both_paths_give_one_verdict_on_damaged_blocks(algo: int) -> None:
+    """The C and the Python path accept the same blocks, with the same bytes, and refuse the others with the
+    same status (CODEC or LENGTH): the Python path used to take a zstd frame followed by anything for a good block."""
+    native = _native()
+    differ = []
+    corpus = {**damaged_blocks(algo, mixed(4096, 11)), **{f"zeros: {k}": v for k, v in
+                                                          damaged_blocks(algo, bytes(4096)).items()}}
+    for name, block in corpus.items():
+        starts = np.array([0, len(block)], dtype=np.int64)
+        verdicts = []
+        for runs in (blocks.PYTHON, native):
+            out = bytearray(4096)
+            done, status, detail, _message = runs.decompress(algo, block, starts, 0, 1, 0, out, 4096, 4096, False)
+            verdicts.append((done, status, detail if status == blocks.LENGTH else 0,
+                             bytes(out) if status == blocks.OK else b""))
+        if verdicts[0] != verdicts[1]:
+            differ.append(f"{name}: python {verdicts[0][:3]}, native {verdicts[1][:3]}")
+    assert not differ, "\n".join(differ)
+
+
+def _assemble(stored: list[bytes], algo: int, bs: int, size: int, verify: bool) -> bytes:
+    """A ZFile (header, blocks, jump table, trailer with index CRC) around stored blocks, whatever they hold."""
+    table = np.array([len(b) for b in stored], dtype="<u4").tobytes()
+    index_offset = 512 + sum(len(b) for b in stored)
+    head = ZFileHeader(flags=0x13, block_size=bs, algo=algo, verify=verify).pack()
+    trailer = ZFileHeader(flags=0x16, index_offset=index_offset, index_size=len(stored), original_file_size=size,
+                          index_crc=crc32c.crc32c(table, value=0xFFFFFFFF) ^ 0xFFFFFFFF, block_size=bs, algo=algo,
+                          verify=verify).pack()
+    return head + b"".join(stored) + table + trailer
+
+
+def _with_crc(payload: bytes) -> bytes:
+    return payload + (crc32c.crc32c(payload, value=SEED ^ 0xFFFFFFFF) ^ 0xFFFFFFFF).to_bytes(4, "little")
+
+
+def damaged_files(algo: int, verify: bool) -> tuple[bytes, dict[str, bytes]]:
+    """The plain bytes, and ZFiles of them each damaged once: every damaged form of block 3 from
+    :func:`damaged_blocks` (its CRC made to match, so the damage reaches the codec), damaged last blocks, and
+    jump-table edits that move bytes from one block to the next (index CRC matching)."""
+    bs = 4096
+    data = mixed(8 * bs + 700, seed=21)
+    comp = _compressor(algo)
+    pieces = [comp(data[a : a + bs]) for a in range(0, len(data), bs)]
+
+    def stored(p: bytes) -> bytes:
+        return _with_crc(p) if verify else p
+
+    def file_with(k: int, block: bytes) -> bytes:
+        return _assemble([stored(block) if j == k else stored(p) for j, p in enumerate(pieces)], algo, bs,
+                         len(data), verify)
+
+    files = {"intact": file_with(-1, b"")}
+    for name, block in damaged_blocks(algo, data[3 * bs : 4 * bs]).items():
+        files[f"block 3: {name}"] = file_with(3, block)
+    last = len(pieces) - 1
+    for name, block in (("a full block", pieces[0]), ("one byte more", pieces[last] + b"\x00"),
+                        ("cut by one", pieces[last][:-1]), ("good", comp(data[last * bs :]))):
+        files[f"last block: {name}"] = file_with(last, block)
+    for shift in (1, 2, 5, -1, -3):
+        moved = [stored(p) for p in pieces]
+        joined = moved[3] + moved[4]
+        cut = len(moved[3]) + shift
+        moved[3], moved[4] = joined[:cut], joined[cut:]
+        files[f"{shift:+d} byte(s) moved between blocks 3 and 4"] = _assemble(moved, algo, bs, len(data), verify)
+    if verify:
+        crc_off = [stored(p) for p in pieces]
+        crc_off[5] = crc_off[5][:-1] + bytes([crc_off[5][-1] ^ 1])
+        files["block 5: CRC off by a bit"] = _assemble(crc_off, algo, bs, len(data), verify)
+    return data, files
+
+
+def _verdict(z: bytes, runs: blocks.BlockRuns, monkeypatch: pytest.MonkeyPatch) -> tuple[object, ...]:
+    monkeypatch.setattr(blocks, "ACTIVE", runs)
+    try:
+        src = ZFileSource(MemorySource(z, name="damaged.zfile"))
+        return ("read", src.pread(0, src.size))
+    except OverlaybdError as exc:  # the kind of error and where: the codec's own wording may differ
+        return (type(exc).__name__, exc.offset, getattr(exc, "block", None),
+                str(exc).split(" does not decompress")[0])
+
+
+@pytest.mark.parametrize("algo", [ALGO_LZ4, ALGO_ZSTD])
+@pytest.mark.parametrize("verify", [True, False])
+def test_both_paths_give_one_verdict_on_damaged_files(algo: int, verify: bool, monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    """Every damaged file read whole on the C path and on the Python path: the same bytes or the same error at
+    the same offset; and whatever is read is the original, never other bytes."""
+    native = _native()
+    data, files = damaged_files(algo, verify)
+    problems = []
+    for name, z in files.items():
+        python, c = _verdict(z, blocks.PYTHON, monkeypatch), _verdict(z, native, monkeypatch)
+        if python != c:
+            problems.append(f"{name}: python {python[:4] if python[0] != 'read' else 'read'}, "
+                            f"native {c[:4] if c[0] != 'read' else 'read'}")
+        elif python[0] == "read" and python[1] != data and not name.startswith(
+                tuple(f"block 3: {d}" for d in MAY_DECODE_OTHERWISE)):
+            problems.append(f"{name}: both paths read other bytes than were compressed")
+    assert files and not problems, "\n".join(problems)

@@ -52,12 +52,18 @@ def peel(src: BlockSource) -> Peeled:
     return out
 
 
+def replace_last(text: str, old: str, new: str) -> str:
+    """``text`` with its last ``old`` (if any) replaced by ``new``."""
+    before, found, after = text.rpartition(old)
+    return before + new + after if found else text
+
+
 def sibling_index(data_path: str) -> str | None:
     """``x.data`` -> ``x.index``, ``writable_data`` -> ``writable_index``, if that file exists."""
     head, base = os.path.split(data_path)
     if "data" not in base:
         return None
-    candidate = os.path.join(head, base[::-1].replace("atad", "xedni", 1)[::-1])
+    candidate = os.path.join(head, replace_last(base, "data", "index"))
     return candidate if os.path.exists(candidate) else None
 
 

@@ -50,6 +50,14 @@ def _tmp_beside(path: str) -> tuple[int, str]:
     return fd, tmp
 
 
+def set_length(fd: int, length: int, path: str) -> None:
+    """``ftruncate``, its refusal (a file system's size limit, a full disk) a LayerIOError naming ``path``."""
+    try:
+        os.ftruncate(fd, length)
+    except OSError as exc:
+        raise LayerIOError(f"cannot make the file {length} bytes long: {exc.strerror}", path=path) from exc
+
+
 def write_atomically(path: str, produce: Producer, *, tar: bool = False, force: bool = False) -> Written:
     if os.path.exists(path) and not force:
         raise UsageError("output exists (use --force to replace it)", path=path)
@@ -62,7 +70,7 @@ def write_atomically(path: str, produce: Producer, *, tar: bool = False, force: 
             head, end_at, size = tarwrap.envelope(payload, os.fstat(fd).st_mode)
             write_all(fd, head, 0, path)
             write_all(fd, bytes(2 * tarwrap.BLOCK), end_at, path)
-        os.ftruncate(fd, size)
+        set_length(fd, size, path)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -83,7 +91,7 @@ def write_layer_file(path: str, produce: Producer, *, compression: Compression |
     fd, tmp = _tmp_beside(path + ".plain")
     try:
         length = produce(fd, 0)
-        os.ftruncate(fd, length)
+        set_length(fd, length, tmp)
     except BaseException:
         os.close(fd)
         os.unlink(tmp)
@@ -117,6 +125,7 @@ def copy_out(path: str, src: BlockSource, *, force: bool = False, progress: Prog
     chunk = 4 << 20
 
     def produce(fd: int, base: int) -> int:
+        set_length(fd, base + src.size, path)  # first: a device the file system cannot hold fails before any copy
         buf = bytearray(chunk)
         done = 0
         for ext in (src.extents() if sparse else [None]):

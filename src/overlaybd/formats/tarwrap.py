@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import FormatError, TruncatedError
+from ..errors import FormatError, LimitError, TruncatedError
 from ..source.base import BlockSource
 
 BLOCK = 512
 MEMBER_NAME = "overlaybd.commit"
+SIZE_FIELD = 124  # a header's size field: 12 bytes of octal (or base-256)
 
 
 def _checksum_ok(hdr: bytes) -> bool:
@@ -38,17 +39,21 @@ def _octal(field: bytes) -> int:
     return int(text, 8)
 
 
-def _pax_records(data: bytes) -> dict[str, str]:
+def _pax_records(data: bytes, *, path: str, at: int) -> dict[str, str]:
+    """``"<len> <key>=<value>\\n"`` records filling ``data`` (the reference's rules: a length of at least 5 that
+    counts the whole record, an ``=`` in each)."""
     out: dict[str, str] = {}
     pos = 0
-    while pos < len(data) and data[pos:pos + 1] not in (b"", b"\x00"):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        if length <= 0:
-            break
-        record = data[space + 1 : pos + length - 1].decode("utf-8", "replace")
-        key, _, value = record.partition("=")
-        out[key] = value
+    while pos < len(data):
+        space = data.find(b" ", pos, pos + 21)
+        digits = data[pos:space] if space > pos else b""
+        if not digits.isdigit() or int(digits) < 5 or pos + int(digits) > len(data):
+            raise FormatError("bad PAX record length", path=path, offset=at + pos)
+        length = int(digits)
+        key, eq, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if not eq:
+            raise FormatError("PAX record without '='", path=path, offset=at + pos)
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
         pos += length
     return out
 
@@ -60,12 +65,20 @@ class TarMember:
     size: int
 
 
+EXTENDED = (b"x", b"g", b"L", b"K")  # PAX, PAX global, GNU long name, GNU long link: they describe what follows
+MAX_EXTENDED_SIZE = 1 << 20  # an extended header beyond this is refused before it is read
+MAX_EXTENDED_HEADERS = 16  # before the first member
+
+
 def first_member(src: BlockSource) -> TarMember:
-    """Parse headers up to the first regular member, honouring PAX ('x', 'g') and GNU long names ('L', 'K')."""
+    """Parse headers up to the first regular member, honouring PAX ('x', 'g') and GNU long names ('L', 'K').
+
+    What an extended header declares is bounded before anything is read or allocated: a remote blob is read
+    through ranges, and a header claiming a gigabyte must not make it fetch one."""
     pos = 0
     pax: dict[str, str] = {}
     long_name: str | None = None
-    while True:
+    for _ in range(MAX_EXTENDED_HEADERS + 1):
         if pos + BLOCK > src.size:
             raise TruncatedError("tar ends inside a header", path=src.name, offset=pos)
         hdr = src.pread(pos, BLOCK)
@@ -74,37 +87,37 @@ def first_member(src: BlockSource) -> TarMember:
         if not (hdr[257:262] == b"ustar" and _checksum_ok(hdr)):
             raise FormatError("bad tar header", path=src.name, offset=pos)
         try:
-            size = _octal(hdr[124:136])
+            size = _octal(hdr[SIZE_FIELD : SIZE_FIELD + 12])
         except ValueError as exc:
-            raise FormatError("bad size field in tar header", path=src.name, offset=pos + 124) from exc
+            raise FormatError("bad size field in tar header", path=src.name, offset=pos + SIZE_FIELD) from exc
         kind = hdr[156:157]
         data_at = pos + BLOCK
-        padded = -(-size // BLOCK) * BLOCK
-        if kind in (b"x", b"g", b"L", b"K"):
+        if kind in EXTENDED:
+            if size > MAX_EXTENDED_SIZE:
+                raise LimitError(f"extended header '{kind.decode()}' of {size} bytes (limit {MAX_EXTENDED_SIZE})",
+                                 path=src.name, offset=pos + SIZE_FIELD)
             if data_at + size > src.size:
                 raise TruncatedError("tar ends inside an extended header", path=src.name, offset=data_at)
             body = src.pread(data_at, size)
             if kind == b"x":
-                try:
-                    pax.update(_pax_records(body))
-                except ValueError as exc:
-                    raise FormatError("bad PAX record", path=src.name, offset=data_at) from exc
+                pax.update(_pax_records(body, path=src.name, at=data_at))
             elif kind == b"L":
                 long_name = body.rstrip(b"\x00").decode("utf-8", "replace")
-            pos = data_at + padded
+            pos = data_at + -(-size // BLOCK) * BLOCK
             continue
         name = pax.get("path") or long_name or hdr[:100].rstrip(b"\x00").decode("utf-8", "replace")
         if "size" in pax:
-            try:
-                pax_size = int(pax["size"])
-            except ValueError as exc:
-                raise FormatError("bad PAX size record", path=src.name, offset=pos) from exc
-            if pax_size > 0:
-                size = pax_size
+            text = pax["size"]
+            if not (text.isascii() and text.isdigit()):
+                raise FormatError(f"bad PAX size record {text[:40]!r}", path=src.name, offset=pos)
+            if int(text) > 0:
+                size = int(text)
         if data_at + size > src.size:
             raise TruncatedError(f"tar member {name!r} declares {size} bytes but the file ends at {src.size}",
                                  path=src.name, offset=data_at)
         return TarMember(name, data_at, size)
+    raise LimitError(f"more than {MAX_EXTENDED_HEADERS} extended headers before the first member", path=src.name,
+                     offset=pos)
 
 
 def _header(name: bytes, mode: bytes, size_field: bytes, typeflag: bytes, owner: bytes = b"") -> bytes:

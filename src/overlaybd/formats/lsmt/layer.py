@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...errors import BadMagicError, CorruptIndexError, LimitError, TruncatedError
+from ...errors import BadMagicError, CorruptIndexError, TruncatedError
 from ...source.base import BlockSource
 from .index import Segments, drop_invalid
 from .mapping import Level, MergedIndex
 from .spec import (
     HEADER_SIZE,
     INVALID_OFFSET,
-    MAX_RO_INDEX_RECORDS,
     RECORD_SIZE,
     SECTOR,
     LsmtHeader,
+    check_sealed_header,
+    check_sealed_trailer,
     decode_records,
 )
 from .view import LsmtView
@@ -69,9 +70,7 @@ class LsmtLayer(LsmtView):
         self.name = name or data.name
         path = self.name
         self.header = read_header(data, 0)
-        if not self.header.is_header or not self.header.is_data:
-            raise BadMagicError(f"LSMT header flags 0x{self.header.flags:x} are not a data-file header",
-                                path=path, offset=0)
+        check_sealed_header(self.header, path=path)
         if data.size < 2 * HEADER_SIZE:
             raise TruncatedError("LSMT file has no room for a trailer", path=path, offset=data.size)
         trailer_at = data.size - HEADER_SIZE
@@ -81,16 +80,7 @@ class LsmtLayer(LsmtView):
             raise BadMagicError("no LSMT trailer at the end: not a sealed layer (truncated, or a writable data "
                                 "file that needs its index file)", path=path, offset=trailer_at) from exc
         t = self.trailer
-        if t.is_header or not t.is_data or not t.is_sealed:
-            raise BadMagicError(f"LSMT trailer flags 0x{t.flags:x} are not a sealed data trailer", path=path,
-                                offset=trailer_at)
-        if t.index_size > MAX_RO_INDEX_RECORDS:
-            raise LimitError(f"trailer declares {t.index_size} index records (limit {MAX_RO_INDEX_RECORDS})",
-                             path=path, offset=trailer_at + 40)
-        if t.index_offset < HEADER_SIZE or t.index_offset + t.index_size * RECORD_SIZE > trailer_at:
-            raise CorruptIndexError(
-                f"index [{t.index_offset}, +{t.index_size} records) does not fit between header and trailer",
-                path=path, offset=trailer_at + 32)
+        check_sealed_trailer(t, at=trailer_at, path=path)
         seg, positions = load_records(data, t.index_offset, t.index_size)
         validate_index(seg, positions, HEADER_SIZE // SECTOR, t.index_offset // SECTOR, path=path,
                        index_offset=t.index_offset)

@@ -6,13 +6,13 @@ or live in record arrays); header fields are bytes.
 
 from __future__ import annotations
 
-import struct
 import uuid as uuidlib
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ...errors import BadMagicError, TruncatedError
+from ...errors import BadMagicError, CorruptIndexError, LimitError, TruncatedError
+from ..structs import Record
 
 SECTOR = 512
 HEADER_SIZE = 4096
@@ -32,6 +32,7 @@ INVALID_OFFSET = MAX_OFFSET_SECTORS
 MAX_RO_INDEX_RECORDS = 1_000_000  # reference MAX_LSMT_RO_INDEX_SIZE
 MAX_RW_INDEX_RECORDS = 128_000_000
 MAX_LAYERS = 255
+MAX_VIRTUAL_SIZE = (MAX_OFFSET_SECTORS + 1) * SECTOR  # 512 PiB: all that index records can address
 RECORD_SIZE = 16
 INDEX_PAD_RECORDS = 256  # committed indexes are padded to 4096-byte multiples
 WRITE_SPLIT_SECTORS = 8192  # writes are cut into <= 4 MiB records
@@ -39,7 +40,13 @@ COPY_STEP_SECTORS = 64  # compaction copies in 32 KiB steps (spec §3.5.1)
 
 NULL_UUID = b"\x00" * 16
 
-_HEADER = struct.Struct("<8s16sIIQQQ37s37sHBB256s")
+HEADER_RECORD = Record.declare((
+    ("magic0", "8s"), ("magic1", "16s"), ("size", "I"), ("flags", "I"), ("index_offset", "Q"), ("index_size", "Q"),
+    ("virtual_size", "Q"), ("uuid", "37s"), ("parent_uuid", "37s"), ("reserved", "H"), ("version", "B"),
+    ("sub_version", "B"), ("user_tag", "256s"),
+))
+FIELD = HEADER_RECORD.offsets
+_HEADER = HEADER_RECORD.struct
 assert _HEADER.size == STRUCT_SIZE
 
 
@@ -131,6 +138,40 @@ class LsmtHeader:
 
 def is_lsmt(first_bytes: bytes) -> bool:
     return first_bytes[:8] == MAGIC0 and first_bytes[8:24] == MAGIC1
+
+
+# -- what a reader demands of a header/trailer before trusting its fields (spec §3.13) -------------------------------
+
+
+def check_virtual_size(h: LsmtHeader, *, at: int, path: str) -> None:
+    """A device larger than index records can address is not a device: refused before any size is computed."""
+    if h.virtual_size > MAX_VIRTUAL_SIZE:
+        raise LimitError(f"virtual size {h.virtual_size} is beyond the {MAX_VIRTUAL_SIZE} bytes index records can "
+                         f"address", path=path, offset=at + FIELD["virtual_size"])
+
+
+def check_sealed_header(h: LsmtHeader, *, path: str) -> None:
+    """The header (offset 0) of a sealed file: a data-file header of a sane size."""
+    if not h.is_header or not h.is_data:
+        raise BadMagicError(f"LSMT header flags 0x{h.flags:x} are not a data-file header", path=path,
+                            offset=FIELD["flags"])
+    check_virtual_size(h, at=0, path=path)
+
+
+def check_sealed_trailer(t: LsmtHeader, *, at: int, path: str) -> None:
+    """The trailer at ``at`` (the last 4096 bytes) of a sealed file: flags, a bounded index that fits between
+    header and trailer, a sane virtual size."""
+    if t.is_header or not t.is_data or not t.is_sealed:
+        raise BadMagicError(f"LSMT trailer flags 0x{t.flags:x} are not a sealed data trailer", path=path,
+                            offset=at + FIELD["flags"])
+    if t.index_size > MAX_RO_INDEX_RECORDS:
+        raise LimitError(f"trailer declares {t.index_size} index records (limit {MAX_RO_INDEX_RECORDS})",
+                         path=path, offset=at + FIELD["index_size"])
+    if t.index_offset < HEADER_SIZE or t.index_offset + t.index_size * RECORD_SIZE > at:
+        raise CorruptIndexError(
+            f"index [{t.index_offset}, +{t.index_size} records) does not fit between header and trailer",
+            path=path, offset=at + FIELD["index_offset"])
+    check_virtual_size(t, at=at, path=path)
 
 
 # -- 16-byte index records --------------------------------------------------------------------------------

@@ -16,13 +16,14 @@ import uuid as uuidlib
 
 import numpy as np
 
-from ...errors import BadMagicError, CorruptIndexError, LayerIOError, LimitError, LockedError
+from ...errors import BadMagicError, CorruptIndexError, LayerIOError, LimitError, LockedError, UsageError
 from ...source.base import Capability
 from ...source.file import FileSource, punch_hole, write_all
 from .index import MutableIndex, Segments, drop_invalid, replay
 from .layer import read_header
 from .mapping import MutableLevel
 from .spec import (
+    FIELD,
     FLAG_DATA,
     FLAG_HEADER,
     FLAG_SPARSE,
@@ -30,11 +31,13 @@ from .spec import (
     INVALID_OFFSET,
     MAX_RECORD_SECTORS,
     MAX_RW_INDEX_RECORDS,
+    MAX_VIRTUAL_SIZE,
     NULL_UUID,
     RECORD_SIZE,
     SECTOR,
     WRITE_SPLIT_SECTORS,
     LsmtHeader,
+    check_virtual_size,
     decode_records,
     encode_records,
 )
@@ -47,8 +50,8 @@ _RECORD = struct.Struct("<QQ")  # one index record: offset | length << 50, moffs
 def create_writable(data_path: str, index_path: str, virtual_size: int, *, uuid: bytes | None = None,
                     parent_uuid: bytes = NULL_UUID, sparse: bool = False) -> None:
     """``overlaybd-create``: a new empty writable pair. Files are created exclusively, mode 0644."""
-    if virtual_size % SECTOR:
-        raise ValueError(f"virtual size {virtual_size} is not a multiple of {SECTOR}")
+    if virtual_size % SECTOR or not 0 <= virtual_size <= MAX_VIRTUAL_SIZE:
+        raise UsageError(f"virtual size {virtual_size} must be a multiple of {SECTOR} up to {MAX_VIRTUAL_SIZE}")
     uid = uuid if uuid is not None else uuidlib.uuid4().bytes
     flags = FLAG_HEADER | FLAG_DATA | (FLAG_SPARSE if sparse else 0)
     data_hdr = LsmtHeader(flags=flags, virtual_size=virtual_size, uuid=uid, parent_uuid=parent_uuid)
@@ -65,7 +68,11 @@ def create_writable(data_path: str, index_path: str, virtual_size: int, *, uuid:
             try:
                 write_all(fd, hdr.pack(), 0, path)
                 if sparse and path == data_path:
-                    os.ftruncate(fd, HEADER_SIZE + virtual_size)
+                    try:
+                        os.ftruncate(fd, HEADER_SIZE + virtual_size)
+                    except OSError as exc:
+                        raise LayerIOError(f"cannot make the file {HEADER_SIZE + virtual_size} bytes long: "
+                                           f"{exc.strerror}", path=path) from exc
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -93,7 +100,8 @@ class WritableBase(LsmtView):
             h = self.header
             if not h.is_header or not h.is_data or h.is_sealed:
                 raise BadMagicError(f"LSMT header flags 0x{h.flags:x} are not a writable data file", path=data_path,
-                                    offset=0)
+                                    offset=FIELD["flags"])
+            check_virtual_size(h, at=0, path=data_path)
         except BaseException:
             self.data.close()
             raise
@@ -153,7 +161,8 @@ class WritableLayer(WritableBase):
                                 f"not a writable index file", path=path, offset=0)
         count = (self.index_file.size - HEADER_SIZE) // RECORD_SIZE
         if count > MAX_RW_INDEX_RECORDS:
-            raise LimitError(f"index file holds {count} records (limit {MAX_RW_INDEX_RECORDS})", path=path)
+            raise LimitError(f"index file holds {count} records (limit {MAX_RW_INDEX_RECORDS})", path=path,
+                             offset=HEADER_SIZE + RECORD_SIZE * MAX_RW_INDEX_RECORDS)
         raw = self.index_file.pread(HEADER_SIZE, count * RECORD_SIZE)
         rec = decode_records(raw)
         keep = rec["offset"] != INVALID_OFFSET
@@ -264,7 +273,7 @@ class SparseLayer(WritableBase):
         super().__init__(data_path, readonly=readonly)
         if not self.header.is_sparse:
             self.close()
-            raise BadMagicError("not a sparse writable layer", path=data_path, offset=28)
+            raise BadMagicError("not a sparse writable layer", path=data_path, offset=FIELD["flags"])
         self.index = MutableIndex.from_segments(sparse_segments(self.data.fd, self.data.size))
         self.levels = [MutableLevel(self.index, lock=self._lock)]
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import lz4.block
 import zstandard
 
-from ...errors import FormatError, UnsupportedError
+from ...errors import UnsupportedError
 from .spec import ALGO_LZ4, ALGO_NAMES, ALGO_ZSTD
 
 ZSTD_LEVEL = 3  # the reference always compresses zstd at level 3
@@ -38,22 +38,6 @@ def compress(algo: int, data: bytes | memoryview) -> bytes:
     raise UnsupportedError(f"compression algorithm {ALGO_NAMES.get(algo, algo)} is not supported")
 
 
-def decompress(algo: int, data: bytes | memoryview, size: int) -> bytes:
-    """Decompress one block that must yield exactly ``size`` bytes; any failure is a FormatError."""
-    try:
-        if algo == ALGO_LZ4:
-            out = lz4.block.decompress(data, uncompressed_size=size)
-        elif algo == ALGO_ZSTD:
-            out = _zstd_d().decompress(data, max_output_size=size)
-        else:
-            raise UnsupportedError(f"compression algorithm {ALGO_NAMES.get(algo, algo)} is not supported")
-    except (lz4.block.LZ4BlockError, zstandard.ZstdError) as exc:
-        raise FormatError(f"block does not decompress: {exc}") from exc
-    if len(out) != size:
-        raise FormatError(f"block decompresses to {len(out)} bytes, expected {size}")
-    return out  # type: ignore[no-any-return]
-
-
 def compressor(algo: int) -> Callable[[bytes | memoryview], bytes]:
     """The compress function for one codec, looked up once for a batch of blocks (this thread's compressor)."""
     if algo == ALGO_LZ4:
@@ -69,8 +53,10 @@ def compressor(algo: int) -> Callable[[bytes | memoryview], bytes]:
 
 
 def decompressor(algo: int) -> Callable[[bytes | memoryview, int], bytes]:
-    """A decompress function for one codec, looked up once for a batch of blocks. It raises the codec's own
-    errors (LZ4BlockError, ZstdError) and does not check the output length: callers do both."""
+    """A decompress function for one codec, looked up once for a batch of blocks: ``f(block, capacity)`` gives at
+    most ``capacity`` bytes or raises one of CODEC_ERRORS; callers check the length they wanted. Both behave as
+    the C calls of the reference and of the C block path: ``LZ4_decompress_safe`` into ``capacity`` bytes, and
+    ``ZSTD_decompress`` (see :func:`zstd_block`)."""
     if algo == ALGO_LZ4:
         lz4_decompress = lz4.block.decompress
 
@@ -79,16 +65,89 @@ def decompressor(algo: int) -> Callable[[bytes | memoryview, int], bytes]:
 
         return lz4_block
     if algo == ALGO_ZSTD:
-        zstd_decompress = _zstd_d().decompress
-
-        def zstd_frame(data: bytes | memoryview, size: int) -> bytes:
-            return zstd_decompress(data, max_output_size=size)
-
-        return zstd_frame
+        return zstd_block
     raise UnsupportedError(f"compression algorithm {ALGO_NAMES.get(algo, algo)} is not supported")
 
 
-CODEC_ERRORS = (lz4.block.LZ4BlockError, zstandard.ZstdError)
+class ZstdBlockError(ValueError):
+    """A zstd block that ``ZSTD_decompress`` would refuse; the message is the name libzstd gives that error."""
+
+
+_ZSTD_MAGIC = 0xFD2FB528
+_SKIPPABLE_MAGIC, _SKIPPABLE_MASK = 0x184D2A50, 0xFFFFFFF0
+_UNKNOWN = -1
+
+
+def zstd_block(data: bytes | memoryview, capacity: int) -> bytes:
+    """What ``ZSTD_decompress(dst, capacity, data)`` gives, or ZstdBlockError where it fails: the block is zstd
+    frames and skippable frames, back to back, filling it exactly, decompressing to at most ``capacity`` bytes.
+
+    ``ZstdDecompressor.decompress`` alone reads only the first frame and ignores what follows, and trusts a frame's
+    declared content size over ``max_output_size``: the frames are walked here, each bounded before it is
+    decompressed."""
+    view = memoryview(data).cast("B")
+    out: list[bytes] = []
+    room = capacity
+    pos = 0
+    while len(view) - pos >= 5:  # ZSTD_FRAMEHEADERSIZE_PREFIX: less than a frame's start is left over
+        magic = int.from_bytes(view[pos : pos + 4], "little")
+        if magic & _SKIPPABLE_MASK == _SKIPPABLE_MAGIC:
+            if len(view) - pos < 8:
+                raise ZstdBlockError("Src size is incorrect")
+            pos += 8 + int.from_bytes(view[pos + 4 : pos + 8], "little")
+            if pos > len(view):
+                raise ZstdBlockError("Src size is incorrect")
+            continue
+        if magic != _ZSTD_MAGIC:
+            raise ZstdBlockError("Unknown frame descriptor")
+        end, content_size = _zstd_frame_end(view, pos)
+        if content_size > room:
+            raise ZstdBlockError("Destination buffer is too small")
+        frame = bytes(view[pos:end])
+        plain = _zstd_d().decompress(frame, max_output_size=max(room, 1), allow_extra_data=False)
+        if len(plain) > room:
+            raise ZstdBlockError("Destination buffer is too small")
+        out.append(plain)
+        room -= len(plain)
+        pos = end
+    if pos != len(view):
+        raise ZstdBlockError("Src size is incorrect")
+    return b"".join(out)
+
+
+def _zstd_frame_end(view: memoryview, pos: int) -> tuple[int, int]:
+    """Where the zstd frame at ``pos`` ends (RFC 8878 §3.1.1: header, blocks, optional checksum), and the content
+    size its header declares (_UNKNOWN if none); ZstdBlockError where the frame runs past the block."""
+    n = len(view)
+    fhd = view[pos + 4]
+    if fhd & 0x08:
+        raise ZstdBlockError("Unsupported frame parameter")
+    single = fhd >> 5 & 1
+    fcs_size = (single, 2, 4, 8)[fhd >> 6]
+    at = pos + 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3]
+    if at + fcs_size > n:
+        raise ZstdBlockError("Src size is incorrect")
+    content_size = int.from_bytes(view[at : at + fcs_size], "little") if fcs_size else _UNKNOWN
+    if fcs_size == 2:
+        content_size += 256
+    at += fcs_size
+    while True:
+        if at + 3 > n:
+            raise ZstdBlockError("Src size is incorrect")
+        header = int.from_bytes(view[at : at + 3], "little")
+        kind = header >> 1 & 3
+        if kind == 3:
+            raise ZstdBlockError("Data corruption detected")
+        at += 3 + (1 if kind == 1 else header >> 3)
+        if header & 1:
+            break
+    at += 4 if fhd & 0x04 else 0
+    if at > n:
+        raise ZstdBlockError("Src size is incorrect")
+    return at, content_size
+
+
+CODEC_ERRORS = (lz4.block.LZ4BlockError, zstandard.ZstdError, ZstdBlockError)
 
 
 def check_algo(algo: int) -> None:

@@ -6,19 +6,18 @@ import threading
 
 import numpy as np
 
-from ...errors import ChecksumError, CorruptIndexError, FormatError, LimitError, TruncatedError, UnsupportedError
+from ...errors import ChecksumError, FormatError, TruncatedError
 from ...source.base import BlockSource
 from ..checksum import ZFILE_BLOCK_SEED, raw_crc32c
-from . import blocks, codecs
+from . import blocks
 from .spec import (
     CRC_SIZE,
-    FLAG_DATA,
-    FLAG_HEADER,
-    FLAG_SEALED,
-    MAX_BLOCK_SIZE,
-    MAX_BLOCKS,
     RECORD_SIZE,
     ZFileHeader,
+    block_starts,
+    check_header,
+    check_index_info,
+    check_trailer,
 )
 
 CRC_RETRIES = 3  # re-reads of a block whose CRC fails before giving up (a remote source may heal)
@@ -47,74 +46,25 @@ class ZFileSource(BlockSource):
             raise TruncatedError(f"file is {inner.size} bytes, too short for a ZFile header", path=path,
                                  offset=self.base)
         header = ZFileHeader.unpack(inner.pread(0, RECORD_SIZE), path=path, offset=self.base)
-        if not header.is_header:
-            raise FormatError("ZFile record at offset 0 is not a header", path=path, offset=self.base + 32)
+        check_header(header, base=self.base, path=path)
         self.header = header
         if header.overwritten:
-            info = header
-            info_at = 0
+            info, info_at = header, 0
         else:
-            if not header.known_flags & FLAG_DATA:
-                raise FormatError("ZFile header lacks the data-file flag", path=path, offset=self.base + 32)
             info_at = inner.size - RECORD_SIZE
             if info_at < RECORD_SIZE:
                 raise TruncatedError("ZFile has no room for a trailer", path=path, offset=self.base + inner.size)
             info = ZFileHeader.unpack(inner.pread(info_at, RECORD_SIZE), path=path, offset=self.base + info_at,
                                       check_digest=False)
-            want = FLAG_DATA | FLAG_SEALED
-            if info.known_flags & FLAG_HEADER or info.known_flags & want != want:
-                raise FormatError(f"ZFile trailer flags 0x{info.flags:x} are not a sealed data trailer", path=path,
-                                  offset=self.base + info_at + 32)
+            check_trailer(info, at=info_at, base=self.base, path=path)
+        check_index_info(info, at=info_at, base=self.base, path=path, file_size=inner.size)
         self.info = info
         self.info_at = info_at
-        if info.index_size > MAX_BLOCKS:
-            raise LimitError(f"declares {info.index_size} blocks (limit {MAX_BLOCKS})", path=path,
-                             offset=self.base + info_at + 48)
-        bs = info.block_size
-        if bs < 512 or bs > MAX_BLOCK_SIZE or bs & (bs - 1):
-            raise UnsupportedError(f"block size {bs} is not a power of two up to {MAX_BLOCK_SIZE}", path=path,
-                                   offset=self.base + info_at + 72)
-        try:
-            codecs.check_algo(info.algo)
-        except UnsupportedError as exc:
-            raise UnsupportedError(exc.message, path=path, offset=self.base + info_at + 76) from exc
-        if info.use_dict or info.dict_size:
-            raise UnsupportedError("ZFile dictionaries are not supported", path=path,
-                                   offset=self.base + info_at + 78)
-        nblocks = info.index_size
-        table_end = info.index_offset + 4 * nblocks
-        limit = inner.size - (0 if info.overwritten else RECORD_SIZE)
-        if info.index_offset < RECORD_SIZE or table_end > limit:
-            raise CorruptIndexError(f"jump table [{info.index_offset}, {table_end}) lies outside the file "
-                                    f"({inner.size} bytes)", path=path, offset=self.base + info_at + 40)
-        expected_blocks = -(-info.original_file_size // bs)
-        if nblocks != expected_blocks:
-            raise CorruptIndexError(f"{nblocks} blocks cannot hold {info.original_file_size} bytes in blocks of {bs}",
-                                    path=path, offset=self.base + info_at + 48)
-        raw = inner.pread(info.index_offset, 4 * nblocks)
-        if info.has_digest:
-            crc = raw_crc32c(raw)
-            if crc != info.index_crc:
-                raise ChecksumError(f"jump table CRC mismatch: stored 0x{info.index_crc:08x}, computed 0x{crc:08x}",
-                                    path=path, offset=self.base + info.index_offset, expected=info.index_crc,
-                                    actual=crc)
-        lengths = np.frombuffer(raw, dtype="<u4").astype(np.int64)
-        floor = CRC_SIZE if info.verify else 0
-        bad = np.flatnonzero(lengths <= floor)
-        if bad.size:
-            k = int(bad[0])
-            raise CorruptIndexError(f"block {k} has stored length {int(lengths[k])}", path=path,
-                                    offset=self.base + info.index_offset + 4 * k)
-        starts = np.empty(nblocks + 1, dtype=np.int64)
-        starts[0] = RECORD_SIZE + info.dict_size
-        np.cumsum(lengths, out=starts[1:])
-        starts[1:] += starts[0]
-        if starts[-1] != info.index_offset:
-            raise CorruptIndexError(f"blocks end at {int(starts[-1])} but the jump table starts at "
-                                    f"{info.index_offset}", path=path, offset=self.base + info.index_offset)
+        raw = inner.pread(info.index_offset, 4 * info.index_size)
+        starts = block_starts(raw, info, base=self.base, path=path)
         self.block_starts = starts
         self.size = info.original_file_size
-        self.block_size = bs
+        self.block_size = info.block_size
         self.verify = info.verify
         self.algo = info.algo
 

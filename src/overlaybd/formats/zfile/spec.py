@@ -5,8 +5,19 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, replace
 
-from ...errors import BadMagicError, ChecksumError, TruncatedError
+import numpy as np
+
+from ...errors import (
+    BadMagicError,
+    ChecksumError,
+    CorruptIndexError,
+    FormatError,
+    LimitError,
+    TruncatedError,
+    UnsupportedError,
+)
 from ..checksum import raw_crc32c
+from ..structs import Record
 
 RECORD_SIZE = 512
 STRUCT_SIZE = 96
@@ -25,6 +36,7 @@ ALGO_LZ4 = 1
 ALGO_ZSTD = 2
 ALGO_NAMES = {ALGO_LZO: "mini_lzo", ALGO_LZ4: "lz4", ALGO_ZSTD: "zstd"}
 ALGO_BY_NAME = {v: k for k, v in ALGO_NAMES.items()}
+SUPPORTED_ALGOS = (ALGO_LZ4, ALGO_ZSTD)
 
 MAX_BLOCK_SIZE = 65536
 MIN_BLOCK_SIZE = 4096
@@ -32,9 +44,14 @@ MAX_STORED_BLOCK = 65536  # the reference reader cannot read a longer stored blo
 MAX_BLOCKS = 1_000_000_000
 CRC_SIZE = 4
 
-# magic0, magic1, size, digest, flags, index_offset, index_size, original_file_size, index_crc, reserved_0,
-# block_size, algo, level, use_dict, pad, args, dict_size, verify
-_RECORD = struct.Struct("<8s16sIIQQQQIIIBBBBIIB7x")
+RECORD = Record.declare((
+    ("magic0", "8s"), ("magic1", "16s"), ("size", "I"), ("digest", "I"), ("flags", "Q"), ("index_offset", "Q"),
+    ("index_size", "Q"), ("original_file_size", "Q"), ("index_crc", "I"), ("reserved_0", "I"), ("block_size", "I"),
+    ("algo", "B"), ("level", "B"), ("use_dict", "B"), ("pad", "B"), ("args", "I"), ("dict_size", "I"),
+    ("verify", "B"), ("padding", "7x"),
+))
+FIELD = RECORD.offsets
+_RECORD = RECORD.struct
 assert _RECORD.size == STRUCT_SIZE
 
 
@@ -84,7 +101,7 @@ class ZFileHeader:
                           self.original_file_size, self.index_crc, 0, self.block_size, self.algo, self.level,
                           self.use_dict, 0, 0, self.dict_size, 1 if self.verify else 0)
         if self.flags & FLAG_DIGEST:
-            struct.pack_into("<I", body, 28, raw_crc32c(body))
+            struct.pack_into("<I", body, FIELD["digest"], raw_crc32c(body))
         return bytes(body)
 
     @classmethod
@@ -100,13 +117,106 @@ class ZFileHeader:
                   dict_size=dict_size, verify=bool(verify), digest=digest, size_field=size_field)
         if check_digest and hdr.has_digest:
             body = bytearray(buf[:RECORD_SIZE])
-            body[28:32] = b"\x00\x00\x00\x00"
+            at, end = RECORD.span("digest")
+            body[at:end] = bytes(end - at)
             actual = raw_crc32c(body)
             if actual != digest:
                 raise ChecksumError(f"ZFile record digest mismatch: stored 0x{digest:08x}, computed 0x{actual:08x}",
-                                    path=path, offset=offset + 28, expected=digest, actual=actual)
+                                    path=path, offset=offset + at, expected=digest, actual=actual)
         return hdr
 
 
 def is_zfile(first_bytes: bytes) -> bool:
     return first_bytes[:8] == MAGIC0 and first_bytes[8:24] == MAGIC1
+
+
+def max_stored_length(algo: int, block_size: int, verify: bool) -> int:
+    """The most bytes one block can take on disk: its codec's worst case for ``block_size`` bytes
+    (LZ4_COMPRESSBOUND, ZSTD_COMPRESSBOUND), and its CRC."""
+    n = block_size
+    if algo == ALGO_LZ4:
+        bound = n + n // 255 + 16
+    else:
+        bound = n + (n >> 8) + ((128 << 10) - n >> 11 if n < 128 << 10 else 0)
+    return bound + (CRC_SIZE if verify else 0)
+
+
+# -- what a reader demands before trusting a record (spec §4.9) -------------------------------------------------------
+# ``at`` is where the record lies in the ZFile, ``base`` where the ZFile lies in the file called ``path`` (the tar
+# payload offset): errors point at ``base + at + FIELD[name]``.
+
+
+def check_header(h: ZFileHeader, *, base: int, path: str) -> None:
+    if not h.is_header:
+        raise FormatError("ZFile record at offset 0 is not a header", path=path, offset=base + FIELD["flags"])
+    if not h.overwritten and not h.known_flags & FLAG_DATA:
+        raise FormatError("ZFile header lacks the data-file flag", path=path, offset=base + FIELD["flags"])
+
+
+def check_trailer(t: ZFileHeader, *, at: int, base: int, path: str) -> None:
+    want = FLAG_DATA | FLAG_SEALED
+    if t.known_flags & FLAG_HEADER or t.known_flags & want != want:
+        raise FormatError(f"ZFile trailer flags 0x{t.flags:x} are not a sealed data trailer", path=path,
+                          offset=base + at + FIELD["flags"])
+
+
+def check_index_info(info: ZFileHeader, *, at: int, base: int, path: str, file_size: int) -> None:
+    """The record holding the index info (trailer, or overwritten header), checked before the jump table is read:
+    bounded counts and sizes, a supported codec, a table inside the file, and a data area that the declared
+    number of blocks can fill (so that nothing is read or allocated for a table that cannot be right)."""
+
+    def where(name: str) -> int:
+        return base + at + FIELD[name]
+
+    nblocks = info.index_size
+    if nblocks > MAX_BLOCKS:
+        raise LimitError(f"declares {nblocks} blocks (limit {MAX_BLOCKS})", path=path, offset=where("index_size"))
+    bs = info.block_size
+    if bs < 512 or bs > MAX_BLOCK_SIZE or bs & (bs - 1):
+        raise UnsupportedError(f"block size {bs} is not a power of two up to {MAX_BLOCK_SIZE}", path=path,
+                               offset=where("block_size"))
+    if info.algo not in SUPPORTED_ALGOS:
+        raise UnsupportedError(f"compression algorithm {ALGO_NAMES.get(info.algo, info.algo)} is not supported",
+                               path=path, offset=where("algo"))
+    if info.use_dict or info.dict_size:
+        raise UnsupportedError("ZFile dictionaries are not supported", path=path, offset=where("use_dict"))
+    table_end = info.index_offset + 4 * nblocks
+    limit = file_size - (0 if info.overwritten else RECORD_SIZE)
+    if info.index_offset < RECORD_SIZE or table_end > limit:
+        raise CorruptIndexError(f"jump table [{info.index_offset}, {table_end}) lies outside the file "
+                                f"({file_size} bytes)", path=path, offset=where("index_offset"))
+    if nblocks != -(-info.original_file_size // bs):
+        raise CorruptIndexError(f"{nblocks} blocks cannot hold {info.original_file_size} bytes in blocks of {bs}",
+                                path=path, offset=where("index_size"))
+    data = info.index_offset - RECORD_SIZE
+    least = nblocks * ((CRC_SIZE if info.verify else 0) + 1)
+    most = nblocks * max_stored_length(info.algo, bs, info.verify)
+    if not least <= data <= most:
+        raise CorruptIndexError(f"{nblocks} blocks cannot take the {data} bytes before the jump table (from {least} "
+                                f"to {most})", path=path, offset=where("index_offset"))
+
+
+def block_starts(raw: bytes, info: ZFileHeader, *, base: int, path: str) -> np.ndarray:
+    """The jump table ``raw`` (one u32 stored length a block) checked against ``info``, as the offset where each
+    block starts and, last, where the final one ends."""
+    if info.has_digest:
+        crc = raw_crc32c(raw)
+        if crc != info.index_crc:
+            raise ChecksumError(f"jump table CRC mismatch: stored 0x{info.index_crc:08x}, computed 0x{crc:08x}",
+                                path=path, offset=base + info.index_offset, expected=info.index_crc, actual=crc)
+    lengths = np.frombuffer(raw, dtype="<u4").astype(np.int64)
+    floor = CRC_SIZE if info.verify else 0
+    ceiling = max_stored_length(info.algo, info.block_size, info.verify)
+    bad = np.flatnonzero((lengths <= floor) | (lengths > ceiling))
+    if bad.size:
+        k = int(bad[0])
+        raise CorruptIndexError(f"block {k} has stored length {int(lengths[k])} (a block takes more than {floor} "
+                                f"and at most {ceiling} bytes)", path=path, offset=base + info.index_offset + 4 * k)
+    starts = np.empty(lengths.size + 1, dtype=np.int64)
+    starts[0] = RECORD_SIZE + info.dict_size
+    np.cumsum(lengths, out=starts[1:])
+    starts[1:] += starts[0]
+    if starts[-1] != info.index_offset:
+        raise CorruptIndexError(f"blocks end at {int(starts[-1])} but the jump table starts at "
+                                f"{info.index_offset}", path=path, offset=base + info.index_offset)
+    return starts
