@@ -113,3 +113,22 @@ def test_retry_after_is_honoured_within_the_deadline() -> None:
 ])
 def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+def test_attempts_that_progress_start_the_count_and_the_clock_again() -> None:
+    t = FakeTime()
+    policy = RetryPolicy(attempts=3, deadline=60)
+
+    def advancing(op: Operation) -> int:
+        t.now += 50  # each attempt takes most of the deadline ...
+        if op.attempt < 10:
+            op.progressed()  # ... but gets a good part further before the link drops
+            raise Retryable("cut")
+        return op.attempt
+
+    assert run(policy, "GET blob", advancing, clock=t.clock, sleep=t.sleep) == 10
+
+    calls: list[Operation] = []
+    with pytest.raises(TransportError, match="gave up after 2 attempts: the 60 s deadline"):
+        run(policy, "GET blob", failing(calls, "cut", cost=50, t=t), clock=t.clock, sleep=t.sleep)
+    assert len(calls) == 2

@@ -10,7 +10,10 @@ times a random factor in [0.5, 1) ("equal jitter", so concurrent readers of a de
 or longer when the server's ``Retry-After`` asks for it.
 
 Bulk bodies (a whole blob, which may take longer than any budget) are not cut by the deadline; a stalled socket
-still times out after ``read_timeout``. Bodies of bounded size (range reads, manifests) check it as they read.
+still times out after ``read_timeout``. Bodies of bounded size (range reads, manifests) check it as they read. An
+attempt that made real progress before it failed (a resumable download that got a good part further) says so with
+:meth:`Operation.progressed`: the failures and the clock then count again from there, so a long download over a
+flaky link resumes as long as it advances, and a link that never advances still gives up as above.
 """
 
 from __future__ import annotations
@@ -59,8 +62,10 @@ class Operation:
     path: str | None = None
     clock: Callable[[], float] = time.monotonic
     started: float = 0.0
-    attempt: int = 0
+    attempt: int = 0  # requests made so far, all told
+    failures: int = 0  # failed attempts since the start, or since the last that progressed
     challenge_answered: bool = False
+    _progress: bool = False
 
     def __post_init__(self) -> None:
         self.started = self.clock()
@@ -72,6 +77,10 @@ class Operation:
         """(connect, read) timeouts for the next request: the policy's, cut to what is left of the deadline."""
         left = max(0.001, self.remaining())
         return min(self.policy.connect_timeout, left), min(self.policy.read_timeout, left)
+
+    def progressed(self) -> None:
+        """This attempt got a good part further: if it fails, failures and time count again from its end."""
+        self._progress = True
 
     def check_deadline(self) -> None:
         """For bodies of bounded size: a server that trickles them out does not hold the operation forever."""
@@ -99,12 +108,15 @@ def run(policy: RetryPolicy, what: str, attempt: Callable[[Operation], T], *, pa
         try:
             return attempt(op)
         except Retryable as exc:
-            if op.attempt >= policy.attempts:
-                raise TransportError(f"{what}: {exc.reason} (gave up after {op.attempt} attempts)",
+            if op._progress:
+                op._progress, op.failures, op.started = False, 0, clock()
+            op.failures += 1
+            if op.failures >= policy.attempts:
+                raise TransportError(f"{what}: {exc.reason} (gave up after {op.failures} attempts)",
                                      path=path) from None
-            wait = backoff(policy, op.attempt, rng(), exc.retry_after)
+            wait = backoff(policy, op.failures, rng(), exc.retry_after)
             if wait >= op.remaining():
-                raise TransportError(f"{what}: {exc.reason} (gave up after {op.attempt} attempts: the "
+                raise TransportError(f"{what}: {exc.reason} (gave up after {op.failures} attempts: the "
                                      f"{policy.deadline:g} s deadline)", path=path) from None
             sleep(wait)
 

@@ -53,6 +53,7 @@ T = TypeVar("T")
 UPLOAD_CHUNK = 32 << 20
 REDIRECT_TTL = 300.0  # keep a blob's redirect URL this long (signed URLs usually last longer)
 READ_CHUNK = 1 << 20
+PROGRESS = 8 << 20  # a cut download attempt that got this much further counts as progress (see http.Operation)
 
 
 def _scope(repo: str, actions: str) -> str:
@@ -234,8 +235,11 @@ class RegistryRepository:
         with self._exchange(op, "GET", f"/blobs/{digest}", scope=_scope(self.repo, "pull"), headers=headers) as r:
             if r.status_code == 404:
                 raise NotFoundError(f"blob {digest} is not in {self.name}")
-            if r.status_code == 206 and resume and r.headers.get("Content-Range", "").startswith(f"bytes {resume}-"):
-                pass
+            if r.status_code == 206 and resume:
+                if not r.headers.get("Content-Range", "").startswith(f"bytes {resume}-"):
+                    download.restart()  # not the rest we asked for: start again from the first byte
+                    raise Retryable(f"asked for bytes {resume}-, got Content-Range "
+                                    f"{r.headers.get('Content-Range', '')[:80]!r}")
             elif r.status_code == 200:
                 download.restart()
             else:
@@ -244,11 +248,14 @@ class RegistryRepository:
             if declared is not None and download.done + declared != download.size:
                 raise DigestMismatchError(f"the registry sends {download.done + declared} bytes for {digest}; its "
                                           f"descriptor says {download.size}", path=self.name)
+            start = download.done
             for chunk in body_chunks(r, op, f"{digest} at {download.done}", size=READ_CHUNK, bounded=False):
                 if download.done + len(chunk) > download.size:
                     raise DigestMismatchError(f"the registry sent more than the {download.size} bytes {digest} "
                                               "has", path=self.name)
                 download.write(chunk)
+                if download.done - start >= PROGRESS:
+                    op.progressed()
         if download.done < download.size:
             raise Retryable(f"body of {digest} ended after {download.done} of {download.size} bytes")
 
