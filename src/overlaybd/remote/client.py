@@ -24,10 +24,10 @@ from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlencode
 
 import requests
-import urllib3
 
 from . import http
 from .auth import Challenge, Credentials, find_credentials, parse_challenge
+from .bodies import body_chunks, declared_length
 from .errors import AuthError, TransportError
 from .http import DEFAULT_POLICY, Operation, Retryable, RetryPolicy, redact_url
 from .reference import Reference
@@ -61,30 +61,6 @@ class _SessionPool:
         finally:
             with self._lock:
                 self._free.append(session)
-
-
-def body_chunks(r: requests.Response, op: Operation, what: str, *, size: int = 1 << 20, bounded: bool = True
-                ) -> Iterator[bytes]:
-    """An answer's body as it arrives (each piece at most ``size``, returned as soon as the socket has some). A
-    ``bounded`` body (a range, a manifest, a token) checks the operation's deadline between pieces, so a server that
-    trickles it out cannot hold the operation past it; a whole blob is not bounded (a stalled socket still times
-    out). A connection that fails mid-body is :class:`Retryable`."""
-    while True:
-        if bounded:
-            op.check_deadline()
-        try:
-            piece = r.raw.read1(size)
-        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
-            raise Retryable(f"reading {what}: {type(exc).__name__}") from None
-        if not piece:
-            return
-        yield piece
-
-
-def declared_length(r: requests.Response) -> int | None:
-    """The Content-Length an answer declares, if it declares a sane one."""
-    text = r.headers.get("Content-Length", "").strip()
-    return int(text) if text.isascii() and text.isdigit() and len(text) < 20 else None
 
 
 def discard(r: requests.Response, op: Operation) -> None:

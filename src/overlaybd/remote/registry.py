@@ -15,22 +15,21 @@ whole blob is read no further than its declared size and verified, and a digest 
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urljoin
 
 import requests
 
-from ..errors import LimitError, UsageError
+from ..errors import UsageError
 from ..source.base import BlockSource
-from .client import RegistryClient, body_chunks, declared_length
+from .bodies import Download, body_chunks, declared_length, read_capped
+from .client import RegistryClient
 from .errors import DigestMismatchError, NotFoundError, RemoteError, TransportError
 from .http import Operation, Retryable
 from .oci import (
@@ -47,7 +46,6 @@ from .repository import Progress
 
 __all__ = ["HttpBlobSource", "RegistryClient", "RegistryRepository"]
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 UPLOAD_CHUNK = 32 << 20
@@ -215,7 +213,7 @@ class RegistryRepository:
         fd, tmp = tempfile.mkstemp(prefix=".download-", dir=os.path.dirname(os.path.abspath(dest)))
         try:
             with os.fdopen(fd, "wb") as out:
-                download = _Download(out, size, progress)
+                download = Download(out, size, progress)
                 self._run(f"GET blob {digest}", lambda op: self._download_attempt(op, digest, download))
                 out.flush()
                 os.fsync(out.fileno())
@@ -229,7 +227,7 @@ class RegistryRepository:
                 os.unlink(tmp)
             raise
 
-    def _download_attempt(self, op: Operation, digest: str, download: _Download) -> None:
+    def _download_attempt(self, op: Operation, digest: str, download: Download) -> None:
         resume = download.done
         headers = {"Range": f"bytes={resume}-"} if resume else {}
         with self._exchange(op, "GET", f"/blobs/{digest}", scope=_scope(self.repo, "pull"), headers=headers) as r:
@@ -381,59 +379,6 @@ class RegistryRepository:
         if r.status_code not in (200, 201):
             raise RemoteError(f"PUT manifest: HTTP {r.status_code}", path=self.name)
         return digest
-
-
-def read_capped(r: requests.Response, op: Operation, limit: int, what: str, *, path: str,
-                exact: bool = False) -> bytes:
-    """A body of at most ``limit`` bytes: refused from its Content-Length when that says more, and read no further
-    than ``limit`` and one chunk when it does not say (LimitError). With ``exact``, ``limit`` is the size its
-    descriptor declares, and any other length is a DigestMismatchError."""
-    declared = declared_length(r)
-    if declared is not None and (declared > limit or (exact and declared != limit)):
-        if exact:
-            raise DigestMismatchError(f"{what}: the registry sends {declared} bytes, its descriptor says {limit}",
-                                      path=path)
-        raise LimitError(f"{what}: {declared} bytes is more than the {limit} allowed", path=path)
-    raw = bytearray()
-    for chunk in body_chunks(r, op, what, size=64 << 10):
-        raw += chunk
-        if len(raw) > limit:
-            if exact:
-                raise DigestMismatchError(f"{what}: the registry sent more than the {limit} bytes declared",
-                                          path=path)
-            raise LimitError(f"{what}: more than the {limit} bytes allowed", path=path)
-    if exact and len(raw) != limit:
-        raise DigestMismatchError(f"{what}: the registry sent {len(raw)} bytes, its descriptor says {limit}",
-                                  path=path)
-    return bytes(raw)
-
-
-class _Download:
-    """A whole-blob download's progress across attempts: the file so far and its running hash."""
-
-    def __init__(self, out: IO[bytes], size: int, progress: Progress | None) -> None:
-        self.out = out
-        self.size = size
-        self.progress = progress
-        self.done = 0
-        self._hash = hashlib.sha256()
-
-    def write(self, chunk: bytes) -> None:
-        self.out.write(chunk)
-        self._hash.update(chunk)
-        self.done += len(chunk)
-        if self.progress:
-            self.progress(self.done, self.size)
-
-    def restart(self) -> None:
-        if self.done:
-            self.out.seek(0)
-            self.out.truncate()
-            self._hash = hashlib.sha256()
-            self.done = 0
-
-    def digest(self) -> str:
-        return "sha256:" + self._hash.hexdigest()
 
 
 class HttpBlobSource(BlockSource):
