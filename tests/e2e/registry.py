@@ -1,5 +1,6 @@
 """A real CNCF distribution registry (Debian docker-registry) for tests, with no auth, htpasswd Basic auth, or
-token auth (a small token server of the tests' own), plus a fault-injecting proxy. All on 127.0.0.1."""
+token auth (a small token server of the tests' own), plus a fault-injecting proxy, and a scripted server that lies
+where a real registry cannot. All on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .nbd_helpers import require
@@ -47,10 +49,11 @@ def _wait(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 
 @contextmanager
-def registry(tmp: Path, auth: str = "none", redirect_to: str | None = None, tls: tuple[Path, Path] | None = None
-             ) -> Iterator[str]:
+def registry(tmp: Path, auth: str = "none", redirect_to: str | None = None, tls: tuple[Path, Path] | None = None,
+             token_requests: list[dict[str, str]] | None = None) -> Iterator[str]:
     """Start docker-registry; yield HOST:PORT. With ``redirect_to`` (a base URL serving the storage folder), blob
-    GETs answer 307 to it, as registries in front of object storage do."""
+    GETs answer 307 to it, as registries in front of object storage do. With token auth, ``token_requests`` (when
+    given) receives one entry per request the token server answered."""
     exe = require("docker-registry")
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
@@ -67,7 +70,7 @@ def registry(tmp: Path, auth: str = "none", redirect_to: str | None = None, tls:
         (tmp / "htpasswd").write_text(out.stdout)
         lines.append(f"auth: {{htpasswd: {{realm: basic-realm, path: {tmp / 'htpasswd'}}}}}")
     elif auth == "token":
-        token_server = TokenServer(tmp)
+        token_server = TokenServer(tmp, token_requests)
         lines.append(f"auth: {{token: {{realm: 'http://127.0.0.1:{token_server.port}/token', service: test-registry,"
                      f" issuer: test-issuer, rootcertbundle: {token_server.cert_path}}}}}")
     (tmp / "config.yml").write_text("\n".join(lines) + "\n")
@@ -92,7 +95,7 @@ class TokenServer:
     """Issues RS256 JWTs the registry trusts (cert in x5c). Valid Basic credentials get what they ask for;
     anonymous callers get pull only."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, requests: list[dict[str, str]] | None = None) -> None:
         import jwt
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
@@ -108,7 +111,7 @@ class TokenServer:
         self.cert_path = tmp / "token-cert.pem"
         self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         x5c = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
-        self.requests: list[dict[str, str]] = []
+        self.requests: list[dict[str, str]] = requests if requests is not None else []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -156,8 +159,10 @@ class TokenServer:
 class FaultProxy:
     """An HTTP proxy in front of the registry that misbehaves on blob GETs as told:
     ``drop`` (close without answering), ``500``, ``truncate`` (half the body), ``corrupt`` (flip a byte of the
-    body), ``ignore-range`` (answer 200 with the whole blob). ``faults`` counts how many requests still get the
-    fault (then it passes requests through); -1 means forever."""
+    body), ``ignore-range`` (answer 200 with the whole blob), ``bad-range`` (a Content-Range one byte off).
+    ``faults`` counts how many requests still get the fault (then it passes requests through); -1 means forever.
+    ``connections`` counts the TCP connections clients opened to it, ``peak_in_flight`` the most requests it was
+    answering at once."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
@@ -165,6 +170,9 @@ class FaultProxy:
         self.faults = 0
         self.blob_gets = 0
         self.bytes_sent = 0
+        self.connections = 0
+        self.in_flight = 0
+        self.peak_in_flight = 0
         self._lock = threading.Lock()
         proxy = self
 
@@ -173,6 +181,11 @@ class FaultProxy:
 
             def log_message(self, *args: object) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                with proxy._lock:
+                    proxy.connections += 1
 
             def _forward(self, method: str) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
@@ -210,6 +223,9 @@ class FaultProxy:
                     data = data[: len(data) // 2]
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
+                    if mode == "bad-range" and k.lower() == "content-range" and v.startswith("bytes "):
+                        first, _, rest = v[6:].partition("-")
+                        v = f"bytes {int(first) + 1}-{rest}"
                     if k.lower() not in ("content-length", "connection", "transfer-encoding"):
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(declared))
@@ -221,11 +237,21 @@ class FaultProxy:
                 if mode == "truncate":
                     self.close_connection = True
 
+            def _counted(self, method: str) -> None:
+                with proxy._lock:
+                    proxy.in_flight += 1
+                    proxy.peak_in_flight = max(proxy.peak_in_flight, proxy.in_flight)
+                try:
+                    self._forward(method)
+                finally:
+                    with proxy._lock:
+                        proxy.in_flight -= 1
+
             def do_GET(self) -> None:  # noqa: N802
-                self._forward("GET")
+                self._counted("GET")
 
             def do_HEAD(self) -> None:  # noqa: N802
-                self._forward("HEAD")
+                self._counted("HEAD")
 
             def do_POST(self) -> None:  # noqa: N802
                 self._forward("POST")
@@ -320,3 +346,104 @@ def self_signed_cert(tmp: Path) -> tuple[Path, Path]:
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
                                            serialization.NoEncryption()))
     return cert_path, key_path
+
+
+@dataclass
+class Reply:
+    """What a ScriptedServer answers: ``body`` (sent again and again until ``repeat_until`` bytes went out, when
+    set), declared by ``length`` (default: what is sent) or sent chunked, with ``headers``; with ``pace``, in pieces
+    of ``piece`` bytes that many seconds apart (a server that trickles)."""
+
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    length: int | None = None
+    chunked: bool = False
+    repeat_until: int = 0
+    pace: float = 0.0
+    piece: int = 1
+
+
+class ScriptedServer:
+    """A tiny HTTP/1.1 server that answers each (method, path) as told (the query string ignored; 404 for anything
+    else): a registry that lies where a real one cannot (a 1 GiB or endless manifest, a blob longer than declared,
+    a bad Docker-Content-Digest, a token realm carrying secrets). Counts the requests, and the body bytes it got
+    out before the client hung up."""
+
+    def __init__(self) -> None:
+        self.replies: dict[tuple[str, str], Reply] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.sent = 0
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _answer(self, method: str) -> None:
+                path = self.path.split("?", 1)[0]
+                with server._lock:
+                    server.requests.append((method, path))
+                    reply = server.replies.get((method, path))
+                    if reply is None and method == "HEAD":
+                        reply = server.replies.get(("GET", path))
+                if reply is None:
+                    reply = Reply(404, b'{"errors":[{"code":"NOT_FOUND"}]}')
+                total = max(reply.repeat_until, len(reply.body))
+                self.send_response(reply.status)
+                for k, v in reply.headers.items():
+                    self.send_header(k, v)
+                if reply.chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                else:
+                    self.send_header("Content-Length", str(reply.length if reply.length is not None else total))
+                if reply.repeat_until:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                self.end_headers()
+                if method == "HEAD":
+                    return
+                try:
+                    out = 0
+                    while out < total and reply.body:
+                        piece = reply.body[: total - out]
+                        if reply.pace:
+                            time.sleep(reply.pace)
+                            piece = reply.body[out % len(reply.body):][: min(reply.piece, total - out)]
+                        if reply.chunked:
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                        else:
+                            self.wfile.write(piece)
+                        out += len(piece)
+                        with server._lock:
+                            server.sent += len(piece)
+                    if reply.chunked:
+                        self.wfile.write(b"0\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._answer("GET")
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self._answer("HEAD")
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.address = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def answer(self, path: str, reply: Reply, method: str = "GET") -> None:
+        with self._lock:
+            self.replies[(method, path)] = reply
+
+    def paths(self, method: str = "GET") -> list[str]:
+        with self._lock:
+            return [p for m, p in self.requests if m == method]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import DigestMismatchError, OverlaybdError
+from ..errors import DigestMismatchError, FormatError, OverlaybdError
 
 
 class RemoteError(OverlaybdError):
@@ -21,4 +21,10 @@ class TransportError(RemoteError):
     """The connection failed, or the server kept failing, after bounded retries."""
 
 
-__all__ = ["AuthError", "DigestMismatchError", "NotFoundError", "RemoteError", "TransportError"]
+class InvalidDigestError(FormatError):
+    """A digest that is not ``sha256:`` and 64 lowercase hex digits (in a manifest, an index, a header, a
+    volume's config): refused before it reaches a URL or a file name."""
+
+
+__all__ = ["AuthError", "DigestMismatchError", "InvalidDigestError", "NotFoundError", "RemoteError",
+           "TransportError"]

@@ -43,7 +43,15 @@ class Reference:
 
 
 def is_digest(text: str) -> bool:
-    return bool(_DIGEST.match(text))
+    return bool(_DIGEST.fullmatch(text))
+
+
+def is_tag(text: str) -> bool:
+    return bool(_TAG.fullmatch(text))
+
+
+def is_repository_name(text: str) -> bool:
+    return bool(_REPO.fullmatch(text))
 
 
 def parse_reference(text: str) -> Reference:
@@ -51,7 +59,7 @@ def parse_reference(text: str) -> Reference:
         rest = text[4:]
         path, tag = rest, None
         head, sep, tail = rest.rpartition(":")
-        if sep and head and "/" not in tail and _TAG.match(tail):
+        if sep and head and "/" not in tail and _TAG.fullmatch(tail):
             path, tag = head, tail
         if not path:
             raise UsageError(f"bad reference {text!r}: oci:PATH[:TAG]")
@@ -69,8 +77,8 @@ def parse_reference(text: str) -> Reference:
     head, sep, tail = rest.rpartition(":")
     if sep and "/" not in tail:
         repo, tag = head, tail
-        if not _TAG.match(tag):
+        if not _TAG.fullmatch(tag):
             raise UsageError(f"bad tag {tag!r} in {text!r}")
-    if not _REPO.match(repo):
+    if not _REPO.fullmatch(repo):
         raise UsageError(f"bad repository name {repo!r} in {text!r} (lowercase letters, digits, . _ - /)")
     return Reference("registry", repo, host=first, tag=tag, digest=digest)

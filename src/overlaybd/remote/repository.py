@@ -22,11 +22,15 @@ class Repository(Protocol):
     def fetch_blob(self, digest: str, size: int, dest: str, progress: Progress | None = None) -> None:
         """Download a whole blob to ``dest``, verifying its sha256; nothing is left at ``dest`` on failure."""
 
+    def read_metadata_blob(self, digest: str, size: int) -> bytes:
+        """A config (or another small JSON blob) whole, verified; refused beyond ``oci.MAX_CONFIG_BYTES``."""
+
     def put_blob(self, path: str, digest: str, size: int, progress: Progress | None = None) -> str:
         """Upload a blob unless it is there; returns "exists", "mounted" or "uploaded"."""
 
     def get_manifest(self, selector: str) -> tuple[bytes, str, str]:
-        """(raw bytes, media type, digest) of a manifest or index, by tag or digest."""
+        """(raw bytes, media type, digest) of a manifest or index, by tag or digest: at most
+        ``oci.MAX_MANIFEST_BYTES``, its digest and descriptors checked (``oci.check_document``)."""
 
     def put_manifest(self, raw: bytes, media_type: str, tag: str | None) -> str:
         """Store a manifest (and tag it); returns its digest."""

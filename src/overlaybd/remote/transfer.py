@@ -47,7 +47,7 @@ def open_repository(ref: Reference, *, create: bool = False, insecure: bool = Fa
         return OciLayout(ref.repository, create=create)
     if not ref.is_local_host and insecure:
         log.warning("%s: plain HTTP (--insecure)", ref.host)
-    return RegistryRepository(RegistryClient(ref.host, insecure=insecure), ref.repository)
+    return RegistryRepository.shared(RegistryClient.shared(ref.host, insecure=insecure), ref.repository)
 
 
 @dataclass
