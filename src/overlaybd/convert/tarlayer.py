@@ -143,7 +143,10 @@ class TarEntry:
             pos = start
             end = start + length
             while pos < end:
-                data = f.read(min(CHUNK, end - pos))
+                try:
+                    data = f.read(min(CHUNK, end - pos))
+                except tarfile.TarError as exc:
+                    raise FormatError(f"{self.name.decode(errors='replace')}: {exc}", offset=self.offset) from None
                 if not data:
                     raise FormatError(f"the tar ends inside {self.name.decode(errors='replace')}",
                                       offset=self.offset)
