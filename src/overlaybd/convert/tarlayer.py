@@ -48,28 +48,27 @@ def compression_of(head: bytes) -> str:
 
 
 def _gzip_chunks(src: BinaryIO, name: str) -> Iterator[bytes]:
-    """Decompressed chunks of a gzip stream of one or more members."""
+    """Decompressed chunks (each at most ``CHUNK``) of a gzip stream of one or more members."""
     dec = zlib.decompressobj(31)
-    pending = b""
+    data = b""
     while True:
-        data = pending or src.read(CHUNK)
-        pending = b""
         if not data:
-            break
+            data = src.read(CHUNK)
+            if not data:
+                break
         try:
-            out = dec.decompress(data)
+            out = dec.decompress(data, CHUNK)
         except zlib.error as exc:
             raise FormatError(f"bad gzip data: {exc}", path=name) from None
+        data = dec.unconsumed_tail
         if out:
             yield out
         if dec.eof:
-            pending = dec.unused_data
-            if not pending:
-                pending = src.read(CHUNK)
-                if not pending:
-                    return
-            if not pending.startswith(GZIP_MAGIC):
-                if pending.strip(b"\0"):
+            data = dec.unused_data or src.read(CHUNK)
+            if not data:
+                return
+            if not data.startswith(GZIP_MAGIC):
+                if data.strip(b"\0") or src.read().strip(b"\0"):
                     raise FormatError("data after the gzip stream", path=name)
                 return
             dec = zlib.decompressobj(31)
@@ -77,7 +76,56 @@ def _gzip_chunks(src: BinaryIO, name: str) -> Iterator[bytes]:
         raise FormatError("the gzip stream is truncated", path=name)
 
 
+def zstd_frames_end(src: BinaryIO, name: str) -> int:
+    """Walk the zstd frames of ``src`` by their headers (block contents skipped): the offset where the last one
+    ends. A stream cut short, or anything after its frames but zero padding, is a ``FormatError`` (pure reading,
+    no decompression)."""
+    src.seek(0, os.SEEK_END)
+    size = src.tell()
+    pos = 0
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        src.seek(pos)
+        data = src.read(n)
+        if len(data) != n:
+            raise FormatError("the zstd stream is truncated", path=name, offset=pos)
+        pos += n
+        return data
+
+    while pos < size:
+        magic = int.from_bytes(take(4), "little")
+        if 0x184D2A50 <= magic <= 0x184D2A5F:  # a skippable frame
+            pos += int.from_bytes(take(4), "little")
+            continue
+        if magic != 0xFD2FB528:
+            src.seek(pos - 4)
+            if not src.read().strip(b"\0"):
+                return pos - 4
+            raise FormatError("data after the zstd frames", path=name, offset=pos - 4)
+        fhd = take(1)[0]
+        single = (fhd >> 5) & 1
+        fcs = (1 if single else 0, 2, 4, 8)[fhd >> 6]
+        pos += (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + fcs
+        while True:
+            header = int.from_bytes(take(3), "little")
+            kind, length = (header >> 1) & 3, header >> 3
+            if kind == 3:
+                raise FormatError("a reserved zstd block type", path=name, offset=pos - 3)
+            pos += 1 if kind == 1 else length
+            if header & 1:
+                break
+        if fhd & 4:
+            pos += 4
+        if pos > size:
+            raise FormatError("the zstd stream is truncated", path=name, offset=size)
+    return pos
+
+
 def _zstd_chunks(src: BinaryIO, name: str) -> Iterator[bytes]:
+    """Decompressed chunks (each at most ``CHUNK``) of a zstd stream of one or more frames."""
+    zstd_frames_end(src, name)
+    src.seek(0)
     reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True, read_size=CHUNK)
     while True:
         try:
