@@ -15,10 +15,9 @@ import zstandard
 
 from overlaybd.convert import baselayer, ext4, tarlayer
 from overlaybd.convert.applier import Applier, ApplyError, clean
-from overlaybd.convert.delta import merged_blocks, write_changed
+from overlaybd.convert.delta import changed_runs, merged_blocks
 from overlaybd.convert.ext4 import Attributes, Ext4Image
 from overlaybd.errors import FormatError
-from overlaybd.source.base import Capability
 from overlaybd.source.file import MemorySource
 
 
@@ -35,21 +34,29 @@ def test_merged_blocks() -> None:
     assert merged_blocks([(8192, 4096), (0, 4096)], 1 << 20) == [(0, 4096), (8192, 12288)]
 
 
-def test_write_changed_writes_only_blocks_that_differ() -> None:
+def test_changed_runs_are_the_blocks_that_differ() -> None:
     old = bytearray(64 * 4096)
     old[4096:8192] = b"a" * 4096
     new = bytearray(old)
     new[0:4096] = b"b" * 4096  # changed
     new[4096:8192] = bytes(4096)  # changed to zeros
-    new[20 * 4096:21 * 4096] = b"c" * 4096  # changed, but outside the ranges given: not looked at
-    dev = MemorySource(bytes(old), block_size=1)
-    dev.capabilities = Capability.WRITE | Capability.WRITE_ZEROES
-    written: list[tuple[str, int, int]] = []
-    dev._write_aligned = lambda off, data: written.append(("data", off, len(data)))  # type: ignore[method-assign]
-    dev._write_zeroes_aligned = lambda off, n: written.append(("zero", off, n))  # type: ignore[method-assign]
-    stats = write_changed(dev, MemorySource(bytes(new)), [(0, 3 * 4096), (40 * 4096, 4096)])
-    assert written == [("data", 0, 4096), ("zero", 4096, 4096)]
-    assert stats.compared == 4 * 4096 and stats.written == 4096 and stats.zeroed == 4096
+    new[12288:16384] = b"d" * 4096  # changed, next to an unchanged block
+    new[20 * 4096:21 * 4096] = b"c" * 4096  # changed, but outside the ranges written: not looked at
+    changes = changed_runs(MemorySource(bytes(new)), MemorySource(bytes(old)), [(0, 4 * 4096), (40 * 4096, 4096)])
+    assert changes.runs == [(0, 4096, False), (4096, 4096, True), (12288, 4096, False)]
+    assert changes.compared == 5 * 4096
+    seg = changes.segments()
+    assert seg.offset.tolist() == [0, 8, 24] and seg.moffset.tolist() == [0, 8, 24]  # data read in place
+    assert seg.zeroed.tolist() == [False, True, False]
+    fresh = changed_runs(MemorySource(bytes(new)), None, [(0, 64 * 4096)])  # nothing below: zeros stay out
+    assert [r for r in fresh.runs if r[2]] == [] and fresh.data_bytes == 3 * 4096
+
+
+def test_zero_runs_are_cut_to_what_a_record_holds() -> None:
+    from overlaybd.convert.delta import Changes
+
+    seg = Changes([(0, 20 << 20, True), (20 << 20, 20 << 20, False)]).segments()
+    assert seg.length.tolist() == [16383, 16383, 40960 - 2 * 16383, 40960]
 
 
 def test_base_layer_envelope_is_gos(tmp_path: Path) -> None:

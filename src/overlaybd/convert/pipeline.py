@@ -6,10 +6,11 @@ reference's ``make_extfs`` does (or filled from the base layer without mkfs), th
 
 1. the blob is fetched (sha256 checked), unpacked to a plain tar whose sha256 must be the config's diff ID;
 2. the tar is applied to the raw image through libext2fs (``applier``): no root, no mount;
-3. the blocks libext2fs wrote that differ from the earlier layers go into a new writable layer (``delta``);
-4. that layer is committed: tar-wrapped ZFile (LZ4, 4 KiB blocks unless asked otherwise, CRC on, header
-   overwritten), uuid from the layer's chain ID, parent uuid from the one below; the first layer has the
-   device's virtual size, the others 0, as ``overlaybd-create`` makes them.
+3. the blocks libext2fs wrote that differ from the earlier layers become the layer's records (``delta``);
+4. the layer is committed by the reference's compaction straight from the raw image: tar-wrapped ZFile (LZ4,
+   4 KiB blocks unless asked otherwise, CRC on, header overwritten), uuid from the layer's chain ID, parent uuid
+   from the one below; the first layer has the device's virtual size, the others 0, as ``overlaybd-create``
+   makes them.
 
 Then the config and manifest (``imagespec``) go up; for an index, each manifest by digest, then the index under
 the tag. The same source gives the same bytes every time, on any machine, as root or not.
@@ -28,12 +29,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import operations
 from ..errors import FormatError, UsageError
 from ..formats.detect import open_layer
+from ..formats.lsmt.commit import write_compacted
+from ..formats.lsmt.spec import NULL_UUID, parse_uuid
 from ..formats.lsmt.stack import LowerLayer, LsmtStack
 from ..formats.lsmt.writable import WritableBase
-from ..formats.output import Compression, copy_out
+from ..formats.output import Compression, copy_out, write_layer_file
 from ..remote.layout import OciLayout, hash_file
 from ..remote.reference import Reference
 from ..remote.repository import Repository
@@ -41,7 +43,7 @@ from ..remote.transfer import open_repository
 from ..source.file import FileSource
 from . import baselayer, imagespec, source, tarlayer
 from .applier import Applier
-from .delta import write_changed
+from .delta import changed_runs
 from .ext4 import Ext4Image
 from .imagespec import Blob
 
@@ -287,6 +289,11 @@ class _Builder:
         blob = os.path.join(self.folder, f"source-{n}.blob")
         source.fetch_blob(self.src, descriptor, blob, what=f"layer {n}")
         tar = os.path.join(self.folder, f"source-{n}.tar")
+        with open(blob, "rb") as f:
+            plain = tarlayer.compression_of(f.read(4)) == "tar"
+        if plain:  # the blob is the tar: its digest (checked as it came) is the diff ID
+            os.replace(blob, tar)
+            return tar, "tar", str(descriptor["digest"])
         kind, diff_id = tarlayer.unpack_blob(blob, tar)
         os.unlink(blob)
         return tar, kind, diff_id
@@ -316,9 +323,6 @@ class _Builder:
             raise
         report.entries = stats.entries
         written = fs.close()
-        data = os.path.join(self.folder, f"upper-{n}.data")
-        index = os.path.join(self.folder, f"upper-{n}.index")
-        operations.create(data, index, size if n == 0 else 0)
         out = os.path.join(self.folder, f"layer-{n}.tar")
         with ExitStack() as owned:
             lowers: list[LowerLayer] = []
@@ -326,17 +330,19 @@ class _Builder:
                 layer = open_layer(p, owned=owned)
                 assert not isinstance(layer, WritableBase)
                 lowers.append(layer)
-            upper = open_layer(data, index, owned=owned, writable=True)
-            assert isinstance(upper, WritableBase)
-            with FileSource(self.raw) as raw:
-                stack = LsmtStack(lowers, upper, size=raw.size)
-                delta = write_changed(stack, raw, written)
-                stack.flush()
-            report.written = delta.written + delta.zeroed
-            operations.commit(upper, out, uuid=uuid, parent_uuid=parent, compression=self.options.compression,
-                              tar=True)
-        os.unlink(data)
-        os.unlink(index)
+            raw = owned.enter_context(FileSource(self.raw))
+            below = LsmtStack(lowers, size=raw.size) if lowers else None
+            changes = changed_runs(raw, below, written)
+            report.written = changes.data_bytes + changes.zero_bytes
+            seg = changes.segments()
+            # what overlaybd-create + commit give: the first layer has the device's size, the others 0
+            vsize = size if n == 0 else 0
+
+            def produce(fd: int, base: int) -> int:
+                return write_compacted(fd, base, seg, [raw], virtual_size=vsize, uuid=parse_uuid(uuid),
+                                       parent_uuid=parse_uuid(parent) if parent else NULL_UUID, name=out)[1]
+
+            write_layer_file(out, produce, compression=self.options.compression, tar=True)
         self.lowers.append(out)
         return out
 
