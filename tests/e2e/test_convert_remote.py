@@ -51,8 +51,11 @@ def test_registry_and_skopeo_round_trip(tmp_path: Path, monkeypatch: pytest.Monk
         manifest = json.loads(raw)
         assert manifest["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
         assert [d["digest"] for d in manifest["layers"]] == [d["digest"] for d in report["manifests"][0]["layers"]]
-        # skopeo copies it as any image (blobs verified), and gives the same manifest back
-        run(skopeo, "copy", "--src-tls-verify=false", f"docker://{host}/app/obd:v1", f"oci:{tmp_path / 'copy'}:v1")
+        # skopeo copies it as any image (blobs verified), keeping every digest
+        run(skopeo, "copy", "--src-tls-verify=false", "--preserve-digests", "--dest-oci-accept-uncompressed-layers",
+            f"docker://{host}/app/obd:v1", f"oci:{tmp_path / 'copy'}:v1")
+        copied = json.loads((tmp_path / "copy" / "index.json").read_text())["manifests"][0]
+        assert copied["digest"] == report["digest"]
         again = json.loads(overlaybd("convert", f"oci:{src}:v1", f"{host}/app/obd2:v1", "--vsize", "1",
                                      "--output", "json"))
         assert again["digest"] == report["digest"]  # the same source from a layout: the same image

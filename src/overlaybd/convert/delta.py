@@ -20,12 +20,14 @@ from ..importing import BLOCK, block_runs
 from ..source.base import BlockSource, ExtentKind
 
 WINDOW = 4 << 20
+Ranges = np.ndarray | Iterable[tuple[int, int]]
 
 
-def merged_blocks(ranges: Iterable[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
-    """Byte ranges widened to whole 4 KiB blocks, clipped to ``limit``, sorted and merged: ``[(start, end)]``
-    (pure)."""
-    arr = np.asarray([r for r in ranges if r[1] > 0], dtype=np.int64).reshape(-1, 2)
+def merged_blocks(ranges: Ranges, limit: int) -> list[tuple[int, int]]:
+    """Byte ranges ``(offset, length)`` widened to whole 4 KiB blocks, clipped to ``limit``, sorted and merged:
+    ``[(start, end)]`` (pure)."""
+    arr = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+    arr = arr[arr[:, 1] > 0]
     if not len(arr):
         return []
     starts = arr[:, 0] // BLOCK * BLOCK
@@ -79,7 +81,7 @@ def _reads_zero(src: BlockSource, offset: int, length: int) -> bool:
     return all(e.kind is not ExtentKind.DATA for e in src.extents(offset, length))
 
 
-def changed_runs(src: BlockSource, below: BlockSource | None, ranges: Iterable[tuple[int, int]]) -> Changes:
+def changed_runs(src: BlockSource, below: BlockSource | None, ranges: Ranges) -> Changes:
     """The 4 KiB blocks of ``src`` (the raw image) inside ``ranges`` that differ from ``below`` (None: a device
     of zeros), as runs of data and runs of zeros."""
     limit = src.size if below is None else min(src.size, below.size)

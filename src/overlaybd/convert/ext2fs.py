@@ -12,6 +12,7 @@ so that zeroing goes through ordinary (observed) writes instead of ``fallocate``
 
 from __future__ import annotations
 
+import array
 import ctypes
 import ctypes.util
 import os
@@ -129,17 +130,17 @@ class WriteTracker:
 
     def __init__(self) -> None:
         self.block_size = 1024
-        self.ranges: list[tuple[int, int]] = []
-        append = self.ranges.append
+        self.ranges = array.array("q")  # offset, length, offset, length, ... (no Python object per write)
+        extend = self.ranges.extend
 
         def write64(block: int, count: int, err: int) -> None:
             if not err:
                 size = self.block_size
-                append((block * size, count * size) if count >= 0 else (block * size, -count))
+                extend((block * size, count * size) if count >= 0 else (block * size, -count))
 
         def write_byte(offset: int, count: int, err: int) -> None:
             if not err:
-                append((offset, count))
+                extend((offset, count))
 
         def blksize(size: int, err: int) -> None:
             if not err:

@@ -27,6 +27,8 @@ import uuid as uuidlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..errors import UsageError
 from . import ext2fs
 from .ext2fs import Ext2fsError, ext2_inode_large
@@ -49,6 +51,7 @@ FILE_TYPES = {stat.S_IFREG: ext2fs.EXT2_FT_REG_FILE, stat.S_IFDIR: ext2fs.EXT2_F
               stat.S_IFIFO: ext2fs.EXT2_FT_FIFO, stat.S_IFSOCK: ext2fs.EXT2_FT_SOCK,
               stat.S_IFLNK: ext2fs.EXT2_FT_SYMLINK}
 WRITE_CHUNK = 1 << 20
+INODE_BYTES = ctypes.sizeof(ext2_inode_large)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,15 +210,16 @@ class Ext4Image:
     def _super(self) -> int:
         return int(ext2fs.filsys_head.from_address(self.fs.value or 0).super)
 
-    def close(self) -> list[tuple[int, int]]:
-        """Write everything out; returns the byte ranges written since the image was opened (unsorted, may
-        overlap)."""
+    def close(self) -> np.ndarray:
+        """Write everything out; returns the byte ranges written since the image was opened, as ``(offset,
+        length)`` rows (unsorted, may overlap)."""
         try:
             self._check(self.lib.lib.ext2fs_close2(self.fs, 0), "writing the filesystem out")
             self.fs = ctypes.c_void_p()
             fd = os.open(self.path, os.O_RDWR)
             try:
-                self.tracker.ranges.extend(settle_superblocks(fd))
+                for offset, length in settle_superblocks(fd):
+                    self.tracker.ranges.extend((offset, length))
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -223,7 +227,7 @@ class Ext4Image:
             if self.fs:
                 self.lib.lib.ext2fs_free(self.fs)
                 self.fs = ctypes.c_void_p()
-        return self.tracker.ranges
+        return np.frombuffer(self.tracker.ranges, dtype=np.int64).reshape(-1, 2)
 
     def abandon(self) -> None:
         """Drop the open filesystem without writing what is only in memory (after an error)."""
@@ -231,19 +235,21 @@ class Ext4Image:
             self.lib.lib.ext2fs_free(self.fs)
             self.fs = ctypes.c_void_p()
 
-    def _check(self, code: int, doing: str) -> None:
-        self.lib.check(code, doing, path=self.path)
+    def _check(self, code: int, doing: str, *args: object) -> None:
+        """Raise if libext2fs returned an error; ``doing % args`` says what failed (formatted only then)."""
+        if code:
+            self.lib.check(code, doing % args if args else doing, path=self.path)
 
     # -- inodes --------------------------------------------------------------------------------------------------
     def read_inode(self, ino: int) -> ext2_inode_large:
         inode = ext2_inode_large()
-        self._check(self.lib.lib.ext2fs_read_inode_full(self.fs, ino, ctypes.byref(inode),
-                                                        ctypes.sizeof(inode)), f"reading inode {ino}")
+        self._check(self.lib.lib.ext2fs_read_inode_full(self.fs, ino, ctypes.byref(inode), INODE_BYTES),
+                    "reading inode %s", ino)
         return inode
 
     def write_inode(self, ino: int, inode: ext2_inode_large) -> None:
-        self._check(self.lib.lib.ext2fs_write_inode_full(self.fs, ino, ctypes.byref(inode), ctypes.sizeof(inode)),
-                    f"writing inode {ino}")
+        self._check(self.lib.lib.ext2fs_write_inode_full(self.fs, ino, ctypes.byref(inode), INODE_BYTES),
+                    "writing inode %s", ino)
 
     def _settle_new(self, ino: int, mode: int | None) -> None:
         """An inode the library made: its mode as asked, and no times (the library stamps the clock)."""
@@ -272,7 +278,7 @@ class Ext4Image:
         code = self.lib.lib.ext2fs_lookup(self.fs, parent, name, len(name), None, ctypes.byref(ino))
         if code == ext2fs.EXT2_ET_FILE_NOT_FOUND:
             return 0
-        self._check(code, f"looking up {name!r} in inode {parent}")
+        self._check(code, "looking up %r in inode %s", name, parent)
         return int(ino.value)
 
     def entries(self, directory: int) -> list[Entry]:
@@ -290,16 +296,16 @@ class Ext4Image:
 
         callback = ext2fs.DirIterateCallback(visit)
         self._check(self.lib.lib.ext2fs_dir_iterate2(self.fs, directory, 0, None, callback, None),
-                    f"listing directory inode {directory}")
+                    "listing directory inode %s", directory)
         return out
 
     def _link(self, parent: int, name: bytes, ino: int, file_type: int) -> None:
         lib = self.lib.lib
         code = lib.ext2fs_link(self.fs, parent, name, ino, file_type)
         if code == ext2fs.EXT2_ET_DIR_NO_SPACE:
-            self._check(lib.ext2fs_expand_dir(self.fs, parent), f"expanding directory inode {parent}")
+            self._check(lib.ext2fs_expand_dir(self.fs, parent), "expanding directory inode %s", parent)
             code = lib.ext2fs_link(self.fs, parent, name, ino, file_type)
-        self._check(code, f"linking {name!r} into directory inode {parent}")
+        self._check(code, "linking %r into directory inode %s", name, parent)
 
     def _new_inode(self, parent: int, mode: int) -> int:
         ino = ext2fs.ext2_ino_t()
@@ -312,9 +318,9 @@ class Ext4Image:
         ino = self._new_inode(parent, stat.S_IFDIR)
         code = lib.ext2fs_mkdir(self.fs, parent, ino, name)
         if code == ext2fs.EXT2_ET_DIR_NO_SPACE:
-            self._check(lib.ext2fs_expand_dir(self.fs, parent), f"expanding directory inode {parent}")
+            self._check(lib.ext2fs_expand_dir(self.fs, parent), "expanding directory inode %s", parent)
             code = lib.ext2fs_mkdir(self.fs, parent, ino, name)
-        self._check(code, f"making directory {name!r}")
+        self._check(code, "making directory %r", name)
         self._settle_new(ino, stat.S_IFDIR | (perm & 0o7777))
         return ino
 
@@ -337,33 +343,31 @@ class Ext4Image:
         lib = self.lib.lib
         handle = ctypes.c_void_p()
         self._check(lib.ext2fs_file_open(self.fs, ino, ext2fs.EXT2_FILE_WRITE, ctypes.byref(handle)),
-                    f"opening inode {ino}")
+                    "opening inode %s", ino)
         written = ctypes.c_uint()
+        written_ref = ctypes.byref(written)
         pos = 0
         try:
             for offset, data in pieces:
                 if offset != pos:
                     self._check(lib.ext2fs_file_llseek(handle, offset, ext2fs.EXT2_SEEK_SET, None),
-                                f"seeking in inode {ino}")
-                view = memoryview(data)
+                                "seeking in inode %s", ino)
+                length = len(data)
                 done = 0
-                while done < len(view):
-                    n = min(WRITE_CHUNK, len(view) - done)
-                    chunk = view[done : done + n]
-                    buf = (ctypes.c_char * n).from_buffer_copy(chunk) if chunk.readonly else \
-                        (ctypes.c_char * n).from_buffer(chunk)
-                    self._check(lib.ext2fs_file_write(handle, buf, n, ctypes.byref(written)),
-                                f"writing inode {ino}")
+                while done < length:
+                    n = min(WRITE_CHUNK, length - done)
+                    chunk = data if n == length else bytes(data[done : done + n])
+                    self._check(lib.ext2fs_file_write(handle, chunk, n, written_ref), "writing inode %d", ino)
                     if written.value != n:
                         raise Ext2fsError(f"short write to inode {ino}: {written.value} of {n} bytes",
                                           path=self.path)
                     done += n
-                pos = offset + len(view)
+                pos = offset + length
             if pos != size:  # a trailing hole (the writes set the size up to the data)
-                self._check(lib.ext2fs_file_set_size2(handle, size), f"setting the size of inode {ino}")
+                self._check(lib.ext2fs_file_set_size2(handle, size), "setting the size of inode %s", ino)
         finally:
             code = lib.ext2fs_file_close(handle)
-        self._check(code, f"closing inode {ino}")
+        self._check(code, "closing inode %s", ino)
 
     def symlink(self, parent: int, name: bytes, target: bytes) -> int:
         if not target or len(target) >= self.block_size:
@@ -372,9 +376,9 @@ class Ext4Image:
         lib = self.lib.lib
         code = lib.ext2fs_symlink(self.fs, parent, 0, name, target)
         if code == ext2fs.EXT2_ET_DIR_NO_SPACE:
-            self._check(lib.ext2fs_expand_dir(self.fs, parent), f"expanding directory inode {parent}")
+            self._check(lib.ext2fs_expand_dir(self.fs, parent), "expanding directory inode %s", parent)
             code = lib.ext2fs_symlink(self.fs, parent, 0, name, target)
-        self._check(code, f"making symlink {name!r}")
+        self._check(code, "making symlink %r", name)
         ino = self.lookup(parent, name)
         self._settle_new(ino, None)
         return ino
@@ -411,11 +415,11 @@ class Ext4Image:
     def read_data(self, ino: int, size: int) -> bytes:
         lib = self.lib.lib
         handle = ctypes.c_void_p()
-        self._check(lib.ext2fs_file_open(self.fs, ino, 0, ctypes.byref(handle)), f"opening inode {ino}")
+        self._check(lib.ext2fs_file_open(self.fs, ino, 0, ctypes.byref(handle)), "opening inode %s", ino)
         try:
             buf = ctypes.create_string_buffer(size)
             got = ctypes.c_uint()
-            self._check(lib.ext2fs_file_read(handle, buf, size, ctypes.byref(got)), f"reading inode {ino}")
+            self._check(lib.ext2fs_file_read(handle, buf, size, ctypes.byref(got)), "reading inode %s", ino)
             return buf.raw[: got.value]
         finally:
             lib.ext2fs_file_close(handle)
@@ -423,12 +427,12 @@ class Ext4Image:
     # -- removing --------------------------------------------------------------------------------------------------
     def unlink(self, parent: int, name: bytes, ino: int) -> None:
         """Remove the entry ``name`` (not a directory) and drop one link of its inode."""
-        self._check(self.lib.lib.ext2fs_unlink(self.fs, parent, name, ino, 0), f"unlinking {name!r}")
+        self._check(self.lib.lib.ext2fs_unlink(self.fs, parent, name, ino, 0), "unlinking %r", name)
         self._drop_link(ino)
 
     def rmdir(self, parent: int, name: bytes, ino: int) -> None:
         """Remove the empty directory ``name``: its entry, its inode, and its ``..`` link to ``parent``."""
-        self._check(self.lib.lib.ext2fs_unlink(self.fs, parent, name, ino, 0), f"unlinking {name!r}")
+        self._check(self.lib.lib.ext2fs_unlink(self.fs, parent, name, ino, 0), "unlinking %r", name)
         self._drop_link(ino)
         self._drop_link(ino)
         up = self.read_inode(parent)
@@ -447,10 +451,10 @@ class Ext4Image:
         if inode.i_links_count == 0:
             inode.i_dtime = DELETED_DTIME
             self._check(lib.ext2fs_free_ext_attr(self.fs, ino, ctypes.byref(inode)),
-                        f"freeing the attributes of inode {ino}")
+                        "freeing the attributes of inode %s", ino)
             if lib.ext2fs_inode_has_valid_blocks2(self.fs, ctypes.byref(inode)):
                 self._check(lib.ext2fs_punch(self.fs, ino, ctypes.byref(inode), None, 0, 2**64 - 1),
-                            f"freeing the blocks of inode {ino}")
+                            "freeing the blocks of inode %s", ino)
             lib.ext2fs_inode_alloc_stats2(self.fs, ino, -1, int(stat.S_ISDIR(inode.i_mode)))
         self.write_inode(ino, inode)
 
@@ -459,15 +463,15 @@ class Ext4Image:
         """Set (add or replace) extended attributes, keeping the others."""
         lib = self.lib.lib
         handle = ctypes.c_void_p()
-        self._check(lib.ext2fs_xattrs_open(self.fs, ino, ctypes.byref(handle)), f"opening the xattrs of {ino}")
+        self._check(lib.ext2fs_xattrs_open(self.fs, ino, ctypes.byref(handle)), "opening the xattrs of %s", ino)
         try:
-            self._check(lib.ext2fs_xattrs_read(handle), f"reading the xattrs of inode {ino}")
+            self._check(lib.ext2fs_xattrs_read(handle), "reading the xattrs of inode %s", ino)
             for key, value in attrs:
                 self._check(lib.ext2fs_xattr_set(handle, key, value, len(value)),
-                            f"setting xattr {key.decode(errors='replace')} of inode {ino}")
+                            "setting xattr %s of inode %s", key.decode(errors='replace'), ino)
         finally:
             code = lib.ext2fs_xattrs_close(ctypes.byref(handle))
-        self._check(code, f"writing the xattrs of inode {ino}")
+        self._check(code, "writing the xattrs of inode %s", ino)
 
 
 def new_inode(file_format: int, attrs: Attributes) -> ext2_inode_large:

@@ -17,7 +17,7 @@ import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, cast
 
 import zstandard
 
@@ -177,9 +177,23 @@ class TarEntry:
     offset: int = 0  # of its header in the tar
     sparse: list[tuple[int, int]] | None = None  # data regions of a sparse file
     _reader: Callable[[], IO[bytes]] | None = None
+    _data_at: int = -1  # where a plain file's bytes start in the tar (read straight from it)
+    _tar: IO[bytes] | None = None
 
     def pieces(self) -> Iterator[tuple[int, bytes]]:
         """The file's data as ``(offset, bytes)``, ascending; holes of a sparse file are left out."""
+        if self._tar is not None:  # a plain file: its bytes in one run of the tar
+            f = self._tar
+            f.seek(self._data_at)
+            pos = 0
+            while pos < self.size:
+                data = f.read(min(CHUNK, self.size - pos))
+                if not data:
+                    raise FormatError(f"the tar ends inside {self.name.decode(errors='replace')}",
+                                      offset=self.offset)
+                yield pos, data
+                pos += len(data)
+            return
         if self._reader is None:
             return
         f = self._reader()
@@ -222,6 +236,9 @@ def _entry(tf: tarfile.TarFile, info: tarfile.TarInfo) -> TarEntry:
     if kind == REGULAR:
         sparse: list[tuple[int, int]] | None = getattr(info, "sparse", None)
         entry.sparse = [(int(off), int(n)) for off, n in sparse] if sparse is not None else None
+        if sparse is None and tf.fileobj is not None:
+            entry._tar, entry._data_at = cast(IO[bytes], tf.fileobj), int(info.offset_data)
+            return entry
 
         def reader(info: tarfile.TarInfo = info) -> IO[bytes]:
             f = tf.extractfile(info)
