@@ -368,7 +368,7 @@ def main() -> int:
             w.mkdir()
             probe = probe_file("/", trees)
             lazy = lazy_read(w, layout, probe)
-            lazy["blob_bytes"] = median([p["blob_bytes"] for p in o])
+            lazy["blob_bytes"] = int(median([p["blob_bytes"] for p in o]))
             result["lazy"] = lazy
             print(table(["lazy read", "seconds", "bytes fetched"], [
                 ["mount (lazy pull: manifest, indexes)", lazy["mount_s"], lazy["mount_fetched"]],

@@ -274,6 +274,12 @@ def test_bad_input_is_one_readable_line(tmp_path: Path) -> None:
     assert out.returncode == 1 and "its config says" in out.stderr
     assert not (tmp_path / "out2" / "index.json").exists() or \
         not json.loads((tmp_path / "out2" / "index.json").read_text())["manifests"]
+    fine = tmp_path / "fine"
+    write_image(str(fine), [good])
+    convert(f"oci:{fine}", f"oci:{tmp_path / 'obd'}", "--vsize", "1")
+    out = subprocess.run([*OVERLAYBD, "convert", f"oci:{tmp_path / 'obd'}", f"oci:{tmp_path / 'again'}"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "an overlaybd layer already" in out.stderr
 
 
 def test_no_mkfs_puts_the_base_layer_under(tmp_path: Path, real_dir: Path) -> None:

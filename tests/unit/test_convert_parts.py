@@ -184,3 +184,14 @@ def test_engine_round_trip(image: Ext4Image) -> None:
     assert fsck.returncode == 0, fsck.stdout
     raw = np.fromfile(image.path, dtype=np.uint8, count=2048)
     assert struct.unpack_from("<I", raw.tobytes(), 1024 + 48) == (0,)  # no write time, as the reference
+
+
+def test_a_full_filesystem_is_a_clear_error(image: Ext4Image) -> None:
+    big = tarlayer.TarEntry("file", b"big", b"", 0o644, 0, 0, 0, 40 << 20)
+    big._reader = lambda: io.BytesIO(bytes(40 << 20))
+    try:
+        with pytest.raises(Exception, match="inode") as info:
+            Applier(image).apply([big])
+        assert "fs.raw" in str(info.value)
+    finally:
+        image.abandon()
