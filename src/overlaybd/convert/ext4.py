@@ -127,9 +127,8 @@ def settle_superblocks(fd: int) -> list[tuple[int, int]]:
 
 
 class Ext4Image:
-    """An open ext4 in a raw image file. Every block written is recorded (``written``) for the layer's delta.
-    Close it (also on error: a failed change leaves the image as it was last closed only if the caller discards
-    the image file)."""
+    """An open ext4 in a raw image file; every block written is recorded for the layer's delta. ``close`` writes it
+    out; after a failure, ``abandon`` drops what is only in memory (the image file is then to be thrown away)."""
 
     def __init__(self, path: str, fs: ctypes.c_void_p, tracker: ext2fs.WriteTracker) -> None:
         self.path = path
