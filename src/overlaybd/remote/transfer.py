@@ -234,6 +234,10 @@ def pull(ref: Reference, target: str, *, lazy: bool = False, background: bool = 
             top = _open_entry(repo, path, entries[-1], owned)
             size = top.virtual_size
             parent = format_uuid(top.uuid)
+            for entry in entries[-2::-1]:  # layers may leave it 0 (as the reference's converted upper layers do):
+                if size:  # the device's size is the topmost one given, as the reference reads it
+                    break
+                size = _open_entry(repo, path, entry, owned).virtual_size
         settings: dict[str, Any] = {"repoBlobUrl": repo.blob_url()}
         if background:
             settings["download"] = {"enable": True}
@@ -307,7 +311,7 @@ def _fast_forward(ref: Reference, repo: Repository, layers: list[Descriptor], vo
         with ExitStack() as owned:
             top = _open_entry(repo, vol.path, entries[-1], owned)
             top_uuid, top_size = format_uuid(top.uuid), top.virtual_size
-        if top_size != vol.size:
+        if top_size and top_size != vol.size:
             raise UsageError(f"{ref} is a device of {top_size} bytes, the volume one of {vol.size}", path=vol.path)
         vol.extend(entries, fresh_upper=not dirty or upper == "discard", top_uuid=top_uuid)
     for n, d in enumerate(layers[:have]):
