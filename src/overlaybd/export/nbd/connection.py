@@ -60,7 +60,7 @@ class Resources:
     budget: ByteBudget  # bytes in flight, all connections together
     buffers: BufferPool
     dropped: OncePerInterval  # warns about clients dropped for not taking their replies
-    activity: Callable[[], None]  # called as each request is admitted
+    admitted: int = 0  # requests admitted so far, all connections together (the server watches it for idleness)
 
 
 class StreamProtocol(asyncio.StreamReaderProtocol):
@@ -89,6 +89,8 @@ class Connection:
         self.res = res
         self.reader = reader
         self.writer = writer
+        self.transport = writer.transport
+        self._high_water = self.transport.get_write_buffer_limits()[1]
         self.session = session
         self.peer = peer
         self.budget = ByteBudget(res.limits.max_inflight)
@@ -133,7 +135,7 @@ class Connection:
 
     def drop(self, reason: str) -> None:
         self.res.dropped.warn("dropped client %s: %s", self.peer, reason)
-        self.writer.transport.abort()
+        self.transport.abort()
 
     # -- reading requests ------------------------------------------------------------------------------------
     async def _read_requests(self) -> None:
@@ -174,7 +176,7 @@ class Connection:
         except BaseException:
             self._slots.release()
             raise
-        self.res.activity()
+        self.res.admitted += 1
 
     def _release(self, n: int) -> None:
         self.res.budget.release(n)
@@ -190,7 +192,7 @@ class Connection:
             finally:
                 if buf is not None:
                     # reusable only if the transport kept no reference to it (it copies, or sent it all)
-                    self.res.buffers.give(buf, reusable=self.writer.transport.get_write_buffer_size() == 0)
+                    self.res.buffers.give(buf, reusable=self.transport.get_write_buffer_size() == 0)
             if sent:
                 await self._drain()
         except (EndConnection, ConnectionError):
@@ -267,19 +269,22 @@ class Connection:
 
     def _send(self, reply: Reply) -> bool:
         """Hand a reply to the transport; False if the connection is already closing."""
-        if self.writer.transport.is_closing():
+        transport = self.transport
+        if transport.is_closing():
             return False
         for part in reply:
-            self.writer.write(part)
+            transport.write(part)
             self.written += len(part)
         return True
 
     def _sent(self) -> int:
-        return self.written - self.writer.transport.get_write_buffer_size()
+        return self.written - self.transport.get_write_buffer_size()
 
     async def _drain(self) -> None:
         """Wait until the transport's buffer is low again. If the client takes not one byte of our replies for
         ``reply_timeout`` seconds, drop it."""
+        if self.transport.get_write_buffer_size() <= self._high_water:
+            return  # not paused: the common case, without arming a timer
         timeout = self.res.limits.reply_timeout
         while True:
             before = self._sent()

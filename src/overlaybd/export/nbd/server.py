@@ -45,15 +45,16 @@ class NbdServer:
         self.buffers = BufferPool()
         self.connections = 0  # open, in the handshake or after it
         self._resources = Resources(self.limits, self.pool, self.gate, self.budget, self.buffers,
-                                    OncePerInterval(log), self._note_activity)
+                                    OncePerInterval(log))
         self._refused = OncePerInterval(log)
         self._starved = OncePerInterval(log)
         self._silent = OncePerInterval(log)
         self._listeners: list[tuple[socket.socket, UnixListener | None]] = []
         self._acceptors: list[asyncio.Task[None]] = []
         self._handlers: set[asyncio.Task[None]] = set()
-        self._last_activity = 0.0
         self._housekeeping: asyncio.TimerHandle | None = None
+        self._admitted_seen = 0
+        self._released = True
 
     async def quiesced(self, work: Callable[[], T]) -> T:
         """Run ``work`` in the pool while no request is in progress on a source; requests that arrive meanwhile
@@ -78,6 +79,8 @@ class NbdServer:
         return int(sock.getsockname()[1])
 
     def _start(self, sock: socket.socket, owner: UnixListener | None) -> None:
+        if self._housekeeping is None:
+            self._check_idle()
         self._listeners.append((sock, owner))
         accepting = accept_connections(sock, self._accepted, self._starving)
         self._acceptors.append(asyncio.get_running_loop().create_task(accepting))
@@ -152,22 +155,19 @@ class NbdServer:
                 transport.close()
 
     # -- giving memory back when idle ----------------------------------------------------------------------------
-    def _note_activity(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._last_activity = loop.time()
-        if self._housekeeping is None:
-            self._housekeeping = loop.call_later(self.limits.idle_release, self._release_if_idle)
-
-    def _release_if_idle(self) -> None:
-        loop = asyncio.get_running_loop()
-        quiet = loop.time() - self._last_activity
-        if quiet < self.limits.idle_release or self.budget.used:
-            self._housekeeping = loop.call_later(max(self.limits.idle_release - quiet, 0.5), self._release_if_idle)
-            return
-        self._housekeeping = None
-        released = self.buffers.clear()
-        release_free_memory()
-        log.debug("idle: released %d bytes of pooled buffers and the heap's free pages", released)
+    def _check_idle(self) -> None:
+        """Every ``idle_release`` seconds: if no request came since the last check and none is in flight, give the
+        pooled buffers and the heap's free pages back to the system (once per idle spell)."""
+        admitted = self._resources.admitted
+        if admitted != self._admitted_seen:
+            self._admitted_seen = admitted
+            self._released = False
+        elif not self._released and not self.budget.used:
+            released = self.buffers.clear()
+            release_free_memory()
+            self._released = True
+            log.debug("idle: released %d bytes of pooled buffers and the heap's free pages", released)
+        self._housekeeping = asyncio.get_running_loop().call_later(self.limits.idle_release, self._check_idle)
 
 
 def parse_listen(spec: str) -> tuple[str, str, int]:
