@@ -88,9 +88,10 @@ M_MMAP_THRESHOLD = -3
 
 def tune_allocator() -> None:
     """Serve allocations below 32 MiB (write payloads, the transport's copies of replies a client is slow to
-    take) from the heap and keep freed heap memory while requests come: fresh pages cost about 5 µs each on
-    first touch, so giving them back and taking them again between two requests halves large-write throughput.
-    What is kept is given back when the server goes idle (:func:`release_free_memory`)."""
+    take) from the heap and keep freed heap memory while requests come, rather than have glibc hand it back and
+    fault it in again (about 5 µs a fresh page): nbdcopy writing 1 MiB requests into a served volume ran
+    1.1-1.2x faster with it than with glibc's defaults, in two interleaved runs. What is kept is given back once
+    the server goes idle (:func:`release_free_memory`), so a burst does not leave its memory behind."""
     if _LIBC is not None:
         _LIBC.mallopt(M_TRIM_THRESHOLD, 1 << 30)
         _LIBC.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # its maximum on 64-bit glibc

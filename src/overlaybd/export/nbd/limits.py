@@ -14,8 +14,8 @@ The defaults, and why:
   no byte) is dropped; a slow client that takes bytes, however few, is not.
 * ``quiesce_timeout`` 30 s: the longest a snapshot waits for requests in progress on the volume (source calls;
   not replies waiting for their client).
-* ``idle_release`` 5 s: after that long without a new request, pooled read buffers and the heap's free pages go
-  back to the system; a client that comes back sooner finds them still there.
+* ``idle_release`` 5 s: within that long without a new request (at least half of it), pooled read buffers and
+  the heap's free pages go back to the system; a client that comes back sooner finds them still there.
 """
 
 from __future__ import annotations
