@@ -147,6 +147,24 @@ def test_a_client_that_takes_no_replies_is_dropped(tmp_path: Path, volume: Path)
         qemu_io_reads(server.uri)
 
 
+def test_a_client_that_announces_a_large_write_and_stalls_is_dropped(tmp_path: Path, volume: Path) -> None:
+    """A WRITE of 32 MiB holds that much of the budgets while its payload arrives: sending 1 MiB of it and then
+    nothing must not hold them for ever."""
+    require("qemu-io")
+    with serving([str(volume), "--reply-timeout", "1"], tmp_path) as server:
+        c = Client(unix_path(server.uri))
+        c.go("")
+        c.request(protocol.CMD_WRITE, 1, 0, BIG, payload=b"\x44" * MiB)
+        try:
+            c.s.settimeout(30)
+            assert _closed(c.s), "the server still waits for the payload"
+        finally:
+            c.close()
+        assert "write payload" in server.log()
+        out = run("qemu-io", "-f", "raw", "-c", "write -P 0x45 0 64k", "-c", "read -P 0x45 0 64k", server.uri)
+        assert "Pattern verification failed" not in out
+
+
 def test_stopping_with_clients_in_every_state_is_clean(tmp_path: Path, volume: Path) -> None:
     """SIGTERM while one client is silent in the handshake, one is idle, one has reads it does not take and one
     writes: the server ends at once, exit 0, no traceback (``serving`` checks both), and what was acknowledged

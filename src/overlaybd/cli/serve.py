@@ -22,6 +22,13 @@ from .common import parse_size
 _DEFAULTS = Limits()
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except UsageError as exc:  # argparse turns this into its usage line and exit 2
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("serve", help="serve a volume (its snapshots too), or layers, as NBD exports",
                        description="Serve over NBD until SIGINT or SIGTERM. The limits bound what clients can make "
@@ -40,11 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     limits.add_argument("--max-connections", type=int, default=_DEFAULTS.max_connections, metavar="N",
                         help="clients connected at once; more are closed at once (qemu-nbd --shared, QEMU's "
                              f"max-connections; default {_DEFAULTS.max_connections})")
-    limits.add_argument("--max-inflight", type=parse_size, default=_DEFAULTS.max_inflight, metavar="SIZE",
+    limits.add_argument("--max-inflight", type=_size, default=_DEFAULTS.max_inflight, metavar="SIZE",
                         help="bytes of requests in flight per connection (read buffers, replies not yet sent, "
                              "write payloads); past it, no more requests are read from that client "
                              f"(default {_DEFAULTS.max_inflight >> 20}M)")
-    limits.add_argument("--max-inflight-total", type=parse_size, default=_DEFAULTS.max_inflight_total,
+    limits.add_argument("--max-inflight-total", type=_size, default=_DEFAULTS.max_inflight_total,
                         metavar="SIZE", help="the same for all connections together "
                                              f"(default {_DEFAULTS.max_inflight_total >> 20}M)")
     limits.add_argument("--handshake-limit", "--handshake-timeout", type=float, dest="handshake_limit",
@@ -52,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="a client that has not finished negotiating by then is dropped (qemu-nbd "
                              f"--handshake-limit; default {_DEFAULTS.handshake_limit:g})")
     limits.add_argument("--reply-timeout", type=float, default=_DEFAULTS.reply_timeout, metavar="SECONDS",
-                        help="a client that takes no byte of its replies for that long is dropped "
+                        help="a client that takes no byte of its replies for that long, or does not send a large "
+                             "write payload it announced within it, is dropped "
                              f"(default {_DEFAULTS.reply_timeout:g})")
     p.set_defaults(run=run)
 

@@ -4,7 +4,8 @@ matched by handle).
 Memory is bounded with back-pressure. A request is admitted only when its bytes (read buffer and reply, or write
 payload) fit in this connection's budget and then in the server's; until then nothing more is read from this
 client, so a client that does not take its replies stops itself. A connection whose replies make no progress for
-``reply_timeout`` seconds is dropped. A client that goes away has its requests cancelled: what has not started is
+``reply_timeout`` seconds is dropped, and so is one that does not send a large write payload it announced
+within that time. A client that goes away has its requests cancelled: what has not started is
 never run (a source call already running in a thread finishes first, because its buffer is in use).
 """
 
@@ -47,6 +48,7 @@ from .session import EndConnection, Session
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 INLINE_MAX = 128 * 1024  # requests up to this size on a local export are served on the event loop
+SMALL_PAYLOAD = 64 * 1024  # write payloads up to this are read without a deadline (they hold little budget)
 Reply = list[bytes | memoryview]
 
 
@@ -154,13 +156,26 @@ class Connection:
             n = cost(req)
             await self._admit(n)
             try:
-                payload = await self.reader.readexactly(req.length) if req.command == CMD_WRITE else b""
+                payload = await self._payload(req) if req.command == CMD_WRITE else b""
             except BaseException:
                 self._release(n)
                 raise
             task = loop.create_task(self._serve(req, payload, n))
             self._requests.add(task)
             task.add_done_callback(self._requests.discard)
+
+    async def _payload(self, req: Request) -> bytes:
+        """A WRITE's data. A large one holds its budget while it arrives, so it must arrive within
+        ``reply_timeout``; a client that announces one and does not send it is dropped."""
+        if req.length <= SMALL_PAYLOAD:
+            return await self.reader.readexactly(req.length)
+        timeout = self.res.limits.reply_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.reader.readexactly(req.length)
+        except TimeoutError:
+            self.drop(f"did not send a {req.length}-byte write payload within {timeout:g} s (--reply-timeout)")
+            raise EndConnection("write payload not sent in time") from None
 
     async def _admit(self, n: int) -> None:
         """Wait for a request slot and ``n`` bytes of this connection's budget, then of the server's. Nothing

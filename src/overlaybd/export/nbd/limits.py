@@ -11,7 +11,8 @@ The defaults, and why:
   most memory a crowd of clients can make the server hold for requests, whatever they do.
 * ``handshake_limit`` 10 s: QEMU's default for a client to finish negotiating.
 * ``reply_timeout`` 60 s: a connection whose replies make no progress at all for that long (the client takes
-  no byte) is dropped; a slow client that takes bytes, however few, is not.
+  no byte) is dropped; a slow client that takes bytes, however few, is not. A write payload over 64 KiB must
+  arrive within that time too (it holds its budget meanwhile).
 * ``quiesce_timeout`` 30 s: the longest a snapshot waits for requests in progress on the volume (source calls;
   not replies waiting for their client).
 * ``idle_release`` 5 s: within that long without a new request (at least half of it), pooled read buffers and
