@@ -7,8 +7,10 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,11 +26,36 @@ def require(tool: str) -> str:
     return path
 
 
+@dataclass
+class Server:
+    """A running ``overlaybd serve``: its NBD URI, its process, and the file its stderr goes to."""
+
+    uri: str
+    proc: subprocess.Popen[str]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def rss(self) -> int:
+        """Resident memory of the server process, bytes (``VmRSS`` of /proc/PID/status)."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS line")
+
+
 @contextmanager
-def served(args: list[str], tmp: Path, listen: str | None = None) -> Iterator[str]:
-    """Run ``overlaybd serve ARGS`` and yield its NBD URI; stop it with SIGTERM and check it exits cleanly."""
+def serving(args: list[str], tmp: Path, listen: str | None = None, name: str = "serve") -> Iterator[Server]:
+    """Run ``overlaybd serve ARGS``; stop it with SIGTERM and check it exits cleanly, without a traceback."""
     listen = listen or f"unix:{tmp / 'nbd.sock'}"
-    err = open(tmp / "serve.err", "w+")
+    log_path = tmp / f"{name}.err"
+    err = open(log_path, "w+")
     proc = subprocess.Popen([*OVERLAYBD, "serve", *args, "--listen", listen], stdout=subprocess.PIPE, stderr=err,
                             stdin=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -38,7 +65,7 @@ def served(args: list[str], tmp: Path, listen: str | None = None) -> Iterator[st
             proc.wait(timeout=10)
             err.seek(0)
             pytest.fail(f"overlaybd serve did not start: {err.read()}")
-        yield uri
+        yield Server(uri, proc, log_path)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -51,6 +78,23 @@ def served(args: list[str], tmp: Path, listen: str | None = None) -> Iterator[st
         err.close()
         assert code == 0, f"overlaybd serve exited {code}: {log}"
         assert "Traceback" not in log, log
+
+
+@contextmanager
+def served(args: list[str], tmp: Path, listen: str | None = None) -> Iterator[str]:
+    """Run ``overlaybd serve ARGS`` and yield its NBD URI; stop it with SIGTERM and check it exits cleanly."""
+    with serving(args, tmp, listen) as server:
+        yield server.uri
+
+
+def wait_for(what: str, condition: Callable[[], bool], deadline: float = 60.0) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` if it does not within ``deadline`` seconds (a guard
+    against hanging, not a measure of speed)."""
+    end = time.monotonic() + deadline
+    while not condition():
+        if time.monotonic() > end:
+            pytest.fail(f"{what}: not within {deadline:g} s")
+        time.sleep(0.05)
 
 
 def run(*cmd: str) -> str:

@@ -7,21 +7,32 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from contextlib import ExitStack
 from typing import Any
 
 from ..errors import UsageError
-from ..export.control import serve_control, socket_path
-from ..export.nbd.server import Export, NbdServer, serve
-from ..formats.output import Compression
+from ..export.nbd.limits import Limits
+from ..export.nbd.server import Export, serve
+from ..export.served import ServedVolume
 from ..operations import open_stack
-from ..volume import CONFIG, Snapshot, Volume
-from .common import open_volume
+from ..volume import CONFIG, Volume
+from .common import open_volume, parse_size
+
+_DEFAULTS = Limits()
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except UsageError as exc:  # argparse turns this into its usage line and exit 2
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("serve", help="serve a volume (its snapshots too), or layers, as NBD exports")
+    p = sub.add_parser("serve", help="serve a volume (its snapshots too), or layers, as NBD exports",
+                       description="Serve over NBD until SIGINT or SIGTERM. The limits bound what clients can make "
+                                   "the server hold; sizes read as 64M, 1G or bytes.")
     p.add_argument("layers", nargs="+", metavar="VOL_OR_LAYER",
                    help="a volume directory, or layer files bottom to top")
     p.add_argument("--upper", nargs=2, metavar=("DATA", "INDEX"), help="with layer files: a writable layer on top")
@@ -32,26 +43,32 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--workers", type=int, default=8, help="threads serving requests (default 8)")
     p.add_argument("--record-trace", metavar="FILE",
                    help="with a volume: record which layer blocks are read, for 'pull --lazy --prefetch FILE'")
+    limits = p.add_argument_group("limits")
+    limits.add_argument("--max-connections", type=int, default=_DEFAULTS.max_connections, metavar="N",
+                        help="clients connected at once; more are closed at once (qemu-nbd --shared, QEMU's "
+                             f"max-connections; default {_DEFAULTS.max_connections})")
+    limits.add_argument("--max-inflight", type=_size, default=_DEFAULTS.max_inflight, metavar="SIZE",
+                        help="bytes of requests in flight per connection (read buffers, replies not yet sent, "
+                             "write payloads); past it, no more requests are read from that client "
+                             f"(default {_DEFAULTS.max_inflight >> 20}M)")
+    limits.add_argument("--max-inflight-total", type=_size, default=_DEFAULTS.max_inflight_total,
+                        metavar="SIZE", help="the same for all connections together "
+                                             f"(default {_DEFAULTS.max_inflight_total >> 20}M)")
+    limits.add_argument("--handshake-limit", "--handshake-timeout", type=float, dest="handshake_limit",
+                        default=_DEFAULTS.handshake_limit, metavar="SECONDS",
+                        help="a client that has not finished negotiating by then is dropped (qemu-nbd "
+                             f"--handshake-limit; default {_DEFAULTS.handshake_limit:g})")
+    limits.add_argument("--reply-timeout", type=float, default=_DEFAULTS.reply_timeout, metavar="SECONDS",
+                        help="a client that takes no byte of its replies for that long, or does not send a large "
+                             "write payload it announced within it, is dropped "
+                             f"(default {_DEFAULTS.reply_timeout:g})")
     p.set_defaults(run=run)
 
 
-def _exports(args: argparse.Namespace, owned: ExitStack) -> list[Export]:
-    vol = _volume(args)
-    if vol is not None:
-        main = owned.enter_context(vol.open(writable=not args.readonly, record_trace=args.record_trace))
-        local = all(os.path.exists(path) for path in vol.lowers)  # no lazily pulled layer to wait for
-        exports = [Export(args.name, main, readonly=args.readonly, description=f"volume {vol.path}", inline=local)]
-        for snap in vol.snapshots():
-            dev = owned.enter_context(vol.open(snapshot=snap.number))
-            exports.append(Export(snap.uuid, dev, readonly=True, inline=local,
-                                  description=f"snapshot {snap.number}: {snap.message}".strip()))
-        return exports
-    if args.record_trace:
-        raise UsageError("--record-trace goes with a volume")
-    upper = tuple(args.upper) if args.upper else None
-    writable = upper is not None and not args.readonly
-    stack = owned.enter_context(open_stack(args.layers, upper, writable=writable))
-    return [Export(args.name, stack, readonly=not writable, inline=True)]
+def _limits(args: argparse.Namespace) -> Limits:
+    return Limits(max_connections=args.max_connections, max_inflight=args.max_inflight,
+                  max_inflight_total=args.max_inflight_total, handshake_limit=args.handshake_limit,
+                  reply_timeout=args.reply_timeout)
 
 
 def _volume(args: argparse.Namespace) -> Volume | None:
@@ -63,67 +80,47 @@ def _volume(args: argparse.Namespace) -> Volume | None:
     return None
 
 
-def _snapshot_between_requests(vol: Volume, main: Export, owned: ExitStack) -> Callable[[NbdServer], Awaitable[None]]:
-    """Serve the volume's control socket: ``overlaybd snapshot VOL`` while we serve it writable."""
-
-    async def started(server: NbdServer) -> None:
-        async def handle(req: dict[str, Any]) -> dict[str, Any]:
-            if req.get("op") != "snapshot":
-                return {"ok": False, "error": f"unknown operation {req.get('op')!r}"}
-            compression = Compression(req["compress"], 4096) if req.get("compress") else None
-
-            def work() -> Snapshot:
-                main.source.flush()
-                main.source.close()  # releases the upper and the volume lock for the snapshot
-                try:
-                    snap = vol.snapshot(str(req.get("message", "")), compression)
-                finally:
-                    main.source = owned.enter_context(vol.open(writable=True))
-                server.exports[snap.uuid] = Export(snap.uuid, owned.enter_context(vol.open(snapshot=snap.number)),
-                                                   inline=main.inline,
-                                                   readonly=True, description=f"snapshot {snap.number}: "
-                                                   f"{snap.message}".strip())
-                return snap
-
-            snap = await server.quiesced(work)
-            assert isinstance(snap, Snapshot)
-            return {"ok": True, "snapshot": {"number": snap.number, "uuid": snap.uuid, "file_size": snap.file_size}}
-
-        ctl = await serve_control(socket_path(vol.path), handle)
-        server.adopt_listener(ctl)
-
-    return started
+def _stack_exports(args: argparse.Namespace, owned: ExitStack) -> list[Export]:
+    if args.record_trace:
+        raise UsageError("--record-trace goes with a volume")
+    upper = tuple(args.upper) if args.upper else None
+    writable = upper is not None and not args.readonly
+    stack = owned.enter_context(open_stack(args.layers, upper, writable=writable))
+    return [Export(args.name, stack, readonly=not writable, inline=True)]
 
 
 def run(args: argparse.Namespace) -> int:
     listen = args.listen or f"unix:{os.path.abspath('overlaybd.sock')}"
+    limits = _limits(args)
+    vol = _volume(args)
     with ExitStack() as owned:
-        exports = _exports(args, owned)
-        main = exports[0]
+        if vol is not None:
+            served = owned.enter_context(ServedVolume(vol, readonly=args.readonly, name=args.name,
+                                                      record_trace=args.record_trace))
+            exports = served.exports
+            serving: Callable[..., Coroutine[Any, Any, None]] = served.serve
+        else:
+            exports = _stack_exports(args, owned)
+            owned.callback(exports[0].source.flush)
 
-        async def run_server() -> None:
+            async def serving(listen: str, **kw: Any) -> None:
+                await serve(exports, listen, **kw)
+
+        main = exports[0]
+        count = len(exports)
+
+        def ready(uri: str) -> None:
+            print(uri, flush=True)
+            mode = "read-only" if not main.writable else "read-write"
+            print(f"overlaybd: serving {main.source.size} bytes ({mode}), {count} export(s); "
+                  "stop with Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
+
+        async def until_signalled() -> None:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
+            await serving(listen, ready=ready, stop=stop, workers=args.workers, limits=limits)
 
-            def ready(uri: str) -> None:
-                print(uri, flush=True)
-                mode = "read-only" if main.readonly else "read-write"
-                print(f"overlaybd: serving {main.source.size} bytes ({mode}), {len(exports)} export(s); "
-                      "stop with Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
-
-            vol = _volume(args)
-            started = _snapshot_between_requests(vol, main, owned) if vol is not None and not main.readonly \
-                else None
-            try:
-                await serve(exports, listen, ready=ready, stop=stop, workers=args.workers, started=started)
-            finally:
-                if vol is not None and os.path.exists(socket_path(vol.path)):
-                    os.unlink(socket_path(vol.path))
-
-        try:
-            asyncio.run(run_server())
-        finally:
-            main.source.flush()
+        asyncio.run(until_signalled())
     return 0

@@ -1,9 +1,14 @@
 """A volume's control socket (``VOL/.control.sock``): lets ``overlaybd snapshot`` ask the process that serves the
-volume to take the snapshot itself, between requests. One JSON line in, one JSON line out."""
+volume to take the snapshot itself, between requests. One JSON line in, one JSON line out.
+
+The socket belongs to the process that made it (:class:`~.listening.UnixListener`): another process cannot take
+it over while it listens, and whoever ends removes the path only if it is still its own socket.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -12,9 +17,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import OverlaybdError
+from .listening import UnixListener, accept_connections
 
 log = logging.getLogger(__name__)
 SOCKET = ".control.sock"
+MAX_REQUEST = 64 * 1024  # bytes of one request line
+REQUEST_DEADLINE = 10.0  # seconds a client has to send its request line
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -22,32 +30,77 @@ def socket_path(volume: str) -> str:
     return os.path.join(volume, SOCKET)
 
 
-async def serve_control(path: str, handler: Handler) -> asyncio.Server:
-    if os.path.exists(path):
-        os.unlink(path)
+class ControlSocket:
+    """Listens on ``path`` and answers each request line with ``handler``'s reply (errors become ``ok: false``)."""
 
-    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, path: str, handler: Handler) -> None:
+        self.path = path
+        self.handler = handler
+        self._listener: UnixListener | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._listener = UnixListener(self.path)
+        os.chmod(self.path, 0o600)
+        accepting = accept_connections(self._listener.sock, self._accepted, self._starving)
+        self._accepting = asyncio.get_running_loop().create_task(accepting)
+
+    async def close(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
+        for task in list(self._clients):
+            task.cancel()
+        await asyncio.gather(*self._clients, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.close()
+
+    def _accepted(self, conn: socket.socket, address: object) -> None:
+        task = asyncio.get_running_loop().create_task(self._answer(conn))
+        self._clients.add(task)
+        task.add_done_callback(self._clients.discard)
+
+    @staticmethod
+    def _starving(exc: OSError) -> None:
+        log.debug("control socket: cannot accept: %s", exc.strerror)
+
+    async def _answer(self, conn: socket.socket) -> None:
         try:
-            line = await reader.readline()
+            reader, writer = await asyncio.open_unix_connection(sock=conn, limit=MAX_REQUEST)
+        except BaseException:
+            conn.close()
+            raise
+        try:
             try:
-                request = json.loads(line)
-                if not isinstance(request, dict):
-                    raise ValueError("not an object")
-                reply = await handler(request)
-            except (ValueError, KeyError) as exc:
-                reply = {"ok": False, "error": f"bad request: {exc}"}
-            except OverlaybdError as exc:
-                reply = {"ok": False, "error": str(exc)}
+                async with asyncio.timeout(REQUEST_DEADLINE):
+                    line = await reader.readline()
+                if not line:
+                    return
+                reply = await self._reply_to(line)
+            except (TimeoutError, ValueError, asyncio.IncompleteReadError, ConnectionError):
+                return  # a client that says nothing, or too much: no answer
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
+        except ConnectionError:
+            pass
         except Exception:
             log.exception("control request failed")
         finally:
             writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
 
-    server = await asyncio.start_unix_server(one, path=path)
-    os.chmod(path, 0o600)
-    return server
+    async def _reply_to(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise ValueError("not an object")
+            return await self.handler(request)
+        except (ValueError, KeyError) as exc:
+            return {"ok": False, "error": f"bad request: {exc}"}
+        except OverlaybdError as exc:
+            return {"ok": False, "error": str(exc)}
 
 
 def request(volume: str, body: dict[str, Any], timeout: float = 600.0) -> dict[str, Any] | None:

@@ -257,8 +257,6 @@ def chunk_offset_data_header(handle: int, offset: int, length: int, done: bool) 
     return chunk_header(handle, REPLY_TYPE_OFFSET_DATA, 8 + length, done) + struct.pack(">Q", offset)
 
 
-
-
 def chunk_none(handle: int) -> bytes:
     return chunk_header(handle, REPLY_TYPE_NONE, 0, True)
 

@@ -1,0 +1,323 @@
+"""One client's transmission phase: read requests, serve them concurrently, reply as each is done (out of order,
+matched by handle).
+
+Memory is bounded with back-pressure. A request is admitted only when its bytes (read buffer and reply, or write
+payload) fit in this connection's budget and then in the server's; until then nothing more is read from this
+client, so a client that does not take its replies stops itself. A connection whose replies make no progress for
+``reply_timeout`` seconds is dropped, and so is one that does not send a large write payload it announced
+within that time. A client that goes away has its requests cancelled: what has not started is
+never run (a source call already running in a thread finishes first, because its buffer is in use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .buffers import Buffer, BufferPool
+from .gate import RequestGate
+from .handshake import MAX_DISCARD_PAYLOAD, META_CONTEXT_ID, discard
+from .limits import ByteBudget, Limits, OncePerInterval
+from .protocol import (
+    CMD_BLOCK_STATUS,
+    CMD_DISC,
+    CMD_FLAG_FUA,
+    CMD_FLUSH,
+    CMD_NAMES,
+    CMD_READ,
+    CMD_WRITE,
+    EINVAL,
+    MAX_PAYLOAD,
+    REQUEST,
+    Request,
+    chunk_block_status,
+    chunk_error,
+    chunk_none,
+    chunk_offset_data_header,
+    parse_request,
+    simple_reply,
+)
+from .requests import block_status, cost, errno_of, modify, validate
+from .session import EndConnection, Session
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+INLINE_MAX = 128 * 1024  # requests up to this size on a local export are served on the event loop
+SMALL_PAYLOAD = 64 * 1024  # write payloads up to this are read without a deadline (they hold little budget)
+Reply = list[bytes | memoryview]
+
+
+@dataclass
+class Resources:
+    """What every connection of one server shares."""
+
+    limits: Limits
+    pool: ThreadPoolExecutor
+    gate: RequestGate
+    budget: ByteBudget  # bytes in flight, all connections together
+    buffers: BufferPool
+    dropped: OncePerInterval  # warns about clients dropped for not taking their replies
+    admitted: int = 0  # requests admitted so far, all connections together (the server watches it for idleness)
+
+
+class StreamProtocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol, also telling ``on_gone`` when the peer closes its side or the connection is
+    lost: a client blocked by back-pressure is not being read, so its end would otherwise go unnoticed."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        super().__init__(reader)
+        self.on_gone: Callable[[], None] | None = None
+
+    def eof_received(self) -> bool:
+        keep_open = bool(super().eof_received())
+        if self.on_gone is not None:
+            self.on_gone()
+        return keep_open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.on_gone is not None:
+            self.on_gone()
+
+
+class Connection:
+    def __init__(self, res: Resources, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 protocol: StreamProtocol, session: Session, peer: str) -> None:
+        self.res = res
+        self.reader = reader
+        self.writer = writer
+        self.transport = writer.transport
+        self._high_water = self.transport.get_write_buffer_limits()[1]
+        self.session = session
+        self.peer = peer
+        self.budget = ByteBudget(res.limits.max_inflight)
+        self._slots = asyncio.Semaphore(res.limits.max_requests)
+        self._requests: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[Any] | None = None
+        self._disconnecting = False  # NBD_CMD_DISC came: finish what was asked, then close
+        self._ending = False
+        self._gone = False
+        self.written = 0  # bytes handed to the transport
+        protocol.on_gone = self._peer_gone
+
+    # -- the connection as a whole ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve requests until NBD_CMD_DISC, the client's end, a violation, or a client that takes no replies."""
+        self._task = asyncio.current_task()
+        raw = self.writer.get_extra_info("socket")
+        if raw is not None:
+            enlarge_send_buffer(raw)
+        try:
+            await self._read_requests()
+        except asyncio.CancelledError:
+            if not self._gone or self._task is None:
+                raise
+            self._task.uncancel()
+            log.debug("connection %s: the client is gone", self.peer)
+        finally:
+            self._ending = True
+            if not self._disconnecting:
+                for task in self._requests:
+                    task.cancel()
+            if self._requests:
+                await asyncio.gather(*self._requests, return_exceptions=True)
+
+    def _peer_gone(self) -> None:
+        """The client closed its side or the connection broke: nobody will take our replies, stop serving it."""
+        if self._ending or self._disconnecting or self._gone:
+            return
+        self._gone = True
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+
+    def drop(self, reason: str) -> None:
+        self.res.dropped.warn("dropped client %s: %s", self.peer, reason)
+        self.transport.abort()
+
+    # -- reading requests ------------------------------------------------------------------------------------
+    async def _read_requests(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            req = parse_request(await self.reader.readexactly(REQUEST.size))
+            if req.command == CMD_WRITE and req.length > MAX_PAYLOAD:
+                if req.length > MAX_DISCARD_PAYLOAD:
+                    raise EndConnection(f"write payload of {req.length} bytes")
+                await discard(self.reader, req.length)
+                self._send([self._error(req, EINVAL, "request too large")])
+                continue
+            if req.command == CMD_DISC:
+                self._disconnecting = True
+                return
+            n = cost(req)
+            await self._admit(n)
+            try:
+                payload = await self._payload(req) if req.command == CMD_WRITE else b""
+            except BaseException:
+                self._release(n)
+                raise
+            task = loop.create_task(self._serve(req, payload, n))
+            self._requests.add(task)
+            task.add_done_callback(self._requests.discard)
+
+    async def _payload(self, req: Request) -> bytes:
+        """A WRITE's data. A large one holds its budget while it arrives, so it must arrive within
+        ``reply_timeout``; a client that announces one and does not send it is dropped."""
+        if req.length <= SMALL_PAYLOAD:
+            return await self.reader.readexactly(req.length)
+        timeout = self.res.limits.reply_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.reader.readexactly(req.length)
+        except TimeoutError:
+            self.drop(f"did not send a {req.length}-byte write payload within {timeout:g} s (--reply-timeout)")
+            raise EndConnection("write payload not sent in time") from None
+
+    async def _admit(self, n: int) -> None:
+        """Wait for a request slot and ``n`` bytes of this connection's budget, then of the server's. Nothing
+        more is read from this client meanwhile: that is the back-pressure."""
+        await self._slots.acquire()
+        try:
+            await self.budget.acquire(n)
+            try:
+                await self.res.budget.acquire(n)
+            except BaseException:
+                self.budget.release(n)
+                raise
+        except BaseException:
+            self._slots.release()
+            raise
+        self.res.admitted += 1
+
+    def _release(self, n: int) -> None:
+        self.res.budget.release(n)
+        self.budget.release(n)
+        self._slots.release()
+
+    # -- one request -----------------------------------------------------------------------------------------
+    async def _serve(self, req: Request, payload: bytes, n: int) -> None:
+        try:
+            reply, buf = await self._execute(req, payload)
+            try:
+                sent = self._send(reply)
+            finally:
+                if buf is not None:
+                    # reusable only if the transport kept no reference to it (it copies, or sent it all)
+                    self.res.buffers.give(buf, reusable=self.transport.get_write_buffer_size() == 0)
+            if sent:
+                await self._drain()
+        except (EndConnection, ConnectionError):
+            pass  # this connection is ending; its handler says why
+        finally:
+            self._release(n)
+
+    async def _execute(self, req: Request, payload: bytes) -> tuple[Reply, Buffer | None]:
+        session = self.session
+        error = validate(session, req)
+        if error:
+            return [self._error(req, error, f"invalid {CMD_NAMES.get(req.command, '?')}")], None
+        export = session.export
+        inline = export.inline and req.length <= INLINE_MAX and not req.flags & CMD_FLAG_FUA
+        await self.res.gate.enter()
+        buf: Buffer | None = None
+        try:
+            src = export.source  # after enter(): a snapshot may have replaced it while we waited
+            if req.command == CMD_READ:
+                buf = self.res.buffers.take(req.length)
+                if req.length and inline:
+                    src.readinto(req.offset, buf.view)
+                elif req.length:
+                    await self._in_pool(src.readinto, req.offset, buf.view)
+                head = chunk_offset_data_header(req.handle, req.offset, req.length, True) if session.structured \
+                    else simple_reply(req.handle)
+                # two writes, not writelines: 3.11 joins those into a new copy; with a large socket buffer the
+                # payload goes to the kernel straight from our page-aligned buffer
+                return [head, buf.view], buf
+            if req.command == CMD_BLOCK_STATUS:
+                extents = await self._in_pool(block_status, src, req)
+                return [chunk_block_status(req.handle, META_CONTEXT_ID, extents)], None
+            if inline and req.command != CMD_FLUSH:
+                modify(src, req, payload)
+            else:
+                await self._in_pool(modify, src, req, payload)
+            return [chunk_none(req.handle) if session.structured else simple_reply(req.handle)], None
+        except Exception as exc:  # the request fails; the connection and the server go on
+            if buf is not None:
+                self.res.buffers.give(buf, reusable=True)
+            log.warning("%s %s [%d, +%d): %s", export.name or "(default)", CMD_NAMES.get(req.command, "?"),
+                        req.offset, req.length, exc)
+            return [self._error(req, errno_of(exc), str(exc)[:200])], None
+        except BaseException:  # cancelled: the source call has returned (see _in_pool), so the buffer is free
+            if buf is not None:
+                self.res.buffers.give(buf, reusable=True)
+            raise
+        finally:
+            self.res.gate.leave()
+
+    async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the thread pool. Cancelled before it starts, it never runs; cancelled while it runs,
+        this waits for it to return (its buffer and its place among the requests in progress are held until
+        then), then lets the cancellation through."""
+        job = self.res.pool.submit(fn, *args)
+        done = asyncio.wrap_future(job)
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            if not job.cancel():
+                while not done.done():
+                    try:
+                        await asyncio.wait([done])
+                    except asyncio.CancelledError:
+                        continue
+                if not done.cancelled():
+                    done.exception()  # retrieved: a failure of a request nobody waits for is not worth a log line
+            raise
+
+    # -- replies ---------------------------------------------------------------------------------------------
+    def _error(self, req: Request, error: int, message: str) -> bytes:
+        return chunk_error(req.handle, error, message) if self.session.structured \
+            else simple_reply(req.handle, error)
+
+    def _send(self, reply: Reply) -> bool:
+        """Hand a reply to the transport; False if the connection is already closing."""
+        transport = self.transport
+        if transport.is_closing():
+            return False
+        for part in reply:
+            transport.write(part)
+            self.written += len(part)
+        return True
+
+    def _sent(self) -> int:
+        return self.written - self.transport.get_write_buffer_size()
+
+    async def _drain(self) -> None:
+        """Wait until the transport's buffer is low again. If the client takes not one byte of our replies for
+        ``reply_timeout`` seconds, drop it."""
+        if self.transport.get_write_buffer_size() <= self._high_water:
+            return  # not paused: the common case, without arming a timer
+        timeout = self.res.limits.reply_timeout
+        while True:
+            before = self._sent()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.writer.drain()
+                return
+            except TimeoutError:
+                if self._sent() == before:
+                    self.drop(f"took no reply byte for {timeout:g} s (--reply-timeout)")
+                    raise EndConnection(f"took no reply byte for {timeout:g} s") from None
+
+
+def enlarge_send_buffer(sock: socket.socket, size: int = 8 << 20) -> None:
+    """A large socket send buffer lets a 1 MiB reply go to the kernel in one send (no copy in asyncio)."""
+    for opt in (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+            return
+        except OSError:
+            continue

@@ -1,0 +1,110 @@
+"""A volume served over NBD: the volume itself and each of its snapshots as exports, and, while the volume is
+served writable, its control socket, through which ``overlaybd snapshot VOL`` has this process take the snapshot
+between requests and export it at once.
+
+    with ServedVolume(Volume("vol")) as served:
+        asyncio.run(served.serve("unix:/run/vol.sock", stop=stop_event))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from contextlib import ExitStack
+from types import TracebackType
+from typing import Any
+
+from ..formats.output import Compression
+from ..volume import Snapshot, Volume
+from .control import ControlSocket, socket_path
+from .nbd.limits import Limits
+from .nbd.server import Export, NbdServer, serve
+
+
+class ServedVolume:
+    def __init__(self, volume: Volume, *, readonly: bool = False, name: str = "",
+                 record_trace: str | None = None) -> None:
+        self.volume = volume
+        self.readonly = readonly
+        self._owned = ExitStack()
+        try:
+            main = self._owned.enter_context(volume.open(writable=not readonly, record_trace=record_trace))
+            #: no lazily pulled layer to wait for: small requests can be served on the event loop
+            self.local = all(os.path.exists(path) for path in volume.lowers)
+            self.main = Export(name, main, readonly=readonly, description=f"volume {volume.path}", inline=self.local)
+            self.exports = [self.main] + [self._snapshot_export(snap) for snap in volume.snapshots()]
+        except BaseException:
+            self._owned.close()
+            raise
+        self.server: NbdServer | None = None
+        self._control: ControlSocket | None = None
+
+    def _snapshot_export(self, snap: Snapshot) -> Export:
+        dev = self._owned.enter_context(self.volume.open(snapshot=snap.number))
+        return Export(snap.uuid, dev, readonly=True, inline=self.local,
+                      description=f"snapshot {snap.number}: {snap.message}".strip())
+
+    # -- serving -------------------------------------------------------------------------------------------------
+    async def serve(self, listen: str, *, ready: Callable[[str], None] | None = None,
+                    stop: asyncio.Event | None = None, workers: int = 8, limits: Limits | None = None) -> None:
+        """Serve the exports on ``listen`` until ``stop`` is set (see :func:`.nbd.server.serve`)."""
+        try:
+            await serve(self.exports, listen, ready=ready, stop=stop, workers=workers, limits=limits,
+                        started=self._started)
+        finally:
+            self.server = None
+            if self._control is not None:
+                await self._control.close()
+                self._control = None
+
+    async def _started(self, server: NbdServer) -> None:
+        self.server = server
+        if not self.readonly:
+            self._control = ControlSocket(socket_path(self.volume.path), self._on_request)
+            await self._control.start()
+
+    async def _on_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("op") != "snapshot":
+            return {"ok": False, "error": f"unknown operation {request.get('op')!r}"}
+        compression = Compression(request["compress"], 4096) if request.get("compress") else None
+        snap = await self.snapshot(str(request.get("message", "")), compression)
+        return {"ok": True, "snapshot": {"number": snap.number, "uuid": snap.uuid, "file_size": snap.file_size}}
+
+    # -- snapshots -----------------------------------------------------------------------------------------------
+    async def snapshot(self, message: str = "", compression: Compression | None = None) -> Snapshot:
+        """Take a snapshot between requests (none in progress on the volume; replies waiting for slow clients do
+        not count) and export it. Raises :class:`~.nbd.gate.BusyError` if requests in progress outlast the
+        server's ``quiesce_timeout``."""
+        if self.server is None:
+            raise RuntimeError("the volume is not being served")
+        return await self.server.quiesced(lambda: self._snapshot_now(message, compression))
+
+    def _snapshot_now(self, message: str, compression: Compression | None) -> Snapshot:
+        main = self.main
+        main.source.flush()
+        main.source.close()  # releases the upper and the volume lock for the snapshot
+        try:
+            snap = self.volume.snapshot(message, compression)
+        finally:
+            main.source = self._owned.enter_context(self.volume.open(writable=True))
+        export = self._snapshot_export(snap)
+        self.exports.append(export)
+        if self.server is not None:
+            self.server.exports[export.name] = export
+        return snap
+
+    # -- the end -------------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Flush what was written and close every layer."""
+        try:
+            if not self.readonly:
+                self.main.source.flush()
+        finally:
+            self._owned.close()
+
+    def __enter__(self) -> ServedVolume:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
