@@ -13,7 +13,6 @@ The tree::
     │   └── DigestMismatchError     bytes whose sha256 (or size) is not what their descriptor says
     ├── SourceError                 misuse of a BlockSource
     │   ├── OutOfBoundsError        a request outside [0, size)
-    │   ├── AlignmentError          a request that breaks a required alignment
     │   └── ReadOnlyError           a write to a source that has no write capability
     ├── LayerIOError                the operating system refused a read or write (wraps OSError)
     ├── LockedError                 another writer holds the layer
@@ -96,10 +95,6 @@ class SourceError(OverlaybdError):
 
 class OutOfBoundsError(SourceError):
     """A request outside the source."""
-
-
-class AlignmentError(SourceError):
-    """A request that breaks a required alignment."""
 
 
 class ReadOnlyError(SourceError):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from overlaybd.export.nbd import protocol as p
+from overlaybd.export.nbd import protocol as nbd
 from overlaybd.volume import Volume
 from tests.nbd_client import Client
 
@@ -52,7 +52,7 @@ def test_kill_minus_nine_at_random_points_loses_nothing_flushed(tmp_path: Path) 
             while True:
                 handle += 1
                 if rng.random() < 0.1:
-                    client.request(p.CMD_FLUSH, handle, 0, 0)
+                    client.request(nbd.CMD_FLUSH, handle, 0, 0)
                     _, error, _ = client.simple()
                     assert error == 0
                     durable.update(acked)
@@ -62,7 +62,7 @@ def test_kill_minus_nine_at_random_points_loses_nothing_flushed(tmp_path: Path) 
                 block = rng.randrange(BLOCKS)
                 serial += 1
                 sent_since_flush.setdefault(block, set()).add(serial)
-                client.request(p.CMD_WRITE, handle, block * BLOCK, BLOCK, payload=pattern(block, serial))
+                client.request(nbd.CMD_WRITE, handle, block * BLOCK, BLOCK, payload=pattern(block, serial))
                 _, error, _ = client.simple()
                 assert error == 0
                 acked[block] = serial
