@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from overlaybd import trace
 from overlaybd.export.control import socket_path
 from overlaybd.export.nbd import protocol
-from overlaybd.remote import trace
 from overlaybd.volume import Volume
 from tests.nbd_client import Client, connect, unix_path
 
