@@ -1,6 +1,6 @@
 """Every error pyoverlaybd raises derives from :class:`OverlaybdError`.
 
-The tree::
+The tree (the module that defines each one, where it is not this one)::
 
     OverlaybdError
     ├── FormatError                 bytes on disk are not what the format says
@@ -10,13 +10,25 @@ The tree::
     │   ├── ChecksumError           a CRC32C (block, index or header digest) does not match
     │   ├── UnsupportedError        a valid but unsupported feature (dictionary, MINI_LZO, ...)
     │   ├── LimitError              a declared count is absurd; refused before allocating
-    │   └── DigestMismatchError     bytes whose sha256 (or size) is not what their descriptor says
+    │   ├── DigestMismatchError     bytes whose sha256 (or size) is not what their descriptor says
+    │   ├── InvalidDigestError      a digest that is not ``algorithm:hex`` (remote.errors)
+    │   └── ApplyError              a layer tar that cannot be applied to its ext4 (convert.applier)
     ├── SourceError                 misuse of a BlockSource
     │   ├── OutOfBoundsError        a request outside [0, size)
     │   └── ReadOnlyError           a write to a source that has no write capability
     ├── LayerIOError                the operating system refused a read or write (wraps OSError)
     ├── LockedError                 another writer holds the layer
-    └── UsageError                  arguments that cannot work together
+    ├── UsageError                  arguments that cannot work together
+    ├── CacheError                  the cache folder is unsafe or unusable (cache.folder)
+    ├── StoreError                  the shared layer store refused a blob (layerstore)
+    ├── VolumeError                 a volume directory that cannot be opened or changed as asked (volume)
+    ├── RemoteError                 a registry or OCI layout failed (remote.errors)
+    │   ├── AuthError               credentials refused, or a token that could not be had
+    │   ├── NotFoundError           no such repository, tag, manifest or blob
+    │   └── TransportError          the connection failed after its retries
+    ├── ProtocolError               an NBD peer broke the protocol (export.nbd.protocol)
+    ├── BusyError                   a volume's requests did not drain in time for a snapshot (export.nbd.gate)
+    └── Ext2fsError                 libext2fs returned an error (convert.ext2fs)
 
 Messages name the file (``path``) and, where it matters, the byte ``offset``.
 """

@@ -126,6 +126,11 @@ def read_limited(path: str, limit: int, what: str) -> bytes:
 
 
 class OciLayout:
+    """An OCI image-layout directory used as a repository: ``oci-layout``, ``index.json`` (the tags, as
+    ``org.opencontainers.image.ref.name`` annotations) and ``blobs/sha256/HEX``. It has the registry's methods
+    (blob reads, whole fetches verified against the digest, manifest resolve/put), so push and pull work on it
+    unchanged; ``create`` makes the directory and its files when absent."""
+
     def __init__(self, path: str, *, create: bool = False) -> None:
         self.path = os.path.abspath(path)
         self.name = f"oci:{self.path}"

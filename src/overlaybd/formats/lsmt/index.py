@@ -19,6 +19,10 @@ _BIG = np.int64(1 << 62)
 
 @dataclass(frozen=True, slots=True)
 class Segments:
+    """A sorted, non-overlapping set of mappings held as five parallel numpy columns (one row a record), in sectors:
+    logical ``[offset, offset+length)`` reads ``moffset`` onwards in the file of source ``tag``, or zeros when
+    ``zeroed``. Immutable; every operation (replay, overlay, merge, compaction plan) returns a new one."""
+
     offset: np.ndarray  # int64, sectors
     length: np.ndarray  # int64, sectors
     moffset: np.ndarray  # int64, sectors (for zeroed records: where the data cursor stood)

@@ -83,6 +83,11 @@ def create_writable(data_path: str, index_path: str, virtual_size: int, *, uuid:
 
 
 class WritableBase(LsmtView):
+    """What the two writable layer kinds share: a data file with an LSMT header, held under ``flock`` (one writer
+    at a time; opened ``readonly`` it takes no lock), an in-memory mutable index of what is mapped, and reads
+    through it. :class:`WritableLayer` appends data and logs 16-byte index records to a separate ``.index``
+    file; :class:`SparseLayer` (``FLAG_SPARSE``) writes in place, and its allocated ranges are its index."""
+
     capabilities = Capability.WRITE | Capability.FLUSH
     source_tag = 0
 
