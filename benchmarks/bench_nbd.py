@@ -73,7 +73,7 @@ SEQ_SETTINGS = [  # (label, connections, requests in flight per connection)
 def digest(uri_or_file: str) -> str:
     """SHA-256 of a whole disk: a raw file, or an export read with ``nbdcopy --no-extents URI -``. (Not
     ``qemu-img compare``: it asks for block status at every extent, which is quadratic on our server; see
-    RESULTS_BLOCKDEV.md.)"""
+    BENCHMARKS.md, Appendix A.)"""
     h = hashlib.sha256()
     if not uri_or_file.startswith("nbd"):
         with open(uri_or_file, "rb") as f:
