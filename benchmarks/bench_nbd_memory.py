@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import signal
 import socket
 import struct
 import subprocess
@@ -37,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common import emit_json, log, median, table, workdir
-from nbd_common import OVERLAYBD, MiB, base_parser, build_mixed_volume, need, run, versions
+from nbd_common import OVERLAYBD, MiB, base_parser, build_mixed_volume, need, run, stop_process, versions, wait_socket
 
 from overlaybd.export.nbd import protocol
 
@@ -62,33 +61,15 @@ class Process:
         raise RuntimeError(f"{self.name}: no VmRSS")
 
 
-def _wait_listening(path: str, proc: subprocess.Popen[Any], what: str) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
-            s.connect(path)
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"{what} did not listen on {path}")
-
-
 @contextlib.contextmanager
 def started(name: str, cmd: Sequence[str], sock: str) -> Iterator[Process]:
     proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        _wait_listening(sock, proc, name)
+        wait_socket(sock, proc, name)
         yield Process(name, proc, sock)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 # -- a raw NBD client ----------------------------------------------------------------------------------------

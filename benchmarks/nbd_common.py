@@ -208,7 +208,7 @@ def build_qcow2_chain(folder: str, parts: list[np.ndarray], size: int) -> str:
 # -- servers -------------------------------------------------------------------------------------------------
 
 
-def _wait_socket(path: str, proc: subprocess.Popen[Any], what: str, timeout: float = 60) -> None:
+def wait_socket(path: str, proc: subprocess.Popen[Any], what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
@@ -225,7 +225,7 @@ def _wait_socket(path: str, proc: subprocess.Popen[Any], what: str, timeout: flo
         time.sleep(0.02)
 
 
-def _stop(proc: subprocess.Popen[Any]) -> None:
+def stop_process(proc: subprocess.Popen[Any]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -248,12 +248,12 @@ def overlaybd_server(vol: str, sock: str, *, readonly: bool, extra: Sequence[str
         assert proc.stdout is not None
         uri = proc.stdout.readline().strip()
         if not uri.startswith("nbd"):
-            _stop(proc)
+            stop_process(proc)
             err = proc.stderr.read() if proc.stderr else ""
             raise RuntimeError(f"overlaybd serve did not start: {err.strip()[-2000:]}")
         yield uri
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @contextlib.contextmanager
@@ -264,10 +264,10 @@ def qemu_nbd(image: str, fmt: str, sock: str, *, readonly: bool, name: str = "")
     cmd = ["qemu-nbd", *(["-r"] if readonly else []), "-t", "-e", "8", "-f", fmt, "-x", name, "-k", sock, image]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
-        _wait_socket(sock, proc, "qemu-nbd")
+        wait_socket(sock, proc, "qemu-nbd")
         yield f"nbd+unix:///{name}?socket={sock}"
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 # -- clients -------------------------------------------------------------------------------------------------
