@@ -26,6 +26,12 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
+# FUSE for users other than root (rootless mounts through fuse2fs): Debian's udev rule makes /dev/fuse 0666;
+# machines without udev leave it 0600.
+if [ "$(id -u)" -eq 0 ] && [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ]; then
+  chmod 0666 /dev/fuse && echo "setup: /dev/fuse made 0666, as Debian's udev rule makes it"
+fi
+
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

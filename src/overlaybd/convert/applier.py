@@ -201,15 +201,7 @@ class Applier:
                    stats: ApplyStats) -> None:
         rooted, parts = clean(entry.name)
         if not parts:
-            if entry.kind == tarlayer.DIRECTORY and not rooted:  # "./": the root's own attributes
-                if entry.xattrs:
-                    self.fs.set_xattrs(ext2fs.EXT2_ROOT_INO, entry.xattrs)
-                self.fs.set_attributes(ext2fs.EXT2_ROOT_INO, Attributes(entry.uid, entry.gid, entry.mtime,
-                                                                        entry.perm))
-                unpacked.add(())
-                dir_times.append(((), entry.mtime))
-            else:
-                log.info("tar entry %r resolves to the root: ignored", entry.name)
+            self._apply_to_root(entry, rooted, unpacked, dir_times)
             return
         where = self.resolve_dir(parts[:-1], create=True, entry=entry)
         assert where is not None
@@ -225,19 +217,8 @@ class Applier:
                 stats.removed += self.remove_all(parent, target, (*parent_path, target), unpacked)
             return
         self._check_name(base, entry)
-        existing = self.children(parent).get(base)
         is_dir = entry.kind == tarlayer.DIRECTORY
-        if existing is not None:
-            ino, file_type = existing
-            if file_type != ext2fs.EXT2_FT_DIR:
-                self.fs.unlink(parent, base, ino)
-                del self.children(parent)[base]
-                existing = None
-            elif not is_dir:
-                self.remove_all(parent, base, path, unpacked)
-                if base in self.children(parent):
-                    raise self._error(entry, "replaces a directory holding entries of this same layer")
-                existing = None
+        existing = self._clear_for(entry, parent, base, path, unpacked, is_dir)
         attrs = Attributes(entry.uid, entry.gid, entry.mtime, entry.perm)
         ino, file_type, set_already = self._create(entry, attrs, parent, base, existing)
         if entry.xattrs:
@@ -250,6 +231,37 @@ class Applier:
             stats.files += 1
             stats.bytes += entry.size
         unpacked.add(path)
+
+    def _apply_to_root(self, entry: TarEntry, rooted: bool, unpacked: set[Path],
+                       dir_times: list[tuple[Path, int]]) -> None:
+        """An entry naming the root: ``./`` gives the root its attributes; anything else is ignored."""
+        if entry.kind != tarlayer.DIRECTORY or rooted:
+            log.info("tar entry %r resolves to the root: ignored", entry.name)
+            return
+        if entry.xattrs:
+            self.fs.set_xattrs(ext2fs.EXT2_ROOT_INO, entry.xattrs)
+        self.fs.set_attributes(ext2fs.EXT2_ROOT_INO, Attributes(entry.uid, entry.gid, entry.mtime, entry.perm))
+        unpacked.add(())
+        dir_times.append(((), entry.mtime))
+
+    def _clear_for(self, entry: TarEntry, parent: int, base: bytes, path: Path, unpacked: set[Path],
+                   is_dir: bool) -> tuple[int, int] | None:
+        """Make room for the entry: what is at its name goes, except a directory that a directory replaces (kept,
+        and returned as ``(inode, file type)``)."""
+        existing = self.children(parent).get(base)
+        if existing is None:
+            return None
+        ino, file_type = existing
+        if file_type != ext2fs.EXT2_FT_DIR:
+            self.fs.unlink(parent, base, ino)
+            del self.children(parent)[base]
+            return None
+        if is_dir:
+            return existing
+        self.remove_all(parent, base, path, unpacked)
+        if base in self.children(parent):
+            raise self._error(entry, "replaces a directory holding entries of this same layer")
+        return None
 
     def _create(self, entry: TarEntry, attrs: Attributes, parent: int, base: bytes,
                 existing: tuple[int, int] | None) -> tuple[int, int, bool]:

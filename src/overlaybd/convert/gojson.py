@@ -19,7 +19,7 @@ import binascii
 import codecs
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -179,69 +179,99 @@ def _decode_field(f: Field, value: Any, current: Any, where: str) -> Any:
         return None if f.pointer or f.many or f.kind in (STRINGS, STR_MAP, SET_MAP, BYTES) else current
     kind = f.kind
     if isinstance(kind, Struct):
-        if f.many:
-            if not isinstance(value, list):
-                raise _type_error(where, value, f"a list of {kind.name}")
-            structs: list[dict[str, Any]] = []
-            for n, item in enumerate(value):
-                if item is None:
-                    structs.append({})
-                elif isinstance(item, _Object):
-                    structs.append(_decode_struct(kind, item, {}, f"{where}[{n}]"))
-                else:
-                    raise _type_error(f"{where}[{n}]", item, kind.name)
-            return structs
-        if not isinstance(value, _Object):
-            raise _type_error(where, value, kind.name)
-        return _decode_struct(kind, value, current or {}, where)
-    if kind == STRING:
-        if not isinstance(value, str):
-            raise _type_error(where, value, "a string")
-        return _surrogates_fixed(value)
-    if kind == INT:
-        if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
-            raise _type_error(where, value, "an integer")
-        return value
-    if kind == BOOL:
-        if not isinstance(value, bool):
-            raise _type_error(where, value, "true or false")
-        return value
-    if kind == TIME:
-        if not isinstance(value, str):
-            raise _type_error(where, value, "a time")
-        return parse_time(value, where)
-    if kind == BYTES:
-        if not isinstance(value, str):
-            raise _type_error(where, value, "base64 data")
-        try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise FormatError(f"{where}: not base64 data") from None
-    if kind == STRINGS:
-        if not isinstance(value, list):
-            raise _type_error(where, value, "a list of strings")
-        items: list[str] = []
-        for n, item in enumerate(value):
-            if item is not None and not isinstance(item, str):
-                raise _type_error(f"{where}[{n}]", item, "a string")
-            items.append(_surrogates_fixed(item or ""))
-        return items
+        return _decode_structs(kind, value, where) if f.many else _decode_one_struct(kind, value, current, where)
     if kind in (STR_MAP, SET_MAP):
-        if not isinstance(value, _Object):
-            raise _type_error(where, value, "an object")
-        out = dict(current or {})
-        for key, item in value:
-            key = _surrogates_fixed(key)
-            if kind == STR_MAP:
-                if item is not None and not isinstance(item, str):
-                    raise _type_error(f"{where}[{key!r}]", item, "a string")
-                out[key] = _surrogates_fixed(item) if item is not None else out.get(key, "")
-            else:
-                if item is not None and not isinstance(item, _Object):
-                    raise _type_error(f"{where}[{key!r}]", item, "an object")
-                out[key] = {}
-        return out
-    raise AssertionError(kind)
+        return _decode_map(kind, value, current, where)
+    return _SCALARS[kind](value, where)
+
+
+def _decode_one_struct(kind: Struct, value: Any, current: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, _Object):
+        raise _type_error(where, value, kind.name)
+    return _decode_struct(kind, value, current or {}, where)
+
+
+def _decode_structs(kind: Struct, value: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise _type_error(where, value, f"a list of {kind.name}")
+    structs: list[dict[str, Any]] = []
+    for n, item in enumerate(value):
+        if item is None:
+            structs.append({})
+        elif isinstance(item, _Object):
+            structs.append(_decode_struct(kind, item, {}, f"{where}[{n}]"))
+        else:
+            raise _type_error(f"{where}[{n}]", item, kind.name)
+    return structs
+
+
+def _decode_map(kind: str, value: Any, current: Any, where: str) -> dict[str, Any]:
+    """A ``map[string]string`` (STR_MAP) or ``map[string]struct{}`` (SET_MAP), merged into what was there, as Go
+    merges into an existing map."""
+    if not isinstance(value, _Object):
+        raise _type_error(where, value, "an object")
+    out = dict(current or {})
+    for key, item in value:
+        key = _surrogates_fixed(key)
+        if kind == STR_MAP:
+            if item is not None and not isinstance(item, str):
+                raise _type_error(f"{where}[{key!r}]", item, "a string")
+            out[key] = _surrogates_fixed(item) if item is not None else out.get(key, "")
+        else:
+            if item is not None and not isinstance(item, _Object):
+                raise _type_error(f"{where}[{key!r}]", item, "an object")
+            out[key] = {}
+    return out
+
+
+def _decode_string(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise _type_error(where, value, "a string")
+    return _surrogates_fixed(value)
+
+
+def _decode_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
+        raise _type_error(where, value, "an integer")
+    return value
+
+
+def _decode_bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise _type_error(where, value, "true or false")
+    return value
+
+
+def _decode_time(value: Any, where: str) -> GoTime:
+    if not isinstance(value, str):
+        raise _type_error(where, value, "a time")
+    return parse_time(value, where)
+
+
+def _decode_bytes(value: Any, where: str) -> bytes:
+    if not isinstance(value, str):
+        raise _type_error(where, value, "base64 data")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise FormatError(f"{where}: not base64 data") from None
+
+
+def _decode_strings(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list):
+        raise _type_error(where, value, "a list of strings")
+    items: list[str] = []
+    for n, item in enumerate(value):
+        if item is not None and not isinstance(item, str):
+            raise _type_error(f"{where}[{n}]", item, "a string")
+        items.append(_surrogates_fixed(item or ""))
+    return items
+
+
+_SCALARS: dict[str, Callable[[Any, str], Any]] = {
+    STRING: _decode_string, INT: _decode_int, BOOL: _decode_bool, TIME: _decode_time, BYTES: _decode_bytes,
+    STRINGS: _decode_strings,
+}
 
 
 def _empty(value: Any) -> bool:

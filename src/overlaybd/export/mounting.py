@@ -160,43 +160,58 @@ def umount(directory: str) -> Mounted:
 
 def _undo(m: Mounted, timeout: float = 30.0) -> None:
     if m.mode == "kernel":
-        if os.path.ismount(m.directory):
-            _run(["umount", m.directory])
-        if m.lower and os.path.ismount(m.lower):
-            _run(["umount", m.lower])
-        if m.device:
-            try:
-                loop.attachment(m.device)
-            except UsageError:
-                pass  # detached already
-            else:
-                loop.detach(m.device)
+        _undo_kernel(m)
     else:
-        if os.path.ismount(m.directory):
-            _run(["fusermount", "-u", m.directory])
-        if m.fuse:
-            deadline = time.monotonic() + timeout
-            while os.path.ismount(m.fuse):  # fuse2fs lets go of the file as it exits
-                res = subprocess.run(["fusermount3", "-u", m.fuse], capture_output=True, text=True)
-                if res.returncode == 0:
-                    break
-                if time.monotonic() > deadline:
-                    raise LayerIOError(f"cannot unmount the FUSE export: {res.stderr.strip()}", path=m.fuse)
-                time.sleep(0.1)
-        if m.daemon_pid:
-            _wait_gone(m.daemon_pid, timeout)
-    record = os.path.join(m.home, RECORD)
+        _undo_rootless(m, timeout)
+    _forget(m)
+
+
+def _undo_kernel(m: Mounted) -> None:
+    """The ext4 (and the overlay's lower) unmounted, then the loop device detached unless it is gone already."""
+    if os.path.ismount(m.directory):
+        _run(["umount", m.directory])
+    if m.lower and os.path.ismount(m.lower):
+        _run(["umount", m.lower])
+    if m.device:
+        try:
+            loop.attachment(m.device)
+        except UsageError:
+            return  # detached already
+        loop.detach(m.device)
+
+
+def _undo_rootless(m: Mounted, timeout: float) -> None:
+    """fuse2fs unmounted, then our FUSE export (retried while fuse2fs lets go of the file as it exits), then its
+    daemon waited for."""
+    if os.path.ismount(m.directory):
+        _run(["fusermount", "-u", m.directory])
+    if m.fuse:
+        deadline = time.monotonic() + timeout
+        while os.path.ismount(m.fuse):
+            res = subprocess.run(["fusermount3", "-u", m.fuse], capture_output=True, text=True)
+            if res.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise LayerIOError(f"cannot unmount the FUSE export: {res.stderr.strip()}", path=m.fuse)
+            time.sleep(0.1)
+    if m.daemon_pid:
+        _wait_gone(m.daemon_pid, timeout)
+
+
+def _forget(m: Mounted) -> None:
+    """The mount's own files removed: its whole folder when the volume was pulled for it, else only what the
+    mount made (the record last, so an interrupted umount can be run again)."""
     if m.pulled:
         shutil.rmtree(m.home, ignore_errors=True)
-    else:
-        for name in (RECORD, "daemon.log"):
-            if os.path.exists(os.path.join(m.home, name)):
-                os.unlink(os.path.join(m.home, name))
-        for sub in ("lower", "work", "disk"):
-            if os.path.isdir(os.path.join(m.home, sub)):
-                shutil.rmtree(os.path.join(m.home, sub), ignore_errors=True)
-        if os.path.exists(record):
-            os.unlink(record)
+        return
+    if os.path.exists(os.path.join(m.home, "daemon.log")):
+        os.unlink(os.path.join(m.home, "daemon.log"))
+    for sub in ("lower", "work", "disk"):
+        if os.path.isdir(os.path.join(m.home, sub)):
+            shutil.rmtree(os.path.join(m.home, sub), ignore_errors=True)
+    record = os.path.join(m.home, RECORD)
+    if os.path.exists(record):
+        os.unlink(record)
 
 
 def _wait_gone(pid: int, timeout: float) -> None:

@@ -79,26 +79,11 @@ def first_member(src: BlockSource) -> TarMember:
     pax: dict[str, str] = {}
     long_name: str | None = None
     for _ in range(MAX_EXTENDED_HEADERS + 1):
-        if pos + BLOCK > src.size:
-            raise TruncatedError("tar ends inside a header", path=src.name, offset=pos)
-        hdr = src.pread(pos, BLOCK)
-        if not any(hdr):
-            raise FormatError("tar has no member", path=src.name, offset=pos)
-        if not (hdr[257:262] == b"ustar" and _checksum_ok(hdr)):
-            raise FormatError("bad tar header", path=src.name, offset=pos)
-        try:
-            size = _octal(hdr[SIZE_FIELD : SIZE_FIELD + 12])
-        except ValueError as exc:
-            raise FormatError("bad size field in tar header", path=src.name, offset=pos + SIZE_FIELD) from exc
+        hdr, size = _read_header(src, pos)
         kind = hdr[156:157]
         data_at = pos + BLOCK
         if kind in EXTENDED:
-            if size > MAX_EXTENDED_SIZE:
-                raise LimitError(f"extended header '{kind.decode()}' of {size} bytes (limit {MAX_EXTENDED_SIZE})",
-                                 path=src.name, offset=pos + SIZE_FIELD)
-            if data_at + size > src.size:
-                raise TruncatedError("tar ends inside an extended header", path=src.name, offset=data_at)
-            body = src.pread(data_at, size)
+            body = _extended_body(src, kind, pos, size)
             if kind == b"x":
                 pax.update(_pax_records(body, path=src.name, at=data_at))
             elif kind == b"L":
@@ -106,18 +91,48 @@ def first_member(src: BlockSource) -> TarMember:
             pos = data_at + -(-size // BLOCK) * BLOCK
             continue
         name = pax.get("path") or long_name or hdr[:100].rstrip(b"\x00").decode("utf-8", "replace")
-        if "size" in pax:
-            text = pax["size"]
-            if not (text.isascii() and text.isdigit()):
-                raise FormatError(f"bad PAX size record {text[:40]!r}", path=src.name, offset=pos)
-            if int(text) > 0:
-                size = int(text)
+        size = _pax_size(pax, size, src.name, pos)
         if data_at + size > src.size:
             raise TruncatedError(f"tar member {name!r} declares {size} bytes but the file ends at {src.size}",
                                  path=src.name, offset=data_at)
         return TarMember(name, data_at, size)
     raise LimitError(f"more than {MAX_EXTENDED_HEADERS} extended headers before the first member", path=src.name,
                      offset=pos)
+
+
+def _read_header(src: BlockSource, pos: int) -> tuple[bytes, int]:
+    """The ustar header block at ``pos``, checked, and the size its field declares."""
+    if pos + BLOCK > src.size:
+        raise TruncatedError("tar ends inside a header", path=src.name, offset=pos)
+    hdr = src.pread(pos, BLOCK)
+    if not any(hdr):
+        raise FormatError("tar has no member", path=src.name, offset=pos)
+    if not (hdr[257:262] == b"ustar" and _checksum_ok(hdr)):
+        raise FormatError("bad tar header", path=src.name, offset=pos)
+    try:
+        return hdr, _octal(hdr[SIZE_FIELD : SIZE_FIELD + 12])
+    except ValueError as exc:
+        raise FormatError("bad size field in tar header", path=src.name, offset=pos + SIZE_FIELD) from exc
+
+
+def _extended_body(src: BlockSource, kind: bytes, pos: int, size: int) -> bytes:
+    """An extended header's records, refused before reading when it claims more than ``MAX_EXTENDED_SIZE``."""
+    if size > MAX_EXTENDED_SIZE:
+        raise LimitError(f"extended header '{kind.decode()}' of {size} bytes (limit {MAX_EXTENDED_SIZE})",
+                         path=src.name, offset=pos + SIZE_FIELD)
+    if pos + BLOCK + size > src.size:
+        raise TruncatedError("tar ends inside an extended header", path=src.name, offset=pos + BLOCK)
+    return src.pread(pos + BLOCK, size)
+
+
+def _pax_size(pax: dict[str, str], size: int, path: str, pos: int) -> int:
+    """The member's size: a PAX ``size`` record (when not zero) wins over the header's field."""
+    text = pax.get("size")
+    if text is None:
+        return size
+    if not (text.isascii() and text.isdigit()):
+        raise FormatError(f"bad PAX size record {text[:40]!r}", path=path, offset=pos)
+    return int(text) or size
 
 
 def _header(name: bytes, mode: bytes, size_field: bytes, typeflag: bytes, owner: bytes = b"") -> bytes:

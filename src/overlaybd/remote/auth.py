@@ -76,6 +76,8 @@ def _helper(name: str, host: str) -> Credentials | None:
 
 
 def find_credentials(host: str) -> Credentials | None:
+    """Credentials for ``host``: the environment, then Docker's config (credential helpers, ``auths``, the
+    credentials store), in the order the docker CLI tries them."""
     user = os.environ.get("OVERLAYBD_REGISTRY_USERNAME")
     if user is not None:
         return Credentials(user, os.environ.get("OVERLAYBD_REGISTRY_PASSWORD", ""))
@@ -93,19 +95,27 @@ def find_credentials(host: str) -> Credentials | None:
                 return creds
     auths = cfg.get("auths") or {}
     for key in keys:
-        entry = auths.get(key)
-        if not entry:
-            continue
-        if entry.get("identitytoken"):
-            return Credentials(identity_token=entry["identitytoken"])
-        if entry.get("auth"):
-            try:
-                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                continue
-            return Credentials(user, password)
-        if entry.get("username"):
-            return Credentials(entry["username"], entry.get("password", ""))
+        creds = _from_auths_entry(auths.get(key))
+        if creds:
+            return creds
     if cfg.get("credsStore"):
         return _helper(cfg["credsStore"], host)
+    return None
+
+
+def _from_auths_entry(entry: dict[str, str] | None) -> Credentials | None:
+    """One ``auths`` entry of Docker's config: an identity token, ``auth`` (base64 of user:password), or the two
+    fields; None when it holds none of them (or an undecodable ``auth``)."""
+    if not entry:
+        return None
+    if entry.get("identitytoken"):
+        return Credentials(identity_token=entry["identitytoken"])
+    if entry.get("auth"):
+        try:
+            user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return Credentials(user, password)
+    if entry.get("username"):
+        return Credentials(entry["username"], entry.get("password", ""))
     return None
