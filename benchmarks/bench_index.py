@@ -55,7 +55,7 @@ def layer_extents(rng: np.random.Generator, nrec: int) -> tuple[np.ndarray, np.n
 def build(folder: str, nlayers: int, total: int, seed: int) -> tuple[list[str], list[tuple[np.ndarray, ...]]]:
     per = [total // nlayers + (1 if k < total % nlayers else 0) for k in range(nlayers)]
     paths = []
-    truth = []
+    truth: list[tuple[np.ndarray, ...]] = []
     for k, nrec in enumerate(per):
         rng = np.random.default_rng([seed, k])
         off, ln, z = layer_extents(rng, nrec)
@@ -130,7 +130,8 @@ def check(stack: Any, truth: list[tuple[np.ndarray, ...]], samples: int, seed: i
         off, ln, _z = truth[k]
         i = int(rng.integers(0, off.size))
         sector = int(off[i] + rng.integers(0, ln[i]))
-        top, kind = None, ExtentKind.HOLE
+        top: int | None = None
+        kind = ExtentKind.HOLE
         for j in range(len(truth) - 1, -1, -1):
             o, n, z = truth[j]
             r = int(np.searchsorted(o, sector, side="right")) - 1
@@ -141,7 +142,8 @@ def check(stack: Any, truth: list[tuple[np.ndarray, ...]], samples: int, seed: i
         if len(ext) != 1 or ext[0].layer != top or ext[0].kind is not kind:
             bad += 1
             continue
-        if kind is ExtentKind.DATA and stack.pread(sector * SECTOR, SECTOR) != bytes([top + 1]) * SECTOR:
+        expected = bytes([top + 1]) * SECTOR if top is not None else b""
+        if kind is ExtentKind.DATA and stack.pread(sector * SECTOR, SECTOR) != expected:
             bad += 1
     return bad
 

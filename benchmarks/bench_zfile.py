@@ -66,16 +66,16 @@ def make_data(size: int, seed: int, piece: int = 1024) -> bytes:
 
 def raw_compressor(algo: str) -> Callable[[memoryview], bytes]:
     if algo == "lz4":
-        return lambda b: lz4.block.compress(b, store_size=False)  # type: ignore[no-any-return]
+        return lambda b: lz4.block.compress(b, store_size=False)
     zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL)  # one per thread: a ZstdCompressor is not thread-safe
-    return zc.compress  # type: ignore[no-any-return]
+    return zc.compress
 
 
 def raw_decompressor(algo: str, bs: int) -> Callable[[bytes], bytes]:
     if algo == "lz4":
-        return lambda c: lz4.block.decompress(c, uncompressed_size=bs)  # type: ignore[no-any-return]
+        return lambda c: lz4.block.decompress(c, uncompressed_size=bs)
     zd = zstandard.ZstdDecompressor()
-    return lambda c: zd.decompress(c, max_output_size=bs)  # type: ignore[no-any-return]
+    return lambda c: zd.decompress(c, max_output_size=bs)
 
 
 def raw_compress_part(algo: str, blocks: list[memoryview]) -> int:
@@ -214,7 +214,7 @@ def profile(data: bytes, work: str, algo: str, bs: int, crc: bool, top: int = 15
     for what, fn in (("compress", partial(ours_compress, src, path, algo, bs, 1, crc)), ("decompress", None)):
         with FileSource(path) as f:
             z = ZFileSource(f)
-            run = fn or partial(ours_decompress, z, 1)
+            run: Callable[[], object] = fn or partial(ours_decompress, z, 1)
             warm([path])
             prof = cProfile.Profile()
             prof.enable()

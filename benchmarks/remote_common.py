@@ -68,7 +68,8 @@ def build_volume(folder: str, size: int, seed: int) -> Volume:
 
 def random_reads(size: int, count: int, seed: int, length: int = READ) -> list[int]:
     rng = np.random.default_rng(seed)
-    return (rng.integers(0, (size - length) // 4096 + 1, count) * 4096).tolist()
+    offsets: list[int] = (rng.integers(0, (size - length) // 4096 + 1, count) * 4096).tolist()
+    return offsets
 
 
 # -- counting and cache control ----------------------------------------------------------------------------
@@ -90,7 +91,7 @@ class Wire:
                 wire.requests += 1
                 wire.bytes += len(buf)
 
-        RegistryRepository.read_range = read_range  # type: ignore[method-assign]
+        RegistryRepository.read_range = read_range  # type: ignore[method-assign,assignment]
 
     def mark(self) -> tuple[int, int]:
         with self._lock:
@@ -124,10 +125,11 @@ def cache_allocated() -> int:
 _DEFAULT = CachePolicy()
 SHIPPED: dict[str, Any] = {"chunk": _DEFAULT.chunk, "readahead": _DEFAULT.readahead_chunks,
                            "max_run": _DEFAULT.max_run_chunks, "concurrency": _DEFAULT.concurrency, "always": False}
-NO_READAHEAD = {**SHIPPED, "readahead": 0}
-BARE = {**SHIPPED, "readahead": 0, "max_run": 1, "concurrency": 1}
+NO_READAHEAD: dict[str, Any] = {**SHIPPED, "readahead": 0}
+BARE: dict[str, Any] = {**SHIPPED, "readahead": 0, "max_run": 1, "concurrency": 1}
 # The cache before 972f4c1 (emulated): 256 KiB chunks, 4 chunks of read-ahead on every read, runs of 16 chunks.
-PREVIOUS = {"chunk": 256 * 1024, "readahead": 4, "max_run": 16, "concurrency": _DEFAULT.concurrency, "always": True}
+PREVIOUS: dict[str, Any] = {"chunk": 256 * 1024, "readahead": 4, "max_run": 16, "concurrency": _DEFAULT.concurrency,
+                            "always": True}
 
 
 @contextmanager

@@ -66,7 +66,7 @@ class Client:
         got, flags = struct.unpack(">QH", export[2:])
         assert size is None or got == size
         self.size = got
-        return flags
+        return int(flags)
 
     def request(self, cmd: int, handle: int, offset: int, length: int, flags: int = 0, payload: bytes = b"") -> None:
         self.s.sendall(protocol.REQUEST.pack(protocol.REQUEST_MAGIC, flags, cmd, handle, offset, length) + payload)

@@ -229,7 +229,7 @@ def kernel_tree(root: Path) -> dict[Path_, tuple[object, ...]]:
 
 def expected_kernel(model: Model) -> dict[Path_, tuple[object, ...]]:
     """What ``kernel_tree`` should see (inode numbers stand for hard-link groups)."""
-    out = {}
+    out: dict[Path_, tuple[object, ...]] = {}
     for path, n in model.tree.items():
         if n.kind == "file":
             what: object = hashlib.sha256(n.data).hexdigest()

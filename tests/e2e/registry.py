@@ -75,8 +75,8 @@ def registry(tmp: Path, auth: str = "none", redirect_to: str | None = None, tls:
                      f" issuer: test-issuer, rootcertbundle: {token_server.cert_path}}}}}")
     (tmp / "config.yml").write_text("\n".join(lines) + "\n")
     log = tmp / "registry.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([exe, "serve", str(tmp / "config.yml")], stdout=out, stderr=out,
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen([exe, "serve", str(tmp / "config.yml")], stdout=log_file, stderr=log_file,
                                 stdin=subprocess.DEVNULL)
     try:
         _wait(f"http{'s' if tls else ''}://127.0.0.1:{port}/v2/", proc, log)
@@ -215,9 +215,9 @@ class FaultProxy:
                 data = resp.read()
                 conn.close()
                 if mode == "corrupt" and data:
-                    data = bytearray(data)
-                    data[len(data) // 2] ^= 0x40
-                    data = bytes(data)
+                    damaged = bytearray(data)
+                    damaged[len(damaged) // 2] ^= 0x40
+                    data = bytes(damaged)
                 declared = len(data)
                 if mode == "truncate":
                     data = data[: len(data) // 2]

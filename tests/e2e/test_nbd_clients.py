@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,8 @@ def b_layers(reference_dir: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
-def test_qemu_img_reads_the_stack(tmp_path: Path, b_layers: list[str], manifest: dict, transport: str) -> None:
+def test_qemu_img_reads_the_stack(tmp_path: Path, b_layers: list[str], manifest: dict[str, Any],
+                                  transport: str) -> None:
     require("qemu-img")
     want = manifest["ground_truth"]["b123"]
     listen = None if transport == "unix" else "tcp:127.0.0.1:0"
@@ -93,7 +95,7 @@ def subprocess_run_fail(*cmd: str) -> str:
     return res.stdout + res.stderr
 
 
-def test_nbdinfo_and_nbdcopy(tmp_path: Path, b_layers: list[str], manifest: dict) -> None:
+def test_nbdinfo_and_nbdcopy(tmp_path: Path, b_layers: list[str], manifest: dict[str, Any]) -> None:
     require("nbdinfo")
     require("nbdcopy")
     with served(b_layers, tmp_path, "tcp:127.0.0.1:0") as uri:

@@ -54,7 +54,7 @@ def hostile_reader(server: Server, count: int, length: int = BIG) -> Client:
 
 def queued(s: socket.socket) -> int:
     """Bytes waiting in a socket's receive queue."""
-    return struct.unpack("i", fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    return int(struct.unpack("i", fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
 
 
 def qemu_io_reads(uri: str) -> None:

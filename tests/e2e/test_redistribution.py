@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,8 +33,8 @@ def cli(*args: object, ok: bool = True) -> subprocess.CompletedProcess[str]:
     return res
 
 
-def pull_json(*args: object) -> dict[str, object]:
-    out: dict[str, object] = json.loads(cli("pull", *args, "--output", "json").stdout)
+def pull_json(*args: object) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(cli("pull", *args, "--output", "json").stdout)
     return out
 
 
@@ -93,7 +94,7 @@ def test_fast_forward_fetches_only_the_new_snapshots(origin: Origin, tmp_path: P
     node = tmp_path / "node"
     before = origin.served()
     first = pull_json(f"{origin.ref}:v1", node)
-    assert [layer["action"] for layer in first["layers"]] == ["fetched"]  # type: ignore[index]
+    assert [layer["action"] for layer in first["layers"]] == ["fetched"]
     v1_bytes = origin.served() - before
     assert origin.layer_sizes[0] <= v1_bytes < origin.layer_sizes[0] + 64 * 1024
     identity = json.loads((node / "config.json").read_text())["lowers"][0]
@@ -101,7 +102,7 @@ def test_fast_forward_fetches_only_the_new_snapshots(origin: Origin, tmp_path: P
     before = origin.served()
     update = pull_json(f"{origin.ref}:v2", node)  # the machine holds v1: only v2's snapshot comes
     got = origin.served() - before
-    assert [layer["action"] for layer in update["layers"]] == ["fetched"]  # type: ignore[index]
+    assert [layer["action"] for layer in update["layers"]] == ["fetched"]
     assert origin.layer_sizes[1] <= got <= 1.05 * origin.layer_sizes[1] + 16 * 1024, (got, origin.layer_sizes)
     assert device(node) == origin.contents[1]
     assert json.loads((node / "config.json").read_text())["lowers"][0] == {
@@ -119,7 +120,7 @@ def test_a_second_volume_takes_its_layers_from_the_store(origin: Origin, tmp_pat
     pull_json(f"{origin.ref}:v2", tmp_path / "a")
     before = origin.served()
     second = pull_json(f"{origin.ref}:v3", tmp_path / "b")  # v1 and v2 are on this machine already
-    assert [layer["action"] for layer in second["layers"]] == ["linked", "linked", "fetched"]  # type: ignore[index]
+    assert [layer["action"] for layer in second["layers"]] == ["linked", "linked", "fetched"]
     got = origin.served() - before
     assert origin.layer_sizes[2] <= got <= 1.05 * origin.layer_sizes[2] + 16 * 1024
     assert device(tmp_path / "b") == origin.contents[2]
@@ -129,7 +130,7 @@ def test_a_second_volume_takes_its_layers_from_the_store(origin: Origin, tmp_pat
     assert (a0.st_dev, a0.st_ino) == (b0.st_dev, b0.st_ino)
     # a lazy pull of the same image reads nothing remote for the layers the store holds
     lazy = pull_json(f"{origin.ref}:v3", tmp_path / "c", "--lazy")
-    assert [layer["action"] for layer in lazy["layers"]] == ["linked", "linked", "linked"]  # type: ignore[index]
+    assert [layer["action"] for layer in lazy["layers"]] == ["linked", "linked", "linked"]
     # a copied volume is standalone: it keeps its bytes when the store and the original are gone
     shutil.copytree(tmp_path / "b", tmp_path / "b-copy", symlinks=True)
     shutil.rmtree(tmp_path / "b")
@@ -140,7 +141,7 @@ def test_local_volumes_that_pushed_share_with_later_pulls(origin: Origin, tmp_pa
     """The machine that pushed v1..v3 holds their blobs: pulling v3 there fetches no layer."""
     before = origin.served()
     pulled = pull_json(f"{origin.ref}:v3", tmp_path / "here", "--store", origin.store)
-    assert [layer["action"] for layer in pulled["layers"]] == ["linked"] * 3  # type: ignore[index]
+    assert [layer["action"] for layer in pulled["layers"]] == ["linked"] * 3
     assert origin.served() - before < 64 * 1024  # manifest and config only
     assert device(tmp_path / "here") == origin.contents[2]
 
@@ -152,7 +153,7 @@ def test_diverged_history_and_unsnapshotted_writes_are_refused(origin: Origin, t
     res = cli("pull", f"{origin.ref}:v2", node, ok=False)
     assert res.returncode == 2 and "not in a snapshot" in res.stderr
     kept = pull_json(f"{origin.ref}:v2", node, "--upper", "keep")
-    assert len(kept["layers"]) == 1  # type: ignore[arg-type]
+    assert len(kept["layers"]) == 1
     now = device(node)
     assert now[40 * MiB : 40 * MiB + 4096] == b"\x5a" * 4096  # the writes stay on top
     assert now[: 40 * MiB] == origin.contents[1][: 40 * MiB]
@@ -172,8 +173,8 @@ def test_fast_forward_from_an_oci_layout_and_push_of_one_snapshot(origin: Origin
     cli("push", f"{origin.vol}@0", f"oci:{layout}:v1")
     cli("push", f"{origin.vol}@1", f"oci:{layout}:v2")
     node = tmp_path / "node"
-    assert len(pull_json(f"oci:{layout}:v1", node)["layers"]) == 1  # type: ignore[arg-type]
-    assert len(pull_json(f"oci:{layout}:v2", node, "--lazy")["layers"]) == 1  # type: ignore[arg-type]
+    assert len(pull_json(f"oci:{layout}:v1", node)["layers"]) == 1
+    assert len(pull_json(f"oci:{layout}:v2", node, "--lazy")["layers"]) == 1
     assert device(node) == origin.contents[1]
     log = json.loads(cli("log", origin.vol, "--output", "json").stdout)
     assert f"oci:{layout}:v1" in log[-1]["repositories"] and f"oci:{layout}:v2" in log[-2]["repositories"]

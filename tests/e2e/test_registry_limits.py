@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,7 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def server() -> ScriptedServer:
+def server() -> Iterator[ScriptedServer]:
     s = ScriptedServer()
     yield s
     s.close()
@@ -304,7 +305,8 @@ def test_one_client_one_token_for_every_layer_and_open(tmp_path: Path, monkeypat
         assert len(tokens) == 1, f"{len(tokens)} token requests: {tokens}"
         url = lazy.config["repoBlobUrl"]
         assert repository_for(url) is repository_for(url)
-        assert repository_for(url).client is RegistryClient.shared(host)
+        repository = repository_for(url)
+        assert isinstance(repository, RegistryRepository) and repository.client is RegistryClient.shared(host)
 
 
 def test_connections_outlive_layers_and_opens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -380,7 +380,7 @@ def _one_step(seed: Seed, rng: random.Random, structure: dict[str, Wrapped | Non
     if w is not None and w.is_lsmt and len(w.stream) < 100 << 20:
         t = lsmt_rec(w.stream, len(w.stream) - LSMT_HEADER)
         assert t is not None
-        near = (len(w.stream), t.index_offset, t.index_size, t.virtual_size)
+        near: tuple[int, ...] = (len(w.stream), t.index_offset, t.index_size, t.virtual_size)
         records = max(t.index_size, 1)
         choices += [
             (3, lambda: _lsmt_field_args(rng, w.stream, near), "lsmt_field"),
@@ -402,9 +402,10 @@ def _one_step(seed: Seed, rng: random.Random, structure: dict[str, Wrapped | Non
                          "xor": rng.choice((0x01, 0x80, 0xFF)), "crc": rng.choice(("fix", "keep"))}, "block"),
         ]
     if w is not None and w.env is not None:
+        env = w.env
         choices += [
-            (2, lambda: _tar_field_args(rng, w.env), "tar_field"),
-            (2, lambda: {"record": _pax_text(rng, w.env)}, "pax"),
+            (2, lambda: _tar_field_args(rng, env), "tar_field"),
+            (2, lambda: {"record": _pax_text(rng, env)}, "pax"),
             (1, lambda: {"kind": rng.choice("xgLK"), "size": rng.choice((5, 20, 512, 1 << 20, (1 << 20) + 1,
                                                                        size, 3 << 29, 1 << 62)),
                          "body": rng.choice((0, 20, 512, 1024))}, "tar_prefix"),

@@ -76,7 +76,7 @@ def main() -> None:
     if "replay" in job:
         for seed_name, steps in job["replay"]:
             if seed_name in session.seeds:
-                session.run(count, session.seeds[seed_name], [tuple(s) for s in steps])  # type: ignore[misc]
+                session.run(count, session.seeds[seed_name], [tuple(s) for s in steps])
                 count += 1
     else:
         rng = random.Random(job["seed"])

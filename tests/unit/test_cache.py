@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from overlaybd.cache import cached, store
 from overlaybd.cache.cached import CachedSource
 from overlaybd.cache.folder import origin_key
 from overlaybd.cache.planning import chunk_span, plan_fetches
@@ -394,8 +395,6 @@ def test_dropping_bytes_moves_the_generation_to_odd_then_even(tmp_path: Path) ->
 
 
 def test_reads_while_bytes_are_being_dropped_go_the_locked_way(tmp_path: Path) -> None:
-    from overlaybd.cache import store
-
     data = os.urandom(4 * CHUNK)
     cache = make_cache(tmp_path)
     up = Counting(data)
@@ -403,13 +402,13 @@ def test_reads_while_bytes_are_being_dropped_go_the_locked_way(tmp_path: Path) -
     src.pread(0, 3 * CHUNK)
     fetched = len(up.reads)
     with cache.dropping():  # odd: a lock-free read must not keep what it copied
-        if store._hits is not None and cache.generation is not None:
+        if cached._hits is not None and cache.generation is not None:
             map_fd = os.open(entry_paths(cache, sha(data))[1], os.O_RDONLY)
             data_fd = os.open(entry_paths(cache, sha(data))[0], os.O_RDONLY)
             try:
                 out = bytearray(CHUNK)
-                assert store._hits.read_present(cache.generation, map_fd, data_fd, 1, 1, out, CHUNK) == \
-                    store._hits.MOVED
+                assert cached._hits.read_present(cache.generation, map_fd, data_fd, 1, 1, out, CHUNK) == \
+                    cached._hits.MOVED
             finally:
                 os.close(map_fd)
                 os.close(data_fd)
@@ -475,7 +474,5 @@ print("ok", evictions)
 
 
 def test_the_lock_free_path_is_there_where_ci_builds_it() -> None:
-    from overlaybd.cache import store
-
-    require_extension(store._hits, "overlaybd.cache._hits")
+    require_extension(cached._hits, "overlaybd.cache._hits")
     assert store.describe_reads().startswith("lock-free")

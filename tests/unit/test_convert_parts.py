@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from overlaybd.convert import baselayer, ext4, tarlayer
+from overlaybd.convert import baselayer, ext2fs, ext4, tarlayer
 from overlaybd.convert.applier import Applier, ApplyError, clean
 from overlaybd.convert.delta import changed_runs, merged_blocks
 from overlaybd.convert.ext4 import Attributes, Ext4Image
@@ -124,7 +124,7 @@ def test_superblock_template_is_make_extfs() -> None:
 
 
 def test_times_beyond_32_bits_use_the_epoch_bits() -> None:
-    inode = ext4.ext2_inode_large()
+    inode = ext2fs.ext2_inode_large()
     ext4.set_times(inode, 4_200_000_000)
     assert (inode.i_mtime, inode.i_mtime_extra) == (4_200_000_000 - (1 << 32) + (1 << 32), 1)
     ext4.set_times(inode, -1)

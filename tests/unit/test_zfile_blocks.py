@@ -216,6 +216,7 @@ def test_choosing_the_zstd_library() -> None:
         module.use_zstd("/nonexistent/libzstd.so")
     with pytest.raises(OSError, match="ZSTD_"):
         module.use_zstd(lz4.block._block.__file__)  # a shared object without zstd in it
+    assert blocks.NATIVE is not None
     compress_all(blocks.NATIVE, ALGO_ZSTD, mixed(4096), 4096, True)  # this thread now holds zstd state
     with pytest.raises(RuntimeError, match="contexts exist"):
         module.use_zstd("libzstd.so.1")

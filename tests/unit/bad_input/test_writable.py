@@ -104,7 +104,7 @@ def test_torn_write_recovery_does_not_resurrect_stale_records(tmp_path: Path) ->
         rw.flush()
     os.truncate(data, flushed_size)  # the crash: the data of writes 2 and 3 never reached the disk
     with overlaybd.open_layer(str(data), str(index), writable=True) as rw:
-        assert rw.torn_records == 2  # type: ignore[attr-defined]
+        assert rw.torn_records == 2  # type: ignore[union-attr]
         rw.pwrite(1 << 20, _pattern(4, 16384))
         rw.flush()
     want = bytearray(4 << 20)
