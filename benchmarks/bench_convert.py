@@ -91,7 +91,6 @@ def debugfs_script(tar: Path, files: Path) -> bytes:
     with tarfile.open(tar) as tf:
         for m in tf:
             name = "/" + m.name.strip("/")
-            q = f'"{name}"'
             parts = name.split("/")[1:-1]
             for k in range(1, len(parts) + 1):  # parents the tar does not list
                 parent = "/" + "/".join(parts[:k])
@@ -100,27 +99,37 @@ def debugfs_script(tar: Path, files: Path) -> bytes:
                     lines.append(f'mkdir "{parent}"')
             if m.isdir():
                 made.add(name)
-            if m.isdir():
-                lines.append(f"mkdir {q}")  # an error when a parent line made it already: debugfs goes on
-            elif m.isreg():
-                lines.append(f'write "{files / m.name}" {q}')
-            elif m.issym():
-                lines.append(f'symlink {q} "{m.linkname}"')
-            elif m.islnk():
-                lines.append(f'ln "/{m.linkname}" {q}')
-                lines.append(f'sif "/{m.linkname}" links_count 2')
-            elif m.ischr() or m.isblk():
-                lines.append(f"mknod {q} {'c' if m.ischr() else 'b'} {m.devmajor} {m.devminor}")
-            elif m.isfifo():
-                lines.append(f"mknod {q} p")
-            kind = {tarfile.DIRTYPE: 0o40000, tarfile.SYMTYPE: 0o120000}.get(m.type, 0o100000)
-            lines += [f"sif {q} uid {m.uid}", f"sif {q} gid {m.gid}", f"sif {q} mode 0{kind | m.mode:o}",
-                      f"sif {q} mtime {int(m.mtime)}", f"sif {q} atime {int(m.mtime)}",
-                      f"sif {q} ctime {int(m.mtime)}"]
-            for key, value in m.pax_headers.items():
-                if key.startswith("SCHILY.xattr."):
-                    lines.append(f'ea_set {q} {key[13:]} "{value}"')
+            lines += _debugfs_make(m, f'"{name}"', files)
+            lines += _debugfs_attributes(m, f'"{name}"')
     return ("\n".join(lines) + "\n").encode()
+
+
+def _debugfs_make(m: tarfile.TarInfo, q: str, files: Path) -> list[str]:
+    """The commands that make one entry (a directory's ``mkdir`` fails when a parent line made it already:
+    debugfs goes on)."""
+    if m.isdir():
+        return [f"mkdir {q}"]
+    if m.isreg():
+        return [f'write "{files / m.name}" {q}']
+    if m.issym():
+        return [f'symlink {q} "{m.linkname}"']
+    if m.islnk():
+        return [f'ln "/{m.linkname}" {q}', f'sif "/{m.linkname}" links_count 2']
+    if m.ischr() or m.isblk():
+        return [f"mknod {q} {'c' if m.ischr() else 'b'} {m.devmajor} {m.devminor}"]
+    if m.isfifo():
+        return [f"mknod {q} p"]
+    return []
+
+
+def _debugfs_attributes(m: tarfile.TarInfo, q: str) -> list[str]:
+    kind = {tarfile.DIRTYPE: 0o40000, tarfile.SYMTYPE: 0o120000}.get(m.type, 0o100000)
+    lines = [f"sif {q} uid {m.uid}", f"sif {q} gid {m.gid}", f"sif {q} mode 0{kind | m.mode:o}",
+             f"sif {q} mtime {int(m.mtime)}", f"sif {q} atime {int(m.mtime)}", f"sif {q} ctime {int(m.mtime)}"]
+    for key, value in m.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            lines.append(f'ea_set {q} {key[13:]} "{value}"')
+    return lines
 
 
 def engine_debugfs(tar: Path, wd: Path) -> Path:
@@ -269,7 +278,6 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.repeats = 1
-    root = os.geteuid() == 0
     trees = QUICK_TREES if args.quick else TREES
     result: dict[str, Any] = {"benchmark": "convert", "machine": machine(), "versions": versions(),
                               "args": vars(args), "trees": trees}
@@ -281,43 +289,8 @@ def main() -> int:
         count = sum(1 for _ in tarfile.open(tar))
         result["tar"] = {"bytes": tar.stat().st_size, "entries": count}
         log(f"tar: {tar.stat().st_size:,} bytes, {count:,} entries")
-        engines: dict[str, Any] = {"ours (libext2fs, ctypes)": lambda w: engine_ours(tar, w)}
-        if not args.no_debugfs:
-            engines["debugfs script"] = lambda w: engine_debugfs(tar, w)
-        if root:
-            engines["mke2fs -d (root)"] = lambda w: engine_mke2fs_d(tar, w)
-            engines["GNU tar, kernel ext4 (root)"] = lambda w: engine_kernel(tar, w)
-            if args.fuse2fs:
-                engines["GNU tar, fuse2fs"] = lambda w: engine_kernel(tar, w, "fuse2fs")
+        result["engines"] = run_engines(args, tar, wd, tools)
         rows = []
-        result["engines"] = {}
-        for name, fn in engines.items():
-            secs = []
-            checked: dict[str, Any] = {}
-            for r in range(args.repeats):
-                w = wd / f"e{len(result['engines'])}-{r}"
-                w.mkdir()
-                log(f"engine {name}, run {r + 1}")
-                t0 = time.perf_counter()
-                image = fn(w)
-                secs.append(time.perf_counter() - t0)
-                if r == 0:
-                    checked = {"fsck_ok": fsck_ok(image), "inodes": inodes_used(image)}
-                drop(w)
-            result["engines"][name] = {"seconds": secs, **checked}
-        if tools:
-            secs = []
-            for r in range(args.repeats):
-                w = wd / f"ref-apply-{r}"
-                w.mkdir()
-                log(f"engine overlaybd-apply, run {r + 1}")
-                ref = reference_pipeline(tools, tar, w)
-                secs.append(ref["apply_s"])
-                if r == 0:
-                    result["engines"]["reference overlaybd-apply"] = {"fsck_ok": fsck_ok(ref["image"]),
-                                                                      "inodes": inodes_used(ref["image"])}
-                drop(w)
-            result["engines"]["reference overlaybd-apply"]["seconds"] = secs
         ours_s = median(result["engines"]["ours (libext2fs, ctypes)"]["seconds"])
         for name, e in result["engines"].items():
             rows.append([name, median(e["seconds"]), median(e["seconds"]) / ours_s, e["fsck_ok"], e["inodes"]])
@@ -327,48 +300,17 @@ def main() -> int:
 
         layout = wd / "source"
         write_image(str(layout), [tar.read_bytes()], compression="tar", flavour="oci")
-        pipes: dict[str, list[dict[str, Any]]] = {"ours": [], "reference": [], "kernel": []}
-        for r in range(args.repeats):
-            w = wd / f"p-{r}"
-            w.mkdir()
-            log(f"pipelines, run {r + 1}")
-            ours = ours_pipeline(layout, w)
-            ours_inodes = inodes_used(ours.pop("image"))
-            ours.pop("layout")
-            pipes["ours"].append({**ours, "inodes": ours_inodes})
-            if tools:
-                ref = reference_pipeline(tools, tar, w)
-                ref_inodes = inodes_used(ref.pop("image"))
-                pipes["reference"].append({**ref, "inodes": ref_inodes})
-            if root:
-                t0 = time.perf_counter()
-                image = engine_kernel(tar, w)
-                pipes["kernel"].append({"total_s": time.perf_counter() - t0, "inodes": inodes_used(image)})
-            drop(w)
-        result["pipelines"] = pipes
-        o = pipes["ours"]
-        rows = [["overlaybd convert (fetch, verify, apply, commit, upload)", median([p["total_s"] for p in o]),
-                 median([p["blob_bytes"] for p in o]), "1.00"],
-                ["  of which apply + commit of the layer", median([p["layer_s"] for p in o]), None, None]]
-        if pipes["reference"]:
-            ref_total = median([p["total_s"] for p in pipes["reference"]])
-            rows.append(["reference create --mkfs + apply + commit -z -t", ref_total,
-                         median([p["blob_bytes"] for p in pipes["reference"]]),
-                         fmt(median([p["total_s"] for p in o]) / ref_total)])
-            rows[1][3] = fmt(median([p["layer_s"] for p in o]) / ref_total)
-        if pipes["kernel"]:
-            k = median([p["total_s"] for p in pipes["kernel"]])
-            rows.append(["GNU tar into a kernel ext4 (mkfs, mount, extract, umount)", k, None,
-                         fmt(median([p["total_s"] for p in o]) / k)])
-        print(table(["pipeline (one layer)", "seconds", "blob bytes", "ours / this"], rows, title="Pipelines"))
+        result["pipelines"] = run_pipelines(args, tar, wd, tools, layout)
+        print(table(["pipeline (one layer)", "seconds", "blob bytes", "ours / this"],
+                    pipeline_rows(result["pipelines"]), title="Pipelines"))
         print()
 
-        if root and os.path.exists("/dev/fuse"):
+        if os.geteuid() == 0 and os.path.exists("/dev/fuse"):
             w = wd / "lazy"
             w.mkdir()
             probe = probe_file("/", trees)
             lazy = lazy_read(w, layout, probe)
-            lazy["blob_bytes"] = int(median([p["blob_bytes"] for p in o]))
+            lazy["blob_bytes"] = int(median([p["blob_bytes"] for p in result["pipelines"]["ours"]]))
             result["lazy"] = lazy
             print(table(["lazy read", "seconds", "bytes fetched"], [
                 ["mount (lazy pull: manifest, indexes)", lazy["mount_s"], lazy["mount_fetched"]],
@@ -378,6 +320,90 @@ def main() -> int:
             print()
     emit_json(result, args.json)
     return 0
+
+
+def run_engines(args: Any, tar: Path, wd: Path, tools: Any) -> dict[str, Any]:
+    """Each engine applies the tar to a fresh ext4, ``args.repeats`` times; the first image is checked."""
+    root = os.geteuid() == 0
+    engines: dict[str, Any] = {"ours (libext2fs, ctypes)": lambda w: engine_ours(tar, w)}
+    if not args.no_debugfs:
+        engines["debugfs script"] = lambda w: engine_debugfs(tar, w)
+    if root:
+        engines["mke2fs -d (root)"] = lambda w: engine_mke2fs_d(tar, w)
+        engines["GNU tar, kernel ext4 (root)"] = lambda w: engine_kernel(tar, w)
+        if args.fuse2fs:
+            engines["GNU tar, fuse2fs"] = lambda w: engine_kernel(tar, w, "fuse2fs")
+    out: dict[str, Any] = {}
+    for name, fn in engines.items():
+        secs = []
+        checked: dict[str, Any] = {}
+        for r in range(args.repeats):
+            w = wd / f"e{len(out)}-{r}"
+            w.mkdir()
+            log(f"engine {name}, run {r + 1}")
+            t0 = time.perf_counter()
+            image = fn(w)
+            secs.append(time.perf_counter() - t0)
+            if r == 0:
+                checked = {"fsck_ok": fsck_ok(image), "inodes": inodes_used(image)}
+            drop(w)
+        out[name] = {"seconds": secs, **checked}
+    if tools:
+        secs = []
+        for r in range(args.repeats):
+            w = wd / f"ref-apply-{r}"
+            w.mkdir()
+            log(f"engine overlaybd-apply, run {r + 1}")
+            ref = reference_pipeline(tools, tar, w)
+            secs.append(ref["apply_s"])
+            if r == 0:
+                out["reference overlaybd-apply"] = {"fsck_ok": fsck_ok(ref["image"]),
+                                                    "inodes": inodes_used(ref["image"])}
+            drop(w)
+        out["reference overlaybd-apply"]["seconds"] = secs
+    return out
+
+
+def run_pipelines(args: Any, tar: Path, wd: Path, tools: Any, layout: Path) -> dict[str, list[dict[str, Any]]]:
+    """Ours, the reference's and GNU tar into a kernel ext4 (root), alternating, ``args.repeats`` times."""
+    pipes: dict[str, list[dict[str, Any]]] = {"ours": [], "reference": [], "kernel": []}
+    for r in range(args.repeats):
+        w = wd / f"p-{r}"
+        w.mkdir()
+        log(f"pipelines, run {r + 1}")
+        ours = ours_pipeline(layout, w)
+        ours_inodes = inodes_used(ours.pop("image"))
+        ours.pop("layout")
+        pipes["ours"].append({**ours, "inodes": ours_inodes})
+        if tools:
+            ref = reference_pipeline(tools, tar, w)
+            ref_inodes = inodes_used(ref.pop("image"))
+            pipes["reference"].append({**ref, "inodes": ref_inodes})
+        if os.geteuid() == 0:
+            t0 = time.perf_counter()
+            image = engine_kernel(tar, w)
+            pipes["kernel"].append({"total_s": time.perf_counter() - t0, "inodes": inodes_used(image)})
+        drop(w)
+    return pipes
+
+
+def pipeline_rows(pipes: dict[str, list[dict[str, Any]]]) -> list[list[Any]]:
+    o = pipes["ours"]
+    rows: list[list[Any]] = [
+        ["overlaybd convert (fetch, verify, apply, commit, upload)", median([p["total_s"] for p in o]),
+         median([p["blob_bytes"] for p in o]), "1.00"],
+        ["  of which apply + commit of the layer", median([p["layer_s"] for p in o]), None, None]]
+    if pipes["reference"]:
+        ref_total = median([p["total_s"] for p in pipes["reference"]])
+        rows.append(["reference create --mkfs + apply + commit -z -t", ref_total,
+                     median([p["blob_bytes"] for p in pipes["reference"]]),
+                     fmt(median([p["total_s"] for p in o]) / ref_total)])
+        rows[1][3] = fmt(median([p["layer_s"] for p in o]) / ref_total)
+    if pipes["kernel"]:
+        k = median([p["total_s"] for p in pipes["kernel"]])
+        rows.append(["GNU tar into a kernel ext4 (mkfs, mount, extract, umount)", k, None,
+                     fmt(median([p["total_s"] for p in o]) / k)])
+    return rows
 
 
 if __name__ == "__main__":

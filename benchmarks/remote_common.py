@@ -155,6 +155,75 @@ def describe(cfg: dict[str, Any]) -> str:
 # -- a proxy adding latency --------------------------------------------------------------------------------
 
 
+class _DelayHandler(http.server.BaseHTTPRequestHandler):
+    """One client connection of a :class:`DelayProxy`, kept alive, with its own upstream connection."""
+
+    protocol_version = "HTTP/1.1"
+    conn: http.client.HTTPConnection | None = None
+    server: _DelayServer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _upstream(self, method: str, body: bytes | None, headers: dict[str, str]) -> http.client.HTTPResponse:
+        for attempt in range(2):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.server.proxy.upstream, timeout=60)
+            try:
+                self.conn.request(method, self.path, body=body, headers=headers)
+                return self.conn.getresponse()
+            except (http.client.HTTPException, OSError):
+                self.conn.close()
+                self.conn = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _forward(self, method: str) -> None:
+        proxy = self.server.proxy
+        time.sleep(proxy.delay)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+        resp = self._upstream(method, body, headers)
+        proxy.count(requests=1)
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("content-length", "connection", "transfer-encoding"):
+                self.send_header(k, v)
+        declared = resp.getheader("Content-Length")
+        if method == "HEAD" or declared is None:
+            data = resp.read()
+            self.send_header("Content-Length", declared if method == "HEAD" and declared else str(len(data)))
+            self.end_headers()
+            if method != "HEAD":
+                self.wfile.write(data)
+            return
+        self.send_header("Content-Length", declared)
+        self.end_headers()
+        sent = 0
+        while piece := resp.read(1 << 20):
+            self.wfile.write(piece)
+            sent += len(piece)
+        if method == "GET" and "/blobs/sha256:" in self.path:
+            proxy.count(blob_bytes=sent)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._forward("GET")
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._forward("HEAD")
+
+
+class _DelayServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # 16 prefetch threads connect at once
+
+    def __init__(self, proxy: DelayProxy) -> None:
+        self.proxy = proxy
+        super().__init__(("127.0.0.1", 0), _DelayHandler)
+
+
 class DelayProxy:
     """HTTP/1.1 keep-alive proxy that waits ``delay`` seconds before forwarding each request (one round trip of
     a distant registry) and streams the answer back; counts requests and blob GET bytes."""
@@ -165,73 +234,14 @@ class DelayProxy:
         self.requests = 0
         self.blob_bytes = 0
         self._lock = threading.Lock()
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            conn: http.client.HTTPConnection | None = None
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def _upstream(self, method: str, body: bytes | None, headers: dict[str, str]
-                          ) -> http.client.HTTPResponse:
-                for attempt in range(2):
-                    if self.conn is None:
-                        self.conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
-                    try:
-                        self.conn.request(method, self.path, body=body, headers=headers)
-                        return self.conn.getresponse()
-                    except (http.client.HTTPException, OSError):
-                        self.conn.close()
-                        self.conn = None
-                        if attempt:
-                            raise
-                raise AssertionError("unreachable")
-
-            def _forward(self, method: str) -> None:
-                time.sleep(proxy.delay)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                resp = self._upstream(method, body, headers)
-                with proxy._lock:
-                    proxy.requests += 1
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("content-length", "connection", "transfer-encoding"):
-                        self.send_header(k, v)
-                declared = resp.getheader("Content-Length")
-                if method == "HEAD" or declared is None:
-                    data = resp.read()
-                    self.send_header("Content-Length", declared if method == "HEAD" and declared else str(len(data)))
-                    self.end_headers()
-                    if method != "HEAD":
-                        self.wfile.write(data)
-                    return
-                self.send_header("Content-Length", declared)
-                self.end_headers()
-                sent = 0
-                while piece := resp.read(1 << 20):
-                    self.wfile.write(piece)
-                    sent += len(piece)
-                if method == "GET" and "/blobs/sha256:" in self.path:
-                    with proxy._lock:
-                        proxy.blob_bytes += sent
-
-            def do_GET(self) -> None:  # noqa: N802
-                self._forward("GET")
-
-            def do_HEAD(self) -> None:  # noqa: N802
-                self._forward("HEAD")
-
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 128  # 16 prefetch threads connect at once
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.httpd = _DelayServer(self)
         self.address = f"127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def count(self, *, requests: int = 0, blob_bytes: int = 0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.blob_bytes += blob_bytes
 
     def close(self) -> None:
         self.httpd.shutdown()
