@@ -6,7 +6,7 @@
    ``overlaybd export VOL disk.raw``. Target: ours/qemu >= 0.8.
 2. Random 4 KiB reads, ``qemu-img bench -f raw -c N -d 1|16 -s 4096 -S $((4096*104729)) URI``: ours on a
    64-snapshot volume (256 MiB; quick 32 MiB; a random permutation of its 4 KiB blocks split into 64 shares,
-   snapshot i writes share i with byte i+1, PEERS.md §2) and on a 1-snapshot volume holding its top view, vs
+   snapshot i writes share i with byte i+1) and on a 1-snapshot volume holding its top view, vs
    qemu-nbd on the view as a raw file and on a 64-deep qcow2 chain (cluster_size=4096) of the same shares.
    Target: ours at 64 snapshots >= qemu-nbd on the 64-deep chain. Then block status on the same four exports:
    ``qemu-img map -f raw --max-length=16M URI`` (quick 4M) and ``nbdinfo --map URI``, in seconds.
@@ -16,9 +16,9 @@
    lines, ``flush`` every 64; without ``-t writeback`` qemu-io is writethrough and flushes after every write).
 
 Every server listens on a Unix socket. Measurements are interleaved (ours, peer, ours, peer, ...), the page cache
-is re-warmed right before each one (PEERS.md §0), and the median is printed. Correctness checks fail the run
-(timings never do): every export must read (``nbdcopy --no-extents URI -``) with the same SHA-256 as the raw
-file, and after the same qemu-io write script ours must read as the qemu-nbd disk.
+is re-warmed right before each one (idle pages are reclaimed within about a minute), and the median is printed.
+Correctness checks fail the run (timings never do): every export must read (``nbdcopy --no-extents URI -``) with
+the same SHA-256 as the raw file, and after the same qemu-io write script ours must read as the qemu-nbd disk.
 
     .venv/bin/python benchmarks/bench_nbd.py [--quick] [--workdir DIR] [--repeats N] [--json FILE]
 """

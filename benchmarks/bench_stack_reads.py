@@ -1,7 +1,7 @@
 """Random 4 KiB reads through an N-layer stack (N = 1, 16, 64, 255) beside ``qemu-img bench`` on a qcow2 backing
 chain of the same depth and content, measured in the same run.
 
-Data (PEERS.md §2): a disk of SIZE bytes whose 4 KiB blocks are a random permutation split into N shares;
+Data: a disk of SIZE bytes whose 4 KiB blocks are a random permutation split into N shares;
 layer i writes share i, every byte of it ``i+1``. Each block of the top view lives in exactly one layer.
 
 * ours: each layer is built with ``overlaybd.create`` + ``open_layer(writable=True)`` + ``pwrite`` per block +
@@ -134,7 +134,7 @@ def verify_ours(stack: Any, owner: np.ndarray, blocks: np.ndarray) -> int:
 def build_qemu(folder: str, parts: list[np.ndarray], size: int, method: str = "backing") -> list[str]:
     """One qcow2 image per layer (4 KiB clusters), each backed by the one below.
 
-    ``backing``: as PEERS.md §2, ``qemu-img create -b prev`` then ``qemu-io`` on the new top (each qemu-io opens
+    ``backing``: ``qemu-img create -b prev`` then ``qemu-io`` on the new top (each qemu-io opens
     the whole chain below, so building N layers costs O(N^2) opens). ``rebase``: write each image on its own,
     then attach the one below with ``qemu-img rebase -u``. Every write is a whole cluster, so no data is copied
     up from a backing file and both give the same images and reads.

@@ -67,9 +67,9 @@ def fresh_dir(parent: str, name: str) -> str:
 
 
 def warm(paths: Sequence[str]) -> int:
-    """Read files (or every file under a folder) once so they sit in the page cache (PEERS.md §0: DAMON evicts
-    pages idle for ~60 s: call just before measuring). Sockets and other non-files are passed over. Returns the
-    bytes read."""
+    """Read files (or every file under a folder) once so they sit in the page cache (the kernel's DAMON
+    reclaim evicts pages idle for about 60 s on the machines we measure on: call just before measuring). Sockets
+    and other non-files are passed over. Returns the bytes read."""
     files: list[str] = []
     for p in paths:
         if os.path.isdir(p):
@@ -96,7 +96,7 @@ def warm(paths: Sequence[str]) -> int:
 
 
 def aligned_buffer(n: int) -> mmap.mmap:
-    """A page-aligned buffer (PEERS.md §0: copies into ``bytearray``s at 16 mod 4096 hit a slow path)."""
+    """A page-aligned buffer (copies into ``bytearray``s, whose data sits at 16 mod 4096, hit a slow path)."""
     return mmap.mmap(-1, n)
 
 
@@ -114,7 +114,7 @@ def best_of(n: int, fn: Callable[[], Any]) -> float:
 
 
 def shares(nblocks: int, depth: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """PEERS.md §2: a random permutation of the disk's 4 KiB blocks split into ``depth`` shares (each in permutation
+    """A random permutation of the disk's 4 KiB blocks split into ``depth`` shares (each in permutation
     order), and owner[block] = the share (layer) holding it."""
     perm = np.random.default_rng([seed, depth]).permutation(nblocks)
     parts = np.array_split(perm, depth)

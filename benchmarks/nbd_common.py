@@ -188,7 +188,7 @@ def write_view_raw(path: str, owner: np.ndarray) -> None:
 
 
 def build_qcow2_chain(folder: str, parts: list[np.ndarray], size: int) -> str:
-    """PEERS.md §2: one qcow2 (cluster_size=4096) per share, written alone with ``qemu-io -t unsafe`` (one
+    """One qcow2 (cluster_size=4096) per share, written alone with ``qemu-io -t unsafe`` (one
     ``write -q -P <byte> <off> 4k`` per block), then chained with ``qemu-img rebase -u -b prev -F qcow2``
     (the same images as creating each with ``-b``, without reopening the whole chain once per layer)."""
     os.makedirs(folder, exist_ok=True)

@@ -1,4 +1,4 @@
-"""An independent reading of the byte-level spec (``../shared/spec/overlaybd-format.md``): small parsers of LSMT,
+"""An independent reading of the byte-level format (the reference's layouts): small parsers of LSMT,
 ZFile and the tar envelope, and predictions of what a correct reader must do with a (possibly damaged) file.
 
 Written apart from the package's own parsing code, so that a test compares two readings of the spec rather than the
@@ -37,13 +37,13 @@ from overlaybd.errors import (
 
 SECTOR = 512
 
-# -- LSMT (spec §3) ------------------------------------------------------------------------------------------------
+# -- LSMT ------------------------------------------------------------------------------------------------
 
 LSMT_HEADER = 4096
 LSMT_MAGIC = b"LSMT\x00\x01\x02\x00" + bytes.fromhex("657E63D29444084CA2D2C8EC4FCFAE8A")
 LSMT_INVALID = (1 << 50) - 1
 LSMT_MAX_RO_RECORDS = 1_000_000
-LSMT_MAX_VIRTUAL = (1 << 50) * SECTOR  # record offsets are 50 bits of sectors (spec §3.3): nothing lies beyond
+LSMT_MAX_VIRTUAL = (1 << 50) * SECTOR  # record offsets are 50 bits of sectors: nothing lies beyond
 L_HEADER, L_DATA, L_SEALED, L_SPARSE = 0x01, 0x02, 0x04, 0x10
 
 #: (name, start, end) of the meaningful fields of the 4096-byte LSMT header/trailer record
@@ -88,7 +88,7 @@ class Rec:
 
 
 def decode_records(raw: bytes | bytearray) -> list[Rec | None]:
-    """16-byte records (spec §3.3); None for the invalid (padding) record."""
+    """16-byte records; None for the invalid (padding) record."""
     out: list[Rec | None] = []
     for k in range(len(raw) // 16):
         w0, w1 = struct.unpack_from("<QQ", raw, 16 * k)
@@ -248,7 +248,8 @@ Expectation = Raises | Reads | RaisesOrReads | NotDetected
 
 
 def _check_ro_index(recs: list[Rec | None], lo: int, hi: int) -> str | None:
-    """Spec §3.4: strictly ascending, non-overlapping; data records inside [lo, hi); zeroed moffset in [lo, hi]."""
+    """A read-only index: strictly ascending, non-overlapping; data records inside [lo, hi); zeroed moffset in
+    [lo, hi]."""
     valid = [r for r in recs if r is not None]
     for a, b in zip(valid, valid[1:], strict=False):
         if a.offset + a.length > b.offset:
@@ -265,7 +266,7 @@ def _check_ro_index(recs: list[Rec | None], lo: int, hi: int) -> str | None:
 
 
 def expect_lsmt_file(buf: bytes | bytearray, *, index_sibling: bool = False) -> Expectation:
-    """What opening ``buf`` (a raw file, no index given) with ``open_layer`` and reading it must do (spec §2, §3.13).
+    """What opening ``buf`` (a raw file, no index given) with ``open_layer`` and reading it must do.
 
     ``index_sibling``: the file's name would let the reader find a writable index beside it (never so here).
     """
@@ -317,7 +318,7 @@ def expect_lsmt_file(buf: bytes | bytearray, *, index_sibling: bool = False) -> 
 
 
 def expect_writable(data: bytes | bytearray, index: bytes | bytearray) -> Expectation:
-    """A writable data+index pair opened read-only (spec §3.6, and formats/lsmt/writable.py for torn writes).
+    """A writable data+index pair opened read-only (and formats/lsmt/writable.py for torn writes).
 
     Records are replayed in file order; a torn trailing partial record is ignored; a record pointing past the end
     of the data file is an unflushed write cut off by a crash: it and every later record are ignored. A record
@@ -380,7 +381,7 @@ def zfield(rel: int) -> str:
 
 
 def raw_crc32c(data: bytes | bytearray | memoryview, seed: int = 0) -> int:
-    """The reference's CRC32C: register starts at ``seed``, no final XOR (spec §1)."""
+    """The reference's CRC32C: register starts at ``seed``, no final XOR."""
     return int(_crc32c.crc32c(data, value=seed ^ 0xFFFFFFFF)) ^ 0xFFFFFFFF
 
 
@@ -442,7 +443,7 @@ def zfile_decompress(buf: bytes | bytearray, lay: ZLayout) -> bytes:
 
 
 def expect_zfile_flip(lay: ZLayout, rel: int, xor: int, stream: BytesImage) -> Expectation:
-    """What reading the whole ZFile stream must do after ``byte[base + rel] ^= xor`` (spec §4)."""
+    """What reading the whole ZFile stream must do after ``byte[base + rel] ^= xor``."""
     same = Reads(stream, "the byte is not used by the reader", identical=True)
     if rel < ZREC:
         return _expect_header_flip(lay, rel, xor, same)
@@ -493,10 +494,10 @@ def _expect_trailer_flip(lay: ZLayout, rel: int, xor: int, same: Reads) -> Expec
     if name == "magic":
         return Raises((BadMagicError,), "trailer magic destroyed")
     if name in ("size", "digest", "reserved_0", "level", "pad", "args", "padding"):
-        return same  # the trailer digest is not verified (spec §4.7), nor are these fields used
+        return same  # the trailer digest is not verified, nor are these fields used
     if name == "flags":
         if rel != 32:
-            return same  # only bits 0-4 mean anything (spec §4.11)
+            return same  # only bits 0-4 mean anything
         f = lay.info_flags ^ xor
         if f & Z_HEADER or (f & (Z_DATA | Z_SEALED)) != (Z_DATA | Z_SEALED):
             return Raises((FormatError,), "trailer flags no longer a sealed data trailer")
@@ -547,7 +548,7 @@ def device_expectation(stream_exp: Expectation, device: Image) -> Expectation:
 
 
 def pax_record_span(buf: bytes | bytearray) -> tuple[int, int]:
-    """[start, end) of the PAX ``"<len> size=<n>\\n"`` record in the reference envelope (spec §5.2)."""
+    """[start, end) of the PAX ``"<len> size=<n>\\n"`` record in the reference envelope."""
     start = 512
     length = int(bytes(buf[start : start + 12]).split(b" ", 1)[0])
     return start, start + length

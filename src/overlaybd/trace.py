@@ -1,4 +1,4 @@
-"""Trace prefetch (spec §8): record which blocks of which layer a workload reads, and replay that list at the
+"""Trace prefetch: record which blocks of which layer a workload reads, and replay that list at the
 next lazy start, fetching those blocks first and concurrently.
 
 File: a 24-byte header (magic 0xC2EF1820, data size, raw CRC32C of the records chained from seed 0) and 24-byte

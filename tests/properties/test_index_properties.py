@@ -1,5 +1,5 @@
-"""Index logic against plain per-sector models: replay (spec §3.6), merge/overlay (§3.9), compaction (§3.5.1),
-and read resolution through levels (§3.10, §3.11)."""
+"""Index logic against plain per-sector models: replay, merge/overlay, compaction,
+and read resolution through levels."""
 
 from __future__ import annotations
 
@@ -313,7 +313,8 @@ def sector_set(rows: Sequence[Row]) -> list[tuple[int, int]]:
 
 
 def test_plan_compaction_reference_lengths() -> None:
-    # spec §3.5.1: long contiguous runs of 64-sector pieces become records of 16320 sectors; 8-sector pieces 16376
+    # the reference's compaction: long contiguous runs of 64-sector pieces become records of 16320 sectors;
+    # 8-sector pieces 16376
     plan = plan_compaction(to_segments([(0, 40000, 8, False, 0)]))
     assert [r[1] for r in plan.index.rows()] == [16320, 16320, 40000 - 2 * 16320]
     rows = [(8 * i, 8, 1000 + 8 * i, False, 0) for i in range(3000)]

@@ -17,7 +17,7 @@ from overlaybd.formats.zfile import spec as zf
 
 
 def test_raw_crc32c_vectors() -> None:
-    # spec §1: the raw variant, not the standard CRC-32C (0xE3069283)
+    # the reference's raw variant, not the standard CRC-32C (0xE3069283)
     assert raw_crc32c(b"123456789") == 0x58E3FA20
     assert raw_crc32c(b"123456789", 100007) == 0x3C9BD4E0
     assert raw_crc32c(bytearray(b"123456789")) == raw_crc32c(memoryview(b"0123456789")[1:])
@@ -55,7 +55,7 @@ def test_legacy_uuid_fields_read_as_null() -> None:
 
 
 def test_index_record_is_16_bytes_with_the_spec_bit_layout() -> None:
-    # spec §3.3 example: offset 0, length 8448, moffset 8, data
+    # a record of the reference's own files: offset 0, length 8448, moffset 8, data
     raw = bytes.fromhex("0000000000000084" "0800000000000000")
     rec = lsmt.decode_records(raw)
     assert rec["offset"].tolist() == [0] and rec["length"].tolist() == [8448]
@@ -88,7 +88,7 @@ def test_zfile_record_is_512_bytes_with_a_verified_digest() -> None:
 
 
 def test_pax_size_record_counts_itself() -> None:
-    assert tarwrap.pax_size_record(639491) == b"15 size=639491\n"  # spec §5.2 worked example
+    assert tarwrap.pax_size_record(639491) == b"15 size=639491\n"  # the record's length counts its own digits
     for n in (0, 9, 99, 12345, 10**12):
         rec = tarwrap.pax_size_record(n)
         assert int(rec.split(b" ")[0]) == len(rec)
@@ -99,7 +99,7 @@ def test_envelope_is_a_tar_the_reader_accepts() -> None:
     assert len(head) == 1536 and end_at == 1536 + 639491 + (-(1536 + 639491) % 512) and total == end_at + 1024
     assert tarwrap.is_tar(head[:512]) and tarwrap.is_tar(head[1024:1536])
     assert head[1024 + 100 : 1024 + 108] == b"100644 \x00"
-    assert head[124:136] == b"         17 "  # spec §5.2: the PAX size field of the hw sample
+    assert head[124:136] == b"         17 "  # the PAX size field of the hello-world sample
 
 
 @pytest.mark.parametrize("text,value", [("10G", 10 << 30), ("512M", 512 << 20), ("4096", 4096), ("1k", 1024),
@@ -125,7 +125,7 @@ def test_sibling_index_replaces_the_last_data(tmp_path: Path) -> None:
 
 
 def test_field_offsets_come_from_the_declarations_and_match_the_spec_tables() -> None:
-    # spec §3.1 and §4.2: the offsets errors point at
+    # the LSMT header and ZFile header offsets errors point at
     assert {k: lsmt.FIELD[k] for k in ("size", "flags", "index_offset", "index_size", "virtual_size", "uuid",
                                        "parent_uuid", "version", "user_tag")} == {
         "size": 24, "flags": 28, "index_offset": 32, "index_size": 40, "virtual_size": 48, "uuid": 56,

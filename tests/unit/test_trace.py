@@ -1,4 +1,4 @@
-"""Trace files (spec §8): layout, checksum, and rejection of damaged files."""
+"""Trace files: layout, checksum, and rejection of damaged files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The "raw" CRC32C of the reference (Castagnoli, reflected, no pre/post inversion; spec §1).
+"""The "raw" CRC32C of the reference (Castagnoli, reflected, no pre/post inversion).
 
 ``crc32c`` (hardware-accelerated, takes any buffer without a copy) computes the standard form; the raw form
 with seed ``s`` is the standard continuation from ``~s``, inverted.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import crc32c
 
-ZFILE_BLOCK_SEED = 100007  # per-block CRCs in ZFile (spec §4.6)
+ZFILE_BLOCK_SEED = 100007  # per-block CRCs in ZFile
 
 
 def raw_crc32c(data: bytes | bytearray | memoryview, seed: int = 0) -> int:

@@ -1,4 +1,4 @@
-"""Peel a layer blob the way the reference reader does (spec §2): tar envelope, then ZFile, then LSMT."""
+"""Peel a layer blob the way the reference reader does: tar envelope, then ZFile, then LSMT."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The single-file tar envelope around a layer (spec §5): reading the first member, writing the reference form."""
+"""The single-file tar envelope around a layer: reading the first member, writing the reference form."""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def _pax_size(pax: dict[str, str], size: int, path: str, pos: int) -> int:
 
 
 def _header(name: bytes, mode: bytes, size_field: bytes, typeflag: bytes, owner: bytes = b"") -> bytes:
-    """One ustar header block laid out as the reference writes it (spec §5.2)."""
+    """One ustar header block laid out as the reference writes it."""
     h = bytearray(BLOCK)
     h[0 : len(name)] = name
     if mode:

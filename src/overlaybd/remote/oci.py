@@ -1,5 +1,5 @@
 """OCI manifests, configs and indexes for overlaybd snapshots (pure). Media types and annotations as the
-reference convertor writes them (spec §6).
+reference convertor writes them.
 
 Whatever a registry or a layout hands us is checked here, when it is parsed, before anything is downloaded or
 named after it: documents of at most ``MAX_MANIFEST_BYTES`` (containerd's 4 MiB), digests of the form

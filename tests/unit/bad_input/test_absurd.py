@@ -223,7 +223,7 @@ def test_absurd_counts_refused_before_allocating(reference_dir: Path, tmp_path: 
 
 def test_absurd_writable_index_header_fields_are_ignored(reference_dir: Path, rw_pair: tuple[bytes, bytes],
                                                          tmp_path: Path) -> None:
-    """The record count of a writable index comes from the file's size (spec §3.6), not from its header."""
+    """The record count of a writable index comes from the file's size, not from its header."""
     data, index = rw_pair
     dbench, ibench = rw_bench(reference_dir, tmp_path)
     for fields in ({"index_size": 1 << 62}, {"virtual_size": (1 << 64) - 1}):

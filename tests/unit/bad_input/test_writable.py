@@ -70,7 +70,7 @@ def test_record_past_data_end_is_ignored_with_warning(reference_dir: Path, rw_pa
 
 def test_record_pointing_into_the_header_is_corrupt(reference_dir: Path, rw_pair: tuple[bytes, bytes],
                                                     tmp_path: Path) -> None:
-    """No write can produce a record whose data lies inside the 4096-byte header (spec §3.4: lo = 8 sectors):
+    """No write can produce a record whose data lies inside the 4096-byte header:
     that is a corrupt index, not a torn write, and must not silently drop the records after it."""
     data, index = rw_pair
     dbench, ibench = rw_bench(reference_dir, tmp_path)

@@ -1,4 +1,4 @@
-"""Writing sealed LSMT files: commit/merge by compaction (spec §3.5.1, §3.5.3) and sealing in place (§3.5.2)."""
+"""Writing sealed LSMT files: commit/merge by compaction and sealing in place."""
 
 from __future__ import annotations
 

@@ -262,7 +262,7 @@ class CompactionPlan:
 
 
 def plan_compaction(seg: Segments, first_sector: int = 8) -> CompactionPlan:
-    """Byte-exact model of the reference ``compact()`` (spec §3.5.1): 32 KiB pieces, greedy coalescing."""
+    """Byte-exact model of the reference ``compact()``: 32 KiB pieces, greedy coalescing."""
     out_o: list[int] = []
     out_l: list[int] = []
     out_m: list[int] = []

@@ -1,4 +1,4 @@
-"""A sealed (read-only) LSMT layer: committed, merged or sealed in place (spec §3.5, §3.13)."""
+"""A sealed (read-only) LSMT layer: committed, merged or sealed in place."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def read_header(source: BlockSource, offset: int = 0) -> LsmtHeader:
 
 def validate_index(seg: Segments, positions: np.ndarray, lo: int, hi: int | None, *, path: str,
                    index_offset: int) -> None:
-    """Order and bounds checks of a read-only index (spec §3.4). ``positions`` are record numbers on disk."""
+    """Order and bounds checks of a read-only index. ``positions`` are record numbers on disk."""
     if not len(seg):
         return
     ends = seg.end

@@ -1,4 +1,4 @@
-"""LSMT byte layouts, declared once (spec §3.1–§3.3).
+"""LSMT byte layouts, declared once.
 
 Inside this package offsets and lengths of index records are in 512-byte *sectors* (names end in ``_sectors``
 or live in record arrays); header fields are bytes.
@@ -35,7 +35,7 @@ MAX_VIRTUAL_SIZE = (MAX_OFFSET_SECTORS + 1) * SECTOR  # 512 PiB: all that index 
 RECORD_SIZE = 16
 INDEX_PAD_RECORDS = 256  # committed indexes are padded to 4096-byte multiples
 WRITE_SPLIT_SECTORS = 8192  # writes are cut into <= 4 MiB records
-COPY_STEP_SECTORS = 64  # compaction copies in 32 KiB steps (spec §3.5.1)
+COPY_STEP_SECTORS = 64  # compaction copies in 32 KiB steps
 
 NULL_UUID = b"\x00" * 16
 
@@ -50,7 +50,7 @@ assert _HEADER.size == STRUCT_SIZE
 
 
 def uuid_to_text(raw: bytes) -> bytes:
-    """16 bytes -> the 37-byte field: uppercase text plus NUL (spec §1)."""
+    """16 bytes -> the 37-byte field: uppercase text plus NUL."""
     return str(uuidlib.UUID(bytes=raw)).upper().encode() + b"\x00"
 
 
@@ -139,7 +139,7 @@ def is_lsmt(first_bytes: bytes) -> bool:
     return first_bytes[:8] == MAGIC0 and first_bytes[8:24] == MAGIC1
 
 
-# -- what a reader demands of a header/trailer before trusting its fields (spec §3.13) -------------------------------
+# -- what a reader demands of a header/trailer before trusting its fields -------------------------------
 
 
 def check_virtual_size(h: LsmtHeader, *, at: int, path: str) -> None:

@@ -1,4 +1,4 @@
-"""A stack of 1..255 read-only layers, merged into one index, with an optional writable upper (spec §3.9, §3.11)."""
+"""A stack of 1..255 read-only layers, merged into one index, with an optional writable upper."""
 
 from __future__ import annotations
 

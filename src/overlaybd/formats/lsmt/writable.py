@@ -1,4 +1,4 @@
-"""Writable LSMT layers: the log-structured data+index pair (spec §3.6) and the sparse form (§3.7).
+"""Writable LSMT layers: the log-structured data+index pair and the sparse form.
 
 Writes append data to the data file, then one record per piece to the index file. ``flush()`` makes every
 earlier write durable, data first (fdatasync data, then index). A record that points past the end of the data
@@ -44,7 +44,7 @@ from .spec import (
 from .view import LsmtView
 
 log = logging.getLogger(__name__)
-_RECORD = struct.Struct("<QQ")  # one index record: offset | length << 50, moffset | zeroed << 55 (spec §3.3)
+_RECORD = struct.Struct("<QQ")  # one index record: offset | length << 50, moffset | zeroed << 55
 
 
 def create_writable(data_path: str, index_path: str, virtual_size: int, *, uuid: bytes | None = None,
@@ -303,7 +303,7 @@ class SparseLayer(WritableBase):
 
 
 def sparse_segments(fd: int, file_size: int) -> Segments:
-    """Allocated extents past the header, cut at the 16383-sector record limit (spec §3.7)."""
+    """Allocated extents past the header, cut at the 16383-sector record limit."""
     offs: list[int] = []
     lens: list[int] = []
     pos = HEADER_SIZE
