@@ -8,11 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from overlaybd.remote import reference as reference_module
 from overlaybd.remote.reference import parse_reference
 from overlaybd.remote.transfer import pull
 from overlaybd.testing.ociimage import write_image
@@ -151,10 +153,8 @@ def test_mount_rootless_as_nobody(tmp_path: Path) -> None:
     fuse = subprocess.run([*NOBODY, "test", "-r", "/dev/fuse", "-a", "-w", "/dev/fuse"], capture_output=True)
     if fuse.returncode:
         pytest.skip("/dev/fuse is not open to other users on this machine (it usually is: mode 0666)")
-    probe = subprocess.run([*NOBODY, sys.executable, "-c", "import subprocess, sys; "
-                            "subprocess.run([sys.executable, '-c', ''], check=True)"], capture_output=True, cwd="/")
-    if probe.returncode:
-        pytest.skip(f"nobody cannot start this Python ({sys.executable}): the mount daemon would not start")
+    python, python_env = _python_for_nobody()
+    nobody_overlaybd = [python, "-m", "overlaybd.cli.main"]
     shared = Path(tempfile.mkdtemp(prefix="overlaybd-nobody-"))
     try:
         shared.chmod(0o777)
@@ -165,18 +165,38 @@ def test_mount_rootless_as_nobody(tmp_path: Path) -> None:
         mnt = shared / "mnt"
         mnt.mkdir(mode=0o777)
         mnt.chmod(0o777)
-        env = {**os.environ, "HOME": str(shared), "OVERLAYBD_MOUNTS": str(shared / "mounts"),
+        env = {**os.environ, **python_env, "HOME": str(shared), "OVERLAYBD_MOUNTS": str(shared / "mounts"),
                "OVERLAYBD_CACHE_DIR": str(shared / "cache")}
-        out = subprocess.run([*NOBODY, *OVERLAYBD, "mount", f"oci:{shared / 'obd'}:v1", str(mnt)],
+        out = subprocess.run([*NOBODY, *nobody_overlaybd, "mount", f"oci:{shared / 'obd'}:v1", str(mnt)],
                              capture_output=True, text=True, env=env, cwd="/")
         assert out.returncode == 0, out.stderr
         try:  # a FUSE mount without allow_other is its user's only: read it as nobody
             read = subprocess.run([*NOBODY, "cat", str(mnt / "app" / "data.bin")], capture_output=True)
             assert read.returncode == 0 and read.stdout == PAYLOAD
         finally:
-            out = subprocess.run([*NOBODY, *OVERLAYBD, "umount", str(mnt)], capture_output=True, text=True, env=env,
-                                 cwd="/")
+            out = subprocess.run([*NOBODY, *nobody_overlaybd, "umount", str(mnt)], capture_output=True, text=True,
+                                 env=env, cwd="/")
             assert out.returncode == 0, out.stderr
     finally:
         subprocess.run(["umount", "-l", str(shared / "mnt")], capture_output=True)
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def _python_for_nobody() -> tuple[str, dict[str, str]]:
+    """An interpreter ``nobody`` can run with this checkout's packages: this one, or, where it lives in a folder
+    that is root's alone (a pyenv under /root, mode 0700), the system's python3 of the same version with this
+    venv's packages on its path; skips when neither can start the mount daemon (a Python that starts Python)."""
+    probe = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import overlaybd, numpy'], check=True)"
+    if subprocess.run([*NOBODY, sys.executable, "-c", probe], capture_output=True, cwd="/").returncode == 0:
+        return sys.executable, {}
+    system = shutil.which("python3", path="/usr/bin:/bin")
+    paths = [sysconfig.get_paths()["purelib"], str(Path(reference_module.__file__).parents[2])]
+    env = {"PYTHONPATH": os.pathsep.join(paths)}
+    if system is not None:
+        same = subprocess.run([system, "-c", f"import sys; sys.exit(sys.version_info[:2] != {sys.version_info[:2]})"])
+        started = subprocess.run([*NOBODY, "env", f"PYTHONPATH={env['PYTHONPATH']}", system, "-c", probe],
+                                 capture_output=True, cwd="/")
+        if same.returncode == 0 and started.returncode == 0:
+            return system, env
+    pytest.skip(f"nobody can start neither this Python ({sys.executable}) nor a system python3 "
+                f"{sys.version_info[0]}.{sys.version_info[1]} with its packages: the mount daemon would not start")
