@@ -35,6 +35,8 @@ Messages name the file (``path``) and, where it matters, the byte ``offset``.
 
 from __future__ import annotations
 
+import errno
+
 
 class OverlaybdError(Exception):
     """Root of every error raised by pyoverlaybd."""
@@ -123,3 +125,19 @@ class LockedError(OverlaybdError):
 
 class UsageError(OverlaybdError):
     """Arguments that cannot work together."""
+
+
+def errno_of(exc: BaseException) -> int:
+    """The POSIX errno a failed block request reports, the one table FUSE and NBD both use.
+
+    A write to a read-only source is ``EROFS``, a request outside the device ``EINVAL``, a read or write the
+    operating system refused keeps the operating system's errno, and everything else (corrupt or unverifiable
+    bytes included: never wrong data) is ``EIO``. The NBD server narrows this to the errors its protocol names.
+    """
+    if isinstance(exc, ReadOnlyError):
+        return errno.EROFS
+    if isinstance(exc, OutOfBoundsError):
+        return errno.EINVAL
+    if isinstance(exc, LayerIOError) and isinstance(exc.__cause__, OSError) and exc.__cause__.errno:
+        return exc.__cause__.errno
+    return errno.EIO

@@ -17,7 +17,7 @@ from typing import Any
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy prefers libfuse2 when both are installed
 import mfusepy  # noqa: E402
 
-from ..errors import LayerIOError, OutOfBoundsError, OverlaybdError, ReadOnlyError  # noqa: E402
+from ..errors import OverlaybdError, errno_of  # noqa: E402
 from ..source.base import BlockSource, Capability  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -28,22 +28,12 @@ _KEEP_SIZE = 0x01
 _ZERO_RANGE = 0x10
 
 
-def _errno(exc: BaseException) -> int:
-    if isinstance(exc, ReadOnlyError):
-        return errno.EROFS
-    if isinstance(exc, OutOfBoundsError):
-        return errno.EINVAL
-    if isinstance(exc, LayerIOError) and isinstance(exc.__cause__, OSError) and exc.__cause__.errno:
-        return exc.__cause__.errno
-    return errno.EIO
-
-
 def _fail(exc: BaseException) -> mfusepy.FuseOSError:
     if not isinstance(exc, OverlaybdError):
         log.exception("FUSE request failed")
     else:
         log.warning("FUSE request failed: %s", exc)
-    return mfusepy.FuseOSError(_errno(exc))
+    return mfusepy.FuseOSError(errno_of(exc))
 
 
 class DiskFile(mfusepy.Operations):  # type: ignore[misc]
@@ -159,7 +149,7 @@ class DirectReadFUSE(mfusepy.FUSE):  # type: ignore[misc]
                 source.readinto(offset, memoryview(target).cast("B"))
             except Exception as exc:
                 log.warning("FUSE read [%d, +%d) failed: %s", offset, n, exc)
-                raise mfusepy.FuseOSError(_errno(exc)) from None
+                raise mfusepy.FuseOSError(errno_of(exc)) from None
         return n
 
 

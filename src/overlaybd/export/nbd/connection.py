@@ -42,7 +42,7 @@ from .protocol import (
     parse_request,
     simple_reply,
 )
-from .requests import block_status, cost, errno_of, modify, validate
+from .requests import block_status, cost, modify, nbd_errno, validate
 from .session import EndConnection, Session
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ class Connection:
                 self.res.buffers.give(buf, reusable=True)
             log.warning("%s %s [%d, +%d): %s", export.name or "(default)", CMD_NAMES.get(req.command, "?"),
                         req.offset, req.length, exc)
-            return [self._error(req, errno_of(exc), str(exc)[:200])], None
+            return [self._error(req, nbd_errno(exc), str(exc)[:200])], None
         except BaseException:  # cancelled: the source call has returned (see _in_pool), so the buffer is free
             if buf is not None:
                 self.res.buffers.give(buf, reusable=True)

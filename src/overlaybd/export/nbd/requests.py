@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import errno
 
-from ...errors import LayerIOError, OutOfBoundsError, ReadOnlyError
+from ...errors import errno_of
 from ...source.base import BlockSource, Capability, ExtentKind
 from .protocol import (
     CMD_BLOCK_STATUS,
@@ -23,6 +23,7 @@ from .protocol import (
     ENOSPC,
     EPERM,
     MAX_PAYLOAD,
+    NBD_ERRNOS,
     STATE_HOLE,
     STATE_ZERO,
     Request,
@@ -34,6 +35,7 @@ STATUS_SCAN = 64 << 20  # bytes of the device one BLOCK_STATUS looks at, at most
 REQUEST_OVERHEAD = 4096  # what a request costs besides its data: the task serving it, its reply header
 KNOWN_FLAGS = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE
 _COMMANDS = (CMD_READ, CMD_WRITE, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS)
+_NBD_ERRNO = {errno.EROFS: EPERM, errno.EDQUOT: ENOSPC}  # POSIX errors the protocol spells otherwise
 _STATE = {ExtentKind.DATA: 0, ExtentKind.ZERO: STATE_ZERO, ExtentKind.HOLE: STATE_HOLE | STATE_ZERO}
 
 
@@ -102,15 +104,11 @@ def block_status(src: BlockSource, req: Request) -> list[tuple[int, int]]:
     return out
 
 
-def errno_of(exc: BaseException) -> int:
-    """Errors -> the NBD error the client sees (one of the three translation edges)."""
-    if isinstance(exc, ReadOnlyError):
-        return EPERM
-    if isinstance(exc, OutOfBoundsError):
-        return EINVAL
-    if isinstance(exc, LayerIOError) and isinstance(exc.__cause__, OSError):
-        return ENOSPC if exc.__cause__.errno in (errno.ENOSPC, errno.EDQUOT) else EIO
-    return EIO
+def nbd_errno(exc: BaseException) -> int:
+    """The NBD error a client sees for a failed request: :func:`~overlaybd.errors.errno_of`, narrowed to the errors
+    the protocol names (read-only is ``EPERM``, a full quota ``ENOSPC``, any other errno ``EIO``)."""
+    code = errno_of(exc)
+    return _NBD_ERRNO.get(code, code if code in NBD_ERRNOS else EIO)
 
 
 def _write_zero_data(src: BlockSource, offset: int, length: int) -> None:

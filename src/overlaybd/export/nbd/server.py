@@ -22,10 +22,10 @@ from .gate import RequestGate
 from .handshake import negotiate
 from .limits import ByteBudget, Limits, OncePerInterval
 from .protocol import ProtocolError
-from .requests import errno_of
+from .requests import nbd_errno
 from .session import EndConnection, Export
 
-__all__ = ["Export", "Limits", "NbdServer", "errno_of", "parse_listen", "serve"]
+__all__ = ["Export", "Limits", "NbdServer", "nbd_errno", "parse_listen", "serve"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
