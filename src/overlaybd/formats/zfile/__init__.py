@@ -1,1 +1,1 @@
-"""ZFile: a compressed container read at random through a jump table (spec §4)."""
+"""ZFile: a compressed container read at random through a jump table."""

@@ -1,4 +1,4 @@
-/* Runs of ZFile blocks (spec §4.4-§4.6) compressed or decompressed in one call, with the GIL released.
+/* Runs of ZFile blocks compressed or decompressed in one call, with the GIL released.
  *
  * The Python path pays an interpreter round trip, a fresh bytes object and a copy per block; at 4 KiB blocks
  * that costs as much as LZ4 itself. Here one call handles a whole run: decompress straight into the caller's
@@ -368,7 +368,7 @@ static int decompress_run(DecompressJob *j) {
         size_t n = (size_t)(b - a);
         if (j->verify) {
             n -= CRC_SIZE;
-            uint32_t got = crc_raw(100007u, src, n); /* the ZFile per-block seed (spec §4.6) */
+            uint32_t got = crc_raw(100007u, src, n); /* the seed every ZFile block CRC starts from */
             if (got != load_le32(src + n)) {
                 j->detail = got;
                 return ST_CRC;

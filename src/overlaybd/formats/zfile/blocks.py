@@ -1,5 +1,5 @@
 """Runs of ZFile blocks: compress a batch into one buffer, or decompress a run straight into the caller's buffer,
-checking each block's CRC32C on the way (spec §4.4-§4.6).
+checking each block's CRC32C on the way.
 
 Two implementations keep one contract. ``NativeRuns`` is the C extension ``_blocks`` (one call a run, the GIL
 released, the system liblz4/libzstd); ``PythonRuns`` does the same with ``lz4``/``zstandard`` one block at a time.

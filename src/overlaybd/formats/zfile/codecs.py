@@ -1,4 +1,4 @@
-"""Block codecs: raw LZ4 blocks and zstd frames (spec §4.4). All release the GIL while they work."""
+"""Block codecs: raw LZ4 blocks and zstd frames. All release the GIL while they work."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ZFile byte layout, declared once (spec §4.2, §4.3)."""
+"""ZFile byte layout, declared once: the 512-byte header and trailer records, and the jump table."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ FLAG_DATA = 0x02
 FLAG_SEALED = 0x04
 FLAG_HEADER_OVERWRITE = 0x08
 FLAG_DIGEST = 0x10
-KNOWN_FLAGS = 0x1F  # legacy writers left garbage in the other bits (spec §4.11)
+KNOWN_FLAGS = 0x1F  # legacy writers left garbage in the other bits; only these five mean anything
 
 ALGO_LZO = 0
 ALGO_LZ4 = 1
@@ -40,7 +40,7 @@ SUPPORTED_ALGOS = (ALGO_LZ4, ALGO_ZSTD)
 
 MAX_BLOCK_SIZE = 65536
 MIN_BLOCK_SIZE = 4096
-MAX_STORED_BLOCK = 65536  # the reference reader cannot read a longer stored block (spec §4.5)
+MAX_STORED_BLOCK = 65536  # the reference reader cannot read a longer stored block (its read buffer is this size)
 MAX_BLOCKS = 1_000_000_000
 CRC_SIZE = 4
 
@@ -95,7 +95,7 @@ class ZFileHeader:
         return replace(self, **changes)  # type: ignore[arg-type]
 
     def pack(self) -> bytes:
-        """512 bytes with the digest computed over the record with the digest field zero (spec §4.7)."""
+        """512 bytes with the digest computed over the record with the digest field zero."""
         body = bytearray(RECORD_SIZE)
         _RECORD.pack_into(body, 0, MAGIC0, MAGIC1, STRUCT_SIZE, 0, self.flags, self.index_offset, self.index_size,
                           self.original_file_size, self.index_crc, 0, self.block_size, self.algo, self.level,
@@ -141,7 +141,7 @@ def max_stored_length(algo: int, block_size: int, verify: bool) -> int:
     return bound + (CRC_SIZE if verify else 0)
 
 
-# -- what a reader demands before trusting a record (spec §4.9) -------------------------------------------------------
+# -- what a reader demands before trusting a record --------------------------------------------------------------
 # ``at`` is where the record lies in the ZFile, ``base`` where the ZFile lies in the file called ``path`` (the tar
 # payload offset): errors point at ``base + at + FIELD[name]``.
 

@@ -1,4 +1,4 @@
-"""Writing ZFiles (spec §4.8): fixed-size blocks compressed in parallel, CRC per block, jump table, trailer.
+"""Writing ZFiles: fixed-size blocks compressed in parallel, CRC per block, jump table, trailer.
 
 A stored block may never exceed 65,536 bytes, or the reference reader rejects the file. Only 64 KiB blocks of
 incompressible data can get there; when a block would, the whole file is written again with 32 KiB blocks
@@ -86,7 +86,7 @@ SPARE_SLOTS = min(8, 2 * (os.cpu_count() or 1))  # at most ~17 MiB kept
 
 
 def _take_slots(n: int, data_len: int, out_len: int) -> list[_Slot]:
-    """``n`` slots at least this big: kept ones first, since fresh memory costs ~1 ms a MiB here (PEERS §0)."""
+    """``n`` slots at least this big: kept ones first, since fresh memory costs about 1 ms a MiB to fault in."""
     with _spare_lock:
         slots = [s for s in _spare if len(s.data) >= data_len and len(s.out) >= out_len][:n]
         for s in slots:
@@ -192,7 +192,7 @@ def _write(src: BlockSource, fd: int, base: int, algo: int, block_size: int, ver
     # With one worker, this thread reads each batch and writes it out once compressed, so both overlap the
     # compression. With more, each worker reads, compresses and writes its own batch (at the place a _Placer
     # gives it), and this thread only hands out work: a third busy thread would take CPU from the workers. At most
-    # 2 * threads batches are in flight, and their buffers go round (fresh memory is slow here, PEERS §0).
+    # 2 * threads batches are in flight, and their buffers go round (fresh memory costs about 1 ms a MiB to fault in).
     capacity = batch // block_size * (blocks.ACTIVE.compress_bound(algo, block_size) + CRC_SIZE)
     free = _take_slots(min(2 * threads, -(-total // batch)), batch, capacity)
     owned = list(free)
