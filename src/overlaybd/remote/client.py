@@ -250,25 +250,7 @@ class RegistryClient:
             raise AuthError(f"{self.host}: token realm {shown!r} is not an http(s) URL")
         service = challenge.params.get("service", "")
         scopes = [s for s in (scope.split(" ") if scope else [challenge.params.get("scope", "")]) if s]
-        creds = self.credentials
-        try:
-            if creds and creds.identity_token:
-                r = session.post(realm, data={"grant_type": "refresh_token", "service": service,
-                                              "scope": " ".join(scopes), "client_id": "pyoverlaybd",
-                                              "refresh_token": creds.identity_token},
-                                 timeout=op.timeouts(), verify=self.verify, stream=True)
-            else:
-                auth = (creds.username, creds.password) if creds and creds.username else None
-                query = urlencode([("service", service)] + [("scope", s) for s in scopes])
-                sep = "&" if "?" in realm else "?"
-                r = session.get(f"{realm}{sep}{query}", auth=auth, timeout=op.timeouts(), verify=self.verify,
-                                stream=True)
-        except requests.exceptions.SSLError:
-            raise TransportError(f"token service {shown}: TLS error") from None
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise Retryable(f"token service {shown} unreachable: {type(exc).__name__}") from None
-        except requests.RequestException as exc:
-            raise TransportError(f"token service {shown}: {type(exc).__name__}") from None
+        r = self._ask_token_service(session, op, realm, service, scopes)
         try:
             if r.status_code >= 500 or r.status_code == 429:
                 raise Retryable(f"token service {shown}: HTTP {r.status_code}")
@@ -283,6 +265,30 @@ class RegistryClient:
             raise AuthError(f"{self.host}: the token service {shown} sent no token")
         with self._lock:
             self._tokens[scope] = token
+
+    def _ask_token_service(self, session: requests.Session, op: Operation, realm: str, service: str,
+                           scopes: list[str]) -> requests.Response:
+        """The token service's answer (not yet read): an identity token is exchanged by POST, a username and
+        password (or nothing, for anonymous pulls) go with a GET."""
+        shown = redact_url(realm)
+        creds = self.credentials
+        try:
+            if creds and creds.identity_token:
+                return session.post(realm, data={"grant_type": "refresh_token", "service": service,
+                                                 "scope": " ".join(scopes), "client_id": "pyoverlaybd",
+                                                 "refresh_token": creds.identity_token},
+                                    timeout=op.timeouts(), verify=self.verify, stream=True)
+            auth = (creds.username, creds.password) if creds and creds.username else None
+            query = urlencode([("service", service)] + [("scope", s) for s in scopes])
+            sep = "&" if "?" in realm else "?"
+            return session.get(f"{realm}{sep}{query}", auth=auth, timeout=op.timeouts(), verify=self.verify,
+                               stream=True)
+        except requests.exceptions.SSLError:
+            raise TransportError(f"token service {shown}: TLS error") from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise Retryable(f"token service {shown} unreachable: {type(exc).__name__}") from None
+        except requests.RequestException as exc:
+            raise TransportError(f"token service {shown}: {type(exc).__name__}") from None
 
 
 def _token_from(r: requests.Response, op: Operation) -> str | None:

@@ -184,7 +184,14 @@ def _write(src: BlockSource, fd: int, base: int, algo: int, block_size: int, ver
     header = ZFileHeader(flags=FLAG_HEADER | FLAG_DATA | FLAG_DIGEST, block_size=block_size, algo=algo,
                          verify=verify)
     write_all(fd, header.pack(), base, name)
-    pos = base + RECORD_SIZE
+    pos, all_lengths = _write_blocks(src, fd, base + RECORD_SIZE, algo, block_size, verify, threads, progress, name)
+    lengths = np.concatenate(all_lengths) if all_lengths else np.empty(0, dtype="<u4")
+    return _write_tail(fd, base, pos, header, lengths, src.size, overwrite_header, name)
+
+
+def _write_blocks(src: BlockSource, fd: int, pos: int, algo: int, block_size: int, verify: bool, threads: int,
+                  progress: Progress | None, name: str) -> tuple[int, list[np.ndarray]]:
+    """Every block of ``src``, compressed, from ``pos`` on: where they end, and their stored lengths by batch."""
     total = src.size
     batch = max(block_size, BATCH_BYTES // block_size * block_size)
     all_lengths: list[np.ndarray] = []
@@ -234,7 +241,12 @@ def _write(src: BlockSource, fd: int, base: int, algo: int, block_size: int, ver
     if placer is not None:
         pos = placer.pos
     _keep_slots(owned)  # only once no worker can touch them any more
-    lengths = np.concatenate(all_lengths) if all_lengths else np.empty(0, dtype="<u4")
+    return pos, all_lengths
+
+
+def _write_tail(fd: int, base: int, pos: int, header: ZFileHeader, lengths: np.ndarray, total: int,
+                overwrite_header: bool, name: str) -> ZFileResult:
+    """The jump table and trailer after the blocks (and the trailer over the header, when asked)."""
     table = lengths.astype("<u4").tobytes()
     index_offset = pos - base
     write_all(fd, table, pos, name)
@@ -246,4 +258,4 @@ def _write(src: BlockSource, fd: int, base: int, algo: int, block_size: int, ver
     if overwrite_header:
         write_all(fd, trailer.with_(flags=FLAG_HEADER | FLAG_DATA | FLAG_HEADER_OVERWRITE | FLAG_DIGEST).pack(),
                   base, name)
-    return ZFileResult(trailer, pos - base, block_size)
+    return ZFileResult(trailer, pos - base, header.block_size)
