@@ -11,7 +11,6 @@ from collections.abc import Callable, Coroutine
 from contextlib import ExitStack
 from typing import Any
 
-from .. import metrics
 from ..errors import UsageError
 from ..export.nbd.limits import Limits
 from ..export.nbd.server import Export, serve
@@ -19,7 +18,7 @@ from ..export.served import ServedVolume
 from ..metrics import Recorder
 from ..operations import open_stack
 from ..volume import CONFIG, Volume
-from .common import open_volume, parse_size
+from .common import open_volume, parse_size, start_metrics
 from .stats import render
 
 _DEFAULTS = Limits()
@@ -94,20 +93,6 @@ def _stack_exports(args: argparse.Namespace, owned: ExitStack) -> list[Export]:
     writable = upper is not None and not args.readonly
     stack = owned.enter_context(open_stack(args.layers, upper, writable=writable))
     return [Export(args.name, stack, readonly=not writable, inline=True)]
-
-
-def start_metrics(spec: str, owned: ExitStack) -> tuple[Recorder, str]:
-    """A recorder that keeps the figures, the process's, served over HTTP at ``spec``; (it, its URL)."""
-    try:  # prometheus-client is an extra (pyoverlaybd[metrics]), loaded only when asked for
-        from ..export.prometheus import Endpoint, PrometheusMetrics
-    except ImportError as exc:
-        raise UsageError(f"--metrics needs prometheus-client (pip install 'pyoverlaybd[metrics]'): {exc}") from None
-    recorder = PrometheusMetrics()
-    endpoint = Endpoint(recorder, spec)
-    owned.callback(endpoint.close)
-    metrics.set_default(recorder)
-    owned.callback(metrics.set_default, None)
-    return recorder, endpoint.url
 
 
 def run(args: argparse.Namespace) -> int:
