@@ -12,6 +12,7 @@ import socket
 import subprocess
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -66,8 +67,8 @@ def delta(after: Samples, before: Samples, name: str, **labels: str) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
 
-def stats_json(vol: Path) -> dict[str, object]:
-    out: dict[str, object] = json.loads(run(*OVERLAYBD, "stats", str(vol), "--output", "json"))
+def stats_json(vol: str | Path) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(run(*OVERLAYBD, "stats", str(vol), "--output", "json"))
     return out
 
 
@@ -276,7 +277,6 @@ def test_attach_counts_fuse_requests(tmp_path: Path) -> None:
         assert delta(after, before, "overlaybd_request_bytes_total", command="write") == 4096
         assert delta(after, before, "overlaybd_requests_total", command="fsync") >= 1
         stats = stats_json(vol)
-        assert stats["requests"]["read"]["bytes"] == value(after, "overlaybd_request_bytes_total",  # type: ignore[index]
-                                                           command="read")
+        assert stats["requests"]["read"]["bytes"] == value(after, "overlaybd_request_bytes_total", command="read")
     finally:
         run(*OVERLAYBD, "detach", device)
