@@ -14,13 +14,18 @@
    ``qemu-nbd -t -f raw`` on a copy of the raw view: ``fio --ioengine=nbd --rw=randwrite --bs=4k --fsync=64
    --iodepth=1|16``, and ``qemu-io -t writeback -f raw URI`` reading a stdin script (``write -q -P <b> <off> 4k``
    lines, ``flush`` every 64; without ``-t writeback`` qemu-io is writethrough and flushes after every write).
+4. (``--only metrics``) What counting costs: random 4 KiB reads (``qemu-img bench`` as in 2, QD1 and QD16) on the
+   deep volume, ``overlaybd serve`` with ``--metrics 127.0.0.1:0`` vs the same server without it, interleaved, in
+   rounds (5; quick 3): per-round ratios, their median and range. And, less exposed to a busy machine, the
+   time of what ``--metrics`` adds to each request (two clock reads and the recorder's update), timed in process,
+   beside the time a QD1 request takes without it.
 
 Every server listens on a Unix socket. Measurements are interleaved (ours, peer, ours, peer, ...), the page cache
 is re-warmed right before each one (idle pages are reclaimed within about a minute), and the median is printed.
 Correctness checks fail the run (timings never do): every export must read (``nbdcopy --no-extents URI -``) with
 the same SHA-256 as the raw file, and after the same qemu-io write script ours must read as the qemu-nbd disk.
 
-    .venv/bin/python benchmarks/bench_nbd.py [--quick] [--workdir DIR] [--repeats N] [--json FILE]
+    .venv/bin/python benchmarks/bench_nbd.py [--quick] [--workdir DIR] [--repeats N] [--json FILE] [--only ...]
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ from nbd_common import (
     versions,
     write_view_raw,
 )
+
+from overlaybd.export.prometheus import PrometheusMetrics
 
 SERVE_CMD: list[str] | None = None  # --serve-cmd: what runs "serve" instead of overlaybd
 
@@ -293,12 +300,77 @@ def bench_writes(wd: str, size: int, repeats: int, seed: int, runtime: int, scri
     return out
 
 
+# -- 4. the cost of counting ------------------------------------------------------------------------------
+
+
+def bench_metrics_cost(wd: str, size: int, depth: int, rounds: int, seed: int, secs: float) -> dict[str, Any]:
+    vol = os.path.join(wd, f"mvol{depth}")
+    build_layered_volume(vol, size, depth, seed)
+    names = ["without --metrics", "with --metrics"]
+    res: dict[int, dict[str, list[float]]] = {d: {n: [] for n in names} for d in (1, 16)}
+    ratios: dict[int, list[float]] = {1: [], 16: []}
+    with contextlib.ExitStack() as servers:
+        uris = {names[0]: servers.enter_context(ours_server(vol, os.path.join(wd, "m0.sock"), readonly=True)),
+                names[1]: servers.enter_context(overlaybd_server(vol, os.path.join(wd, "m1.sock"), readonly=True,
+                                                                 extra=["--metrics", "127.0.0.1:0"],
+                                                                 command=SERVE_CMD))}
+        counts: dict[int, int] = {}
+        for rnd in range(rounds):
+            for d in (1, 16):
+                order = names if rnd % 2 == 0 else names[::-1]
+                if d not in counts:  # calibrate on the server without metrics: about `secs` seconds a measurement
+                    warm([vol])
+                    counts[d] = int(min(max(qemu_img_bench(uris[names[0]], 2000, d) * secs, 2000), 500_000))
+                got = {}
+                for n in order:
+                    warm([vol])
+                    got[n] = qemu_img_bench(uris[n], counts[d], d)
+                    res[d][n].append(got[n])
+                ratios[d].append(got[names[1]] / got[names[0]])
+            log(f"metrics: round {rnd + 1}/{rounds} done")
+    rows = []
+    out: dict[str, Any] = {"size": size, "depth": depth, "rounds": rounds, "counts": counts}
+    for d in (1, 16):
+        r = ratios[d]
+        rows.append([f"QD{d}", median(res[d][names[0]]), median(res[d][names[1]]), median(r), min(r), max(r)])
+        out[f"qd{d}"] = {"median": {n: median(res[d][n]) for n in names}, "all": res[d], "ratios": r,
+                         "ratio_median": median(r)}
+    print(table(["depth", "without --metrics IOPS", "with --metrics IOPS", "with/without (median)", "min", "max"],
+                rows, title=f"What counting costs: random 4 KiB reads, {depth} snapshots, {size // MiB} MiB disk, "
+                            f"{rounds} interleaved rounds"))
+    update = counting_cost()
+    request = 1e6 / out["qd1"]["median"][names[0]]
+    out["update_us"], out["qd1_request_us"] = update, request
+    print(f"\nthe update --metrics adds to a request: {update:.2f} us (median of 5 x 200,000, in process); a QD1 "
+          f"request without it: {request:.1f} us; share {update / request:.1%}")
+    print()
+    return out
+
+
+def counting_cost(n: int = 200_000) -> float:
+    """Microseconds a request's counting takes: two clock reads and ``PrometheusMetrics.request``, less the loop."""
+    rec = PrometheusMetrics()
+    clock = time.perf_counter
+    runs = []
+    for _ in range(5):
+        t0 = clock()
+        for _ in range(n):
+            started = clock()
+            rec.request("READ", 4096, clock() - started, 0)
+        t1 = clock()
+        for _ in range(n):
+            pass
+        runs.append((t1 - t0 - (clock() - t1)) / n * 1e6)
+    return median(runs)
+
+
 def main() -> int:
     ap = base_parser(__doc__)
     ap.add_argument("--seq-size-mib", type=int, help="sequential-read volume size (1024; quick 256)")
     ap.add_argument("--rand-size-mib", type=int, help="random-read volume size (256; quick 32)")
     ap.add_argument("--depth", type=int, default=64, help="snapshots / qcow2 layers of the deep volume (64)")
-    ap.add_argument("--only", default="seq,rand,write", help="comma-separated subset of seq,rand,write")
+    ap.add_argument("--only", default="seq,rand,write",
+                    help="comma-separated subset of seq,rand,write,metrics (metrics: what --metrics costs)")
     ap.add_argument("--serve-cmd", help="command that stands for 'overlaybd' when serving (e.g. 'python patched.py' "
                                         "to measure a change to the server); default: the venv's overlaybd")
     args = ap.parse_args()
@@ -331,6 +403,9 @@ def main() -> int:
         if "write" in only:
             result["random_writes"] = bench_writes(wd, rand_size, repeats, args.seed, runtime=2 if quick else 10,
                                                    script_writes=2000 if quick else 20000)
+        if "metrics" in only:
+            result["metrics_cost"] = bench_metrics_cost(wd, rand_size, args.depth, args.repeats or (3 if quick else 5),
+                                                        args.seed, secs=0.5 if quick else 2.0)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     emit_json(result, args.json)
     return 0

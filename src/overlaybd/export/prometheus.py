@@ -9,106 +9,136 @@ module.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from .. import metrics
 from ..errors import UsageError
-from ..metrics import Recorder, errno_name
+from ..metrics import BUCKETS, Recorder, errno_name
 
-Children = tuple[Any, Any, Any]  # one command's requests counter, bytes counter, latency histogram
+_LE = (*(repr(float(b)) for b in BUCKETS), "+Inf")  # the buckets' upper bounds, as Prometheus writes them
+
+
+class _Command:
+    """One command's figures."""
+
+    __slots__ = ("buckets", "bytes", "count", "errors", "seconds")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.bytes = 0
+        self.seconds = 0.0
+        self.buckets = [0] * (len(BUCKETS) + 1)  # not cumulative; the last is past the largest bound
+        self.errors: dict[int, int] = {}
 
 
 class PrometheusMetrics(Recorder):
-    """A recorder that keeps every figure, in ``self.registry``."""
+    """A recorder that keeps every figure, served by ``self.registry``. Counting is a few additions under a lock
+    (a request costs well under a microsecond); the Prometheus families are made when scraped."""
 
     active = True
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        reg = self.registry
-        self._requests = Counter(*metrics.REQUESTS, registry=reg)
-        self._bytes = Counter(*metrics.REQUEST_BYTES, registry=reg)
-        self._seconds = Histogram(*metrics.REQUEST_SECONDS, registry=reg, buckets=metrics.BUCKETS)
-        self._errors = Counter(*metrics.ERRORS, registry=reg)
-        self._hits = Counter(*metrics.CACHE_HITS, registry=reg)
-        self._misses = Counter(*metrics.CACHE_MISSES, registry=reg)
-        self._fetched = Counter(*metrics.REGISTRY_BYTES, registry=reg)
-        self._retries = Counter(*metrics.REGISTRY_RETRIES, registry=reg)
-        self._by_command: dict[str, Children] = {}
         self._lock = threading.Lock()
+        self._commands: dict[str, _Command] = {}
+        self._hits = 0
+        self._misses = 0
+        self._fetched: dict[str, int] = {}
+        self._retries: dict[str, int] = {}
+        self._gauges: tuple[Callable[[], float], Callable[[], float], float] | None = None
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(self)
 
     def watch(self, connections: Callable[[], float], inflight: Callable[[], float], inflight_limit: float) -> None:
-        """Gauges read when scraped: a server's open connections and bytes in flight (nothing to update)."""
-        reg = self.registry
-        Gauge(*metrics.CONNECTIONS, registry=reg).set_function(connections)
-        Gauge(*metrics.INFLIGHT_BYTES, registry=reg).set_function(inflight)
-        Gauge(*metrics.INFLIGHT_LIMIT, registry=reg).set(inflight_limit)
+        self._gauges = (connections, inflight, inflight_limit)
 
     # -- counting (any thread) -------------------------------------------------------------------------------------
     def request(self, command: str, nbytes: int, seconds: float, error: int = 0) -> None:
-        children = self._by_command.get(command)
-        if children is None:
-            children = self._bind(command)
-        children[0].inc()
-        children[2].observe(seconds)
-        if error:
-            self._errors.labels(command, errno_name(error)).inc()
-        elif nbytes:
-            children[1].inc(nbytes)
-
-    def _bind(self, command: str) -> Children:
         with self._lock:
-            children = self._by_command.get(command)
-            if children is None:
-                children = (self._requests.labels(command), self._bytes.labels(command),
-                            self._seconds.labels(command))
-                self._by_command[command] = children
-            return children
+            c = self._commands.get(command)
+            if c is None:
+                c = self._commands[command] = _Command()
+            c.count += 1
+            c.seconds += seconds
+            c.buckets[bisect_left(BUCKETS, seconds)] += 1
+            if error:
+                c.errors[error] = c.errors.get(error, 0) + 1
+            else:
+                c.bytes += nbytes
 
     def cache_hit(self) -> None:
-        self._hits.inc()
+        with self._lock:
+            self._hits += 1
 
     def cache_miss(self) -> None:
-        self._misses.inc()
+        with self._lock:
+            self._misses += 1
 
     def fetched(self, host: str, nbytes: int) -> None:
-        self._fetched.labels(host).inc(nbytes)
+        with self._lock:
+            self._fetched[host] = self._fetched.get(host, 0) + nbytes
 
     def retried(self, host: str) -> None:
-        self._retries.labels(host).inc()
+        with self._lock:
+            self._retries[host] = self._retries.get(host, 0) + 1
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def figures(self) -> dict[str, Any]:
-        """Every figure, as ``overlaybd stats --output json`` prints it (the sums of what Prometheus scrapes)."""
-        out: dict[str, Any] = {"requests": {}, "cache": {"hits": 0, "misses": 0}, "registries": {}}
-        requests: dict[str, dict[str, Any]] = out["requests"]
-
-        def command(name: str) -> dict[str, Any]:
-            return requests.setdefault(name, {"count": 0, "bytes": 0, "errors": {}, "seconds": 0.0})
-
-        for family in self.registry.collect():
-            for s in family.samples:
-                labels, value = s.labels, s.value
-                if s.name == "overlaybd_requests_total":
-                    command(labels["command"])["count"] = int(value)
-                elif s.name == "overlaybd_request_bytes_total":
-                    command(labels["command"])["bytes"] = int(value)
-                elif s.name == "overlaybd_request_seconds_sum":
-                    command(labels["command"])["seconds"] = value
-                elif s.name == "overlaybd_request_errors_total":
-                    command(labels["command"])["errors"][labels["errno"]] = int(value)
-                elif s.name in ("overlaybd_cache_hits_total", "overlaybd_cache_misses_total"):
-                    out["cache"][s.name.split("_")[2]] = int(value)
-                elif s.name in ("overlaybd_registry_bytes_total", "overlaybd_registry_retries_total"):
-                    host = out["registries"].setdefault(labels["host"], {"bytes": 0, "retries": 0})
-                    host[s.name.split("_")[2]] = int(value)
-                elif s.name in ("overlaybd_connections", "overlaybd_inflight_bytes", "overlaybd_inflight_bytes_limit"):
-                    out[s.name[len("overlaybd_"):]] = int(value)
+        """Every figure, as ``overlaybd stats --output json`` prints it: what Prometheus scrapes, summed up."""
+        with self._lock:
+            out: dict[str, Any] = {
+                "requests": {name: {"count": c.count, "bytes": c.bytes,
+                                    "errors": {errno_name(e): n for e, n in sorted(c.errors.items())},
+                                    "seconds": c.seconds} for name, c in self._commands.items()},
+                "cache": {"hits": self._hits, "misses": self._misses},
+                "registries": {host: {"bytes": self._fetched.get(host, 0), "retries": self._retries.get(host, 0)}
+                               for host in sorted({*self._fetched, *self._retries})},
+            }
+        if self._gauges is not None:
+            connections, inflight, limit = self._gauges
+            out.update(connections=int(connections()), inflight_bytes=int(inflight()),
+                       inflight_bytes_limit=int(limit))
         return out
+
+    def collect(self) -> Iterator[Metric]:
+        """The Prometheus families (the registry calls this when scraped)."""
+        with self._lock:
+            commands = {name: (c.count, c.bytes, c.seconds, list(c.buckets), dict(c.errors))
+                        for name, c in self._commands.items()}
+            hits, misses = self._hits, self._misses
+            fetched, retries = dict(self._fetched), dict(self._retries)
+        requests = CounterMetricFamily(*metrics.REQUESTS[:2], labels=metrics.REQUESTS[2])
+        moved = CounterMetricFamily(*metrics.REQUEST_BYTES[:2], labels=metrics.REQUEST_BYTES[2])
+        latency = HistogramMetricFamily(*metrics.REQUEST_SECONDS[:2], labels=metrics.REQUEST_SECONDS[2])
+        errors = CounterMetricFamily(*metrics.ERRORS[:2], labels=metrics.ERRORS[2])
+        for name, (count, nbytes, seconds, buckets, failed) in sorted(commands.items()):
+            requests.add_metric([name], count)
+            moved.add_metric([name], nbytes)
+            cumulative, total = [], 0
+            for bound, n in zip(_LE, buckets, strict=True):
+                total += n
+                cumulative.append((bound, float(total)))
+            latency.add_metric([name], cumulative, seconds)
+            for code, n in sorted(failed.items()):
+                errors.add_metric([name, errno_name(code)], n)
+        yield from (requests, moved, latency, errors)
+        yield CounterMetricFamily(*metrics.CACHE_HITS[:2], value=hits)
+        yield CounterMetricFamily(*metrics.CACHE_MISSES[:2], value=misses)
+        for spec, table in ((metrics.REGISTRY_BYTES, fetched), (metrics.REGISTRY_RETRIES, retries)):
+            family = CounterMetricFamily(*spec[:2], labels=spec[2])
+            for host, n in sorted(table.items()):
+                family.add_metric([host], n)
+            yield family
+        if self._gauges is not None:
+            connections, inflight, limit = self._gauges
+            yield GaugeMetricFamily(*metrics.CONNECTIONS[:2], value=connections())
+            yield GaugeMetricFamily(*metrics.INFLIGHT_BYTES[:2], value=inflight())
+            yield GaugeMetricFamily(*metrics.INFLIGHT_LIMIT[:2], value=limit)
 
 
 # -- the HTTP endpoint ---------------------------------------------------------------------------------------------
