@@ -248,6 +248,22 @@ def test_stats_without_a_counting_server_is_a_clear_error(tmp_path: Path) -> Non
         assert res.returncode == 1 and "started without --metrics" in res.stderr, res.stderr
 
 
+def test_a_writable_server_takes_the_control_socket_from_a_counting_read_only_one(tmp_path: Path) -> None:
+    vol = tmp_path / "vol"
+    run(*OVERLAYBD, "create", str(vol), "--size", "16M")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "rw").mkdir()
+    with serving([str(vol), "--readonly", "--metrics", "127.0.0.1:0"], tmp_path / "ro") as reader:
+        wait_url(reader)
+        assert "requests" in stats_json(vol)  # the read-only server answers
+        with serving([str(vol)], tmp_path / "rw"):  # starts, though the socket was taken
+            res = subprocess.run([*OVERLAYBD, "stats", str(vol)], capture_output=True, text=True, timeout=60)
+            assert res.returncode == 1 and "started without --metrics" in res.stderr, res.stderr
+            run(*OVERLAYBD, "snapshot", str(vol), "-m", "through the writable server")
+        assert "writable server took the control socket" in reader.log()
+    assert len(Volume(str(vol)).snapshots()) == 1
+
+
 def test_attach_counts_fuse_requests(tmp_path: Path) -> None:
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not os.path.exists("/dev/loop-control"):
         pytest.skip("attach needs root, /dev/fuse and loop devices")

@@ -47,15 +47,21 @@ class ControlSocket:
         accepting = accept_connections(self._listener.sock, self._accepted, self._starving)
         self._accepting = asyncio.get_running_loop().create_task(accepting)
 
-    async def close(self) -> None:
+    async def stop_listening(self) -> None:
+        """Take no more connections and remove the socket's path (answers under way go on)."""
         if self._accepting is not None:
             self._accepting.cancel()
             await asyncio.gather(self._accepting, return_exceptions=True)
+            self._accepting = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    async def close(self) -> None:
+        await self.stop_listening()
         for task in list(self._clients):
             task.cancel()
         await asyncio.gather(*self._clients, return_exceptions=True)
-        if self._listener is not None:
-            self._listener.close()
 
     def _accepted(self, conn: socket.socket, address: object) -> None:
         task = asyncio.get_running_loop().create_task(self._answer(conn))

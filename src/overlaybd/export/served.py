@@ -21,6 +21,7 @@ from ..formats.output import Compression
 from ..metrics import Recorder
 from ..volume import Snapshot, Volume
 from .control import ControlSocket, socket_path
+from .control import request as control_request
 from .nbd.limits import Limits
 from .nbd.server import Export, NbdServer, serve
 
@@ -72,7 +73,14 @@ class ServedVolume:
         self.server = server
         if not self.readonly:
             self._control = ControlSocket(socket_path(self.volume.path), self._on_request)
-            await self._control.start()
+            try:
+                await self._control.start()
+            except LockedError:  # a read-only server that counts holds it: it gives it up to the writer
+                loop = asyncio.get_running_loop()
+                reply = await loop.run_in_executor(None, control_request, self.volume.path, {"op": "release"}, 10.0)
+                if not (reply or {}).get("ok"):
+                    raise
+                await self._control.start()
         elif self.metrics is not None:  # read-only servers of one volume may be several: the first answers
             control = ControlSocket(socket_path(self.volume.path), self._on_request)
             try:
@@ -87,6 +95,11 @@ class ServedVolume:
             if self.metrics is None:
                 return {"ok": False, "error": "the server counts nothing: it was started without --metrics"}
             return {"ok": True, "stats": self.metrics.figures()}
+        if request.get("op") == "release" and self.readonly and self._control is not None:
+            await self._control.stop_listening()  # a writable server of the volume wants the socket
+            log.warning("%s: a writable server took the control socket; 'overlaybd stats' reads its figures",
+                        self.volume.path)
+            return {"ok": True}
         if request.get("op") != "snapshot":
             return {"ok": False, "error": f"unknown operation {request.get('op')!r}"}
         if self.readonly:
