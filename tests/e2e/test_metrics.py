@@ -296,3 +296,18 @@ def test_attach_counts_fuse_requests(tmp_path: Path) -> None:
         assert stats["requests"]["read"]["bytes"] == value(after, "overlaybd_request_bytes_total", command="read")
     finally:
         run(*OVERLAYBD, "detach", device)
+
+
+def test_a_read_only_attach_that_counts_lets_a_writable_server_start(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not os.path.exists("/dev/loop-control"):
+        pytest.skip("attach needs root, /dev/fuse and loop devices")
+    vol = tmp_path / "vol"
+    run(*OVERLAYBD, "create", str(vol), "--size", "16M")
+    device = run(*OVERLAYBD, "attach", str(vol), "--readonly", "--metrics", "127.0.0.1:0").strip()
+    try:
+        assert "requests" in stats_json(vol)  # the FUSE daemon answers
+        with serving([str(vol)], tmp_path):
+            res = subprocess.run([*OVERLAYBD, "stats", str(vol)], capture_output=True, text=True, timeout=60)
+            assert res.returncode == 1 and "started without --metrics" in res.stderr, res.stderr
+    finally:
+        run(*OVERLAYBD, "detach", device)

@@ -72,7 +72,7 @@ def run_daemon(args: argparse.Namespace) -> int:
         if args.metrics:
             recorder, url = start_metrics(args.metrics, owned)
             print(f"{loop.METRICS_AT}{url}", file=sys.stderr, flush=True)
-            _answer_stats(vol.path, recorder, owned)
+            _answer_stats(vol.path, recorder, owned, readonly=args.readonly or args.snapshot is not None)
         with vol.open(writable=not args.readonly and args.snapshot is None, snapshot=args.snapshot) as dev:
             try:
                 run_fuse(dev, args.mountpoint, readonly=args.readonly or args.snapshot is not None, metrics=recorder)
@@ -81,11 +81,16 @@ def run_daemon(args: argparse.Namespace) -> int:
     return 0
 
 
-def _answer_stats(volume: str, recorder: Recorder, owned: ExitStack) -> None:
-    """``overlaybd stats VOL`` through the volume's control socket (a snapshot is refused: the volume is attached)."""
+def _answer_stats(volume: str, recorder: Recorder, owned: ExitStack, *, readonly: bool) -> None:
+    """``overlaybd stats VOL`` through the volume's control socket (a snapshot is refused: the volume is attached).
+    Read-only, the socket goes to a writable server of the volume that asks for it."""
     async def answer(request: dict[str, Any]) -> dict[str, Any]:
         if request.get("op") == "stats":
             return {"ok": True, "stats": recorder.figures()}
+        if request.get("op") == "release" and readonly and control.socket is not None:
+            await control.socket.stop_listening()
+            log.warning("%s: a writable server took the control socket", volume)
+            return {"ok": True}
         return {"ok": False, "error": f"the volume is in use by overlaybd attach: {request.get('op')} refused"}
 
     control = ControlThread(socket_path(volume), answer)

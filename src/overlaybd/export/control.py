@@ -146,6 +146,7 @@ class ControlThread:
         self._failure: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self.socket: ControlSocket | None = None  # once started (the handler may stop it listening)
         self._thread = threading.Thread(target=self._run, name="control", daemon=True)
 
     def start(self) -> None:
@@ -161,7 +162,7 @@ class ControlThread:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        control = ControlSocket(self.path, self.handler)
+        control = self.socket = ControlSocket(self.path, self.handler)
         try:
             await control.start()
         except BaseException as exc:
