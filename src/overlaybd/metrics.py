@@ -24,7 +24,7 @@ REQUESTS = ("overlaybd_requests_total", "Requests served, by command (NBD READ, 
             ("command",))
 REQUEST_BYTES = ("overlaybd_request_bytes_total", "Bytes of the ranges of successful requests, by command",
                  ("command",))
-REQUEST_SECONDS = ("overlaybd_request_seconds", "Time from a request's start to its reply, by command",
+REQUEST_SECONDS = ("overlaybd_request_seconds", "Time from a request's start to its reply being sent, by command",
                    ("command",))
 ERRORS = ("overlaybd_request_errors_total", "Requests that failed, by command and the errno the client got",
           ("command", "errno"))

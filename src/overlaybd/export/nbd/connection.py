@@ -153,9 +153,9 @@ class Connection:
                 if req.length > MAX_DISCARD_PAYLOAD:
                     raise EndConnection(f"write payload of {req.length} bytes")
                 await discard(self.reader, req.length)
-                self._send([self._error(req, EINVAL, "request too large")])
                 if self.res.metrics is not None:
                     self.res.metrics.request("WRITE", 0, 0.0, EINVAL)
+                self._send([self._error(req, EINVAL, "request too large")])
                 continue
             if req.command == CMD_DISC:
                 self._disconnecting = True
@@ -211,14 +211,14 @@ class Connection:
         started = time.perf_counter() if metrics is not None else 0.0
         try:
             reply, buf, error = await self._execute(req, payload)
+            if metrics is not None:  # before the reply goes: a client that has it finds it counted
+                metrics.request(COMMANDS.get(req.command, "OTHER"), req.length, time.perf_counter() - started, error)
             try:
                 sent = self._send(reply)
             finally:
                 if buf is not None:
                     # reusable only if the transport kept no reference to it (it copies, or sent it all)
                     self.res.buffers.give(buf, reusable=self.transport.get_write_buffer_size() == 0)
-            if metrics is not None:
-                metrics.request(COMMANDS.get(req.command, "OTHER"), req.length, time.perf_counter() - started, error)
             if sent:
                 await self._drain()
         except (EndConnection, ConnectionError):
