@@ -16,9 +16,10 @@
    lines, ``flush`` every 64; without ``-t writeback`` qemu-io is writethrough and flushes after every write).
 4. (``--only metrics``) What counting costs: random 4 KiB reads (``qemu-img bench`` as in 2, QD1 and QD16) on the
    deep volume, ``overlaybd serve`` with ``--metrics 127.0.0.1:0`` vs the same server without it, interleaved, in
-   rounds (5; quick 3): per-round ratios, their median and range. And, less exposed to a busy machine, the
-   time of what ``--metrics`` adds to each request (two clock reads and the recorder's update), timed in process,
-   beside the time a QD1 request takes without it.
+   rounds (5; quick 3): IOPS and the server process's CPU time per request (``/proc/PID/stat``, less exposed to
+   a busy machine than IOPS), per-round ratios, their median and range. And the time of what ``--metrics`` adds to
+   each request (two clock reads and the recorder's update), timed in process, beside the server's CPU time for
+   a QD1 request without it.
 
 Every server listens on a Unix socket. Measurements are interleaved (ours, peer, ours, peer, ...), the page cache
 is re-warmed right before each one (idle pages are reclaimed within about a minute), and the median is printed.
@@ -308,45 +309,71 @@ def bench_metrics_cost(wd: str, size: int, depth: int, rounds: int, seed: int, s
     build_layered_volume(vol, size, depth, seed)
     names = ["without --metrics", "with --metrics"]
     res: dict[int, dict[str, list[float]]] = {d: {n: [] for n in names} for d in (1, 16)}
-    ratios: dict[int, list[float]] = {1: [], 16: []}
+    cpu: dict[int, dict[str, list[float]]] = {d: {n: [] for n in names} for d in (1, 16)}  # server CPU us a request
     with contextlib.ExitStack() as servers:
-        uris = {names[0]: servers.enter_context(ours_server(vol, os.path.join(wd, "m0.sock"), readonly=True)),
-                names[1]: servers.enter_context(overlaybd_server(vol, os.path.join(wd, "m1.sock"), readonly=True,
+        socks = {n: os.path.join(wd, f"m{i}.sock") for i, n in enumerate(names)}
+        uris = {names[0]: servers.enter_context(ours_server(vol, socks[names[0]], readonly=True)),
+                names[1]: servers.enter_context(overlaybd_server(vol, socks[names[1]], readonly=True,
                                                                  extra=["--metrics", "127.0.0.1:0"],
                                                                  command=SERVE_CMD))}
+        pids = {n: server_pid(socks[n]) for n in names}
         counts: dict[int, int] = {}
         for rnd in range(rounds):
             for d in (1, 16):
-                order = names if rnd % 2 == 0 else names[::-1]
                 if d not in counts:  # calibrate on the server without metrics: about `secs` seconds a measurement
                     warm([vol])
                     counts[d] = int(min(max(qemu_img_bench(uris[names[0]], 2000, d) * secs, 2000), 500_000))
-                got = {}
-                for n in order:
+                for n in (names if rnd % 2 == 0 else names[::-1]):
                     warm([vol])
-                    got[n] = qemu_img_bench(uris[n], counts[d], d)
-                    res[d][n].append(got[n])
-                ratios[d].append(got[names[1]] / got[names[0]])
+                    before = cpu_seconds(pids[n])
+                    res[d][n].append(qemu_img_bench(uris[n], counts[d], d))
+                    cpu[d][n].append((cpu_seconds(pids[n]) - before) / counts[d] * 1e6)
             log(f"metrics: round {rnd + 1}/{rounds} done")
     rows = []
     out: dict[str, Any] = {"size": size, "depth": depth, "rounds": rounds, "counts": counts}
     for d in (1, 16):
-        r = ratios[d]
-        rows.append([f"QD{d}", median(res[d][names[0]]), median(res[d][names[1]]), median(r), min(r), max(r)])
-        out[f"qd{d}"] = {"median": {n: median(res[d][n]) for n in names}, "all": res[d], "ratios": r,
-                         "ratio_median": median(r)}
-    print(table(["depth", "without --metrics IOPS", "with --metrics IOPS", "with/without (median)", "min", "max"],
-                rows, title=f"What counting costs: random 4 KiB reads, {depth} snapshots, {size // MiB} MiB disk, "
-                            f"{rounds} interleaved rounds"))
+        ratios = [w / o for o, w in zip(res[d][names[0]], res[d][names[1]], strict=True)]
+        cpu_ratios = [w / o for o, w in zip(cpu[d][names[0]], cpu[d][names[1]], strict=True) if o > 0]
+        rows.append([f"QD{d}", median(res[d][names[0]]), median(res[d][names[1]]),
+                     f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
+                     median(cpu[d][names[0]]), median(cpu[d][names[1]]),
+                     f"{median(cpu_ratios):.2f} ({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f})"])
+        out[f"qd{d}"] = {"iops": res[d], "ratios": ratios, "ratio_median": median(ratios),
+                         "cpu_us": cpu[d], "cpu_ratios": cpu_ratios, "cpu_ratio_median": median(cpu_ratios)}
+    print(table(["depth", "IOPS without", "IOPS with", "with/without (range)", "server CPU us/request without",
+                 "with", "with/without (range)"], rows,
+                title=f"What --metrics costs: random 4 KiB reads, {depth} snapshots, {size // MiB} MiB disk, "
+                      f"{rounds} interleaved rounds, medians"))
     runs = counting_cost()
     update = median(runs)
-    request = 1e6 / out["qd1"]["median"][names[0]]
-    out["update_us"], out["update_us_all"], out["qd1_request_us"] = update, runs, request
+    request = median(cpu[1][names[0]])
+    out["update_us"], out["update_us_all"] = update, runs
     print(f"\nwhat --metrics adds to a request, timed in process (9 x 200,000): median {update:.2f} us, range "
-          f"{min(runs):.2f}-{max(runs):.2f}; a QD1 request without it takes {request:.1f} us (median above): "
-          f"{update / request:.1%} of it")
+          f"{min(runs):.2f}-{max(runs):.2f}; the server's CPU for a QD1 request without it: {request:.1f} us "
+          f"(median above): {update / request:.1%} of it")
     print()
     return out
+
+
+def server_pid(sock: str) -> int:
+    """The process serving on ``sock`` (its command line names ``unix:SOCK``)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"serve" in args and f"unix:{sock}".encode() in args:
+                return int(entry)
+    raise RuntimeError(f"no process serves on {sock}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process, all its threads (``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def counting_cost(n: int = 200_000, rounds: int = 9) -> list[float]:
