@@ -4,6 +4,8 @@ below count to the recorder bound where they run, and nothing counts by default.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -103,3 +105,15 @@ def test_two_servers_in_one_process_keep_their_own_figures(tmp_path: Path) -> No
     counts = [rec.figures()["requests"]["READ"] for rec in recorders]
     assert [(c["count"], c["bytes"]) for c in counts] == [(5, 5 * 4096), (2, 2 * 4096)]
     assert metrics.current() is metrics.NULL  # the servers bound theirs in their own contexts only
+
+
+def test_without_prometheus_client_metrics_is_a_one_line_error(tmp_path: Path) -> None:
+    """In a process where prometheus-client cannot be imported (as when the extra is not installed)."""
+    vol = Volume.create(str(tmp_path / "vol"), MiB)
+    program = ("import sys; sys.modules['prometheus_client'] = None; from overlaybd.cli.main import main; "
+               f"sys.exit(main(['serve', {vol.path!r}, '--metrics', '127.0.0.1:0']))")
+    res = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("overlaybd: error: --metrics needs prometheus-client (pip install "
+                               "'pyoverlaybd[metrics]')")
