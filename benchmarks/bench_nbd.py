@@ -15,8 +15,9 @@
    --iodepth=1|16``, and ``qemu-io -t writeback -f raw URI`` reading a stdin script (``write -q -P <b> <off> 4k``
    lines, ``flush`` every 64; without ``-t writeback`` qemu-io is writethrough and flushes after every write).
 4. (``--only metrics``) What counting costs: random 4 KiB reads (``qemu-img bench`` as in 2, QD1 and QD16) on the
-   deep volume, ``overlaybd serve`` with ``--metrics 127.0.0.1:0`` vs the same server without it, interleaved, in
-   rounds (5; quick 3): IOPS and the server process's CPU time per request (``/proc/PID/stat``, less exposed to
+   deep volume, ``overlaybd serve`` with ``--metrics 127.0.0.1:0`` vs the same server without it, and vs a second
+   server without it (how far two identical servers differ on this machine now), interleaved, in rounds (5;
+   quick 3): IOPS and the server process's CPU time per request (``/proc/PID/stat``, less exposed to
    a busy machine than IOPS), per-round ratios, their median and range. And the time of what ``--metrics`` adds to
    each request (two clock reads and the recorder's update), timed in process, beside the server's CPU time for
    a QD1 request without it.
@@ -307,15 +308,15 @@ def bench_writes(wd: str, size: int, repeats: int, seed: int, runtime: int, scri
 def bench_metrics_cost(wd: str, size: int, depth: int, rounds: int, seed: int, secs: float) -> dict[str, Any]:
     vol = os.path.join(wd, f"mvol{depth}")
     build_layered_volume(vol, size, depth, seed)
-    names = ["without --metrics", "with --metrics"]
+    # the same server twice, the second as a check of the noise (A/A), and the server with --metrics
+    names = ["without", "without, again", "with --metrics"]
     res: dict[int, dict[str, list[float]]] = {d: {n: [] for n in names} for d in (1, 16)}
     cpu: dict[int, dict[str, list[float]]] = {d: {n: [] for n in names} for d in (1, 16)}  # server CPU us a request
     with contextlib.ExitStack() as servers:
         socks = {n: os.path.join(wd, f"m{i}.sock") for i, n in enumerate(names)}
-        uris = {names[0]: servers.enter_context(ours_server(vol, socks[names[0]], readonly=True)),
-                names[1]: servers.enter_context(overlaybd_server(vol, socks[names[1]], readonly=True,
-                                                                 extra=["--metrics", "127.0.0.1:0"],
-                                                                 command=SERVE_CMD))}
+        uris = {n: servers.enter_context(overlaybd_server(vol, socks[n], readonly=True, command=SERVE_CMD,
+                                                          extra=["--metrics", "127.0.0.1:0"] if "with " in n else []))
+                for n in names}
         pids = {n: server_pid(socks[n]) for n in names}
         counts: dict[int, int] = {}
         for rnd in range(rounds):
@@ -323,7 +324,7 @@ def bench_metrics_cost(wd: str, size: int, depth: int, rounds: int, seed: int, s
                 if d not in counts:  # calibrate on the server without metrics: about `secs` seconds a measurement
                     warm([vol])
                     counts[d] = int(min(max(qemu_img_bench(uris[names[0]], 2000, d) * secs, 2000), 500_000))
-                for n in (names if rnd % 2 == 0 else names[::-1]):
+                for n in names[rnd % 3:] + names[: rnd % 3]:  # each goes first in turn
                     warm([vol])
                     before = cpu_seconds(pids[n])
                     res[d][n].append(qemu_img_bench(uris[n], counts[d], d))
@@ -332,18 +333,21 @@ def bench_metrics_cost(wd: str, size: int, depth: int, rounds: int, seed: int, s
     rows = []
     out: dict[str, Any] = {"size": size, "depth": depth, "rounds": rounds, "counts": counts}
     for d in (1, 16):
-        ratios = [w / o for o, w in zip(res[d][names[0]], res[d][names[1]], strict=True)]
-        cpu_ratios = [w / o for o, w in zip(cpu[d][names[0]], cpu[d][names[1]], strict=True) if o > 0]
-        rows.append([f"QD{d}", median(res[d][names[0]]), median(res[d][names[1]]),
-                     f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
-                     median(cpu[d][names[0]]), median(cpu[d][names[1]]),
-                     f"{median(cpu_ratios):.2f} ({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f})"])
-        out[f"qd{d}"] = {"iops": res[d], "ratios": ratios, "ratio_median": median(ratios),
-                         "cpu_us": cpu[d], "cpu_ratios": cpu_ratios, "cpu_ratio_median": median(cpu_ratios)}
-    print(table(["depth", "IOPS without", "IOPS with", "with/without (range)", "server CPU us/request without",
-                 "with", "with/without (range)"], rows,
+        out[f"qd{d}"] = {"iops": res[d], "cpu_us": cpu[d]}
+        for other in names[1:]:
+            ratios = [w / o for o, w in zip(res[d][names[0]], res[d][other], strict=True)]
+            cpu_ratios = [w / o for o, w in zip(cpu[d][names[0]], cpu[d][other], strict=True) if o > 0]
+            rows.append([f"QD{d}", other, median(res[d][other]), median(res[d][names[0]]),
+                         f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
+                         median(cpu[d][other]), median(cpu[d][names[0]]),
+                         f"{median(cpu_ratios):.2f} ({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f})"])
+            out[f"qd{d}"][other] = {"iops_ratios": ratios, "iops_ratio_median": median(ratios),
+                                    "cpu_ratios": cpu_ratios, "cpu_ratio_median": median(cpu_ratios)}
+    print(table(["depth", "server", "IOPS", "IOPS without", "ratio (range)", "server CPU us/request",
+                 "without", "ratio (range)"], rows,
                 title=f"What --metrics costs: random 4 KiB reads, {depth} snapshots, {size // MiB} MiB disk, "
-                      f"{rounds} interleaved rounds, medians"))
+                      f"{rounds} interleaved rounds, medians; 'without, again' is the same server as 'without' "
+                      "(the noise)"))
     runs = counting_cost()
     update = median(runs)
     request = median(cpu[1][names[0]])
