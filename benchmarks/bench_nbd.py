@@ -14,13 +14,20 @@
    ``qemu-nbd -t -f raw`` on a copy of the raw view: ``fio --ioengine=nbd --rw=randwrite --bs=4k --fsync=64
    --iodepth=1|16``, and ``qemu-io -t writeback -f raw URI`` reading a stdin script (``write -q -P <b> <off> 4k``
    lines, ``flush`` every 64; without ``-t writeback`` qemu-io is writethrough and flushes after every write).
+4. (``--only metrics``) What counting costs: random 4 KiB reads (``qemu-img bench`` as in 2, QD1 and QD16) on the
+   deep volume, ``overlaybd serve`` with ``--metrics 127.0.0.1:0`` vs the same server without it, and vs a second
+   server without it (how far two identical servers differ on this machine now), interleaved, in rounds (5;
+   quick 3): IOPS and the server process's CPU time per request (``/proc/PID/stat``, less exposed to
+   a busy machine than IOPS), per-round ratios, their median and range. And the time of what ``--metrics`` adds to
+   each request (two clock reads and the recorder's update), timed in process, beside the server's CPU time for
+   a QD1 request without it.
 
 Every server listens on a Unix socket. Measurements are interleaved (ours, peer, ours, peer, ...), the page cache
 is re-warmed right before each one (idle pages are reclaimed within about a minute), and the median is printed.
 Correctness checks fail the run (timings never do): every export must read (``nbdcopy --no-extents URI -``) with
 the same SHA-256 as the raw file, and after the same qemu-io write script ours must read as the qemu-nbd disk.
 
-    .venv/bin/python benchmarks/bench_nbd.py [--quick] [--workdir DIR] [--repeats N] [--json FILE]
+    .venv/bin/python benchmarks/bench_nbd.py [--quick] [--workdir DIR] [--repeats N] [--json FILE] [--only ...]
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ from nbd_common import (
     versions,
     write_view_raw,
 )
+
+from overlaybd.export.prometheus import PrometheusMetrics
 
 SERVE_CMD: list[str] | None = None  # --serve-cmd: what runs "serve" instead of overlaybd
 
@@ -293,12 +302,109 @@ def bench_writes(wd: str, size: int, repeats: int, seed: int, runtime: int, scri
     return out
 
 
+# -- 4. the cost of counting ------------------------------------------------------------------------------
+
+
+def bench_metrics_cost(wd: str, size: int, depth: int, rounds: int, seed: int, secs: float) -> dict[str, Any]:
+    vol = os.path.join(wd, f"mvol{depth}")
+    build_layered_volume(vol, size, depth, seed)
+    # the same server twice, the second as a check of the noise (A/A), and the server with --metrics
+    names = ["without", "without, again", "with --metrics"]
+    res: dict[int, dict[str, list[float]]] = {d: {n: [] for n in names} for d in (1, 16)}
+    cpu: dict[int, dict[str, list[float]]] = {d: {n: [] for n in names} for d in (1, 16)}  # server CPU us a request
+    with contextlib.ExitStack() as servers:
+        socks = {n: os.path.join(wd, f"m{i}.sock") for i, n in enumerate(names)}
+        uris = {n: servers.enter_context(overlaybd_server(vol, socks[n], readonly=True, command=SERVE_CMD,
+                                                          extra=["--metrics", "127.0.0.1:0"] if "with " in n else []))
+                for n in names}
+        pids = {n: server_pid(socks[n]) for n in names}
+        counts: dict[int, int] = {}
+        for rnd in range(rounds):
+            for d in (1, 16):
+                if d not in counts:  # calibrate on the server without metrics: about `secs` seconds a measurement
+                    warm([vol])
+                    counts[d] = int(min(max(qemu_img_bench(uris[names[0]], 2000, d) * secs, 2000), 500_000))
+                for n in names[rnd % 3:] + names[: rnd % 3]:  # each goes first in turn
+                    warm([vol])
+                    before = cpu_seconds(pids[n])
+                    res[d][n].append(qemu_img_bench(uris[n], counts[d], d))
+                    cpu[d][n].append((cpu_seconds(pids[n]) - before) / counts[d] * 1e6)
+            log(f"metrics: round {rnd + 1}/{rounds} done")
+    rows = []
+    out: dict[str, Any] = {"size": size, "depth": depth, "rounds": rounds, "counts": counts}
+    for d in (1, 16):
+        out[f"qd{d}"] = {"iops": res[d], "cpu_us": cpu[d]}
+        for other in names[1:]:
+            ratios = [w / o for o, w in zip(res[d][names[0]], res[d][other], strict=True)]
+            cpu_ratios = [w / o for o, w in zip(cpu[d][names[0]], cpu[d][other], strict=True) if o > 0]
+            rows.append([f"QD{d}", other, median(res[d][other]), median(res[d][names[0]]),
+                         f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
+                         median(cpu[d][other]), median(cpu[d][names[0]]),
+                         f"{median(cpu_ratios):.2f} ({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f})"])
+            out[f"qd{d}"][other] = {"iops_ratios": ratios, "iops_ratio_median": median(ratios),
+                                    "cpu_ratios": cpu_ratios, "cpu_ratio_median": median(cpu_ratios)}
+    print(table(["depth", "server", "IOPS", "IOPS without", "ratio (range)", "server CPU us/request",
+                 "without", "ratio (range)"], rows,
+                title=f"What --metrics costs: random 4 KiB reads, {depth} snapshots, {size // MiB} MiB disk, "
+                      f"{rounds} interleaved rounds, medians; 'without, again' is the same server as 'without' "
+                      "(the noise)"))
+    runs = counting_cost()
+    update = median(runs)
+    request = median(cpu[1][names[0]])
+    out["update_us"], out["update_us_all"] = update, runs
+    print(f"\nwhat --metrics adds to a request, timed in process (9 x 200,000): median {update:.2f} us, range "
+          f"{min(runs):.2f}-{max(runs):.2f}; the server's CPU for a QD1 request without it: {request:.1f} us "
+          f"(median above): {update / request:.1%} of it")
+    print()
+    return out
+
+
+def server_pid(sock: str) -> int:
+    """The process serving on ``sock`` (its command line names ``unix:SOCK``)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"serve" in args and f"unix:{sock}".encode() in args:
+                return int(entry)
+    raise RuntimeError(f"no process serves on {sock}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process, all its threads (``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def counting_cost(n: int = 200_000, rounds: int = 9) -> list[float]:
+    """Microseconds a request's counting takes, per round: two clock reads and ``PrometheusMetrics.request``, less
+    the loop."""
+    rec = PrometheusMetrics()
+    clock = time.perf_counter
+    runs = []
+    for _ in range(rounds):
+        t0 = clock()
+        for _ in range(n):
+            started = clock()
+            rec.request("READ", 4096, clock() - started, 0)
+        t1 = clock()
+        for _ in range(n):
+            pass
+        runs.append((t1 - t0 - (clock() - t1)) / n * 1e6)
+    return runs
+
+
 def main() -> int:
     ap = base_parser(__doc__)
     ap.add_argument("--seq-size-mib", type=int, help="sequential-read volume size (1024; quick 256)")
     ap.add_argument("--rand-size-mib", type=int, help="random-read volume size (256; quick 32)")
     ap.add_argument("--depth", type=int, default=64, help="snapshots / qcow2 layers of the deep volume (64)")
-    ap.add_argument("--only", default="seq,rand,write", help="comma-separated subset of seq,rand,write")
+    ap.add_argument("--only", default="seq,rand,write",
+                    help="comma-separated subset of seq,rand,write,metrics (metrics: what --metrics costs)")
     ap.add_argument("--serve-cmd", help="command that stands for 'overlaybd' when serving (e.g. 'python patched.py' "
                                         "to measure a change to the server); default: the venv's overlaybd")
     args = ap.parse_args()
@@ -331,6 +437,9 @@ def main() -> int:
         if "write" in only:
             result["random_writes"] = bench_writes(wd, rand_size, repeats, args.seed, runtime=2 if quick else 10,
                                                    script_writes=2000 if quick else 20000)
+        if "metrics" in only:
+            result["metrics_cost"] = bench_metrics_cost(wd, rand_size, args.depth, args.repeats or (3 if quick else 5),
+                                                        args.seed, secs=0.5 if quick else 2.0)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     emit_json(result, args.json)
     return 0

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .. import native
+from .. import metrics, native
 from ..errors import DigestMismatchError, LayerIOError
 from ..source.base import BlockSource
 from ..source.file import punch_hole, write_all
@@ -136,12 +137,14 @@ class CachedSource(Filter):
             if vfd >= 0:
                 _read_all(vfd, buf, offset, self.data_name)
                 self._touch_verified()
+                metrics.current().cache_hit()
                 return
             try:
                 self._read_entry(offset, buf)
                 return
             except _EntryGone:
                 self._follow()
+        metrics.current().cache_miss()
         self.inner.readinto(offset, buf)  # the entry keeps moving under us: read past the cache
 
     def _read_entry(self, offset: int, buf: memoryview) -> None:
@@ -152,7 +155,7 @@ class CachedSource(Filter):
         self._next_offset = offset + n
         readahead = self.policy.readahead_chunks if sequential else 0
         want = last - first
-        for _attempt in range(4):
+        for attempt in range(4):
             binding = self._binding
             assert binding is not None
             fd = self._map_fd(binding)
@@ -160,6 +163,7 @@ class CachedSource(Filter):
             if _hits is not None and generation is not None:  # lock-free; a miss or a moved generation goes on
                 if _hits.read_present(generation, fd, binding.data_fd, first, want, buf, offset) == _hits.HIT:
                     self._touch()
+                    metrics.current().cache_hit()
                     return
             fcntl.flock(fd, fcntl.LOCK_SH)
             try:
@@ -168,6 +172,7 @@ class CachedSource(Filter):
                 if len(present) == end - first and present.find(0, 0, want) < 0:
                     _read_all(binding.data_fd, buf, offset, self.data_name)
                     self._touch()
+                    metrics.current().cache_hit()
                     return
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
@@ -177,9 +182,12 @@ class CachedSource(Filter):
             runs = plan_fetches(present, first, last, readahead=readahead, nchunks=self.nchunks,
                                 max_run=self.policy.max_run_chunks)
             whole = sum(min(start + count, last) - start for start, count in runs if start < last) == want
-            if len(runs) > 1:
-                list(self.cache.pool.map(self._fetch, [binding] * len(runs), runs, [offset] * len(runs),
-                                         [buf] * len(runs)))
+            recorder = metrics.current()
+            if not attempt:
+                recorder.cache_miss()
+            if len(runs) > 1:  # the pool's threads count where this one does
+                fetch = functools.partial(_counted, recorder, self._fetch, binding)
+                list(self.cache.pool.map(fetch, runs, [offset] * len(runs), [buf] * len(runs)))
             elif runs:
                 self._fetch(binding, runs[0], offset, buf)
             if whole:  # every chunk of the read was fetched, and copied into buf on the way
@@ -309,6 +317,15 @@ class CachedSource(Filter):
 
     def describe(self) -> dict[str, Any]:
         return {"digest": self.digest, "origin": self.origin, "verified": self.verified_fd >= 0}
+
+
+def _counted(recorder: metrics.Recorder, fetch: Any, *args: Any) -> None:
+    """``fetch(*args)`` in a pool thread, its registry traffic counted by ``recorder``."""
+    metrics.bind(recorder)
+    try:
+        fetch(*args)
+    finally:
+        metrics.bind(None)
 
 
 def _read_all(fd: int, buf: memoryview, offset: int, name: str) -> None:

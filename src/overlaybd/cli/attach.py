@@ -4,16 +4,28 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from contextlib import ExitStack
+from typing import Any
 
-from ..errors import UsageError
+from ..errors import LockedError, UsageError
 from ..export import loop
-from .common import open_volume, split_volume_ref
+from ..export.control import ControlThread, socket_path
+from ..metrics import Recorder
+from .common import open_volume, split_volume_ref, start_metrics
+
+log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     a = sub.add_parser("attach", help="expose a volume (or VOL@SNAP, read-only) as /dev/loopN (root)")
     a.add_argument("volume", metavar="VOL[@SNAP]")
     a.add_argument("--readonly", action="store_true")
+    a.add_argument("--metrics", metavar="HOST:PORT",
+                   help="the daemon counts reads, writes, fsyncs and discards, cache and registry traffic, and "
+                        "serves them for Prometheus at http://HOST:PORT/metrics (port 0: a free one, printed) and "
+                        "to 'overlaybd stats VOL' (needs pyoverlaybd[metrics])")
     a.set_defaults(run=run_attach)
 
     d = sub.add_parser("detach", help="undo attach: free the loop device, stop the FUSE export")
@@ -25,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     f.add_argument("mountpoint")
     f.add_argument("--readonly", action="store_true")
     f.add_argument("--snapshot", type=int)
+    f.add_argument("--metrics")
     f.set_defaults(run=run_daemon)
 
 
@@ -33,7 +46,13 @@ def run_attach(args: argparse.Namespace) -> int:
     vol_path, ref = split_volume_ref(args.volume)
     vol = open_volume(vol_path)
     snapshot = vol.resolve(ref) if ref is not None else None
-    print(loop.attach(vol.path, snapshot=snapshot, readonly=args.readonly).device)
+    if args.metrics:
+        with ExitStack() as trial:  # a bad address or a missing extra fails here, in one line, not in the daemon
+            start_metrics(args.metrics, trial)
+    done = loop.attach(vol.path, snapshot=snapshot, readonly=args.readonly, metrics=args.metrics)
+    print(done.device)
+    if done.metrics:
+        print(f"overlaybd: metrics at {done.metrics}", file=sys.stderr)
     return 0
 
 
@@ -48,9 +67,37 @@ def run_daemon(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UsageError(f"attach needs mfusepy (pip install 'pyoverlaybd[attach]'): {exc}") from None
     vol = open_volume(args.volume)
-    with vol.open(writable=not args.readonly and args.snapshot is None, snapshot=args.snapshot) as dev:
-        try:
-            run_fuse(dev, args.mountpoint, readonly=args.readonly or args.snapshot is not None)
-        finally:
-            dev.flush()
+    with ExitStack() as owned:
+        recorder: Recorder | None = None
+        if args.metrics:
+            recorder, url = start_metrics(args.metrics, owned)
+            print(f"{loop.METRICS_AT}{url}", file=sys.stderr, flush=True)
+            _answer_stats(vol.path, recorder, owned, readonly=args.readonly or args.snapshot is not None)
+        with vol.open(writable=not args.readonly and args.snapshot is None, snapshot=args.snapshot) as dev:
+            try:
+                run_fuse(dev, args.mountpoint, readonly=args.readonly or args.snapshot is not None, metrics=recorder)
+            finally:
+                dev.flush()
     return 0
+
+
+def _answer_stats(volume: str, recorder: Recorder, owned: ExitStack, *, readonly: bool) -> None:
+    """``overlaybd stats VOL`` through the volume's control socket (a snapshot is refused: the volume is attached).
+    Read-only, the socket goes to a writable server of the volume that asks for it."""
+    async def answer(request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("op") == "stats":
+            return {"ok": True, "stats": recorder.figures()}
+        if request.get("op") == "release" and readonly and control.socket is not None:
+            await control.socket.stop_listening()
+            log.warning("%s: a writable server took the control socket", volume)
+            return {"ok": True}
+        return {"ok": False, "error": f"the volume is in use by overlaybd attach: {request.get('op')} refused"}
+
+    control = ControlThread(socket_path(volume), answer)
+    try:
+        control.start()
+    except LockedError:
+        log.warning("%s: another process answers on the control socket; 'overlaybd stats' reads that one's "
+                    "figures", volume)
+        return
+    owned.callback(control.close)

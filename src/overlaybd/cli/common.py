@@ -6,9 +6,12 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
+from .. import metrics
+from ..errors import UsageError
+from ..metrics import Recorder
 from ..remote.lazy import RemoteLayers
 from ..sizes import human, parse_size
 from ..volume import Volume
@@ -53,3 +56,17 @@ def progress_bar(label: str, enabled: bool) -> Iterator[Callable[[int, int], Non
             bar.update(task, completed=done, total=total)
 
         yield update
+
+
+def start_metrics(spec: str, owned: ExitStack) -> tuple[Recorder, str]:
+    """A recorder that keeps the figures, the process's, served over HTTP at ``spec``; (it, its URL)."""
+    try:  # prometheus-client is an extra (pyoverlaybd[metrics]), loaded only when asked for
+        from ..export.prometheus import Endpoint, PrometheusMetrics
+    except ImportError as exc:
+        raise UsageError(f"--metrics needs prometheus-client (pip install 'pyoverlaybd[metrics]'): {exc}") from None
+    recorder = PrometheusMetrics()
+    endpoint = Endpoint(recorder, spec)
+    owned.callback(endpoint.close)
+    metrics.set_default(recorder)
+    owned.callback(metrics.set_default, None)
+    return recorder, endpoint.url

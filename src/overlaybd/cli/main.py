@@ -16,9 +16,10 @@ from ..cache import store
 from ..errors import OverlaybdError, UsageError
 from ..formats.lsmt import mapping
 from ..formats.zfile import blocks
-from . import attach, cat, check, convert, extent_map, info, layer, mount, remote, serve, transfer, volume, zfile
+from . import attach, cat, check, convert, extent_map, info, layer, mount, remote, serve, stats, transfer, volume, zfile
 
-COMMANDS = (info, extent_map, check, cat, volume, transfer, remote, serve, attach, layer, zfile, convert, mount)
+COMMANDS = (info, extent_map, check, cat, volume, transfer, remote, serve, stats, attach, layer, zfile, convert,
+            mount)
 
 
 class _Version(argparse.Action):

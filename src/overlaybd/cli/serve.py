@@ -15,9 +15,11 @@ from ..errors import UsageError
 from ..export.nbd.limits import Limits
 from ..export.nbd.server import Export, serve
 from ..export.served import ServedVolume
+from ..metrics import Recorder
 from ..operations import open_stack
 from ..volume import CONFIG, Volume
-from .common import open_volume, parse_size
+from .common import open_volume, parse_size, start_metrics
+from .stats import render
 
 _DEFAULTS = Limits()
 
@@ -43,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--workers", type=int, default=8, help="threads serving requests (default 8)")
     p.add_argument("--record-trace", metavar="FILE",
                    help="with a volume: record which layer blocks are read, for 'pull --lazy --prefetch FILE'")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="count requests, cache and registry traffic; serve them for Prometheus at "
+                        "http://HOST:PORT/metrics (port 0: a free one, printed) and to 'overlaybd stats VOL'; "
+                        "SIGUSR1 prints them (needs pyoverlaybd[metrics])")
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-connections", type=int, default=_DEFAULTS.max_connections, metavar="N",
                         help="clients connected at once; more are closed at once (qemu-nbd --shared, QEMU's "
@@ -94,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
     limits = _limits(args)
     vol = _volume(args)
     with ExitStack() as owned:
+        recorder: Recorder | None = None
+        url = ""
+        if args.metrics:
+            recorder, url = start_metrics(args.metrics, owned)
         if vol is not None:
             served = owned.enter_context(ServedVolume(vol, readonly=args.readonly, name=args.name,
                                                       record_trace=args.record_trace))
@@ -114,13 +124,21 @@ def run(args: argparse.Namespace) -> int:
             mode = "read-only" if not main.writable else "read-write"
             print(f"overlaybd: serving {main.source.size} bytes ({mode}), {count} export(s); "
                   "stop with Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
+            if recorder is not None:
+                print(f"overlaybd: metrics at {url}", file=sys.stderr, flush=True)
 
         async def until_signalled() -> None:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            await serving(listen, ready=ready, stop=stop, workers=args.workers, limits=limits)
+            if recorder is not None:
+                loop.add_signal_handler(signal.SIGUSR1, _print_figures, recorder)
+            await serving(listen, ready=ready, stop=stop, workers=args.workers, limits=limits, metrics=recorder)
 
         asyncio.run(until_signalled())
     return 0
+
+
+def _print_figures(recorder: Recorder) -> None:
+    print(render(recorder.figures()), file=sys.stderr, flush=True)

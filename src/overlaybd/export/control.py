@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -46,15 +47,21 @@ class ControlSocket:
         accepting = accept_connections(self._listener.sock, self._accepted, self._starving)
         self._accepting = asyncio.get_running_loop().create_task(accepting)
 
-    async def close(self) -> None:
+    async def stop_listening(self) -> None:
+        """Take no more connections and remove the socket's path (answers under way go on)."""
         if self._accepting is not None:
             self._accepting.cancel()
             await asyncio.gather(self._accepting, return_exceptions=True)
+            self._accepting = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    async def close(self) -> None:
+        await self.stop_listening()
         for task in list(self._clients):
             task.cancel()
         await asyncio.gather(*self._clients, return_exceptions=True)
-        if self._listener is not None:
-            self._listener.close()
 
     def _accepted(self, conn: socket.socket, address: object) -> None:
         task = asyncio.get_running_loop().create_task(self._answer(conn))
@@ -126,3 +133,49 @@ def request(volume: str, body: dict[str, Any], timeout: float = 600.0) -> dict[s
         s.close()
     reply: dict[str, Any] = json.loads(data) if data else {"ok": False, "error": "no answer from the server"}
     return reply
+
+
+class ControlThread:
+    """A control socket answered from a thread of its own, for a process whose main thread is taken (the FUSE
+    daemon). ``start()`` raises what stopped the socket from listening (another process answers there)."""
+
+    def __init__(self, path: str, handler: Handler) -> None:
+        self.path = path
+        self.handler = handler
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self.socket: ControlSocket | None = None  # once started (the handler may stop it listening)
+        self._thread = threading.Thread(target=self._run, name="control", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+        if self._failure is not None:
+            self._thread.join()
+            raise self._failure
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        control = self.socket = ControlSocket(self.path, self.handler)
+        try:
+            await control.start()
+        except BaseException as exc:
+            self._failure = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await control.close()
+
+    def close(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join()

@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 from ..errors import LayerIOError, UsageError
 
 STATE = "/run/overlaybd"
-#: the daemon: ``overlaybd fuse-daemon VOLUME MOUNTPOINT [--readonly] [--snapshot N]``
+#: the daemon: ``overlaybd fuse-daemon VOLUME MOUNTPOINT [--readonly] [--snapshot N] [--metrics HOST:PORT]``
 DAEMON = [sys.executable, "-m", "overlaybd.cli.main", "fuse-daemon"]
+METRICS_AT = "overlaybd: metrics at "  # how the daemon's log line with its metrics URL starts
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,7 @@ class Attachment:
     snapshot: int | None
     readonly: bool
     log: str
+    metrics: str | None = None  # the daemon's metrics URL (attach --metrics)
 
 
 def require_root() -> None:
@@ -50,9 +52,10 @@ def _run(cmd: list[str]) -> str:
     return res.stdout.strip()
 
 
-def attach(volume: str, *, snapshot: int | None = None, readonly: bool = False, timeout: float = 30.0
-           ) -> Attachment:
-    """Start the FUSE daemon for ``volume`` (a snapshot is always read-only), bind a loop device to its file."""
+def attach(volume: str, *, snapshot: int | None = None, readonly: bool = False, timeout: float = 30.0,
+           metrics: str | None = None) -> Attachment:
+    """Start the FUSE daemon for ``volume`` (a snapshot is always read-only), bind a loop device to its file.
+    ``metrics`` (HOST:PORT): the daemon counts its requests and serves the figures there for Prometheus."""
     require_root()
     readonly = readonly or snapshot is not None
     os.makedirs(STATE, exist_ok=True)
@@ -61,6 +64,8 @@ def attach(volume: str, *, snapshot: int | None = None, readonly: bool = False, 
     cmd = [*DAEMON, volume, mnt] + (["--readonly"] if readonly else [])
     if snapshot is not None:
         cmd += ["--snapshot", str(snapshot)]
+    if metrics is not None:
+        cmd += ["--metrics", metrics]
     with open(log_path, "w") as log:
         daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     disk = os.path.join(mnt, "disk")
@@ -82,10 +87,19 @@ def attach(volume: str, *, snapshot: int | None = None, readonly: bool = False, 
         daemon.wait(30)
         os.rmdir(mnt)
         raise
-    done = Attachment(device, mnt, daemon.pid, volume, snapshot, readonly, log_path)
+    done = Attachment(device, mnt, daemon.pid, volume, snapshot, readonly, log_path, _metrics_url(log_path))
     with open(_state_path(device), "w") as f:
         json.dump(asdict(done), f)
     return done
+
+
+def _metrics_url(log_path: str) -> str | None:
+    """The URL the daemon said it serves its metrics at (it says so before its file appears)."""
+    with open(log_path) as f:
+        for line in f:
+            if line.startswith(METRICS_AT):
+                return line[len(METRICS_AT):].strip()
+    return None
 
 
 def _state_path(device: str) -> str:

@@ -1,6 +1,6 @@
 """A volume served over NBD: the volume itself and each of its snapshots as exports, and, while the volume is
-served writable, its control socket, through which ``overlaybd snapshot VOL`` has this process take the snapshot
-between requests and export it at once.
+served writable or counted (``metrics``), its control socket: through it ``overlaybd snapshot VOL`` has this process
+take the snapshot between requests and export it at once, and ``overlaybd stats VOL`` reads the figures.
 
     with ServedVolume(Volume("vol")) as served:
         asyncio.run(served.serve("unix:/run/vol.sock", stop=stop_event))
@@ -9,17 +9,23 @@ between requests and export it at once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable
 from contextlib import ExitStack
 from types import TracebackType
 from typing import Any
 
+from ..errors import LockedError
 from ..formats.output import Compression
+from ..metrics import Recorder
 from ..volume import Snapshot, Volume
 from .control import ControlSocket, socket_path
+from .control import request as control_request
 from .nbd.limits import Limits
 from .nbd.server import Export, NbdServer, serve
+
+log = logging.getLogger(__name__)
 
 
 class ServedVolume:
@@ -38,6 +44,7 @@ class ServedVolume:
             self._owned.close()
             raise
         self.server: NbdServer | None = None
+        self.metrics: Recorder | None = None
         self._control: ControlSocket | None = None
 
     def _snapshot_export(self, snap: Snapshot) -> Export:
@@ -47,13 +54,17 @@ class ServedVolume:
 
     # -- serving -------------------------------------------------------------------------------------------------
     async def serve(self, listen: str, *, ready: Callable[[str], None] | None = None,
-                    stop: asyncio.Event | None = None, workers: int = 8, limits: Limits | None = None) -> None:
-        """Serve the exports on ``listen`` until ``stop`` is set (see :func:`.nbd.server.serve`)."""
+                    stop: asyncio.Event | None = None, workers: int = 8, limits: Limits | None = None,
+                    metrics: Recorder | None = None) -> None:
+        """Serve the exports on ``listen`` until ``stop`` is set (see :func:`.nbd.server.serve`); ``metrics``
+        counts, and ``overlaybd stats`` reads it through the control socket."""
+        self.metrics = metrics
         try:
             await serve(self.exports, listen, ready=ready, stop=stop, workers=workers, limits=limits,
-                        started=self._started)
+                        started=self._started, metrics=metrics)
         finally:
             self.server = None
+            self.metrics = None
             if self._control is not None:
                 await self._control.close()
                 self._control = None
@@ -62,11 +73,37 @@ class ServedVolume:
         self.server = server
         if not self.readonly:
             self._control = ControlSocket(socket_path(self.volume.path), self._on_request)
-            await self._control.start()
+            try:
+                await self._control.start()
+            except LockedError:  # a read-only server that counts holds it: it gives it up to the writer
+                loop = asyncio.get_running_loop()
+                reply = await loop.run_in_executor(None, control_request, self.volume.path, {"op": "release"}, 10.0)
+                if not (reply or {}).get("ok"):
+                    raise
+                await self._control.start()
+        elif self.metrics is not None:  # read-only servers of one volume may be several: the first answers
+            control = ControlSocket(socket_path(self.volume.path), self._on_request)
+            try:
+                await control.start()
+                self._control = control
+            except LockedError:
+                log.warning("%s: another process answers on the control socket; 'overlaybd stats' reads that "
+                            "one's figures, not these", self.volume.path)
 
     async def _on_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("op") == "stats":
+            if self.metrics is None:
+                return {"ok": False, "error": "the server counts nothing: it was started without --metrics"}
+            return {"ok": True, "stats": self.metrics.figures()}
+        if request.get("op") == "release" and self.readonly and self._control is not None:
+            await self._control.stop_listening()  # a writable server of the volume wants the socket
+            log.warning("%s: a writable server took the control socket; 'overlaybd stats' reads its figures",
+                        self.volume.path)
+            return {"ok": True}
         if request.get("op") != "snapshot":
             return {"ok": False, "error": f"unknown operation {request.get('op')!r}"}
+        if self.readonly:
+            return {"ok": False, "error": "the volume is served read-only"}
         compression = Compression(request["compress"], 4096) if request.get("compress") else None
         snap = await self.snapshot(str(request.get("message", "")), compression)
         return {"ok": True, "snapshot": {"number": snap.number, "uuid": snap.uuid, "file_size": snap.file_size}}

@@ -11,6 +11,7 @@ from typing import IO
 import requests
 import urllib3
 
+from .. import metrics
 from ..errors import LimitError
 from .errors import DigestMismatchError
 from .http import Operation, Retryable
@@ -32,6 +33,7 @@ def body_chunks(r: requests.Response, op: Operation, what: str, *, size: int = 1
             raise Retryable(f"reading {what}: {type(exc).__name__}") from None
         if not piece:
             return
+        metrics.current().fetched(op.host, len(piece))
         yield piece
 
 

@@ -142,7 +142,7 @@ class RegistryClient:
     # -- operations ------------------------------------------------------------------------------------------------
     def run(self, what: str, attempt: Callable[[Operation], T], *, path: str | None = None) -> T:
         """One operation under this client's retry policy (see :mod:`.http`)."""
-        return http.run(self.policy, what, attempt, path=path)
+        return http.run(self.policy, what, attempt, path=path, host=self.host)
 
     def request(self, method: str, url: str, *, scope: str, headers: dict[str, str] | None = None,
                 body: Body = None, allow_redirects: bool = True, authorize: bool = True,

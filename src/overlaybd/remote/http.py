@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from .. import metrics
 from .errors import TransportError
 
 T = TypeVar("T")
@@ -65,6 +66,7 @@ class Operation:
     attempt: int = 0  # requests made so far, all told
     failures: int = 0  # failed attempts since the start, or since the last that progressed
     challenge_answered: bool = False
+    host: str = ""  # the registry asked (what its figures are counted under)
     _progress: bool = False
 
     def __post_init__(self) -> None:
@@ -100,9 +102,9 @@ def backoff(policy: RetryPolicy, failures: int, unit: float, retry_after: float 
 
 def run(policy: RetryPolicy, what: str, attempt: Callable[[Operation], T], *, path: str | None = None,
         clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-        rng: Callable[[], float] = random.random) -> T:
+        rng: Callable[[], float] = random.random, host: str = "") -> T:
     """Call ``attempt`` until it returns, at most ``policy.attempts`` times and within ``policy.deadline``."""
-    op = Operation(policy, what, path, clock)
+    op = Operation(policy, what, path, clock, host=host)
     while True:
         op.attempt += 1
         try:
@@ -118,6 +120,7 @@ def run(policy: RetryPolicy, what: str, attempt: Callable[[Operation], T], *, pa
             if wait >= op.remaining():
                 raise TransportError(f"{what}: {exc.reason} (gave up after {op.failures} attempts: the "
                                      f"{policy.deadline:g} s deadline)", path=path) from None
+            metrics.current().retried(host)
             sleep(wait)
 
 

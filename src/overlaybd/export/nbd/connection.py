@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ...metrics import Recorder
 from .buffers import Buffer, BufferPool
 from .gate import RequestGate
 from .handshake import MAX_DISCARD_PAYLOAD, META_CONTEXT_ID, discard
@@ -50,6 +52,8 @@ T = TypeVar("T")
 INLINE_MAX = 128 * 1024  # requests up to this size on a local export are served on the event loop
 SMALL_PAYLOAD = 64 * 1024  # write payloads up to this are read without a deadline (they hold little budget)
 Reply = list[bytes | memoryview]
+# what requests count as (a command the protocol does not name counts as OTHER: a client cannot make new labels)
+COMMANDS = {code: name for code, name in CMD_NAMES.items() if code != CMD_DISC}
 
 
 @dataclass
@@ -63,6 +67,7 @@ class Resources:
     buffers: BufferPool
     dropped: OncePerInterval  # warns about clients dropped for not taking their replies
     admitted: int = 0  # requests admitted so far, all connections together (the server watches it for idleness)
+    metrics: Recorder | None = None  # counts requests (None: nothing is counted, not even the clock read)
 
 
 class StreamProtocol(asyncio.StreamReaderProtocol):
@@ -148,6 +153,8 @@ class Connection:
                 if req.length > MAX_DISCARD_PAYLOAD:
                     raise EndConnection(f"write payload of {req.length} bytes")
                 await discard(self.reader, req.length)
+                if self.res.metrics is not None:
+                    self.res.metrics.request("WRITE", 0, 0.0, EINVAL)
                 self._send([self._error(req, EINVAL, "request too large")])
                 continue
             if req.command == CMD_DISC:
@@ -200,8 +207,12 @@ class Connection:
 
     # -- one request -----------------------------------------------------------------------------------------
     async def _serve(self, req: Request, payload: bytes, n: int) -> None:
+        metrics = self.res.metrics
+        started = time.perf_counter() if metrics is not None else 0.0
         try:
-            reply, buf = await self._execute(req, payload)
+            reply, buf, error = await self._execute(req, payload)
+            if metrics is not None:  # before the reply goes: a client that has it finds it counted
+                metrics.request(COMMANDS.get(req.command, "OTHER"), req.length, time.perf_counter() - started, error)
             try:
                 sent = self._send(reply)
             finally:
@@ -215,11 +226,12 @@ class Connection:
         finally:
             self._release(n)
 
-    async def _execute(self, req: Request, payload: bytes) -> tuple[Reply, Buffer | None]:
+    async def _execute(self, req: Request, payload: bytes) -> tuple[Reply, Buffer | None, int]:
+        """The reply, the read buffer it holds, and the errno it reports (0: none)."""
         session = self.session
         error = validate(session, req)
         if error:
-            return [self._error(req, error, f"invalid {CMD_NAMES.get(req.command, '?')}")], None
+            return [self._error(req, error, f"invalid {CMD_NAMES.get(req.command, '?')}")], None, error
         export = session.export
         inline = export.inline and req.length <= INLINE_MAX and not req.flags & CMD_FLAG_FUA
         await self.res.gate.enter()
@@ -236,21 +248,22 @@ class Connection:
                     else simple_reply(req.handle)
                 # two writes, not writelines: 3.11 joins those into a new copy; with a large socket buffer the
                 # payload goes to the kernel straight from our page-aligned buffer
-                return [head, buf.view], buf
+                return [head, buf.view], buf, 0
             if req.command == CMD_BLOCK_STATUS:
                 extents = await self._in_pool(block_status, src, req)
-                return [chunk_block_status(req.handle, META_CONTEXT_ID, extents)], None
+                return [chunk_block_status(req.handle, META_CONTEXT_ID, extents)], None, 0
             if inline and req.command != CMD_FLUSH:
                 modify(src, req, payload)
             else:
                 await self._in_pool(modify, src, req, payload)
-            return [chunk_none(req.handle) if session.structured else simple_reply(req.handle)], None
+            return [chunk_none(req.handle) if session.structured else simple_reply(req.handle)], None, 0
         except Exception as exc:  # the request fails; the connection and the server go on
             if buf is not None:
                 self.res.buffers.give(buf, reusable=True)
             log.warning("%s %s [%d, +%d): %s", export.name or "(default)", CMD_NAMES.get(req.command, "?"),
                         req.offset, req.length, exc)
-            return [self._error(req, nbd_errno(exc), str(exc)[:200])], None
+            error = nbd_errno(exc)
+            return [self._error(req, error, str(exc)[:200])], None, error
         except BaseException:  # cancelled: the source call has returned (see _in_pool), so the buffer is free
             if buf is not None:
                 self.res.buffers.give(buf, reusable=True)

@@ -8,13 +8,16 @@ write payload we will not read) end that connection only, never the server. What
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from ... import metrics
 from ...errors import UsageError
+from ...metrics import Recorder
 from ..listening import UnixListener, accept_connections, tcp_listener
 from .buffers import BufferPool, release_free_memory, tune_allocator
 from .connection import Connection, Resources, StreamProtocol
@@ -34,18 +37,27 @@ T = TypeVar("T")
 class NbdServer:
     """Serves ``exports`` to any number of clients (up to ``limits.max_connections``) on any number of
     listeners, each connection in its own task: handshake within ``limits.handshake_limit``, then requests
-    pipelined and answered out of order. ``quiesced(work)`` runs maintenance between requests (a snapshot)."""
+    pipelined and answered out of order. ``quiesced(work)`` runs maintenance between requests (a snapshot).
+    ``metrics`` counts requests, and is :func:`overlaybd.metrics.current` for what the connections and the worker
+    threads run (the cache and registry counts of their reads); None counts nothing."""
 
-    def __init__(self, exports: Iterable[Export], *, workers: int = 8, limits: Limits | None = None) -> None:
+    def __init__(self, exports: Iterable[Export], *, workers: int = 8, limits: Limits | None = None,
+                 metrics: Recorder | None = None) -> None:
         self.exports = {e.name: e for e in exports}
         self.limits = limits or Limits()
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd")
+        self.metrics = metrics
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd", initializer=_bind,
+                                       initargs=(metrics,))
         self.gate = RequestGate()
         self.budget = ByteBudget(self.limits.max_inflight_total)
         self.buffers = BufferPool()
         self.connections = 0  # open, in the handshake or after it
         self._resources = Resources(self.limits, self.pool, self.gate, self.budget, self.buffers,
-                                    OncePerInterval(log))
+                                    OncePerInterval(log), metrics=metrics)
+        self._context = contextvars.copy_context()  # the connections' tasks run in it, with ``metrics`` bound
+        self._context.run(_bind, metrics)
+        if metrics is not None:
+            metrics.watch(lambda: self.connections, lambda: self.budget.used, self.limits.max_inflight_total)
         self._refused = OncePerInterval(log)
         self._starved = OncePerInterval(log)
         self._silent = OncePerInterval(log)
@@ -109,7 +121,7 @@ class NbdServer:
                                self.connections)
             return
         self.connections += 1
-        task = asyncio.get_running_loop().create_task(self._handle(conn, peer))
+        task = asyncio.get_running_loop().create_task(self._handle(conn, peer), context=self._context.copy())
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
 
@@ -170,6 +182,10 @@ class NbdServer:
         self._housekeeping = asyncio.get_running_loop().call_later(self.limits.idle_release / 2, self._check_idle)
 
 
+def _bind(recorder: Recorder | None) -> None:
+    metrics.bind(recorder)
+
+
 def parse_listen(spec: str) -> tuple[str, str, int]:
     """``unix:PATH`` or ``tcp:HOST:PORT`` (``tcp:PORT`` binds 127.0.0.1) -> (kind, host-or-path, port)."""
     kind, _, rest = spec.partition(":")
@@ -186,10 +202,11 @@ def parse_listen(spec: str) -> tuple[str, str, int]:
 
 async def serve(exports: list[Export], listen: str, *, ready: Callable[[str], None] | None = None,
                 stop: asyncio.Event | None = None, workers: int = 8, limits: Limits | None = None,
-                started: Callable[[NbdServer], Awaitable[None]] | None = None) -> None:
+                started: Callable[[NbdServer], Awaitable[None]] | None = None,
+                metrics: Recorder | None = None) -> None:
     """Serve until ``stop`` is set; then close the listeners and end the connections."""
     tune_allocator()
-    server = NbdServer(exports, workers=workers, limits=limits)
+    server = NbdServer(exports, workers=workers, limits=limits, metrics=metrics)
     try:
         if started is not None:
             await started(server)
