@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import UsageError
-from ..export import loop
+from ..export import fusedev, loop
 from .common import open_volume, split_volume_ref
 
 
@@ -43,14 +42,10 @@ def run_detach(args: argparse.Namespace) -> int:
 
 
 def run_daemon(args: argparse.Namespace) -> int:
-    try:  # mfusepy is an extra (pyoverlaybd[attach]), loaded by the daemon only
-        from ..export.fuse import run_fuse
-    except ImportError as exc:
-        raise UsageError(f"attach needs mfusepy (pip install 'pyoverlaybd[attach]'): {exc}") from None
     vol = open_volume(args.volume)
     with vol.open(writable=not args.readonly and args.snapshot is None, snapshot=args.snapshot) as dev:
         try:
-            run_fuse(dev, args.mountpoint, readonly=args.readonly or args.snapshot is not None)
+            fusedev.run_device(dev, args.mountpoint, readonly=args.readonly or args.snapshot is not None)
         finally:
             dev.flush()
     return 0
