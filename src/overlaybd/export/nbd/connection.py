@@ -250,7 +250,11 @@ class Connection:
             self.res.gate.leave()
         self._batch += reply
         self._held.append((buf, n))
-        if self._flushing is None:
+        if len(self._held) == 1 and len(getattr(self.reader, "_buffer", b"\0" * REQUEST.size)) < REQUEST.size:
+            # a lone request, and no other has arrived whole (asyncio's StreamReader keeps what it has read in
+            # _buffer): its reply goes out now, not after another turn of the event loop
+            self._flush()
+        elif self._flushing is None:
             self._flushing = asyncio.get_running_loop().call_soon(self._flush)
         return True
 
