@@ -119,9 +119,10 @@ class DiskDevice:
                 return
 
     def _take(self, inbuf: bytearray) -> int:
-        """Read one request: its length; 0 if there was none after all, -1 once unmounted."""
+        """Read one request: its length; 0 if there was none after all, -1 once unmounted (or at the end of a
+        descriptor that is not /dev/fuse)."""
         try:
-            return os.readv(self.fd, [inbuf])
+            return os.readv(self.fd, [inbuf]) or -1
         except InterruptedError:
             return 0
         except OSError as exc:
