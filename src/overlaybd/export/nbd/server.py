@@ -189,6 +189,7 @@ async def serve(exports: list[Export], listen: str, *, ready: Callable[[str], No
                 started: Callable[[NbdServer], Awaitable[None]] | None = None) -> None:
     """Serve until ``stop`` is set; then close the listeners and end the connections."""
     tune_allocator()
+    release_free_memory()  # what opening the exports used and freed goes back before serving
     server = NbdServer(exports, workers=workers, limits=limits)
     try:
         if started is not None:
