@@ -49,7 +49,7 @@ from .session import EndConnection, Session
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-INLINE_MAX = 128 * 1024  # requests up to this size on a local export are served on the event loop
+INLINE_MAX = 256 * 1024  # requests up to this size (nbdcopy's default) on a local export are served on the event loop
 SMALL_PAYLOAD = 64 * 1024  # write payloads up to this are read without a deadline (they hold little budget)
 Reply = list[bytes | memoryview]
 
