@@ -50,6 +50,7 @@ from .session import EndConnection, Session
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 INLINE_MAX = 256 * 1024  # requests up to this size (nbdcopy's default) on a local export are served on the event loop
+BATCH_BYTES = 1 << 20  # reply bytes gathered at most before they go out (a socket buffer takes that at once)
 SMALL_PAYLOAD = 64 * 1024  # write payloads up to this are read without a deadline (they hold little budget)
 Reply = list[bytes | memoryview]
 
@@ -110,6 +111,7 @@ class Connection:
         # replies of requests served on the spot, sent together once the requests that had arrived are served
         self._batch: Reply = []
         self._held: list[tuple[Buffer | None, int]] = []  # their buffers and budgets, given back once sent
+        self._batch_bytes = 0
         self._flushing: asyncio.Handle | None = None
         protocol.on_gone = self._peer_gone
 
@@ -130,7 +132,6 @@ class Connection:
         finally:
             self._ending = True
             if self._flushing is not None:
-                self._flushing.cancel()
                 self._flush()
             if not self._disconnecting:
                 for task in self._requests:
@@ -250,7 +251,12 @@ class Connection:
             self.res.gate.leave()
         self._batch += reply
         self._held.append((buf, n))
-        if len(self._held) == 1 and len(getattr(self.reader, "_buffer", b"\0" * REQUEST.size)) < REQUEST.size:
+        self._batch_bytes += sum(len(part) for part in reply)
+        if self._batch_bytes >= BATCH_BYTES:
+            # out before more is read: what the socket does not take would be copied into the transport, and the
+            # reader waits for that to drain before serving more
+            self._flush()
+        elif len(self._held) == 1 and len(getattr(self.reader, "_buffer", b"\0" * REQUEST.size)) < REQUEST.size:
             # a lone request, and no other has arrived whole (asyncio's StreamReader keeps what it has read in
             # _buffer): its reply goes out now, not after another turn of the event loop
             self._flush()
@@ -260,9 +266,11 @@ class Connection:
 
     def _flush(self) -> None:
         """Send the batch of replies; give their buffers and budgets back."""
-        self._flushing = None
+        if self._flushing is not None:
+            self._flushing.cancel()
+            self._flushing = None
         batch, held = self._batch, self._held
-        self._batch, self._held = [], []
+        self._batch, self._held, self._batch_bytes = [], [], 0
         self._send(batch)
         reusable = self.transport.get_write_buffer_size() == 0
         for buf, n in held:
