@@ -31,6 +31,7 @@ GiB = 1 << 30
 BLOCK = 4096
 STRIDE_BLOCKS = 104729  # qemu-img bench -S $((4096*104729)): a prime stride spreads the reads over the disk
 VENV_BIN = os.path.dirname(sys.executable)
+SERVER_PIDS: dict[str, int] = {}  # URI -> the pid of the server behind it (for its CPU time and memory)
 OVERLAYBD = [os.path.join(VENV_BIN, "overlaybd")] if os.path.exists(os.path.join(VENV_BIN, "overlaybd")) \
     else [sys.executable, "-m", "overlaybd.cli.main"]
 
@@ -251,6 +252,7 @@ def overlaybd_server(vol: str, sock: str, *, readonly: bool, extra: Sequence[str
             stop_process(proc)
             err = proc.stderr.read() if proc.stderr else ""
             raise RuntimeError(f"overlaybd serve did not start: {err.strip()[-2000:]}")
+        SERVER_PIDS[uri] = proc.pid
         yield uri
     finally:
         stop_process(proc)
@@ -265,9 +267,28 @@ def qemu_nbd(image: str, fmt: str, sock: str, *, readonly: bool, name: str = "")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         wait_socket(sock, proc, "qemu-nbd")
+        SERVER_PIDS[f"nbd+unix:///{name}?socket={sock}"] = proc.pid
         yield f"nbd+unix:///{name}?socket={sock}"
     finally:
         stop_process(proc)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (peak) of a process, in KiB."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+    return out
 
 
 # -- clients -------------------------------------------------------------------------------------------------
@@ -292,5 +313,7 @@ def fio(args: Sequence[str]) -> dict[str, Any]:
     return {
         "read_iops": job["read"]["iops"], "write_iops": job["write"]["iops"],
         "read_lat_us": job["read"]["clat_ns"]["mean"] / 1000, "write_lat_us": job["write"]["clat_ns"]["mean"] / 1000,
-        "read_bw": job["read"]["bw_bytes"], "syncs": job.get("sync", {}).get("total_ios", 0),
+        "read_bw": job["read"]["bw_bytes"], "writes": job["write"]["total_ios"],
+        "syncs": job.get("sync", {}).get("total_ios", 0),
+        "sync_lat_us": job.get("sync", {}).get("lat_ns", {}).get("mean", 0) / 1000,
     }

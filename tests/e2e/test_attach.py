@@ -104,3 +104,21 @@ def test_attach_refuses_a_second_writer_and_detach_cleans_up(tmp_path: Path) -> 
     name = os.path.basename(dev)
     assert not Path(f"/run/overlaybd/{name}.json").exists()  # detach removed its record
     assert not Path(f"/sys/block/{name}/loop/backing_file").exists()  # and freed the loop device
+
+
+def test_discard_through_the_loop_device_reaches_the_volume(tmp_path: Path) -> None:
+    _kernel_ready()
+    blkdiscard = require("blkdiscard")
+    vol = tmp_path / "vol"
+    run(*OVERLAYBD, "create", str(vol), "--size", "64M")
+    with attached(str(vol)) as dev:
+        with open(dev, "r+b", buffering=0) as f:
+            f.write(b"\x5a" * (1 << 20))
+            os.fsync(f.fileno())
+        run(blkdiscard, "-o", "0", "-l", str(256 << 10), dev)
+        with open(dev, "rb", buffering=0) as f:
+            os.fsync(f.fileno())
+            assert f.read(256 << 10) == bytes(256 << 10)
+    with Volume(str(vol)).open() as disk:
+        assert disk.pread(0, 256 << 10) == bytes(256 << 10)
+        assert disk.pread(256 << 10, 768 << 10) == b"\x5a" * (768 << 10)

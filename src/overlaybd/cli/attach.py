@@ -9,8 +9,8 @@ import sys
 from contextlib import ExitStack
 from typing import Any
 
-from ..errors import LockedError, UsageError
-from ..export import loop
+from ..errors import LockedError
+from ..export import fusedev, loop
 from ..export.control import ControlThread, socket_path
 from ..metrics import Recorder
 from .common import open_volume, split_volume_ref, start_metrics
@@ -62,10 +62,6 @@ def run_detach(args: argparse.Namespace) -> int:
 
 
 def run_daemon(args: argparse.Namespace) -> int:
-    try:  # mfusepy is an extra (pyoverlaybd[attach]), loaded by the daemon only
-        from ..export.fuse import run_fuse
-    except ImportError as exc:
-        raise UsageError(f"attach needs mfusepy (pip install 'pyoverlaybd[attach]'): {exc}") from None
     vol = open_volume(args.volume)
     with ExitStack() as owned:
         recorder: Recorder | None = None
@@ -75,7 +71,8 @@ def run_daemon(args: argparse.Namespace) -> int:
             _answer_stats(vol.path, recorder, owned, readonly=args.readonly or args.snapshot is not None)
         with vol.open(writable=not args.readonly and args.snapshot is None, snapshot=args.snapshot) as dev:
             try:
-                run_fuse(dev, args.mountpoint, readonly=args.readonly or args.snapshot is not None, metrics=recorder)
+                fusedev.run_device(dev, args.mountpoint, readonly=args.readonly or args.snapshot is not None,
+                                   metrics=recorder)
             finally:
                 dev.flush()
     return 0

@@ -143,9 +143,20 @@ def detach(device: str, *, timeout: float = 30.0) -> None:
     if _alive(state.pid):
         os.kill(state.pid, signal.SIGTERM)
     os.rmdir(state.mountpoint)
-    os.unlink(_state_path(device))
+    _forget(device, state)
     if os.path.exists(state.log):
         os.unlink(state.log)
+
+
+def _forget(device: str, state: Attachment) -> None:
+    """Remove ``device``'s record if it is still ours: once the loop device was freed, another ``attach`` may
+    have taken the same device and written its own record, which must stay."""
+    try:
+        if attachment(device).mountpoint != state.mountpoint:
+            return
+        os.unlink(_state_path(device))
+    except (UsageError, FileNotFoundError):
+        pass
 
 
 def _alive(pid: int) -> bool:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from types import TracebackType
 from typing import Any
@@ -19,7 +20,8 @@ from typing import Any
 from ..errors import LockedError
 from ..formats.output import Compression
 from ..metrics import Recorder
-from ..volume import Snapshot, Volume
+from ..source.base import BlockSource, Extent
+from ..volume import Snapshot, Volume, VolumeError
 from .control import ControlSocket, socket_path
 from .control import request as control_request
 from .nbd.limits import Limits
@@ -48,8 +50,7 @@ class ServedVolume:
         self._control: ControlSocket | None = None
 
     def _snapshot_export(self, snap: Snapshot) -> Export:
-        dev = self._owned.enter_context(self.volume.open(snapshot=snap.number))
-        return Export(snap.uuid, dev, readonly=True, inline=self.local,
+        return Export(snap.uuid, SnapshotSource(self.volume, snap, self._owned), readonly=True, inline=self.local,
                       description=f"snapshot {snap.number}: {snap.message}".strip())
 
     # -- serving -------------------------------------------------------------------------------------------------
@@ -145,3 +146,41 @@ class ServedVolume:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+class SnapshotSource(BlockSource):
+    """A snapshot's bytes, its layers opened at the first read: a volume of many snapshots is served without an
+    index held for each until a client reads that snapshot (a 64-snapshot volume opened 64 stacks, 1 to 64
+    layers deep, before the first client came)."""
+
+    def __init__(self, volume: Volume, snap: Snapshot, owned: ExitStack) -> None:
+        self.volume = volume
+        self.number = snap.number
+        self.name = f"{volume.path}@{snap.number}"
+        self.size = snap.virtual_size
+        self._owned = owned
+        self._stack: BlockSource | None = None
+        self._lock = threading.Lock()
+
+    def _open(self) -> BlockSource:
+        stack = self._stack
+        if stack is None:
+            with self._lock:
+                if self._stack is None:
+                    opened = self._owned.enter_context(self.volume.open(snapshot=self.number))
+                    if opened.size != self.size:
+                        raise VolumeError(f"snapshot {self.number} holds {opened.size} bytes, its record says "
+                                          f"{self.size}", path=self.volume.path)
+                    self._stack = opened
+                stack = self._stack
+        return stack
+
+    def _read_aligned(self, offset: int, buf: memoryview) -> None:
+        self._open().readinto(offset, buf)
+
+    def _extents(self, offset: int, length: int) -> Iterator[Extent]:
+        return self._open().extents(offset, length)
+
+    def invalidate(self, offset: int, length: int) -> None:
+        if self._stack is not None:
+            self._stack.invalidate(offset, length)

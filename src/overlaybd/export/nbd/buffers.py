@@ -27,9 +27,12 @@ class BufferPool:
     """Page-aligned buffers, reused while requests come, at most ``keep_bytes`` of them kept; ``clear()`` (the
     server calls it once it has been idle a while) unmaps them all. Used from the event loop thread only.
 
-    A buffer comes back only when nothing else can still be reading it (``give(..., reusable=False)`` drops it)."""
+    A buffer comes back only when nothing else can still be reading it (``give(..., reusable=False)`` drops it).
+    Buffers are at least 256 KiB (nbdcopy's default request) and up to 256 of them are kept: four nbdcopy
+    connections keep 256 such reads in flight, and a buffer unmapped and mapped again faults its pages in anew
+    (in one run, 41-99 page faults a MiB read with at most 64 buffers of 1 MiB kept, 0.1 with these)."""
 
-    def __init__(self, *, keep_bytes: int = 64 * MiB, keep_count: int = 64, minimum: int = MiB) -> None:
+    def __init__(self, *, keep_bytes: int = 64 * MiB, keep_count: int = 256, minimum: int = 256 * 1024) -> None:
         self.keep_bytes = keep_bytes
         self.keep_count = keep_count
         self.minimum = minimum

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -29,10 +30,11 @@ from .protocol import (
     CMD_BLOCK_STATUS,
     CMD_DISC,
     CMD_FLAG_FUA,
-    CMD_FLUSH,
     CMD_NAMES,
     CMD_READ,
+    CMD_TRIM,
     CMD_WRITE,
+    CMD_WRITE_ZEROES,
     EINVAL,
     MAX_PAYLOAD,
     REQUEST,
@@ -49,11 +51,13 @@ from .session import EndConnection, Session
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-INLINE_MAX = 128 * 1024  # requests up to this size on a local export are served on the event loop
+INLINE_MAX = 256 * 1024  # requests up to this size (nbdcopy's default) on a local export are served on the event loop
+BATCH_BYTES = 1 << 20  # reply bytes gathered at most before they go out (a socket buffer takes that at once)
 SMALL_PAYLOAD = 64 * 1024  # write payloads up to this are read without a deadline (they hold little budget)
 Reply = list[bytes | memoryview]
 # what requests count as (a command the protocol does not name counts as OTHER: a client cannot make new labels)
 COMMANDS = {code: name for code, name in CMD_NAMES.items() if code != CMD_DISC}
+Outcome = tuple[Reply, Buffer | None, int]  # a request's reply, the read buffer it holds, its errno (0: none)
 
 
 @dataclass
@@ -108,6 +112,13 @@ class Connection:
         self._ending = False
         self._gone = False
         self.written = 0  # bytes handed to the transport
+        raw = writer.get_extra_info("socket")
+        self._fd = raw.fileno() if raw is not None else -1
+        # replies of requests served on the spot, sent together once the requests that had arrived are served
+        self._batch: Reply = []
+        self._held: list[tuple[Buffer | None, int]] = []  # their buffers and budgets, given back once sent
+        self._batch_bytes = 0
+        self._flushing: asyncio.Handle | None = None
         protocol.on_gone = self._peer_gone
 
     # -- the connection as a whole ---------------------------------------------------------------------------
@@ -126,6 +137,8 @@ class Connection:
             log.debug("connection %s: the client is gone", self.peer)
         finally:
             self._ending = True
+            if self._flushing is not None:
+                self._flush()
             if not self._disconnecting:
                 for task in self._requests:
                     task.cancel()
@@ -148,6 +161,8 @@ class Connection:
     async def _read_requests(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if self.transport.get_write_buffer_size() > self._high_water:
+                await self._drain()  # replies served on the spot wait here for a client slow to take them
             req = parse_request(await self.reader.readexactly(REQUEST.size))
             if req.command == CMD_WRITE and req.length > MAX_PAYLOAD:
                 if req.length > MAX_DISCARD_PAYLOAD:
@@ -167,6 +182,8 @@ class Connection:
             except BaseException:
                 self._release(n)
                 raise
+            if self._inline(req) and self._serve_now(req, payload, n):
+                continue
             task = loop.create_task(self._serve(req, payload, n))
             self._requests.add(task)
             task.add_done_callback(self._requests.discard)
@@ -226,44 +243,112 @@ class Connection:
         finally:
             self._release(n)
 
-    async def _execute(self, req: Request, payload: bytes) -> tuple[Reply, Buffer | None, int]:
-        """The reply, the read buffer it holds, and the errno it reports (0: none)."""
+    def _inline(self, req: Request) -> bool:
+        """Served on the event loop: a small read, write, trim or write-zeroes (no FUA) on an export whose bytes
+        are all local."""
+        return (self.session.export.inline and req.length <= INLINE_MAX and not req.flags & CMD_FLAG_FUA
+                and req.command in (CMD_READ, CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES))
+
+    def _serve_now(self, req: Request, payload: bytes, n: int) -> bool:
+        """Serve an inline request at once, without a task, its reply joining the batch that goes out once the
+        requests that have arrived are served (one ``writev`` for them all); False, doing nothing, while
+        maintenance holds requests back."""
+        if not self.res.gate.try_enter():
+            return False
+        metrics = self.res.metrics
+        started = time.perf_counter() if metrics is not None else 0.0
+        try:
+            reply, buf, error = self._on_loop(req, payload)
+        except Exception as exc:  # the request fails; the connection and the server go on
+            reply, buf, error = self._failed(req, exc)
+        finally:
+            self.res.gate.leave()
+        if metrics is not None:  # before the reply goes: a client that has it finds it counted
+            metrics.request(COMMANDS.get(req.command, "OTHER"), req.length, time.perf_counter() - started, error)
+        self._batch += reply
+        self._held.append((buf, n))
+        self._batch_bytes += sum(len(part) for part in reply)
+        if self._batch_bytes >= BATCH_BYTES:
+            # out before more is read: what the socket does not take would be copied into the transport, and the
+            # reader waits for that to drain before serving more
+            self._flush()
+        elif len(self._held) == 1 and len(getattr(self.reader, "_buffer", b"\0" * REQUEST.size)) < REQUEST.size:
+            # a lone request, and no other has arrived whole (asyncio's StreamReader keeps what it has read in
+            # _buffer): its reply goes out now, not after another turn of the event loop
+            self._flush()
+        elif self._flushing is None:
+            self._flushing = asyncio.get_running_loop().call_soon(self._flush)
+        return True
+
+    def _flush(self) -> None:
+        """Send the batch of replies; give their buffers and budgets back."""
+        if self._flushing is not None:
+            self._flushing.cancel()
+            self._flushing = None
+        batch, held = self._batch, self._held
+        self._batch, self._held, self._batch_bytes = [], [], 0
+        self._send(batch)
+        reusable = self.transport.get_write_buffer_size() == 0
+        for buf, n in held:
+            if buf is not None:
+                self.res.buffers.give(buf, reusable=reusable)
+            self._release(n)
+
+    def _on_loop(self, req: Request, payload: bytes) -> Outcome:
+        """A valid inline request, on the event loop (between the gate's enter and leave)."""
+        error = validate(self.session, req)
+        if error:
+            return [self._error(req, error, f"invalid {CMD_NAMES.get(req.command, '?')}")], None, error
+        src = self.session.export.source
+        if req.command == CMD_READ:
+            buf = self.res.buffers.take(req.length)
+            try:
+                if req.length:
+                    src.readinto(req.offset, buf.view)
+            except BaseException:
+                self.res.buffers.give(buf, reusable=True)
+                raise
+            return [self._read_head(req), buf.view], buf, 0
+        modify(src, req, payload)
+        return [chunk_none(req.handle) if self.session.structured else simple_reply(req.handle)], None, 0
+
+    def _read_head(self, req: Request) -> bytes:
+        # header and payload go out together from our page-aligned buffer (see _send), never joined
+        return chunk_offset_data_header(req.handle, req.offset, req.length, True) if self.session.structured \
+            else simple_reply(req.handle)
+
+    def _failed(self, req: Request, exc: Exception) -> Outcome:
+        log.warning("%s %s [%d, +%d): %s", self.session.export.name or "(default)", CMD_NAMES.get(req.command, "?"),
+                    req.offset, req.length, exc)
+        error = nbd_errno(exc)
+        return [self._error(req, error, str(exc)[:200])], None, error
+
+    async def _execute(self, req: Request, payload: bytes) -> Outcome:
         session = self.session
         error = validate(session, req)
         if error:
             return [self._error(req, error, f"invalid {CMD_NAMES.get(req.command, '?')}")], None, error
-        export = session.export
-        inline = export.inline and req.length <= INLINE_MAX and not req.flags & CMD_FLAG_FUA
+        inline = self._inline(req)
         await self.res.gate.enter()
         buf: Buffer | None = None
         try:
-            src = export.source  # after enter(): a snapshot may have replaced it while we waited
+            if inline:  # after enter(): a snapshot may have replaced the source while we waited
+                return self._on_loop(req, payload)
+            src = session.export.source
             if req.command == CMD_READ:
                 buf = self.res.buffers.take(req.length)
-                if req.length and inline:
-                    src.readinto(req.offset, buf.view)
-                elif req.length:
+                if req.length:
                     await self._in_pool(src.readinto, req.offset, buf.view)
-                head = chunk_offset_data_header(req.handle, req.offset, req.length, True) if session.structured \
-                    else simple_reply(req.handle)
-                # two writes, not writelines: 3.11 joins those into a new copy; with a large socket buffer the
-                # payload goes to the kernel straight from our page-aligned buffer
-                return [head, buf.view], buf, 0
+                return [self._read_head(req), buf.view], buf, 0
             if req.command == CMD_BLOCK_STATUS:
                 extents = await self._in_pool(block_status, src, req)
                 return [chunk_block_status(req.handle, META_CONTEXT_ID, extents)], None, 0
-            if inline and req.command != CMD_FLUSH:
-                modify(src, req, payload)
-            else:
-                await self._in_pool(modify, src, req, payload)
+            await self._in_pool(modify, src, req, payload)
             return [chunk_none(req.handle) if session.structured else simple_reply(req.handle)], None, 0
         except Exception as exc:  # the request fails; the connection and the server go on
             if buf is not None:
                 self.res.buffers.give(buf, reusable=True)
-            log.warning("%s %s [%d, +%d): %s", export.name or "(default)", CMD_NAMES.get(req.command, "?"),
-                        req.offset, req.length, exc)
-            error = nbd_errno(exc)
-            return [self._error(req, error, str(exc)[:200])], None, error
+            return self._failed(req, exc)
         except BaseException:  # cancelled: the source call has returned (see _in_pool), so the buffer is free
             if buf is not None:
                 self.res.buffers.give(buf, reusable=True)
@@ -296,13 +381,29 @@ class Connection:
             else simple_reply(req.handle, error)
 
     def _send(self, reply: Reply) -> bool:
-        """Hand a reply to the transport; False if the connection is already closing."""
+        """Hand a reply to the kernel, or to the transport for what the socket does not take at once; False if the
+        connection is already closing. While the transport holds nothing, header and payload go out in one
+        ``writev`` (one system call, no copy); the rest, if any, is queued behind by the transport."""
         transport = self.transport
         if transport.is_closing():
             return False
+        self.written += sum(len(part) for part in reply)
+        if self._fd >= 0 and not transport.get_write_buffer_size():
+            try:
+                sent = os.writev(self._fd, reply)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # the transport meets the same error below and ends the connection its own way
+            for part in reply:
+                if sent >= len(part):
+                    sent -= len(part)
+                    continue
+                transport.write(memoryview(part)[sent:] if sent else part)
+                sent = 0
+            return True
         for part in reply:
             transport.write(part)
-            self.written += len(part)
         return True
 
     def _sent(self) -> int:

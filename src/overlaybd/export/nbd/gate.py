@@ -40,6 +40,14 @@ class RequestGate:
         self._active += 1
         self._idle.clear()
 
+    def try_enter(self) -> bool:
+        """:meth:`enter` without waiting: False while maintenance runs."""
+        if not self._open.is_set():
+            return False
+        self._active += 1
+        self._idle.clear()
+        return True
+
     def leave(self) -> None:
         self._active -= 1
         if not self._active:

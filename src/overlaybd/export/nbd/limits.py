@@ -87,6 +87,13 @@ class ByteBudget:
                 self._wake()
             raise
 
+    def try_acquire(self, n: int) -> bool:
+        """:meth:`acquire` without waiting: False if anyone waits or ``n`` does not fit now."""
+        if self._waiters or not self._fits(n):
+            return False
+        self.used += n
+        return True
+
     def release(self, n: int) -> None:
         self.used -= n
         self._wake()

@@ -206,6 +206,7 @@ async def serve(exports: list[Export], listen: str, *, ready: Callable[[str], No
                 metrics: Recorder | None = None) -> None:
     """Serve until ``stop`` is set; then close the listeners and end the connections."""
     tune_allocator()
+    release_free_memory()  # what opening the exports used and freed goes back before serving
     server = NbdServer(exports, workers=workers, limits=limits, metrics=metrics)
     try:
         if started is not None:
