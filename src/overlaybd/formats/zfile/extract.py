@@ -1,0 +1,89 @@
+"""Writing out the whole original file of a ZFile, on all cores.
+
+Block ``k`` always lands at ``k * block_size`` in the output, so the work splits without any coordination: each
+worker takes a chunk of blocks, reads their stored bytes, decompresses them (CRCs checked) into its own buffer
+and writes that buffer at its place. Writeback of every written chunk is started at once
+(``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so that a final ``fsync`` finds little left to do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from ...source.file import write_all
+from .reader import ZFileSource
+
+Progress = Callable[[int, int], None]
+CHUNK_BYTES = 4 << 20  # output bytes a worker handles at a time
+
+_SYNC_FILE_RANGE_WRITE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    _sync_file_range.restype = ctypes.c_int
+
+_local = threading.local()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing these dirty pages to disk without waiting for them (nothing where the call is missing, or
+    the file system refuses it: it only saves time at the final ``fsync``)."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def _buffer(n: int) -> memoryview:
+    """A per-thread output buffer, reused: fresh memory costs about 1 ms a MiB to fault in."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _local.buf = bytearray(n)
+    return memoryview(buf)[:n]
+
+
+def _chunk(z: ZFileSource, fd: int, base: int, offset: int, length: int, name: str) -> None:
+    view = _buffer(length)
+    z.readinto(offset, view)
+    write_all(fd, view, base + offset, name)
+    start_writeback(fd, base + offset, length)
+
+
+def decompress_to(z: ZFileSource, fd: int, base: int = 0, *, threads: int | None = None,
+                  progress: Progress | None = None, name: str = "<output>") -> int:
+    """Write the original bytes of ``z`` into ``fd`` from byte ``base`` on; returns how many. Every block's CRC is
+    checked on the way (ChecksumError, FormatError as ``ZFileSource`` raises them)."""
+    threads = max(1, threads or os.cpu_count() or 1)
+    total = z.size
+    chunk = max(z.block_size, CHUNK_BYTES // z.block_size * z.block_size)
+    offsets = range(0, total, chunk)
+    if threads == 1:
+        for off in offsets:
+            _chunk(z, fd, base, off, min(chunk, total - off), name)
+            if progress is not None:
+                progress(min(off + chunk, total), total)
+        return total
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="unzfile") as workers:
+        pending: deque[tuple[Future[None], int]] = deque()
+        try:
+            for off in offsets:
+                if len(pending) >= 2 * threads:
+                    fut, upto = pending.popleft()
+                    fut.result()
+                    if progress is not None:
+                        progress(upto, total)
+                n = min(chunk, total - off)
+                pending.append((workers.submit(_chunk, z, fd, base, off, n, name), off + n))
+            while pending:
+                fut, upto = pending.popleft()
+                fut.result()
+                if progress is not None:
+                    progress(upto, total)
+        finally:
+            for fut, _ in pending:
+                fut.cancel()
+    return total
