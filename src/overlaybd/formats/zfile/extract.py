@@ -8,7 +8,6 @@ and writes that buffer at its place. Writeback of every written chunk is started
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from collections import deque
@@ -17,25 +16,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from ...source.file import write_all
 from .reader import ZFileSource
+from .writeback import start_writeback
 
 Progress = Callable[[int, int], None]
 CHUNK_BYTES = 4 << 20  # output bytes a worker handles at a time
 
-_SYNC_FILE_RANGE_WRITE = 2
-_libc = ctypes.CDLL(None, use_errno=True)
-_sync_file_range = getattr(_libc, "sync_file_range", None)
-if _sync_file_range is not None:
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    _sync_file_range.restype = ctypes.c_int
-
 _local = threading.local()
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing these dirty pages to disk without waiting for them (nothing where the call is missing, or
-    the file system refuses it: it only saves time at the final ``fsync``)."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _buffer(n: int) -> memoryview:
