@@ -221,6 +221,33 @@ def bounds(algo: str, kib: int, data: Path, rounds: int) -> dict[str, Any]:
     return res
 
 
+def write_floor(data: Path, work: Path, rounds: int) -> dict[str, Any]:
+    """Writing the original bytes alone into a new file (4 MiB ``pwrite`` calls from memory, into the page
+    cache), from 1 and 2 threads, without and with an ``fsync``: what any decompressor writing one file pays."""
+    raw = memoryview(data.read_bytes())
+    out = work / "floor"
+    chunk = 4 * MiB
+    res: dict[str, Any] = {}
+    for threads in (1, 2):
+        for sync in (False, True):
+            def once(threads: int = threads, sync: bool = sync) -> None:
+                with contextlib.suppress(FileNotFoundError):
+                    out.unlink()
+                fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    on_threads(threads, lambda k: os.pwrite(fd, raw[k * chunk : (k + 1) * chunk], k * chunk),
+                               -(-len(raw) // chunk))
+                    if sync:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+            res[f"{threads} thread{'s' if threads > 1 else ''}{', fsync' if sync else ''}"] = best(rounds, once,
+                                                                                                  len(raw))
+    with contextlib.suppress(FileNotFoundError):
+        out.unlink()
+    return res
+
+
 def python_codec(algo: str, bs: int, view: memoryview, rounds: int) -> dict[str, Any]:
     """One python-lz4 / zstandard call a block, one thread."""
     pieces = [view[i : i + bs] for i in range(0, len(view), bs)]
@@ -354,6 +381,10 @@ def main() -> int:
                 b = bounds(algo, kib, data, 3)
                 print_bounds(algo, kib, b)
                 result["bounds"][f"{algo}-{kib}"] = b
+        if args.bounds:
+            floor = write_floor(data, work, 3)
+            print(table(["writing the original into a new file", "MB/s"], [[k, rng(v)] for k, v in floor.items()]))
+            result["bounds"]["write"] = floor
         emit_json(result, args.json)
     return 0
 

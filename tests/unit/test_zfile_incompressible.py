@@ -81,6 +81,21 @@ def test_an_unscreened_incompressible_block_is_caught_while_writing(tmp_path: Pa
 
 
 @pytest.mark.parametrize("algo", ["lz4", "zstd"])
+def test_a_short_last_block_that_does_not_fit_is_screened_too(tmp_path: Path, algo: str,
+                                                              runs: blocks.BlockRuns) -> None:
+    data = mixed(5 * BLOCK, 2) + random.Random(2).randbytes(BLOCK - 4)  # 65,532 random bytes do not fit either
+    path, res = write(tmp_path, data, algo, runs)
+    assert (res.block_size, res.passes) == (32768, 1)
+    with FileSource(str(path)) as f:
+        assert ZFileSource(f).pread(0, len(data)) == data
+
+
+def test_an_empty_file_needs_no_screen(tmp_path: Path, runs: blocks.BlockRuns) -> None:
+    _, res = write(tmp_path, b"", "zstd", runs)
+    assert (res.block_size, res.passes, res.header.original_file_size) == (BLOCK, 1, 0)
+
+
+@pytest.mark.parametrize("algo", ["lz4", "zstd"])
 def test_compressible_64k_blocks_stay_64k(tmp_path: Path, algo: str, runs: blocks.BlockRuns) -> None:
     data = mixed(12 * BLOCK + 1000, 9)
     _, res = write(tmp_path, data, algo, runs)

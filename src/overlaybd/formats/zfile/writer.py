@@ -211,20 +211,26 @@ def _entropy(counts: np.ndarray) -> float:
 
 def _oversized_block(src: BlockSource, algo: int, block_size: int, verify: bool) -> int | None:
     """A block of ``src`` that does not compress to MAX_STORED_BLOCK bytes or less, among those screened (every
-    SCREEN_STRIDE-th); None if none of them is. A block is compressed only when its bytes look incompressible
-    (SCREEN_BITS), so the answer is exact for the screened blocks and costs a read and a byte count for most."""
+    SCREEN_STRIDE-th, and the last); None if none of them is. A block is compressed only when its bytes look
+    incompressible (SCREEN_BITS), so the answer is exact for the screened blocks and costs a read and a byte count
+    for most."""
+    nblocks = -(-src.size // block_size)
+    if not nblocks:
+        return None
     runs = blocks.ACTIVE
     buf = bytearray(block_size)
     out = bytearray(runs.compress_bound(algo, block_size) + CRC_SIZE)
     lengths = np.empty(1, dtype="<u4")
     counts = np.zeros(256, dtype=np.int64)
-    for k in range(0, src.size // block_size, SCREEN_STRIDE):
-        src.readinto(k * block_size, buf)
+    screened: list[int] = [*range(0, nblocks - 1, SCREEN_STRIDE), nblocks - 1]  # and the last, which may be short
+    for k in screened:
+        view = memoryview(buf)[: min(block_size, src.size - k * block_size)]
+        src.readinto(k * block_size, view)
         counts[:] = 0
-        runs.byte_counts(buf, SCREEN_STEP, counts)
+        runs.byte_counts(view, SCREEN_STEP, counts)
         if _entropy(counts) < SCREEN_BITS:
             continue
-        _, _, status, _ = runs.compress(algo, buf, block_size, verify, out, lengths, MAX_STORED_BLOCK)
+        _, _, status, _ = runs.compress(algo, view, block_size, verify, out, lengths, MAX_STORED_BLOCK)
         if status == blocks.TOO_BIG:
             return k
     return None
