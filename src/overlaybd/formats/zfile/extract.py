@@ -2,8 +2,7 @@
 
 Block ``k`` always lands at ``k * block_size`` in the output, so the work splits without any coordination: each
 worker takes a chunk of blocks, reads their stored bytes, decompresses them (CRCs checked) into its own buffer
-and writes that buffer at its place. Writeback of every written chunk is started at once
-(``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so that a final ``fsync`` finds little left to do.
+and writes that buffer at its place (``writeback.write_out``: in pieces, its writeback started at once).
 """
 
 from __future__ import annotations
@@ -14,9 +13,8 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ...source.file import write_all
 from .reader import ZFileSource
-from .writeback import start_writeback
+from .writeback import write_out
 
 Progress = Callable[[int, int], None]
 CHUNK_BYTES = 4 << 20  # output bytes a worker handles at a time
@@ -35,8 +33,7 @@ def _buffer(n: int) -> memoryview:
 def _chunk(z: ZFileSource, fd: int, base: int, offset: int, length: int, name: str) -> None:
     view = _buffer(length)
     z.readinto(offset, view)
-    write_all(fd, view, base + offset, name)
-    start_writeback(fd, base + offset, length)
+    write_out(fd, view, base + offset, name)
 
 
 def decompress_to(z: ZFileSource, fd: int, base: int = 0, *, threads: int | None = None,

@@ -45,7 +45,7 @@ from .spec import (
     ZFileHeader,
     max_stored_length,
 )
-from .writeback import start_writeback
+from .writeback import write_out
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +169,7 @@ def _compress_batch(slot: _Slot, src: BlockSource | None, offset: int, length: i
         if status != blocks.OK:
             raise FormatError(f"block {offset // block_size + done} does not compress: {message}")
         if placer is not None:
-            at = placer.place(index, used)
-            write_all(fd, memoryview(slot.out)[:used], at, name)
-            start_writeback(fd, at, used)
+            write_out(fd, memoryview(slot.out)[:used], placer.place(index, used), name)
     except BaseException:
         if placer is not None:
             placer.fail(index)
@@ -266,8 +264,7 @@ def _write_blocks(src: BlockSource, fd: int, pos: int, algo: int, block_size: in
     def emit(done: _Compressed, upto: int) -> None:
         nonlocal pos
         if placer is None:
-            write_all(fd, memoryview(done.slot.out)[: done.used], pos, name)
-            start_writeback(fd, pos, done.used)
+            write_out(fd, memoryview(done.slot.out)[: done.used], pos, name)
             pos += done.used
         free.append(done.slot)
         all_lengths.append(done.lengths)
