@@ -222,27 +222,28 @@ def bounds(algo: str, kib: int, data: Path, rounds: int) -> dict[str, Any]:
 
 
 def write_floor(data: Path, work: Path, rounds: int) -> dict[str, Any]:
-    """Writing the original bytes alone into a new file (4 MiB ``pwrite`` calls from memory, into the page
-    cache), from 1 and 2 threads, without and with an ``fsync``: what any decompressor writing one file pays."""
+    """Writing the original bytes alone into a new file (``pwrite`` calls from memory into the page cache) in
+    256 KiB and in 4 MiB pieces, from 1 and 2 threads, without and with an ``fsync``: what any decompressor
+    writing one file pays."""
     raw = memoryview(data.read_bytes())
     out = work / "floor"
-    chunk = 4 * MiB
     res: dict[str, Any] = {}
-    for threads in (1, 2):
-        for sync in (False, True):
-            def once(threads: int = threads, sync: bool = sync) -> None:
-                with contextlib.suppress(FileNotFoundError):
-                    out.unlink()
-                fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                try:
-                    on_threads(threads, lambda k: os.pwrite(fd, raw[k * chunk : (k + 1) * chunk], k * chunk),
-                               -(-len(raw) // chunk))
-                    if sync:
-                        os.fsync(fd)
-                finally:
-                    os.close(fd)
-            res[f"{threads} thread{'s' if threads > 1 else ''}{', fsync' if sync else ''}"] = best(rounds, once,
-                                                                                                  len(raw))
+    for piece in (256 << 10, 4 * MiB):
+        for threads in (1, 2):
+            for sync in (False, True):
+                def once(piece: int = piece, threads: int = threads, sync: bool = sync) -> None:
+                    with contextlib.suppress(FileNotFoundError):
+                        out.unlink()
+                    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    try:
+                        on_threads(threads, lambda k: os.pwrite(fd, raw[k * piece : (k + 1) * piece], k * piece),
+                                   -(-len(raw) // piece))
+                        if sync:
+                            os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                name = f"{piece >> 10} KiB writes, {threads} thread{'s' if threads > 1 else ''}"
+                res[name + (", fsync" if sync else "")] = best(rounds, once, len(raw))
     with contextlib.suppress(FileNotFoundError):
         out.unlink()
     return res
