@@ -32,12 +32,11 @@ def _zstd_d() -> zstandard.ZstdDecompressor:
     return d
 
 
-
 def _lz4_compress_default() -> Callable[[bytes | memoryview], bytes] | None:
     """``LZ4_compress_default`` from the liblz4 inside python-lz4, called through ctypes (the GIL released):
     the call the reference and the C block path make. python-lz4's own ``compress`` gives other bytes for some
-    blocks (it reuses its compression state between calls), so the Python path would not write the reference's
-    bytes with it."""
+    blocks (same liblz4 1.9.4; tests/unit/test_zfile_blocks.py holds both paths to the same bytes), so the Python
+    path would not write the reference's bytes with it."""
     try:
         fn = ctypes.CDLL(lz4.block._block.__file__).LZ4_compress_default
     except (OSError, AttributeError):
