@@ -24,6 +24,9 @@ runs=(
   "bench_convert"
   "bench_nbd_memory"
   "bench_redistribution"
+  "bench_zfile_peers --bounds"
+  "bench_nbd_floor"
+  "bench_nbd --only metrics"
 )
 { echo "commit $(git rev-parse --short HEAD)$(git diff --quiet || echo ' (dirty)')"; echo "started $(date -u +%FT%TZ)"; } \
   > "$out/summary.txt"

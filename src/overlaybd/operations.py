@@ -13,7 +13,15 @@ from .formats.lsmt.layer import LsmtLayer
 from .formats.lsmt.spec import NULL_UUID, parse_uuid
 from .formats.lsmt.stack import LsmtStack
 from .formats.lsmt.writable import SparseLayer, WritableBase, WritableLayer, create_writable
-from .formats.output import Compression, Written, compress_to, copy_out, write_layer_file
+from .formats.output import (
+    Compression,
+    Written,
+    compress_to,
+    set_length,
+    write_atomically,
+    write_layer_file,
+)
+from .formats.zfile.extract import decompress_to
 from .formats.zfile.reader import ZFileSource
 from .source.file import FileSource
 
@@ -109,7 +117,13 @@ def decompress(src: str, dst: str, *, force: bool = False, progress: Progress | 
         peeled = peel(f)
         if peeled.zfile is None:
             raise UsageError("not a ZFile", path=src)
-        return copy_out(dst, peeled.zfile, force=force, progress=progress, sparse=False)
+        z = peeled.zfile
+
+        def produce(fd: int, base: int) -> int:
+            set_length(fd, base + z.size, dst)  # first: a device the file system cannot hold fails before any copy
+            return decompress_to(z, fd, base, progress=progress, name=dst)
+
+        return write_atomically(dst, produce, force=force)
 
 
 def verify_zfile(path: str, progress: Progress | None = None) -> ZFileSource:

@@ -2,10 +2,9 @@
 
 Byte-identical: commit (of a writable pair, of a sealed file, of a sparse layer), seal in place (but for the
 reference's uninitialised index padding), merge, zstd ZFiles, the tar envelope, and LZ4 ZFiles with 4 KiB blocks
-(plain, tar-wrapped, merged, of an odd-sized raw file) when the C block path is in use: it calls liblz4's
-LZ4_compress_default as the reference does, while python-lz4's block call compresses a little differently, so
-on the pure-Python path LZ4 files are checked by round trip and CRC only. (64 KiB LZ4 files differ by design:
-the reference stores blocks over 64 KiB that its own reader rejects, ours fall back to 32 KiB blocks.)
+(plain, tar-wrapped, merged, of an odd-sized raw file) on both block paths: each calls LZ4_compress_default as
+the reference does. (64 KiB files of incompressible data differ by design: the reference stores blocks over
+64 KiB that its own reader rejects, ours have 32 KiB blocks.)
 Each writer is exercised through the Python API and through the command line.
 """
 
@@ -30,7 +29,6 @@ from overlaybd.formats.detect import peel
 from overlaybd.formats.zfile.spec import MAX_STORED_BLOCK
 from overlaybd.source.file import FileSource
 
-from ..native import require_native
 from .payloads import device_sha256
 
 UUID_A = "a0000000-0000-4000-8000-00000000000a"
@@ -194,21 +192,18 @@ def test_merge_plain(reference_dir: Path, tmp_path: Path) -> None:
 
 
 def test_merge_zfile_round_trips(reference_dir: Path, tmp_path: Path) -> None:
-    """d/merged.zfile is LZ4: on either block path ours decompresses to d/merged.lsmt; on the C path it is the
-    reference's file byte for byte."""
+    """d/merged.zfile is LZ4: ours decompresses to d/merged.lsmt and is the reference's file byte for byte."""
     out = tmp_path / "merged.zfile"
     _cli("layer", "merge", *_b_layers(reference_dir), "-o", str(out), "--algorithm", "lz4", "--bs", "4")
     plain = tmp_path / "merged.lsmt"
     _cli("zfile", "decompress", str(out), str(plain))
     _same_bytes(plain, reference_dir / "d/merged.lsmt")
     assert overlaybd.verify_zfile(str(out)).nblocks == 278
-    require_native()
     _same_bytes(out, reference_dir / "d/merged.zfile")
 
 
 @pytest.mark.parametrize("name, crc", [("c/layer1.lz4.bs4k.zfile", True), ("c/layer1.lz4.bs4k.nocrc.zfile", False)])
 def test_lz4_zfile_4k_is_the_reference_bytes(reference_dir: Path, tmp_path: Path, name: str, crc: bool) -> None:
-    require_native()
     out = tmp_path / "layer1.zfile"
     overlaybd.compress(str(reference_dir / "b/layer1.lsmt"), str(out), Compression("lz4", 4096, verify=crc))
     _same_bytes(out, reference_dir / name)
@@ -220,7 +215,6 @@ def test_lz4_zfile_4k_is_the_reference_bytes(reference_dir: Path, tmp_path: Path
 
 def test_lz4_zfile_of_an_odd_sized_raw_file_is_the_reference_bytes(reference_dir: Path, tmp_path: Path) -> None:
     """c/raw_odd.lz4.bs4k.zfile holds a 300,001-byte file: decompress it, compress that again, same bytes."""
-    require_native()
     raw = tmp_path / "raw_odd.bin"
     _cli("zfile", "decompress", str(reference_dir / "c/raw_odd.lz4.bs4k.zfile"), str(raw))
     assert raw.stat().st_size == 300_001
@@ -312,7 +306,6 @@ def test_tar_wrapped_zfile_we_write(reference_dir: Path, tmp_path: Path, manifes
     truth = manifest["ground_truth"]["b1"]
     with overlaybd.open_stack([str(out)]) as stack:
         assert device_sha256(stack) == (truth["size"], truth["sha256"])
-    require_native()  # then the whole file is the reference's
     _same_bytes(out, reference_dir / "c/layer1.lz4.bs4k.zfile.tar")
 
 

@@ -16,6 +16,8 @@ import importlib.util
 import threading
 from typing import Any, Protocol
 
+import numpy as np
+
 from ... import native
 from ..checksum import ZFILE_BLOCK_SEED, raw_crc32c
 from . import codecs
@@ -48,6 +50,10 @@ class BlockRuns(Protocol):
 
     def compress_bound(self, algo: int, n: int) -> int:
         """The most bytes a block of ``n`` can compress to, CRC not included."""
+        ...
+
+    def byte_counts(self, data: Any, step: int, counts: Any) -> None:
+        """Add to ``counts`` (256 int64) how often each byte value occurs at ``data[0], data[step], ...``."""
         ...
 
 
@@ -101,6 +107,9 @@ class PythonRuns:
             return n + n // 255 + 16  # LZ4_COMPRESSBOUND
         return n + (n >> 8) + ((128 << 10) - n >> 11 if n < 128 << 10 else 0) + 64  # ZSTD_COMPRESSBOUND, rounded up
 
+    def byte_counts(self, data: Any, step: int, counts: Any) -> None:
+        counts += np.bincount(np.frombuffer(data, dtype=np.uint8)[::step], minlength=256)
+
 
 class NativeRuns:
     name = "native"
@@ -127,6 +136,9 @@ class NativeRuns:
 
     def compress_bound(self, algo: int, n: int) -> int:
         return self.module.compress_bound(algo, n)  # type: ignore[no-any-return]
+
+    def byte_counts(self, data: Any, step: int, counts: Any) -> None:
+        self.module.byte_counts(data, step, counts)
 
 
 def _native() -> NativeRuns | None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections.abc import Callable
 
 import lz4.block
+import lz4.block._block
 import zstandard
 
 from ...errors import UnsupportedError
@@ -30,17 +32,42 @@ def _zstd_d() -> zstandard.ZstdDecompressor:
     return d
 
 
+def _lz4_compress_default() -> Callable[[bytes | memoryview], bytes] | None:
+    """``LZ4_compress_default`` from the liblz4 inside python-lz4, called through ctypes (the GIL released):
+    the call the reference and the C block path make. python-lz4's own ``compress`` gives other bytes for some
+    blocks (same liblz4 1.9.4; tests/unit/test_zfile_blocks.py holds both paths to the same bytes), so the Python
+    path would not write the reference's bytes with it."""
+    try:
+        fn = ctypes.CDLL(lz4.block._block.__file__).LZ4_compress_default
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+
+    def lz4_block(data: bytes | memoryview) -> bytes:
+        src = bytes(data)
+        cap = len(src) + len(src) // 255 + 16  # LZ4_COMPRESSBOUND
+        dst = ctypes.create_string_buffer(cap)
+        n = fn(src, dst, len(src), cap)
+        if n <= 0:
+            raise lz4.block.LZ4BlockError("LZ4 compression failed")
+        return dst.raw[:n]
+
+    return lz4_block
+
+
+_LZ4_DEFAULT = _lz4_compress_default()
+
+
 def compress(algo: int, data: bytes | memoryview) -> bytes:
-    if algo == ALGO_LZ4:
-        return lz4.block.compress(data, mode="default", store_size=False)  # type: ignore[no-any-return]
-    if algo == ALGO_ZSTD:
-        return _zstd_c().compress(data)
-    raise UnsupportedError(f"compression algorithm {ALGO_NAMES.get(algo, algo)} is not supported")
+    return compressor(algo)(data)
 
 
 def compressor(algo: int) -> Callable[[bytes | memoryview], bytes]:
     """The compress function for one codec, looked up once for a batch of blocks (this thread's compressor)."""
     if algo == ALGO_LZ4:
+        if _LZ4_DEFAULT is not None:
+            return _LZ4_DEFAULT
         lz4_compress = lz4.block.compress
 
         def lz4_block(data: bytes | memoryview) -> bytes:

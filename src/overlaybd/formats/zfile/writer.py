@@ -1,8 +1,15 @@
 """Writing ZFiles: fixed-size blocks compressed in parallel, CRC per block, jump table, trailer.
 
-A stored block may never exceed 65,536 bytes, or the reference reader rejects the file. Only 64 KiB blocks of
-incompressible data can get there; when a block would, the whole file is written again with 32 KiB blocks
-(where LZ4 and zstd worst cases fit) and the result reports the block size actually used.
+A stored block may never exceed 65,536 bytes, or the reference reader rejects the file (its read buffer is that
+size). Only 64 KiB blocks of incompressible data get there: no LZ4 block or zstd frame holds 65,536 such bytes in
+fewer (a zstd frame adds at least 8 bytes, an LZ4 block 257), and every block of a ZFile has the one size its
+header gives, so no single block can be written differently. The reference writes such a block anyway and its
+reader then refuses the file; here the whole file gets 32 KiB blocks instead (where LZ4 and zstd worst cases
+fit), and that is decided before anything is written: ``_oversized_block`` screens every SCREEN_STRIDE-th
+64 KiB block by the entropy of its bytes and compresses only those that look incompressible, to see exactly
+whether they fit. A file where the screen finds none is written with 64 KiB blocks, the reference's bytes; should
+one of the unscreened blocks not fit after all, the file is written again with 32 KiB blocks. The result reports
+the block size actually used.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -36,12 +43,19 @@ from .spec import (
     MIN_BLOCK_SIZE,
     RECORD_SIZE,
     ZFileHeader,
+    max_stored_length,
 )
+from .writeback import write_out
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 BATCH_BYTES = 1 << 20
+
+
+SCREEN_STRIDE = 4  # every 4th 64 KiB block is screened before writing
+SCREEN_STEP = 4  # and every 4th byte of it counted
+SCREEN_BITS = 7.85  # bits a byte above which a screened block is compressed to see whether it fits
 
 
 class _BlockTooLarge(Exception):
@@ -53,6 +67,7 @@ class ZFileResult:
     header: ZFileHeader  # the trailer record written
     length: int  # bytes of ZFile written
     block_size: int  # block size actually used
+    passes: int = 1  # 2 when a block that did not fit was found only while writing, and the file written again
 
     @property
     def ratio(self) -> float:
@@ -154,7 +169,7 @@ def _compress_batch(slot: _Slot, src: BlockSource | None, offset: int, length: i
         if status != blocks.OK:
             raise FormatError(f"block {offset // block_size + done} does not compress: {message}")
         if placer is not None:
-            write_all(fd, memoryview(slot.out)[:used], placer.place(index, used), name)
+            write_out(fd, memoryview(slot.out)[:used], placer.place(index, used), name)
     except BaseException:
         if placer is not None:
             placer.fail(index)
@@ -169,13 +184,54 @@ def write_zfile(src: BlockSource, fd: int, base: int = 0, *, algo: str | int = "
     code = algo_code(algo)
     codecs.check_algo(code)
     check_block_size(block_size)
+    if max_stored_length(code, block_size, verify) > MAX_STORED_BLOCK:
+        found = _oversized_block(src, code, block_size, verify)
+        if found is not None:
+            log.info("%s: block %d does not compress below %d bytes; writing %d-byte blocks", name, found,
+                     MAX_STORED_BLOCK, block_size // 2)
+            block_size //= 2
     try:
         return _write(src, fd, base, code, block_size, verify, threads, overwrite_header, progress, name)
     except _BlockTooLarge:
         smaller = block_size // 2
-        log.warning("%s: a %d-byte block does not compress below %d bytes; writing %d-byte blocks instead",
+        log.warning("%s: a %d-byte block found while writing does not compress below %d bytes; writing the file "
+                    "again with %d-byte blocks",
                     name, block_size, MAX_STORED_BLOCK, smaller)
-        return _write(src, fd, base, code, smaller, verify, threads, overwrite_header, progress, name)
+        res = _write(src, fd, base, code, smaller, verify, threads, overwrite_header, progress, name)
+        return replace(res, passes=2)
+
+
+def _entropy(counts: np.ndarray) -> float:
+    """Bits a byte of the order-0 entropy of these byte counts."""
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def _oversized_block(src: BlockSource, algo: int, block_size: int, verify: bool) -> int | None:
+    """A block of ``src`` that does not compress to MAX_STORED_BLOCK bytes or less, among those screened (every
+    SCREEN_STRIDE-th, and the last); None if none of them is. A block is compressed only when its bytes look
+    incompressible (SCREEN_BITS), so the answer is exact for the screened blocks and costs a read and a byte count
+    for most."""
+    nblocks = -(-src.size // block_size)
+    if not nblocks:
+        return None
+    runs = blocks.ACTIVE
+    buf = bytearray(block_size)
+    out = bytearray(runs.compress_bound(algo, block_size) + CRC_SIZE)
+    lengths = np.empty(1, dtype="<u4")
+    counts = np.zeros(256, dtype=np.int64)
+    screened: list[int] = [*range(0, nblocks - 1, SCREEN_STRIDE), nblocks - 1]  # and the last, which may be short
+    for k in screened:
+        view = memoryview(buf)[: min(block_size, src.size - k * block_size)]
+        src.readinto(k * block_size, view)
+        counts[:] = 0
+        runs.byte_counts(view, SCREEN_STEP, counts)
+        if _entropy(counts) < SCREEN_BITS:
+            continue
+        _, _, status, _ = runs.compress(algo, view, block_size, verify, out, lengths, MAX_STORED_BLOCK)
+        if status == blocks.TOO_BIG:
+            return k
+    return None
 
 
 def _write(src: BlockSource, fd: int, base: int, algo: int, block_size: int, verify: bool, threads: int | None,
@@ -208,7 +264,7 @@ def _write_blocks(src: BlockSource, fd: int, pos: int, algo: int, block_size: in
     def emit(done: _Compressed, upto: int) -> None:
         nonlocal pos
         if placer is None:
-            write_all(fd, memoryview(done.slot.out)[: done.used], pos, name)
+            write_out(fd, memoryview(done.slot.out)[: done.used], pos, name)
             pos += done.used
         free.append(done.slot)
         all_lengths.append(done.lengths)

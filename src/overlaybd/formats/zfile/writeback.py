@@ -1,0 +1,38 @@
+"""Writing big outputs: in pieces of WRITE_PIECE bytes, and with their writeback started at once, so that a final
+``fsync`` finds little left to do.
+
+Pieces: one ``pwrite`` of several MiB into the page cache makes the kernel allocate large folios, and copying into
+fresh ones cost 1-8x the system time of 64-256 KiB writes of the same bytes on the machine these were measured on
+(512 MiB from memory: 0.16-1.25 s against 0.14-0.19 s).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from ...source.file import write_all
+
+WRITE_PIECE = 256 << 10
+
+_SYNC_FILE_RANGE_WRITE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    _sync_file_range.restype = ctypes.c_int
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing these dirty pages to disk without waiting for them (``sync_file_range`` with
+    SYNC_FILE_RANGE_WRITE, the GIL released). Nothing where the call is missing or the file refuses it (a pipe):
+    it only saves time at the final ``fsync``."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def write_out(fd: int, data: memoryview, offset: int, name: str) -> None:
+    """All of ``data`` at ``offset`` (LayerIOError as ``write_all`` raises it), in WRITE_PIECE pieces, and its
+    writeback started."""
+    for at in range(0, len(data), WRITE_PIECE):
+        write_all(fd, data[at : at + WRITE_PIECE], offset + at, name)
+    start_writeback(fd, offset, len(data))

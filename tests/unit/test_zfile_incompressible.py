@@ -1,0 +1,183 @@
+"""A 64 KiB block that does not compress: the block size is decided before writing, on both block paths, and the
+file written once; where the screen misses the block, the file is written again (the safety net). The reference
+reader reads what we write; the reference writer's own 64 KiB file is refused by its reader and read by ours.
+
+The reference tests need the tools that ../shared/reference-tools/build.sh builds (OVERLAYBD_REFERENCE_TOOLS set
+to their folder, or obd-writer on PATH); without them they skip, saying so.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from overlaybd.formats.zfile import blocks, writer
+from overlaybd.formats.zfile.extract import decompress_to
+from overlaybd.formats.zfile.reader import ZFileSource
+from overlaybd.formats.zfile.spec import MAX_STORED_BLOCK
+from overlaybd.formats.zfile.writer import SCREEN_STRIDE, ZFileResult, write_zfile
+from overlaybd.source.file import FileSource, MemorySource
+
+from .test_zfile_blocks import _native, mixed
+
+BLOCK = 65536
+
+
+def with_noise_at(k: int, nblocks: int = 12, seed: int = 5) -> bytes:
+    """``nblocks`` 64 KiB blocks that compress, but block ``k``: random bytes."""
+    data = bytearray(mixed(nblocks * BLOCK, seed))
+    data[k * BLOCK : (k + 1) * BLOCK] = random.Random(seed).randbytes(BLOCK)
+    return bytes(data)
+
+
+def write(tmp_path: Path, data: bytes, algo: str, runs: blocks.BlockRuns, name: str = "z") -> tuple[Path, ZFileResult]:
+    path = tmp_path / name
+    saved = blocks.ACTIVE
+    blocks.ACTIVE = runs
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            res = write_zfile(MemorySource(data), fd, algo=algo, block_size=BLOCK, threads=2)
+        finally:
+            os.close(fd)
+    finally:
+        blocks.ACTIVE = saved
+    return path, res
+
+
+@pytest.fixture(params=["python", "native"])
+def runs(request: pytest.FixtureRequest) -> blocks.BlockRuns:
+    return blocks.PYTHON if request.param == "python" else _native()
+
+
+@pytest.mark.parametrize("algo", ["lz4", "zstd"])
+def test_a_screened_incompressible_block_decides_32k_before_writing(tmp_path: Path, algo: str,
+                                                                    runs: blocks.BlockRuns) -> None:
+    k = 2 * SCREEN_STRIDE  # a screened block
+    data = with_noise_at(k)
+    path, res = write(tmp_path, data, algo, runs)
+    assert (res.block_size, res.passes) == (32768, 1)
+    with FileSource(str(path)) as f:
+        z = ZFileSource(f)
+        assert z.block_size == 32768
+        assert int(z.stored_lengths().max()) <= MAX_STORED_BLOCK
+        assert z.pread(0, len(data)) == data
+
+
+@pytest.mark.parametrize("algo", ["lz4", "zstd"])
+def test_an_unscreened_incompressible_block_is_caught_while_writing(tmp_path: Path, algo: str,
+                                                                   runs: blocks.BlockRuns) -> None:
+    k = 2 * SCREEN_STRIDE + 1  # not screened: the writer finds it and writes the file again
+    data = with_noise_at(k)
+    path, res = write(tmp_path, data, algo, runs)
+    assert (res.block_size, res.passes) == (32768, 2)
+    with FileSource(str(path)) as f:
+        assert ZFileSource(f).pread(0, len(data)) == data
+
+
+@pytest.mark.parametrize("algo", ["lz4", "zstd"])
+def test_a_short_last_block_that_does_not_fit_is_screened_too(tmp_path: Path, algo: str,
+                                                              runs: blocks.BlockRuns) -> None:
+    data = mixed(5 * BLOCK, 2) + random.Random(2).randbytes(BLOCK - 4)  # 65,532 random bytes do not fit either
+    path, res = write(tmp_path, data, algo, runs)
+    assert (res.block_size, res.passes) == (32768, 1)
+    with FileSource(str(path)) as f:
+        assert ZFileSource(f).pread(0, len(data)) == data
+
+
+def test_an_empty_file_needs_no_screen(tmp_path: Path, runs: blocks.BlockRuns) -> None:
+    _, res = write(tmp_path, b"", "zstd", runs)
+    assert (res.block_size, res.passes, res.header.original_file_size) == (BLOCK, 1, 0)
+
+
+@pytest.mark.parametrize("algo", ["lz4", "zstd"])
+def test_compressible_64k_blocks_stay_64k(tmp_path: Path, algo: str, runs: blocks.BlockRuns) -> None:
+    data = mixed(12 * BLOCK + 1000, 9)
+    _, res = write(tmp_path, data, algo, runs)
+    assert (res.block_size, res.passes) == (BLOCK, 1)
+
+
+@pytest.mark.parametrize("k", [0, 8, 9])
+@pytest.mark.parametrize("algo", ["lz4", "zstd"])
+def test_both_block_paths_write_the_same_bytes(tmp_path: Path, algo: str, k: int) -> None:
+    data = with_noise_at(k)
+    ours_c, _ = write(tmp_path, data, algo, _native(), "c")
+    ours_py, _ = write(tmp_path, data, algo, blocks.PYTHON, "py")
+    assert ours_c.read_bytes() == ours_py.read_bytes()
+
+
+def test_screen_finds_the_first_screened_block_that_does_not_fit(runs: blocks.BlockRuns) -> None:
+    saved = blocks.ACTIVE
+    blocks.ACTIVE = runs
+    try:
+        data = with_noise_at(SCREEN_STRIDE, nblocks=3 * SCREEN_STRIDE)
+        assert writer._oversized_block(MemorySource(data), 2, BLOCK, True) == SCREEN_STRIDE
+        assert writer._oversized_block(MemorySource(mixed(8 * BLOCK, 3)), 2, BLOCK, True) is None
+    finally:
+        blocks.ACTIVE = saved
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decompress_to_writes_the_original_at_base(tmp_path: Path, threads: int) -> None:
+    data = mixed(5 * (4 << 20) + 12345, 4)
+    path, _ = write(tmp_path, data, "lz4", blocks.ACTIVE)
+    out = tmp_path / "out"
+    seen: list[int] = []
+    with FileSource(str(path)) as f:
+        fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            n = decompress_to(ZFileSource(f), fd, 512, threads=threads, progress=lambda done, _: seen.append(done))
+        finally:
+            os.close(fd)
+    assert n == len(data)
+    assert out.read_bytes() == bytes(512) + data
+    assert seen == sorted(seen) and seen[-1] == len(data)
+
+
+# -- against the reference reader and writer ------------------------------------------------------------------
+
+
+def reference_tools() -> Path:
+    for candidate in (os.environ.get("OVERLAYBD_REFERENCE_TOOLS"), shutil.which("obd-writer")):
+        if candidate:
+            folder = Path(candidate) if Path(candidate).is_dir() else Path(candidate).parent
+            if (folder / "obd-writer").exists() and (folder / "overlaybd-zfile").exists():
+                return folder
+    pytest.skip("the reference tools are not built (../shared/reference-tools/build.sh; then set "
+                "OVERLAYBD_REFERENCE_TOOLS to their output folder)")
+
+
+@pytest.mark.parametrize("k", [8, 9])
+@pytest.mark.parametrize("algo", ["lz4", "zstd"])
+def test_the_reference_reader_reads_what_we_write(tmp_path: Path, algo: str, k: int) -> None:
+    tools = reference_tools()
+    data = with_noise_at(k)
+    path, res = write(tmp_path, data, algo, blocks.ACTIVE)
+    assert res.block_size == 32768
+    out = tmp_path / "theirs.raw"
+    subprocess.run([str(tools / "obd-writer"), "dump-zfile", str(out), str(path)], check=True,
+                   capture_output=True)
+    assert out.read_bytes() == data
+
+
+@pytest.mark.parametrize("algo", ["lz4", "zstd"])
+def test_the_reference_writes_64k_blocks_its_reader_refuses_and_ours_reads(tmp_path: Path, algo: str) -> None:
+    tools = reference_tools()
+    data = with_noise_at(8)
+    src = tmp_path / "plain"
+    src.write_bytes(data)
+    theirs = tmp_path / "theirs.zfile"
+    subprocess.run([str(tools / "overlaybd-zfile"), "--algorithm", algo, "--bs", "64", str(src), str(theirs)],
+                   check=True, capture_output=True)
+    with FileSource(str(theirs)) as f:
+        z = ZFileSource(f)
+        assert z.block_size == BLOCK and int(z.stored_lengths().max()) > MAX_STORED_BLOCK
+        assert z.pread(0, len(data)) == data
+    dumped = subprocess.run([str(tools / "obd-writer"), "dump-zfile", str(tmp_path / "out"), str(theirs)],
+                            capture_output=True)
+    assert dumped.returncode != 0
