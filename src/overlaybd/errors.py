@@ -19,6 +19,7 @@ The tree (the module that defines each one, where it is not this one)::
     ├── LayerIOError                the operating system refused a read or write (wraps OSError)
     ├── LockedError                 another writer holds the layer
     ├── UsageError                  arguments that cannot work together
+    │   └── HostsFileError          a registry's hosts.toml that cannot be used (remote.hosts)
     ├── CacheError                  the cache folder is unsafe or unusable (cache.folder)
     ├── StoreError                  the shared layer store refused a blob (layerstore)
     ├── VolumeError                 a volume directory that cannot be opened or changed as asked (volume)

@@ -7,13 +7,14 @@ import argparse
 
 from ..errors import UsageError
 from ..export import loop
-from .common import open_volume, split_volume_ref
+from .common import hosts_dir_option, open_volume, split_volume_ref
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     a = sub.add_parser("attach", help="expose a volume (or VOL@SNAP, read-only) as /dev/loopN (root)")
     a.add_argument("volume", metavar="VOL[@SNAP]")
     a.add_argument("--readonly", action="store_true")
+    hosts_dir_option(a)
     a.set_defaults(run=run_attach)
 
     d = sub.add_parser("detach", help="undo attach: free the loop device, stop the FUSE export")

@@ -17,7 +17,7 @@ from ..export.nbd.server import Export, serve
 from ..export.served import ServedVolume
 from ..operations import open_stack
 from ..volume import CONFIG, Volume
-from .common import open_volume, parse_size
+from .common import hosts_dir_option, open_volume, parse_size
 
 _DEFAULTS = Limits()
 
@@ -62,6 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="a client that takes no byte of its replies for that long, or does not send a large "
                              "write payload it announced within it, is dropped "
                              f"(default {_DEFAULTS.reply_timeout:g})")
+    hosts_dir_option(p)
     p.set_defaults(run=run)
 
 

@@ -1,5 +1,11 @@
 """Opening a layer that lives in a repository: its blob through the cache, peeled and opened as LSMT; and the
-volume layer opener that does so for snapshots pulled lazily."""
+volume layer opener that does so for snapshots pulled lazily.
+
+A registry with mirrors (hosts.toml) serves a blob from several hosts: :class:`MirroredSource` reads it from the
+first that has not failed it, each host through the cache under an origin of its own, so a mirror's bytes never
+serve a read through another host until the whole blob has matched its digest. A host that fails (connection,
+5xx, 404, ...), whose cached entry fails its whole-blob check, or whose bytes fail a check above the cache (a
+ZFile block's CRC) is left for the next one, for that blob."""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
 from ..cache.store import BlobCache, default_dir
-from ..errors import DigestMismatchError, OverlaybdError
+from ..errors import DigestMismatchError, FormatError, OverlaybdError
 from ..formats.detect import peel
 from ..formats.lsmt.layer import LsmtLayer
 from ..layerstore import LayerStore
@@ -21,7 +27,7 @@ from ..source.filter import Filter
 from ..volume import Layer, LocalLayers, Volume
 from .errors import RemoteError
 from .layout import OciLayout
-from .registry import RegistryRepository
+from .registry import Endpoint, RegistryRepository
 from .repository import Repository
 
 log = logging.getLogger(__name__)
@@ -57,10 +63,80 @@ def open_remote_blob(blob_url: str, digest: str, size: int, owned: ExitStack) ->
     """A blob of a repository, random access: a local file for an OCI layout, else range reads through the cache
     (its bytes kept apart as this repository's until the whole blob is proven)."""
     repo = repository_for(blob_url)
+    if isinstance(repo, RegistryRepository) and len(repo.pull_endpoints()) > 1:
+        return owned.enter_context(MirroredSource(repo, digest, size, shared_cache()))
     blob = owned.enter_context(repo.open_blob(digest, size))
     if isinstance(repo, OciLayout):
         return blob  # already a local file
     return owned.enter_context(shared_cache().source(digest, size, blob, origin=repo.blob_url()))
+
+
+class MirroredSource(BlockSource):
+    """A registry blob that several hosts serve (mirrors in order, then the server), each host's bytes through the
+    cache under that host's own origin. Reads go to the current host; when it fails them (its error, or its cached
+    entry condemned by the whole-blob check) or a check above finds its bytes wrong (``invalidate``), the next host
+    becomes current for this blob, and the read is made again there. The last host's errors are final."""
+
+    def __init__(self, repo: RegistryRepository, digest: str, size: int, cache: BlobCache) -> None:
+        self.repo = repo
+        self.digest = digest
+        self.size = size
+        self.block_size = 1
+        self.name = f"{repo.name}@{digest}"
+        self.cache = cache
+        self.endpoints = repo.pull_endpoints()
+        self._opened: dict[int, BlockSource] = {}
+        self._current = 0
+        self._lock = threading.Lock()
+
+    def _source(self, n: int) -> BlockSource:
+        with self._lock:
+            found = self._opened.get(n)
+            if found is None:
+                e: Endpoint = self.endpoints[n]
+                blob = self.repo.open_blob(self.digest, self.size, e)
+                found = self._opened[n] = self.cache.source(self.digest, self.size, blob,
+                                                            origin=self.repo.origin_of(e))
+            return found
+
+    @property
+    def current(self) -> Endpoint:
+        return self.endpoints[self._current]
+
+    def _leave(self, n: int, why: object) -> None:
+        with self._lock:
+            if self._current == n and n < len(self.endpoints) - 1:
+                self._current = n + 1
+                log.warning("%s: %s failed this blob (%s); reading it from %s now", self.name,
+                            self.endpoints[n].client.host, why, self.endpoints[n + 1].client.host)
+
+    def _read_aligned(self, offset: int, buf: memoryview) -> None:
+        while True:
+            n = self._current
+            try:
+                self._source(n).readinto(offset, buf)
+                return
+            except (RemoteError, FormatError) as exc:
+                if n == len(self.endpoints) - 1:
+                    raise
+                self._leave(n, exc)
+
+    def invalidate(self, offset: int, length: int) -> None:
+        """A check above found these bytes wrong: the current host's are dropped, and the next host serves this
+        blob from now on (the last host's are dropped and fetched again, as without mirrors)."""
+        n = self._current
+        self._source(n).invalidate(offset, length)
+        self._leave(n, f"bytes at {offset} failed a check")
+
+    def close(self) -> None:
+        with self._lock:
+            opened, self._opened = self._opened, {}
+        for src in opened.values():
+            src.close()
+
+    def describe(self) -> dict[str, object]:
+        return {"digest": self.digest, "hosts": [e.client.host for e in self.endpoints],
+                "current": self.current.client.host}
 
 
 def open_remote_layer(blob_url: str, digest: str, size: int, owned: ExitStack, *, name: str,
