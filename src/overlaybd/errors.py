@@ -26,6 +26,7 @@ The tree (the module that defines each one, where it is not this one)::
     ├── RemoteError                 a registry or OCI layout failed (remote.errors)
     │   ├── AuthError               credentials refused, or a token that could not be had
     │   ├── NotFoundError           no such repository, tag, manifest or blob
+    │   ├── RangeRefusedError       a mirror sent a whole blob for a range read: the next host serves it
     │   └── TransportError          the connection failed after its retries
     ├── ProtocolError               an NBD peer broke the protocol (export.nbd.protocol)
     ├── BusyError                   a volume's requests did not drain in time for a snapshot (export.nbd.gate)

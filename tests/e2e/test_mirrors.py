@@ -163,6 +163,25 @@ def test_pulls_go_through_the_mirror_and_the_upstream_serves_each_blob_once(worl
     assert _blob_gets(world.mirror) > len(world.blobs)  # range reads, at the mirror
 
 
+def test_a_cold_mirror_that_answers_ranges_with_whole_blobs_sends_those_reads_to_the_server(
+        world: World, tmp_path: Path) -> None:
+    """A pull-through cache that lacks a blob answers a range request with the whole blob from its start, streamed
+    from its upstream: a read far into the blob goes to the server instead (the mirror meanwhile stores the blob),
+    and the mirror is asked again later."""
+    to_mirror = FaultProxy(world.upstream, accept_oci=True)
+    try:
+        with registry(tmp_path / "cold-mirror", pull_through=f"http://{to_mirror.address}") as cold:
+            write_hosts(tmp_path, world.server.address,
+                        f'[host."http://{cold}"]\n  capabilities = ["pull", "resolve"]\n')
+            lazy = pull(parse_reference(world.ref), str(tmp_path / "lazy"), lazy=True).volume
+            assert _device(lazy) == world.content
+            ranges = [h.get("Range", "") for m, p, h, _ in world.server.seen if m == "GET" and "/blobs/" in p]
+            assert ranges and all(r.startswith("bytes=") for r in ranges)  # reads the mirror could not serve yet
+            assert to_mirror.blob_gets  # the mirror fetched (and stores) the blobs
+    finally:
+        to_mirror.close()
+
+
 def test_a_mirror_that_is_down_falls_back_to_the_server(world: World, tmp_path: Path) -> None:
     write_hosts(tmp_path, world.server.address, f'[host."http://127.0.0.1:{free_port()}"]\n'
                 f'[host."http://{world.mirror.address}"]\n  capabilities = ["pull"]\n')

@@ -25,7 +25,7 @@ from ..source.base import BlockSource
 from ..source.file import FileSource
 from ..source.filter import Filter
 from ..volume import Layer, LocalLayers, Volume
-from .errors import RemoteError
+from .errors import RangeRefusedError, RemoteError
 from .layout import OciLayout
 from .registry import Endpoint, RegistryRepository
 from .repository import Repository
@@ -111,15 +111,21 @@ class MirroredSource(BlockSource):
                             self.endpoints[n].client.host, why, self.endpoints[n + 1].client.host)
 
     def _read_aligned(self, offset: int, buf: memoryview) -> None:
+        n = self._current
+        last = len(self.endpoints) - 1
         while True:
-            n = self._current
             try:
                 self._source(n).readinto(offset, buf)
                 return
+            except RangeRefusedError:  # a mirror still fetching the blob: the next host serves this read only
+                if n == last:
+                    raise
+                n += 1
             except (RemoteError, FormatError) as exc:
-                if n == len(self.endpoints) - 1:
+                if n == last:
                     raise
                 self._leave(n, exc)
+                n = max(n + 1, self._current)
 
     def invalidate(self, offset: int, length: int) -> None:
         """A check above found these bytes wrong: the current host's are dropped, and the next host serves this

@@ -40,7 +40,7 @@ from ..source.base import BlockSource
 from . import hosts as hosts_toml
 from .bodies import Download, body_chunks, declared_length, read_capped
 from .client import Extras, RegistryClient
-from .errors import DigestMismatchError, NotFoundError, RemoteError, TransportError
+from .errors import DigestMismatchError, NotFoundError, RangeRefusedError, RemoteError, TransportError
 from .hosts import HostsConfig, RegistryHost
 from .http import Operation, Retryable
 from .oci import (
@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MIRROR_REST = 30.0  # seconds a mirror whose connection failed is passed over
 MIRROR_ATTEMPTS = 2  # attempts one operation makes at a mirror before the next host is asked
+MIRROR_SKIP = 1 << 20  # a mirror's whole-blob answer to a range read is read through to the range up to this far
+REFUSED_WAIT = (0.5, 8.0)  # a mirror that refused ranges of a blob is asked again after 0.5 s, doubling up to 8 s
 _bundles: dict[tuple[str, ...], str] = {}
 _bundles_lock = threading.Lock()
 
@@ -149,6 +151,7 @@ class RegistryRepository:
         self.endpoints = tuple(endpoints) or (Endpoint(client, f"{client.base}/v2/{repo}"),)
         self._redirects: dict[tuple[str, str], tuple[str, float]] = {}  # (base, digest) -> (redirect URL, expiry)
         self._bad: set[tuple[int, str]] = set()  # (endpoint index, digest): that host sent other bytes
+        self._refused: dict[tuple[int, str], tuple[float, float]] = {}  # (index, digest) -> (ask again at, wait)
         self._lock = threading.Lock()
 
     @classmethod
@@ -211,6 +214,24 @@ class RegistryRepository:
             raise TransportError(f"mirror {endpoint.client.host} failed lately; passed over", path=self.name)
         if digest is not None and (self.endpoints.index(endpoint), digest) in self._bad:
             raise DigestMismatchError(f"mirror {endpoint.client.host} sent other bytes for {digest}", path=self.name)
+
+    def _ranges_refused(self, endpoint: Endpoint, digest: str, refused: bool) -> None:
+        """Note whether ``endpoint`` served a range of ``digest`` (a pull-through cache refuses them, sending the
+        whole blob from its upstream, until it has the blob): while it refuses, it is asked again after a wait
+        that doubles, so that a cold mirror is not made to stream the blob from its upstream for every read."""
+        key = (self.endpoints.index(endpoint), digest)
+        with self._lock:
+            if not refused:
+                self._refused.pop(key, None)
+                return
+            wait = self._refused.get(key, (0.0, REFUSED_WAIT[0] / 2))[1] * 2
+            self._refused[key] = (time.monotonic() + min(wait, REFUSED_WAIT[1]), min(wait, REFUSED_WAIT[1]))
+
+    def _check_ranges(self, endpoint: Endpoint, digest: str) -> None:
+        with self._lock:
+            found = self._refused.get((self.endpoints.index(endpoint), digest))
+        if found is not None and found[0] > time.monotonic():
+            raise RangeRefusedError(f"{endpoint.client.host} refused ranges of {digest} lately", path=self.name)
 
     def _failed(self, endpoint: Endpoint, exc: Exception, digest: str | None) -> None:
         if isinstance(exc, TransportError):
@@ -282,13 +303,20 @@ class RegistryRepository:
         if endpoint is None:
             self._over("pull", f"range GET {digest}", lambda e: self._read_range_at(e, digest, offset, buf), digest)
             return
-        if endpoint is not self.endpoints[-1]:
-            self.usable(endpoint, digest)
+        if not endpoint.mirror:
+            self._read_range_at(endpoint, digest, offset, buf)
+            return
+        self.usable(endpoint, digest)
+        self._check_ranges(endpoint, digest)
         try:
             self._read_range_at(endpoint, digest, offset, buf)
+        except RangeRefusedError:
+            self._ranges_refused(endpoint, digest, True)
+            raise
         except (RemoteError, FormatError) as exc:
             self._failed(endpoint, exc, digest)
             raise
+        self._ranges_refused(endpoint, digest, False)
 
     def _read_range_at(self, endpoint: Endpoint, digest: str, offset: int, buf: memoryview) -> None:
         length = len(buf)
@@ -304,6 +332,9 @@ class RegistryRepository:
                         raise Retryable(f"asked for {want}, got Content-Range {got[:80]!r}")
                     skip = 0
                 elif r.status_code == 200:  # a server that ignores Range: take our slice of the whole body
+                    if endpoint.mirror and offset > MIRROR_SKIP:  # (a pull-through cache still fetching it)
+                        raise RangeRefusedError(f"{endpoint.client.host} answers a range read at {offset} with the "
+                                                f"whole blob {digest}", path=self.name)
                     skip = offset
                 else:
                     raise TransportError(f"range GET of {digest}: HTTP {r.status_code}", path=self.name)
