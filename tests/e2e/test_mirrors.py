@@ -182,6 +182,20 @@ def test_a_cold_mirror_that_answers_ranges_with_whole_blobs_sends_those_reads_to
         to_mirror.close()
 
 
+def test_a_mirror_with_token_auth_gets_its_own_tokens(world: World, tmp_path: Path) -> None:
+    to_mirror = FaultProxy(world.upstream, accept_oci=True)
+    tokens: list[dict[str, str]] = []
+    try:
+        with registry(tmp_path / "auth-mirror", auth="token", token_requests=tokens,
+                      pull_through=f"http://{to_mirror.address}") as mirror:
+            write_hosts(tmp_path, world.server.address, f'[host."http://{mirror}"]\n')
+            assert _device(pull(parse_reference(world.ref), str(tmp_path / "a")).volume) == world.content
+            assert world.server.seen == []  # everything from the mirror, with the mirror's token
+            assert tokens and all(t["scope"] == f"repository:{REPO}:pull" for t in tokens)
+    finally:
+        to_mirror.close()
+
+
 def test_a_mirror_that_is_down_falls_back_to_the_server(world: World, tmp_path: Path) -> None:
     write_hosts(tmp_path, world.server.address, f'[host."http://127.0.0.1:{free_port()}"]\n'
                 f'[host."http://{world.mirror.address}"]\n  capabilities = ["pull"]\n')
