@@ -9,6 +9,7 @@ import http.client
 import http.server
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -229,6 +230,11 @@ class _DelayServer(http.server.ThreadingHTTPServer):
     def __init__(self, proxy: DelayProxy) -> None:
         self.proxy = proxy
         super().__init__(("127.0.0.1", 0), _DelayHandler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up mid-answer (a mirror giving up a stream) is not worth a traceback."""
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
 
 
 class DelayProxy:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from overlaybd.cli.main import main
 from overlaybd.remote import hosts
 from overlaybd.remote.hosts import ALL, HostsFileError, RegistryHost, host_paths, load, parse
 
@@ -121,3 +122,17 @@ def test_hosts_dir_chosen_then_environment_then_default(monkeypatch: pytest.Monk
         assert os.environ[hosts.ENV] == "/chosen"  # processes started from here read the same
     finally:
         hosts.use_hosts_dir(None)
+
+
+def test_a_bad_hosts_file_is_one_line_from_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(hosts, "_chosen", None)
+    monkeypatch.setenv(hosts.ENV, "/nonexistent")  # --hosts-dir sets it: restored after the test
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    (tmp_path / "hosts" / "reg.example").mkdir(parents=True)
+    (tmp_path / "hosts" / "reg.example" / "hosts.toml").write_text('[host."http://m"]\ncapabilities = ["fly"]\n')
+    code = main(["pull", "--hosts-dir", str(tmp_path / "hosts"), "reg.example/team/vol:v1", str(tmp_path / "vol")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"overlaybd: error: {tmp_path / 'hosts' / 'reg.example' / 'hosts.toml'}: ")
+    assert "unknown capability 'fly'" in err and not (tmp_path / "vol").exists()
