@@ -5,7 +5,7 @@ request (a distant registry) and counts the blob bytes it sends; the mirror is a
 as a pull-through cache of the upstream (its requests to the upstream through another such proxy, counted apart),
 near the nodes (no delay). A volume of SIZE (1 GiB; 10 LZ4 layers of half-random, half log-like 1 MiB extents) is
 pushed to the upstream once. Each node is a process of its own with its own cache and layer store: it pulls the
-image lazily and reads the same 5 % of the volume (64 KiB random reads, one list for every node), checking the
+image lazily and reads the same 5 % of the volume (1 MiB random reads, one list for every node), checking the
 bytes against the volume's. N = 4 and 8 nodes start at once:
 
 * direct: every node reads from the upstream (the peer);
@@ -32,7 +32,7 @@ from common import MiB, aligned_buffer, base_parser, emit_json, fmt, log, machin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: tests.e2e.registry
 
-from remote_common import READ, DelayProxy, build_volume, random_reads  # noqa: E402
+from remote_common import DelayProxy, build_volume, random_reads  # noqa: E402
 
 from overlaybd.remote.lazy import RemoteLayers  # noqa: E402
 from overlaybd.remote.reference import parse_reference  # noqa: E402
@@ -41,6 +41,7 @@ from overlaybd.volume import Volume  # noqa: E402
 from tests.e2e.registry import registry  # noqa: E402
 
 SHARE = 0.05
+READ = MiB
 REPO = "bench/vol:v1"
 
 
@@ -48,7 +49,7 @@ REPO = "bench/vol:v1"
 
 
 def node(ref: str, target: str, size: int, seed: int) -> dict[str, Any]:
-    offsets = random_reads(size, max(1, int(size * SHARE) // READ), seed)
+    offsets = random_reads(size, max(1, int(size * SHARE) // READ), seed, READ)
     buf = aligned_buffer(READ)
     view = memoryview(buf)
     digest = hashlib.blake2b()
@@ -65,7 +66,7 @@ def node(ref: str, target: str, size: int, seed: int) -> dict[str, Any]:
 
 
 def expected_hash(vol: Volume, size: int, seed: int) -> str:
-    offsets = random_reads(size, max(1, int(size * SHARE) // READ), seed)
+    offsets = random_reads(size, max(1, int(size * SHARE) // READ), seed, READ)
     digest = hashlib.blake2b()
     with vol.open() as dev:
         for off in offsets:

@@ -3,9 +3,10 @@ volume layer opener that does so for snapshots pulled lazily.
 
 A registry with mirrors (hosts.toml) serves a blob from several hosts: :class:`MirroredSource` reads it from the
 first that has not failed it, each host through the cache under an origin of its own, so a mirror's bytes never
-serve a read through another host until the whole blob has matched its digest. A host that fails (connection,
-5xx, 404, ...), whose cached entry fails its whole-blob check, or whose bytes fail a check above the cache (a
-ZFile block's CRC) is left for the next one, for that blob."""
+serve a read through another host until the whole blob has matched its digest. A host that refuses the blob (404,
+auth), whose cached entry fails its whole-blob check, or whose bytes fail a check above the cache (a ZFile block's
+CRC) is left for the next one, for that blob; one whose connection fails (passed over for a while) or that is
+still fetching the blob (a cold pull-through cache) leaves only that read to the next host."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from ..source.base import BlockSource
 from ..source.file import FileSource
 from ..source.filter import Filter
 from ..volume import Layer, LocalLayers, Volume
-from .errors import RangeRefusedError, RemoteError
+from .errors import RangeRefusedError, RemoteError, TransportError
 from .layout import OciLayout
 from .registry import Endpoint, RegistryRepository
 from .repository import Repository
@@ -73,9 +74,10 @@ def open_remote_blob(blob_url: str, digest: str, size: int, owned: ExitStack) ->
 
 class MirroredSource(BlockSource):
     """A registry blob that several hosts serve (mirrors in order, then the server), each host's bytes through the
-    cache under that host's own origin. Reads go to the current host; when it fails them (its error, or its cached
+    cache under that host's own origin. Reads go to the current host; when it refuses them (404, auth, its cached
     entry condemned by the whole-blob check) or a check above finds its bytes wrong (``invalidate``), the next host
-    becomes current for this blob, and the read is made again there. The last host's errors are final."""
+    becomes current for this blob, and the read is made again there; a connection failure or a refused range sends
+    only that read on. The last host's errors are final."""
 
     def __init__(self, repo: RegistryRepository, digest: str, size: int, cache: BlobCache) -> None:
         self.repo = repo
@@ -117,8 +119,8 @@ class MirroredSource(BlockSource):
             try:
                 self._source(n).readinto(offset, buf)
                 return
-            except RangeRefusedError:  # a mirror still fetching the blob: the next host serves this read only
-                if n == last:
+            except (RangeRefusedError, TransportError):  # a mirror still fetching the blob, or failing for now
+                if n == last:  # (passed over for a while): the next host serves this read, the mirror stays
                     raise
                 n += 1
             except (RemoteError, FormatError) as exc:

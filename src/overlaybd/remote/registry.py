@@ -127,11 +127,14 @@ def _client_for(server: RegistryClient, h: RegistryHost) -> RegistryClient:
         return server
     host = server.host if not h.mirror and h.scheme == "" else h.host
     plain = server.scheme == "http" if h.scheme == "" else h.scheme == "http"
-    verify_off = bool(h.skip_verify) if h.skip_verify is not None else server.verify is False
-    policy = server.policy if not h.mirror else dataclasses.replace(
-        server.policy, attempts=min(MIRROR_ATTEMPTS, server.policy.attempts))
-    return RegistryClient.shared(host, plain_http=plain, insecure=verify_off,
-                                 ca_bundle=ca if ca else (server.verify if isinstance(server.verify, str) else None),
+    if h.mirror:  # its own settings only: the server's --insecure or CA bundle are not the mirror's
+        verify_off = bool(h.skip_verify)
+        policy = dataclasses.replace(server.policy, attempts=min(MIRROR_ATTEMPTS, server.policy.attempts))
+    else:
+        verify_off = bool(h.skip_verify) if h.skip_verify is not None else server.verify is False
+        ca = ca or (server.verify if isinstance(server.verify, str) else None)
+        policy = server.policy
+    return RegistryClient.shared(host, plain_http=plain, insecure=verify_off, ca_bundle=ca,
                                  credentials=server.credentials if host == server.host else None, policy=policy,
                                  extras=extras)
 
