@@ -196,6 +196,8 @@ def main() -> None:
     emit_json({"benchmark": "mirror", "size": size, "share": SHARE, "delay": args.delay, "blob_bytes": blob_total,
                "results": results, "load_before": load0, "load_after": os.getloadavg(), "machine": machine(),
                "versions": versions()}, args.json)
+    if not all(x[v]["right"] for rounds in results.values() for x in rounds for v in ("direct", "cold", "warm")):
+        raise SystemExit("a node read bytes that are not the volume's")
 
 
 if __name__ == "__main__":

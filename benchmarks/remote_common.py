@@ -209,12 +209,11 @@ class _DelayHandler(http.server.BaseHTTPRequestHandler):
             return
         self.send_header("Content-Length", declared)
         self.end_headers()
-        sent = 0
+        blob = method == "GET" and "/blobs/sha256:" in self.path
         while piece := resp.read(1 << 20):
+            if blob:  # counted as it goes: a client that hangs up mid-body has still been sent what it was sent
+                proxy.count(blob_bytes=len(piece))
             self.wfile.write(piece)
-            sent += len(piece)
-        if method == "GET" and "/blobs/sha256:" in self.path:
-            proxy.count(blob_bytes=sent)
 
     def do_GET(self) -> None:  # noqa: N802
         self._forward("GET")

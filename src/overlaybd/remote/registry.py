@@ -314,12 +314,10 @@ class RegistryRepository:
         try:
             self._read_range_at(endpoint, digest, offset, buf)
         except RangeRefusedError:
-            self._ranges_refused(endpoint, digest, True)
             raise
         except (RemoteError, FormatError) as exc:
             self._failed(endpoint, exc, digest)
             raise
-        self._ranges_refused(endpoint, digest, False)
 
     def _read_range_at(self, endpoint: Endpoint, digest: str, offset: int, buf: memoryview) -> None:
         length = len(buf)
@@ -330,14 +328,18 @@ class RegistryRepository:
                 if r.status_code == 404:
                     raise NotFoundError(f"blob {digest} is not in {self.name}")
                 if r.status_code == 206:
+                    if endpoint.mirror:
+                        self._ranges_refused(endpoint, digest, False)
                     got = r.headers.get("Content-Range", "")
                     if not got.startswith(f"bytes {offset}-{offset + length - 1}/"):
                         raise Retryable(f"asked for {want}, got Content-Range {got[:80]!r}")
                     skip = 0
                 elif r.status_code == 200:  # a server that ignores Range: take our slice of the whole body
-                    if endpoint.mirror and offset > MIRROR_SKIP:  # (a pull-through cache still fetching it)
-                        raise RangeRefusedError(f"{endpoint.client.host} answers a range read at {offset} with the "
-                                                f"whole blob {digest}", path=self.name)
+                    if endpoint.mirror:  # (a pull-through cache still fetching the blob does)
+                        self._ranges_refused(endpoint, digest, True)
+                        if offset > MIRROR_SKIP:
+                            raise RangeRefusedError(f"{endpoint.client.host} answers a range read at {offset} "
+                                                    f"with the whole blob {digest}", path=self.name)
                     skip = offset
                 else:
                     raise TransportError(f"range GET of {digest}: HTTP {r.status_code}", path=self.name)
