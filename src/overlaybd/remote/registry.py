@@ -218,6 +218,13 @@ class RegistryRepository:
         if digest is not None and (self.endpoints.index(endpoint), digest) in self._bad:
             raise DigestMismatchError(f"mirror {endpoint.client.host} sent other bytes for {digest}", path=self.name)
 
+    def mark_bad(self, endpoint: Endpoint, digest: str) -> None:
+        """``endpoint`` sent bytes of ``digest`` that failed a check: it is not asked for that blob again in this
+        process (the cache remembers a failed whole-blob check across processes)."""
+        if endpoint.mirror:
+            with self._lock:
+                self._bad.add((self.endpoints.index(endpoint), digest))
+
     def _ranges_refused(self, endpoint: Endpoint, digest: str, refused: bool) -> None:
         """Note whether ``endpoint`` served a range of ``digest`` (a pull-through cache refuses them, sending the
         whole blob from its upstream, until it has the blob): while it refuses, it is asked again after a wait
