@@ -9,6 +9,7 @@ import http.client
 import http.server
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -22,9 +23,11 @@ from common import MiB, aligned_buffer, log
 from overlaybd.cache.store import BlobCache, CachePolicy
 from overlaybd.formats.output import Compression
 from overlaybd.remote import lazy as lazy_mod
-from overlaybd.remote.registry import RegistryRepository
+from overlaybd.remote.registry import Endpoint, RegistryRepository
 from overlaybd.volume import Volume
 
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 EXTENT = 1 * MiB
 READ = 64 * 1024
 SEQ_READ = 1 * MiB
@@ -85,8 +88,9 @@ class Wire:
         orig = RegistryRepository.read_range
         wire = self
 
-        def read_range(repo: RegistryRepository, digest: str, offset: int, buf: memoryview) -> None:
-            orig(repo, digest, offset, buf)
+        def read_range(repo: RegistryRepository, digest: str, offset: int, buf: memoryview,
+                       endpoint: Endpoint | None = None) -> None:
+            orig(repo, digest, offset, buf, endpoint)
             with wire._lock:
                 wire.requests += 1
                 wire.bytes += len(buf)
@@ -185,6 +189,10 @@ class _DelayHandler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+        if proxy.accept_oci and "/manifests/" in self.path:
+            accept = [v for k, v in headers.items() if k.lower() == "accept"]
+            headers = {k: v for k, v in headers.items() if k.lower() != "accept"}
+            headers["Accept"] = ", ".join([*accept, OCI_MANIFEST, OCI_INDEX])
         resp = self._upstream(method, body, headers)
         proxy.count(requests=1)
         self.send_response(resp.status)
@@ -201,12 +209,11 @@ class _DelayHandler(http.server.BaseHTTPRequestHandler):
             return
         self.send_header("Content-Length", declared)
         self.end_headers()
-        sent = 0
+        blob = method == "GET" and "/blobs/sha256:" in self.path
         while piece := resp.read(1 << 20):
+            if blob:  # counted as it goes: a client that hangs up mid-body has still been sent what it was sent
+                proxy.count(blob_bytes=len(piece))
             self.wfile.write(piece)
-            sent += len(piece)
-        if method == "GET" and "/blobs/sha256:" in self.path:
-            proxy.count(blob_bytes=sent)
 
     def do_GET(self) -> None:  # noqa: N802
         self._forward("GET")
@@ -223,14 +230,22 @@ class _DelayServer(http.server.ThreadingHTTPServer):
         self.proxy = proxy
         super().__init__(("127.0.0.1", 0), _DelayHandler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up mid-answer (a mirror giving up a stream) is not worth a traceback."""
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
 
 class DelayProxy:
     """HTTP/1.1 keep-alive proxy that waits ``delay`` seconds before forwarding each request (one round trip of
-    a distant registry) and streams the answer back; counts requests and blob GET bytes."""
+    a distant registry) and streams the answer back; counts requests and blob GET bytes. With ``accept_oci``,
+    manifest requests also accept the OCI media types (docker-registry 2.8 as a pull-through cache leaves them out
+    of its requests to its upstream, and then refuses OCI manifests)."""
 
-    def __init__(self, upstream: str, delay: float) -> None:
+    def __init__(self, upstream: str, delay: float, *, accept_oci: bool = False) -> None:
         self.upstream = upstream
         self.delay = delay
+        self.accept_oci = accept_oci
         self.requests = 0
         self.blob_bytes = 0
         self._lock = threading.Lock()

@@ -19,12 +19,14 @@ The tree (the module that defines each one, where it is not this one)::
     ├── LayerIOError                the operating system refused a read or write (wraps OSError)
     ├── LockedError                 another writer holds the layer
     ├── UsageError                  arguments that cannot work together
+    │   └── HostsFileError          a registry's hosts.toml that cannot be used (remote.hosts)
     ├── CacheError                  the cache folder is unsafe or unusable (cache.folder)
     ├── StoreError                  the shared layer store refused a blob (layerstore)
     ├── VolumeError                 a volume directory that cannot be opened or changed as asked (volume)
     ├── RemoteError                 a registry or OCI layout failed (remote.errors)
     │   ├── AuthError               credentials refused, or a token that could not be had
     │   ├── NotFoundError           no such repository, tag, manifest or blob
+    │   ├── RangeRefusedError       a mirror sent a whole blob for a range read: the next host serves it
     │   └── TransportError          the connection failed after its retries
     ├── ProtocolError               an NBD peer broke the protocol (export.nbd.protocol)
     ├── BusyError                   a volume's requests did not drain in time for a snapshot (export.nbd.gate)

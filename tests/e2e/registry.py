@@ -50,10 +50,11 @@ def _wait(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 @contextmanager
 def registry(tmp: Path, auth: str = "none", redirect_to: str | None = None, tls: tuple[Path, Path] | None = None,
-             token_requests: list[dict[str, str]] | None = None) -> Iterator[str]:
+             token_requests: list[dict[str, str]] | None = None, pull_through: str | None = None) -> Iterator[str]:
     """Start docker-registry; yield HOST:PORT. With ``redirect_to`` (a base URL serving the storage folder), blob
     GETs answer 307 to it, as registries in front of object storage do. With token auth, ``token_requests`` (when
-    given) receives one entry per request the token server answered."""
+    given) receives one entry per request the token server answered. With ``pull_through`` (a registry's base
+    URL), it is a pull-through cache (a mirror) of that registry."""
     exe = require("docker-registry")
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
@@ -61,6 +62,8 @@ def registry(tmp: Path, auth: str = "none", redirect_to: str | None = None, tls:
              f"storage: {{filesystem: {{rootdirectory: {tmp / 'storage'}}}, delete: {{enabled: true}}}}",
              f"http: {{addr: 127.0.0.1:{port}" + (f", tls: {{certificate: {tls[0]}, key: {tls[1]}}}" if tls else "")
              + "}"]
+    if pull_through:
+        lines.append(f"proxy: {{remoteurl: '{pull_through}'}}")
     if redirect_to:
         lines.append(f"middleware: {{storage: [{{name: redirect, options: {{baseurl: '{redirect_to}'}}}}]}}")
     token_server = None
@@ -162,10 +165,13 @@ class FaultProxy:
     body), ``ignore-range`` (answer 200 with the whole blob), ``bad-range`` (a Content-Range one byte off).
     ``faults`` counts how many requests still get the fault (then it passes requests through); -1 means forever.
     ``connections`` counts the TCP connections clients opened to it, ``peak_in_flight`` the most requests it was
-    answering at once."""
+    answering at once; ``seen`` lists every request: (method, path, headers, the client's address). With
+    ``accept_oci``, manifest requests also accept the OCI media types (docker-registry 2.8 as a pull-through cache
+    leaves them out of its requests, and then refuses OCI manifests)."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, accept_oci: bool = False) -> None:
         self.upstream = upstream
+        self.accept_oci = accept_oci
         self.mode = "pass"
         self.faults = 0
         self.blob_gets = 0
@@ -173,6 +179,7 @@ class FaultProxy:
         self.connections = 0
         self.in_flight = 0
         self.peak_in_flight = 0
+        self.seen: list[tuple[str, str, dict[str, str], str]] = []
         self._lock = threading.Lock()
         proxy = self
 
@@ -191,8 +198,14 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                if proxy.accept_oci and "/manifests/" in self.path:
+                    accept = [v for k, v in headers.items() if k.lower() == "accept"]
+                    headers = {k: v for k, v in headers.items() if k.lower() != "accept"}
+                    headers["Accept"] = ", ".join([*accept, "application/vnd.oci.image.manifest.v1+json",
+                                                   "application/vnd.oci.image.index.v1+json"])
                 is_blob_get = method == "GET" and "/blobs/sha256:" in self.path
                 with proxy._lock:
+                    proxy.seen.append((method, self.path, dict(self.headers.items()), self.client_address[0]))
                     mode = proxy.mode if is_blob_get and proxy.faults != 0 else "pass"
                     if mode != "pass" and proxy.faults > 0:
                         proxy.faults -= 1
@@ -218,7 +231,7 @@ class FaultProxy:
                     damaged = bytearray(data)
                     damaged[len(damaged) // 2] ^= 0x40
                     data = bytes(damaged)
-                declared = len(data)
+                declared = len(data) if method != "HEAD" else int(resp.getheader("Content-Length") or 0)
                 if mode == "truncate":
                     data = data[: len(data) // 2]
                 self.send_response(resp.status)
@@ -270,6 +283,21 @@ class FaultProxy:
     def set(self, mode: str, faults: int = -1) -> None:
         with self._lock:
             self.mode, self.faults = mode, faults
+
+    def reset(self) -> None:
+        """Counters and the request log back to zero, faults off."""
+        with self._lock:
+            self.mode, self.faults, self.blob_gets, self.bytes_sent = "pass", 0, 0, 0
+            self.seen.clear()
+
+    def blob_gets_by_digest(self) -> dict[str, int]:
+        with self._lock:
+            out: dict[str, int] = {}
+            for method, path, _, _ in self.seen:
+                if method == "GET" and "/blobs/sha256:" in path:
+                    digest = path.split("/blobs/", 1)[1].split("?", 1)[0]
+                    out[digest] = out.get(digest, 0) + 1
+            return out
 
     def close(self) -> None:
         self.httpd.shutdown()

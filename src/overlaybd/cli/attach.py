@@ -13,7 +13,7 @@ from ..errors import LockedError
 from ..export import fusedev, loop
 from ..export.control import ControlThread, socket_path
 from ..metrics import Recorder
-from .common import open_volume, split_volume_ref, start_metrics
+from .common import hosts_dir_option, open_volume, split_volume_ref, start_metrics
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="the daemon counts reads, writes, fsyncs and discards, cache and registry traffic, and "
                         "serves them for Prometheus at http://HOST:PORT/metrics (port 0: a free one, printed) and "
                         "to 'overlaybd stats VOL' (needs pyoverlaybd[metrics])")
+    hosts_dir_option(a)
     a.set_defaults(run=run_attach)
 
     d = sub.add_parser("detach", help="undo attach: free the loop device, stop the FUSE export")

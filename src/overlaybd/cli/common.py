@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -12,11 +13,27 @@ from typing import Any
 from .. import metrics
 from ..errors import UsageError
 from ..metrics import Recorder
+from ..remote.hosts import use_hosts_dir
 from ..remote.lazy import RemoteLayers
 from ..sizes import human, parse_size
 from ..volume import Volume
 
-__all__ = ["emit_json", "human", "open_volume", "parse_size", "progress_bar", "split_volume_ref"]
+__all__ = ["emit_json", "hosts_dir_option", "human", "open_volume", "parse_size", "progress_bar", "split_volume_ref"]
+
+
+class _HostsDir(argparse.Action):
+    """--hosts-dir: set as it is parsed, for this process and the ones it starts (through the environment)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        use_hosts_dir(os.path.abspath(str(values)))
+        setattr(namespace, self.dest, values)
+
+
+def hosts_dir_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hosts-dir", metavar="DIR", action=_HostsDir,
+                   help="registry hosts (mirrors) as containerd reads them: DIR/HOST[:PORT]/hosts.toml (default: "
+                   "$OVERLAYBD_HOSTS_DIR, else /etc/containerd/certs.d)")
 
 
 def open_volume(path: str) -> Volume:

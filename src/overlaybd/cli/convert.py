@@ -10,7 +10,7 @@ import logging
 from ..convert import baselayer
 from ..convert.pipeline import GiB, Options, convert
 from ..remote.reference import parse_reference
-from .common import emit_json, human
+from .common import emit_json, hosts_dir_option, human
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "room for the image's files, a layer's tar and blobs")
     c.add_argument("--insecure", action="store_true", help="plain HTTP to a registry that is not on localhost")
     c.add_argument("--output", choices=("human", "json"), default="human")
+    hosts_dir_option(c)
     c.set_defaults(run=run_convert)
 
 

@@ -12,7 +12,7 @@ from ..export import mounting
 from ..remote.reference import parse_reference
 from ..remote.transfer import pull
 from ..volume import CONFIG
-from .common import open_volume
+from .common import hosts_dir_option, open_volume
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "the volume's own upper (volume)")
     m.add_argument("--eager", action="store_true", help="download the whole image first (default: lazily)")
     m.add_argument("--insecure", action="store_true", help="plain HTTP to a registry that is not on localhost")
+    hosts_dir_option(m)
     m.set_defaults(run=run_mount)
 
     u = sub.add_parser("umount", help="undo overlaybd mount: unmount DIR, stop what served it")

@@ -12,7 +12,7 @@ from ..cache.store import BlobCache
 from ..layerstore import LayerStore, StoreError
 from ..remote.reference import parse_reference
 from ..remote.transfer import pull, push
-from .common import emit_json, human, open_volume, parse_size, progress_bar, split_volume_ref
+from .common import emit_json, hosts_dir_option, human, open_volume, parse_size, progress_bar, split_volume_ref
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--insecure", action="store_true", help="plain HTTP to a registry that is not on localhost")
     p.add_argument("--output", choices=("human", "json"), default="human")
     _store_options(p)
+    hosts_dir_option(p)
     p.set_defaults(run=run_push)
 
     g = sub.add_parser("pull", help="make a volume from an image (eager: download everything; --lazy: on demand)")
@@ -40,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "discard them (without it, such a pull is refused)")
     g.add_argument("--output", choices=("human", "json"), default="human")
     _store_options(g)
+    hosts_dir_option(g)
     g.set_defaults(run=run_pull)
 
     gc = sub.add_parser("gc", help="remove layer-store blobs that no volume uses")

@@ -18,7 +18,7 @@ from ..export.served import ServedVolume
 from ..metrics import Recorder
 from ..operations import open_stack
 from ..volume import CONFIG, Volume
-from .common import open_volume, parse_size, start_metrics
+from .common import hosts_dir_option, open_volume, parse_size, start_metrics
 from .stats import render
 
 _DEFAULTS = Limits()
@@ -68,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="a client that takes no byte of its replies for that long, or does not send a large "
                              "write payload it announced within it, is dropped "
                              f"(default {_DEFAULTS.reply_timeout:g})")
+    hosts_dir_option(p)
     p.set_defaults(run=run)
 
 

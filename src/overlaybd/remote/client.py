@@ -20,6 +20,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlencode
 
@@ -38,15 +39,38 @@ T = TypeVar("T")
 Body = Callable[[], Any] | None
 DRAIN_LIMIT = 64 << 10  # an answer's body read to the end (so its connection is kept) when no longer than this
 TOKEN_LIMIT = 1 << 20  # a token service's answer
-_ClientKey = tuple[str, str, bool | str, Credentials | None, RetryPolicy]
+_ClientKey = tuple[str, str, bool | str, Credentials | None, RetryPolicy, "Extras"]
+
+
+@dataclass(frozen=True, slots=True)
+class Extras:
+    """What a hosts.toml may add to a host's requests: a client certificate, headers, a proxy of its own."""
+
+    cert: tuple[str, str] | None = None  # (certificate, key); key "" when the certificate file holds both
+    headers: tuple[tuple[str, str], ...] = ()
+    proxy: str | None = None  # a proxy URL for every request to this host (http, https, socks5, socks5h)
+
+    @property
+    def proxies(self) -> dict[str, str] | None:
+        return {"http": self.proxy, "https": self.proxy} if self.proxy else None
+
+    @property
+    def requests_cert(self) -> str | tuple[str, str] | None:
+        if self.cert is None:
+            return None
+        return self.cert if self.cert[1] else self.cert[0]
+
+
+NO_EXTRAS = Extras()
 
 
 class _SessionPool:
     """Sessions lent to one thread at a time; as many as were ever in use at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, extras: Extras = NO_EXTRAS) -> None:
         self._free: list[requests.Session] = []
         self._lock = threading.Lock()
+        self._extras = extras
 
     @contextmanager
     def borrow(self) -> Iterator[requests.Session]:
@@ -56,6 +80,8 @@ class _SessionPool:
             session = requests.Session()
             session.headers["User-Agent"] = "pyoverlaybd"
             session.headers["Accept-Encoding"] = "identity"  # blobs are compressed already; no decoding bombs
+            session.headers.update(dict(self._extras.headers))
+            session.cert = self._extras.requests_cert
         try:
             yield session
         finally:
@@ -85,14 +111,17 @@ class RegistryClient:
     _shared_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, host: str, *, scheme: str = "https", verify: bool | str = True,
-                 credentials: Credentials | None = None, policy: RetryPolicy = DEFAULT_POLICY) -> None:
+                 credentials: Credentials | None = None, policy: RetryPolicy = DEFAULT_POLICY,
+                 extras: Extras = NO_EXTRAS) -> None:
         self.host = host
         self.scheme = scheme
         self.base = f"{scheme}://{host}"
         self.verify = verify
         self.credentials = credentials
         self.policy = policy
-        self._sessions = _SessionPool()
+        self.extras = extras
+        self._proxies = extras.proxies  # given with each request: it then wins over the environment's proxies
+        self._sessions = _SessionPool(extras)
         self._tokens: dict[str, str] = {}
         self._basic = False
         self._lock = threading.Lock()
@@ -102,21 +131,22 @@ class RegistryClient:
     @classmethod
     def shared(cls, host: str, *, insecure: bool = False, plain_http: bool | None = None,
                ca_bundle: str | None = None, credentials: Credentials | None = None,
-               policy: RetryPolicy | None = None) -> RegistryClient:
+               policy: RetryPolicy | None = None, extras: Extras = NO_EXTRAS) -> RegistryClient:
         """The process's client for this host and these settings. Plain HTTP when asked (``plain_http``), with
         ``insecure`` (which also skips TLS verification), or on a local host that does not speak TLS (as Docker:
-        HTTPS first). Credentials are looked up (see :mod:`.auth`) unless given; new credentials get a new client."""
+        HTTPS first). Credentials are looked up (see :mod:`.auth`) unless given; new credentials get a new client.
+        ``extras`` (a hosts.toml's client certificate, headers, proxy) make a client of their own."""
         verify: bool | str = ca_bundle or (not insecure)
         if plain_http is None and Reference("registry", "x", host=host).is_local_host and not insecure:
             plain_http = not cls._speaks_tls(host, verify)
         scheme = "http" if (plain_http if plain_http is not None else insecure) else "https"
         creds = credentials if credentials is not None else find_credentials(host)
-        key: _ClientKey = (scheme, host, verify, creds, policy or DEFAULT_POLICY)
+        key: _ClientKey = (scheme, host, verify, creds, policy or DEFAULT_POLICY, extras)
         with cls._shared_lock:
             client = cls._shared.get(key)
             if client is None:
                 client = cls._shared[key] = cls(host, scheme=scheme, verify=verify, credentials=creds,
-                                                policy=policy or DEFAULT_POLICY)
+                                                policy=policy or DEFAULT_POLICY, extras=extras)
             return client
 
     @classmethod
@@ -184,7 +214,8 @@ class RegistryClient:
                 h.update(self._auth_header(scope))
             try:
                 r = session.request(method, url, headers=h, data=body() if body else None, stream=True,
-                                    allow_redirects=allow_redirects, verify=self.verify, timeout=op.timeouts())
+                                    allow_redirects=allow_redirects, verify=self.verify, timeout=op.timeouts(),
+                                    proxies=self._proxies)
             except requests.exceptions.SSLError as exc:
                 reason = "certificate verify failed" if "certificate" in str(exc).lower() else "TLS error"
                 raise TransportError(f"{shown}: {reason} (a private CA goes in REQUESTS_CA_BUNDLE)") from None
@@ -277,12 +308,12 @@ class RegistryClient:
                 return session.post(realm, data={"grant_type": "refresh_token", "service": service,
                                                  "scope": " ".join(scopes), "client_id": "pyoverlaybd",
                                                  "refresh_token": creds.identity_token},
-                                    timeout=op.timeouts(), verify=self.verify, stream=True)
+                                    timeout=op.timeouts(), verify=self.verify, stream=True, proxies=self._proxies)
             auth = (creds.username, creds.password) if creds and creds.username else None
             query = urlencode([("service", service)] + [("scope", s) for s in scopes])
             sep = "&" if "?" in realm else "?"
             return session.get(f"{realm}{sep}{query}", auth=auth, timeout=op.timeouts(), verify=self.verify,
-                               stream=True)
+                               stream=True, proxies=self._proxies)
         except requests.exceptions.SSLError:
             raise TransportError(f"token service {shown}: TLS error") from None
         except (requests.ConnectionError, requests.Timeout) as exc:

@@ -21,10 +21,15 @@ class TransportError(RemoteError):
     """The connection failed, or the server kept failing, after bounded retries."""
 
 
+class RangeRefusedError(RemoteError):
+    """A mirror answered a range request with the whole blob from its start (a pull-through cache that is still
+    fetching the blob does): that read goes to the next host, and the mirror is asked again next time."""
+
+
 class InvalidDigestError(FormatError):
     """A digest that is not ``sha256:`` and 64 lowercase hex digits (in a manifest, an index, a header, a
     volume's config): refused before it reaches a URL or a file name."""
 
 
-__all__ = ["AuthError", "DigestMismatchError", "InvalidDigestError", "NotFoundError", "RemoteError",
-           "TransportError"]
+__all__ = ["AuthError", "DigestMismatchError", "InvalidDigestError", "NotFoundError", "RangeRefusedError",
+           "RemoteError", "TransportError"]

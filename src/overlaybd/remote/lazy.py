@@ -1,5 +1,12 @@
 """Opening a layer that lives in a repository: its blob through the cache, peeled and opened as LSMT; and the
-volume layer opener that does so for snapshots pulled lazily."""
+volume layer opener that does so for snapshots pulled lazily.
+
+A registry with mirrors (hosts.toml) serves a blob from several hosts: :class:`MirroredSource` reads it from the
+first that has not failed it, each host through the cache under an origin of its own, so a mirror's bytes never
+serve a read through another host until the whole blob has matched its digest. A host that refuses the blob (404,
+auth), whose cached entry fails its whole-blob check, or whose bytes fail a check above the cache (a ZFile block's
+CRC) is left for the next one, for that blob; one whose connection fails (passed over for a while) or that is
+still fetching the blob (a cold pull-through cache) leaves only that read to the next host."""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
 from ..cache.store import BlobCache, default_dir
-from ..errors import DigestMismatchError, OverlaybdError
+from ..errors import DigestMismatchError, FormatError, OverlaybdError
 from ..formats.detect import peel
 from ..formats.lsmt.layer import LsmtLayer
 from ..layerstore import LayerStore
@@ -19,12 +26,14 @@ from ..source.base import BlockSource
 from ..source.file import FileSource
 from ..source.filter import Filter
 from ..volume import Layer, LocalLayers, Volume
-from .errors import RemoteError
+from .errors import RangeRefusedError, RemoteError, TransportError
 from .layout import OciLayout
-from .registry import RegistryRepository
+from .oci import sha256_digest
+from .registry import Endpoint, RegistryRepository
 from .repository import Repository
 
 log = logging.getLogger(__name__)
+PROVE_FIRST = 4 << 20  # a mirror's blob this small is checked whole before it serves a read
 _CACHES: dict[str, BlobCache] = {}
 _CACHES_LOCK = threading.Lock()
 
@@ -57,10 +66,129 @@ def open_remote_blob(blob_url: str, digest: str, size: int, owned: ExitStack) ->
     """A blob of a repository, random access: a local file for an OCI layout, else range reads through the cache
     (its bytes kept apart as this repository's until the whole blob is proven)."""
     repo = repository_for(blob_url)
+    if isinstance(repo, RegistryRepository) and len(repo.pull_endpoints()) > 1:
+        return owned.enter_context(MirroredSource(repo, digest, size, shared_cache()))
     blob = owned.enter_context(repo.open_blob(digest, size))
     if isinstance(repo, OciLayout):
         return blob  # already a local file
     return owned.enter_context(shared_cache().source(digest, size, blob, origin=repo.blob_url()))
+
+
+class MirroredSource(BlockSource):
+    """A registry blob that several hosts serve (mirrors in order, then the server), each host's bytes through the
+    cache under that host's own origin. Reads go to the current host; when it refuses them (404, auth) or a check
+    above finds its bytes wrong (``invalidate``: a ZFile block's CRC), the next host becomes current for this blob,
+    and the read is made again there; a connection failure or a refused range sends only that read on. A host
+    caught with other bytes for the whole blob (its cached entry condemned, or a digest mismatch) is left the same
+    way if it served no read here; if it did, what was read from it (the layer's index, its ZFile jump table) may
+    belong to another blob, so every later read fails (``DigestMismatchError``) and the next opening of the layer
+    reads from the next host. A blob of at most ``PROVE_FIRST`` bytes (one that a layer's opening may read whole)
+    is read whole from a mirror and checked before any read of it is served. The last host's errors are final."""
+
+    def __init__(self, repo: RegistryRepository, digest: str, size: int, cache: BlobCache) -> None:
+        self.repo = repo
+        self.digest = digest
+        self.size = size
+        self.block_size = 1
+        self.name = f"{repo.name}@{digest}"
+        self.cache = cache
+        self.endpoints = repo.pull_endpoints()
+        self._opened: dict[int, BlockSource] = {}
+        self._current = 0
+        self._served: set[int] = set()  # hosts that served a read here
+        self._proven: set[int] = set()  # mirrors whose whole (small) blob matched the digest
+        self.failure: DigestMismatchError | None = None
+        self._lock = threading.Lock()
+
+    def _source(self, n: int) -> BlockSource:
+        with self._lock:
+            found = self._opened.get(n)
+            if found is None:
+                e: Endpoint = self.endpoints[n]
+                blob = self.repo.open_blob(self.digest, self.size, e)
+                found = self._opened[n] = self.cache.source(self.digest, self.size, blob,
+                                                            origin=self.repo.origin_of(e))
+            if n == len(self.endpoints) - 1 or self.size > PROVE_FIRST or n in self._proven:
+                return found
+        if sha256_digest(found.pread(0, self.size)) != self.digest:  # a small blob: checked whole before use
+            raise DigestMismatchError(f"{self.endpoints[n].client.host} sent {self.size} bytes that do not hash "
+                                      "to the digest", path=self.digest)
+        with self._lock:
+            self._proven.add(n)
+        return found
+
+    @property
+    def current(self) -> Endpoint:
+        return self.endpoints[self._current]
+
+    def _leave(self, n: int, why: object) -> None:
+        with self._lock:
+            if self._current == n and n < len(self.endpoints) - 1:
+                self._current = n + 1
+                log.warning("%s: %s failed this blob (%s); reading it from %s now", self.name,
+                            self.endpoints[n].client.host, why, self.endpoints[n + 1].client.host)
+
+    def _read_aligned(self, offset: int, buf: memoryview) -> None:
+        n = self._current
+        last = len(self.endpoints) - 1
+        while True:
+            if self.failure is not None:
+                raise self.failure
+            try:
+                self._source(n).readinto(offset, buf)
+            except (RangeRefusedError, TransportError):  # a mirror still fetching the blob, or failing for now
+                if n == last:  # (passed over for a while): the next host serves this read, the mirror stays
+                    raise
+                n += 1
+                continue
+            except DigestMismatchError as exc:
+                if n == last:
+                    raise
+                self._caught(n, exc)
+            except (RemoteError, FormatError) as exc:
+                if n == last:
+                    raise
+                self._leave(n, exc)
+            else:
+                if n not in self._served:
+                    with self._lock:
+                        self._served.add(n)
+                return
+            n = max(n + 1, self._current)
+
+    def _caught(self, n: int, exc: DigestMismatchError) -> None:
+        """Host ``n`` sent other bytes for this blob: left at once if it served no read here, else reads stop."""
+        self.repo.mark_bad(self.endpoints[n], self.digest)
+        with self._lock:
+            served = n in self._served
+        if not served:
+            self._leave(n, exc)
+            return
+        self.failure = DigestMismatchError(
+            f"{self.endpoints[n].client.host} served bytes of another blob ({exc.message}); what was read from it "
+            "may be wrong, so reads of this layer stop here; opened again, it is read from "
+            f"{self.endpoints[n + 1].client.host}", path=self.digest)
+        log.warning("%s", self.failure)
+        raise self.failure
+
+    def invalidate(self, offset: int, length: int) -> None:
+        """A check above found these bytes wrong: the current host's are dropped, and the next host serves this
+        blob from now on (the last host's are dropped and fetched again, as without mirrors)."""
+        n = self._current
+        self._source(n).invalidate(offset, length)
+        if n < len(self.endpoints) - 1:
+            self.repo.mark_bad(self.endpoints[n], self.digest)
+        self._leave(n, f"bytes at {offset} failed a check")
+
+    def close(self) -> None:
+        with self._lock:
+            opened, self._opened = self._opened, {}
+        for src in opened.values():
+            src.close()
+
+    def describe(self) -> dict[str, object]:
+        return {"digest": self.digest, "hosts": [e.client.host for e in self.endpoints],
+                "current": self.current.client.host}
 
 
 def open_remote_layer(blob_url: str, digest: str, size: int, owned: ExitStack, *, name: str,

@@ -1,11 +1,16 @@
 """A repository in an OCI distribution registry: range reads, whole blobs, chunked uploads, mounts, manifests.
 
-Every request goes to the repository's base URL (``scheme://host/v2/REPO``) through its client, one retry loop
-per operation (:mod:`.http`). One repository object per (client, repository name) in the process
+Every request goes to one of the repository's endpoints (``scheme://host/v2/REPO`` on a host, each with its own
+client: tokens are per host), one retry loop per operation (:mod:`.http`). The endpoints are the registry's hosts
+as its hosts.toml lists them (:mod:`.hosts`: mirrors in order, then the server; without one, the server alone).
+Pulling (manifests by digest, configs, blobs, ranges) and resolving (manifests by tag) go to the hosts with that
+capability in order: a mirror that fails (connection, 5xx, 404, auth, timeout) or sends bytes that do not match
+their digest is skipped, for that operation and then for a while (:data:`MIRROR_REST`; for that digest, for the
+rest of the process), and the next host is asked; the last one's error is the operation's. Pushing goes to the
+first host that may push. One repository object per (client, repository name, hosts) in the process
 (:meth:`RegistryRepository.shared`, :meth:`RegistryRepository.from_blob_url`), so every layer of an image shares
-its client's tokens and connections, and the blob redirects it learnt. To put mirrors in front of a repository
-later (containerd's hosts.toml: mirrors in order, then the server), :meth:`RegistryRepository._endpoint` is the one
-place that picks the (client, base URL) a request goes to.
+its clients' tokens and connections, and the blob redirects they learnt. Lazy reads through mirrors keep each
+host's bytes apart in the cache (:meth:`RegistryRepository.origin_of`; :mod:`.lazy` picks the host).
 
 What comes back is checked before it is used: manifests and configs are read up to ``MAX_MANIFEST_BYTES`` /
 ``MAX_CONFIG_BYTES`` (refused from Content-Length when it says more, and no further than that when it does not
@@ -15,22 +20,28 @@ whole blob is read no further than its declared size and verified, and a digest 
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
+import logging
 import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import urljoin
 
 import requests
 
-from ..errors import UsageError
+from ..errors import FormatError, UsageError
 from ..source.base import BlockSource
+from . import hosts as hosts_toml
 from .bodies import Download, body_chunks, declared_length, read_capped
-from .client import RegistryClient
-from .errors import DigestMismatchError, NotFoundError, RemoteError, TransportError
+from .client import Extras, RegistryClient
+from .errors import DigestMismatchError, NotFoundError, RangeRefusedError, RemoteError, TransportError
+from .hosts import HostsConfig, RegistryHost
 from .http import Operation, Retryable
 from .oci import (
     ACCEPT,
@@ -44,9 +55,16 @@ from .oci import (
 from .reference import is_repository_name, is_tag
 from .repository import Progress
 
-__all__ = ["HttpBlobSource", "RegistryClient", "RegistryRepository"]
+__all__ = ["Endpoint", "HttpBlobSource", "RegistryClient", "RegistryRepository"]
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
+MIRROR_REST = 30.0  # seconds a mirror whose connection failed is passed over
+MIRROR_ATTEMPTS = 2  # attempts one operation makes at a mirror before the next host is asked
+MIRROR_SKIP = 1 << 20  # a mirror's whole-blob answer to a range read is read through to the range up to this far
+REFUSED_WAIT = (0.5, 8.0)  # a mirror that refused ranges of a blob is asked again after 0.5 s, doubling up to 8 s
+_bundles: dict[tuple[str, ...], str] = {}
+_bundles_lock = threading.Lock()
 
 UPLOAD_CHUNK = 32 << 20
 REDIRECT_TTL = 300.0  # keep a blob's redirect URL this long (signed URLs usually last longer)
@@ -58,29 +76,107 @@ def _scope(repo: str, actions: str) -> str:
     return f"repository:{repo}:{actions}"
 
 
-class RegistryRepository:
-    """A repository inside a registry."""
+@dataclass(eq=False)
+class Endpoint:
+    """One host a repository's requests may go to: its client and the repository's URL there."""
 
-    _shared: ClassVar[dict[tuple[RegistryClient, str], RegistryRepository]] = {}
+    client: RegistryClient
+    base: str  # scheme://host/v2/REPO (or the host's overridden API root, then /REPO)
+    capabilities: frozenset[str] = hosts_toml.ALL
+    mirror: bool = False
+    resting_until: float = 0.0  # a mirror whose connection failed is passed over until then
+
+    @property
+    def origin(self) -> str:
+        """What the cache binds this host's bytes of the repository to (the server's is the ``repoBlobUrl``)."""
+        return self.base + "/blobs"
+
+    def resting(self) -> bool:
+        return self.mirror and self.resting_until > time.monotonic()
+
+
+def _ca_bundle(paths: Sequence[str]) -> str | None:
+    """One file for a host's CA certificates (``requests`` takes one): the file itself, or the files joined into a
+    file of this process (removed at exit)."""
+    if not paths:
+        return None
+    if len(paths) == 1:
+        return paths[0]
+    key = tuple(paths)
+    with _bundles_lock:
+        if key not in _bundles:
+            fd, name = tempfile.mkstemp(prefix="overlaybd-ca-", suffix=".pem")
+            with os.fdopen(fd, "wb") as out:
+                for path in paths:
+                    try:
+                        with open(path, "rb") as f:
+                            out.write(f.read() + b"\n")
+                    except OSError as exc:
+                        raise UsageError(f"CA certificate: {exc.strerror}", path=path) from None
+            atexit.register(os.unlink, name)
+            _bundles[key] = name
+        return _bundles[key]
+
+
+def _client_for(server: RegistryClient, h: RegistryHost) -> RegistryClient:
+    """The client for one host of ``server``'s hosts.toml: a mirror's own, or the server's (the same client unless
+    hosts.toml gives the server certificates, headers or a proxy)."""
+    extras = Extras(h.client[0] if h.client else None, h.header, h.proxy)
+    ca = _ca_bundle(h.ca)
+    if not h.mirror and h.scheme == "" and extras == Extras() and ca is None and h.skip_verify is None:
+        return server
+    host = server.host if not h.mirror and h.scheme == "" else h.host
+    plain = server.scheme == "http" if h.scheme == "" else h.scheme == "http"
+    if h.mirror:  # its own settings only: the server's --insecure or CA bundle are not the mirror's
+        verify_off = bool(h.skip_verify)
+        policy = dataclasses.replace(server.policy, attempts=min(MIRROR_ATTEMPTS, server.policy.attempts))
+    else:
+        verify_off = bool(h.skip_verify) if h.skip_verify is not None else server.verify is False
+        ca = ca or (server.verify if isinstance(server.verify, str) else None)
+        policy = server.policy
+    return RegistryClient.shared(host, plain_http=plain, insecure=verify_off, ca_bundle=ca,
+                                 credentials=server.credentials if host == server.host else None, policy=policy,
+                                 extras=extras)
+
+
+class RegistryRepository:
+    """A repository inside a registry, reached through its hosts (mirrors, then the server)."""
+
+    _shared: ClassVar[dict[tuple[RegistryClient, str, tuple[RegistryHost, ...]], RegistryRepository]] = {}
     _shared_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, client: RegistryClient, repo: str) -> None:
+    def __init__(self, client: RegistryClient, repo: str, endpoints: Sequence[Endpoint] = ()) -> None:
         if not is_repository_name(repo):
             raise UsageError(f"bad repository name {repo!r} (lowercase letters, digits, . _ - /)")
         self.client = client
         self.repo = repo
         self.name = f"{client.host}/{repo}"
-        self._redirects: dict[str, tuple[str, float]] = {}  # digest -> (URL the blob redirected to, expiry)
+        self.endpoints = tuple(endpoints) or (Endpoint(client, f"{client.base}/v2/{repo}"),)
+        self._redirects: dict[tuple[str, str], tuple[str, float]] = {}  # (base, digest) -> (redirect URL, expiry)
+        self._bad: set[tuple[int, str]] = set()  # (endpoint index, digest): that host sent other bytes
+        self._refused: dict[tuple[int, str], tuple[float, float]] = {}  # (index, digest) -> (ask again at, wait)
         self._lock = threading.Lock()
 
     @classmethod
-    def shared(cls, client: RegistryClient, repo: str) -> RegistryRepository:
-        """The process's repository object for this client and name."""
+    def shared(cls, client: RegistryClient, repo: str, config: HostsConfig | None = None) -> RegistryRepository:
+        """The process's repository object for this client and name, through the hosts its registry's hosts.toml
+        names (read now, from :func:`.hosts.hosts_dir`, unless ``config`` is given)."""
+        config = config if config is not None else hosts_toml.load(client.host)
+        for note in config.notes:
+            log.info("%s: %s", config.folder, note)
+        key = (client, repo, config.hosts)
         with cls._shared_lock:
-            found = cls._shared.get((client, repo))
-            if found is None:
-                found = cls._shared[(client, repo)] = cls(client, repo)
+            found = cls._shared.get(key)
+        if found is not None:
             return found
+        if not is_repository_name(repo):
+            raise UsageError(f"bad repository name {repo!r} (lowercase letters, digits, . _ - /)")
+        endpoints = []
+        for h in config.hosts:
+            c = _client_for(client, h)
+            endpoints.append(Endpoint(c, f"{c.base}{h.path if h.scheme else '/v2'}/{repo}", h.capabilities, h.mirror))
+        with cls._shared_lock:
+            return cls._shared.setdefault(key, cls(client, repo, endpoints))
 
     @classmethod
     def from_blob_url(cls, url: str, **settings: Any) -> RegistryRepository:
@@ -98,22 +194,95 @@ class RegistryRepository:
     def blob_url(self) -> str:
         return f"{self.client.base}/v2/{self.repo}/blobs"
 
-    def _endpoint(self) -> tuple[RegistryClient, str]:
-        """Where this repository's requests go: a client and the repository's base URL on it."""
-        return self.client, f"{self.client.base}/v2/{self.repo}"
+    # -- which host ------------------------------------------------------------------------------------------------
+    def pull_endpoints(self) -> tuple[Endpoint, ...]:
+        """The hosts blobs are read from, in the order they are tried."""
+        return tuple(e for e in self.endpoints if "pull" in e.capabilities)
 
-    def _request(self, method: str, suffix: str, *, scope: str, **kwargs: Any) -> requests.Response:
-        client, base = self._endpoint()
-        return client.request(method, base + suffix, scope=scope, path=self.name, **kwargs)
+    def origin_of(self, endpoint: Endpoint) -> str:
+        """What the cache binds bytes read from ``endpoint`` to: the server's are this repository's blob URL,
+        each mirror's its own."""
+        return self.blob_url() if endpoint is self.endpoints[-1] and not endpoint.mirror else endpoint.origin
 
-    def _run(self, what: str, attempt: Callable[[Operation], T]) -> T:
-        return self._endpoint()[0].run(what, attempt, path=self.name)
+    def _push_endpoint(self) -> Endpoint:
+        for e in self.endpoints:
+            if "push" in e.capabilities:
+                return e
+        raise RemoteError("no host may push here (hosts.toml gives none the push capability)", path=self.name)
+
+    def usable(self, endpoint: Endpoint, digest: str | None) -> None:
+        """Raise at once if ``endpoint`` is a mirror passed over (resting, or caught with other bytes for
+        ``digest``)."""
+        if endpoint.resting():
+            raise TransportError(f"mirror {endpoint.client.host} failed lately; passed over", path=self.name)
+        if digest is not None and (self.endpoints.index(endpoint), digest) in self._bad:
+            raise DigestMismatchError(f"mirror {endpoint.client.host} sent other bytes for {digest}", path=self.name)
+
+    def mark_bad(self, endpoint: Endpoint, digest: str) -> None:
+        """``endpoint`` sent bytes of ``digest`` that failed a check: it is not asked for that blob again in this
+        process (the cache remembers a failed whole-blob check across processes)."""
+        if endpoint.mirror:
+            with self._lock:
+                self._bad.add((self.endpoints.index(endpoint), digest))
+
+    def _ranges_refused(self, endpoint: Endpoint, digest: str, refused: bool) -> None:
+        """Note whether ``endpoint`` served a range of ``digest`` (a pull-through cache refuses them, sending the
+        whole blob from its upstream, until it has the blob): while it refuses, it is asked again after a wait
+        that doubles, so that a cold mirror is not made to stream the blob from its upstream for every read."""
+        key = (self.endpoints.index(endpoint), digest)
+        with self._lock:
+            if not refused:
+                self._refused.pop(key, None)
+                return
+            wait = self._refused.get(key, (0.0, REFUSED_WAIT[0] / 2))[1] * 2
+            self._refused[key] = (time.monotonic() + min(wait, REFUSED_WAIT[1]), min(wait, REFUSED_WAIT[1]))
+
+    def _check_ranges(self, endpoint: Endpoint, digest: str) -> None:
+        with self._lock:
+            found = self._refused.get((self.endpoints.index(endpoint), digest))
+        if found is not None and found[0] > time.monotonic():
+            raise RangeRefusedError(f"{endpoint.client.host} refused ranges of {digest} lately", path=self.name)
+
+    def _failed(self, endpoint: Endpoint, exc: Exception, digest: str | None) -> None:
+        if isinstance(exc, TransportError):
+            endpoint.resting_until = time.monotonic() + MIRROR_REST
+        elif isinstance(exc, FormatError) and digest is not None:
+            with self._lock:
+                self._bad.add((self.endpoints.index(endpoint), digest))
+
+    def _over(self, capability: str, what: str, work: Callable[[Endpoint], T], digest: str | None = None) -> T:
+        """``work`` at the hosts with ``capability`` in order, until one succeeds; the last host's error is final.
+        Mirrors passed over are not asked (the last host always is)."""
+        candidates = [e for e in self.endpoints if capability in e.capabilities]
+        if not candidates:
+            raise RemoteError(f"no host may {capability} here (hosts.toml gives none that capability)",
+                              path=self.name)
+        for n, endpoint in enumerate(candidates):
+            last = n == len(candidates) - 1
+            try:
+                if not last:
+                    self.usable(endpoint, digest)
+                return work(endpoint)
+            except (RemoteError, FormatError) as exc:
+                if last:
+                    raise
+                self._failed(endpoint, exc, digest)
+                log.warning("%s: %s from %s failed (%s); trying %s", self.name, what, endpoint.client.host, exc,
+                            candidates[n + 1].client.host)
+        raise AssertionError("unreachable")
+
+    def _request(self, method: str, suffix: str, *, scope: str, endpoint: Endpoint | None = None,
+                 **kwargs: Any) -> requests.Response:
+        e = endpoint or self._push_endpoint()
+        return e.client.request(method, e.base + suffix, scope=scope, path=self.name, **kwargs)
+
+    def _run(self, endpoint: Endpoint, what: str, attempt: Callable[[Operation], T]) -> T:
+        return endpoint.client.run(what, attempt, path=self.name)
 
     @contextmanager
-    def _exchange(self, op: Operation, method: str, suffix: str, *, scope: str, **kwargs: Any
+    def _exchange(self, endpoint: Endpoint, op: Operation, method: str, suffix: str, *, scope: str, **kwargs: Any
                   ) -> Iterator[requests.Response]:
-        client, base = self._endpoint()
-        with client.exchange(op, method, base + suffix, scope=scope, **kwargs) as r:
+        with endpoint.client.exchange(op, method, endpoint.base + suffix, scope=scope, **kwargs) as r:
             yield r
 
     def _digest(self, digest: str) -> str:
@@ -130,57 +299,84 @@ class RegistryRepository:
             raise TransportError(f"HEAD blob {digest}: no usable Content-Length", path=self.name)
         return check_size(size, f"blob {digest}", path=self.name)
 
-    def open_blob(self, digest: str, size: int) -> BlockSource:
-        return HttpBlobSource(self, self._digest(digest), check_size(size, f"blob {digest}", path=self.name))
+    def open_blob(self, digest: str, size: int, endpoint: Endpoint | None = None) -> BlockSource:
+        """Range reads of a blob: from ``endpoint`` only, or from the hosts in order."""
+        return HttpBlobSource(self, self._digest(digest), check_size(size, f"blob {digest}", path=self.name),
+                              endpoint)
 
     # -- range reads -----------------------------------------------------------------------------------------------
-    def read_range(self, digest: str, offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` with the blob's bytes at ``offset``: a Range GET (redirects followed and remembered). One
-        operation: a dropped connection, a 5xx, a body cut short or a wrong Content-Range is retried in it."""
+    def read_range(self, digest: str, offset: int, buf: memoryview, endpoint: Endpoint | None = None) -> None:
+        """Fill ``buf`` with the blob's bytes at ``offset``: a Range GET (redirects followed and remembered), at
+        ``endpoint`` or at the pulling hosts in order. One operation per host: a dropped connection, a 5xx, a body
+        cut short or a wrong Content-Range is retried in it."""
         digest = self._digest(digest)
+        if endpoint is None:
+            self._over("pull", f"range GET {digest}", lambda e: self._read_range_at(e, digest, offset, buf), digest)
+            return
+        if not endpoint.mirror:
+            self._read_range_at(endpoint, digest, offset, buf)
+            return
+        self.usable(endpoint, digest)
+        self._check_ranges(endpoint, digest)
+        try:
+            self._read_range_at(endpoint, digest, offset, buf)
+        except RangeRefusedError:
+            raise
+        except (RemoteError, FormatError) as exc:
+            self._failed(endpoint, exc, digest)
+            raise
+
+    def _read_range_at(self, endpoint: Endpoint, digest: str, offset: int, buf: memoryview) -> None:
         length = len(buf)
         want = f"bytes={offset}-{offset + length - 1}"
 
         def attempt(op: Operation) -> None:
-            with self._open_range(op, digest, want) as r:
+            with self._open_range(endpoint, op, digest, want) as r:
                 if r.status_code == 404:
                     raise NotFoundError(f"blob {digest} is not in {self.name}")
                 if r.status_code == 206:
+                    if endpoint.mirror:
+                        self._ranges_refused(endpoint, digest, False)
                     got = r.headers.get("Content-Range", "")
                     if not got.startswith(f"bytes {offset}-{offset + length - 1}/"):
                         raise Retryable(f"asked for {want}, got Content-Range {got[:80]!r}")
                     skip = 0
                 elif r.status_code == 200:  # a server that ignores Range: take our slice of the whole body
+                    if endpoint.mirror:  # (a pull-through cache still fetching the blob does)
+                        self._ranges_refused(endpoint, digest, True)
+                        if offset > MIRROR_SKIP:
+                            raise RangeRefusedError(f"{endpoint.client.host} answers a range read at {offset} "
+                                                    f"with the whole blob {digest}", path=self.name)
                     skip = offset
                 else:
                     raise TransportError(f"range GET of {digest}: HTTP {r.status_code}", path=self.name)
                 self._read_body(r, op, buf, skip, digest)
 
-        self._run(f"range GET {digest} {want}", attempt)
+        self._run(endpoint, f"range GET {digest} {want}", attempt)
 
     @contextmanager
-    def _open_range(self, op: Operation, digest: str, want: str) -> Iterator[requests.Response]:
-        url = self._remembered(digest)
+    def _open_range(self, endpoint: Endpoint, op: Operation, digest: str, want: str) -> Iterator[requests.Response]:
+        key = (endpoint.base, digest)
+        url = self._remembered(key)
         if url is not None:
-            client = self._endpoint()[0]
-            with client.exchange(op, "GET", url, scope="", headers={"Range": want}, authorize=False) as r:
+            with endpoint.client.exchange(op, "GET", url, scope="", headers={"Range": want}, authorize=False) as r:
                 if r.status_code in (200, 206):
                     yield r
                     return
             with self._lock:
-                self._redirects.pop(digest, None)
-        with self._exchange(op, "GET", f"/blobs/{digest}", scope=_scope(self.repo, "pull"),
+                self._redirects.pop(key, None)
+        with self._exchange(endpoint, op, "GET", f"/blobs/{digest}", scope=_scope(self.repo, "pull"),
                             headers={"Range": want}) as r:
             if r.history and r.url and r.status_code in (200, 206):
-                self._remember(digest, r.url)
+                self._remember(key, r.url)
             yield r
 
-    def _remembered(self, digest: str) -> str | None:
+    def _remembered(self, digest: tuple[str, str]) -> str | None:
         with self._lock:
             found = self._redirects.get(digest)
         return found[0] if found and found[1] > time.monotonic() else None
 
-    def _remember(self, digest: str, url: str) -> None:
+    def _remember(self, digest: tuple[str, str], url: str) -> None:
         now = time.monotonic()
         with self._lock:
             for stale in [d for d, (_, expiry) in self._redirects.items() if expiry <= now]:
@@ -210,27 +406,32 @@ class RegistryRepository:
         bytes, or bytes that hash to something else, is an error at once (DigestMismatchError)."""
         digest = self._digest(digest)
         size = check_size(size, f"blob {digest}", path=self.name)
+        self._over("pull", f"GET blob {digest}", lambda e: self._fetch_at(e, digest, size, dest, progress), digest)
+
+    def _fetch_at(self, endpoint: Endpoint, digest: str, size: int, dest: str, progress: Progress | None) -> None:
         fd, tmp = tempfile.mkstemp(prefix=".download-", dir=os.path.dirname(os.path.abspath(dest)))
         try:
             with os.fdopen(fd, "wb") as out:
                 download = Download(out, size, progress)
-                self._run(f"GET blob {digest}", lambda op: self._download_attempt(op, digest, download))
+                self._run(endpoint, f"GET blob {digest}",
+                          lambda op: self._download_attempt(endpoint, op, digest, download))
                 out.flush()
                 os.fsync(out.fileno())
             got = download.digest()
             if got != digest:
-                raise DigestMismatchError(f"downloaded {size} bytes hashing to {got}; expected {digest}",
-                                          path=self.name)
+                raise DigestMismatchError(f"downloaded {size} bytes from {endpoint.client.host} hashing to {got}; "
+                                          f"expected {digest}", path=self.name)
             os.replace(tmp, dest)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
 
-    def _download_attempt(self, op: Operation, digest: str, download: Download) -> None:
+    def _download_attempt(self, endpoint: Endpoint, op: Operation, digest: str, download: Download) -> None:
         resume = download.done
         headers = {"Range": f"bytes={resume}-"} if resume else {}
-        with self._exchange(op, "GET", f"/blobs/{digest}", scope=_scope(self.repo, "pull"), headers=headers) as r:
+        with self._exchange(endpoint, op, "GET", f"/blobs/{digest}", scope=_scope(self.repo, "pull"),
+                            headers=headers) as r:
             if r.status_code == 404:
                 raise NotFoundError(f"blob {digest} is not in {self.name}")
             if r.status_code == 206 and resume:
@@ -261,18 +462,21 @@ class RegistryRepository:
         """A config (or another small JSON blob), whole: at most ``MAX_CONFIG_BYTES``, verified."""
         digest = self._digest(digest)
         size = check_size(size, f"blob {digest}", limit=MAX_CONFIG_BYTES, path=self.name)
+        return self._over("pull", f"GET blob {digest}", lambda e: self._metadata_at(e, digest, size), digest)
 
+    def _metadata_at(self, endpoint: Endpoint, digest: str, size: int) -> bytes:
         def attempt(op: Operation) -> bytes:
-            with self._exchange(op, "GET", f"/blobs/{digest}", scope=_scope(self.repo, "pull")) as r:
+            with self._exchange(endpoint, op, "GET", f"/blobs/{digest}", scope=_scope(self.repo, "pull")) as r:
                 if r.status_code == 404:
                     raise NotFoundError(f"blob {digest} is not in {self.name}")
                 if r.status_code != 200:
                     raise TransportError(f"GET blob {digest}: HTTP {r.status_code}", path=self.name)
                 return read_capped(r, op, size, f"blob {digest}", path=self.name, exact=True)
 
-        raw = self._run(f"GET blob {digest}", attempt)
+        raw = self._run(endpoint, f"GET blob {digest}", attempt)
         if sha256_digest(raw) != digest:
-            raise DigestMismatchError(f"blob hashes to {sha256_digest(raw)}, expected {digest}", path=self.name)
+            raise DigestMismatchError(f"blob from {endpoint.client.host} hashes to {sha256_digest(raw)}, expected "
+                                      f"{digest}", path=self.name)
         return raw
 
     def put_blob(self, path: str, digest: str, size: int, progress: Progress | None = None,
@@ -297,15 +501,15 @@ class RegistryRepository:
             if r.status_code == 202:  # mount refused: it opened an ordinary upload; abandon it
                 loc = r.headers.get("Location")
                 if loc:
-                    self._endpoint()[0].request("DELETE", self._location(loc), scope=push, path=self.name)
+                    self._push_endpoint().client.request("DELETE", self._location(loc), scope=push, path=self.name)
         return None
 
     def _location(self, location: str, current: str | None = None) -> str:
-        return urljoin(current or self._endpoint()[0].base + "/", location)
+        return urljoin(current or self._push_endpoint().client.base + "/", location)
 
     def _upload(self, path: str, digest: str, size: int, progress: Progress | None) -> str:
         push = _scope(self.repo, "pull,push")
-        client = self._endpoint()[0]
+        client = self._push_endpoint().client
         r = self._request("POST", "/blobs/uploads/", scope=push)
         if r.status_code != 202 or "Location" not in r.headers:
             raise RemoteError(f"cannot start an upload: HTTP {r.status_code}", path=self.name)
@@ -347,9 +551,14 @@ class RegistryRepository:
             check_digest(selector, "manifest digest", path=self.name)
         elif not is_tag(selector):
             raise UsageError(f"bad tag {selector[:80]!r}", path=self.name)
+        return self._over("pull" if by_digest else "resolve", f"GET manifest {selector}",
+                          lambda e: self._manifest_at(e, selector), selector if by_digest else None)
+
+    def _manifest_at(self, endpoint: Endpoint, selector: str) -> tuple[bytes, str, str]:
+        by_digest = ":" in selector
 
         def attempt(op: Operation) -> tuple[bytes, str, str | None]:
-            with self._exchange(op, "GET", f"/manifests/{selector}", scope=_scope(self.repo, "pull"),
+            with self._exchange(endpoint, op, "GET", f"/manifests/{selector}", scope=_scope(self.repo, "pull"),
                                 headers={"Accept": ACCEPT}) as r:
                 if r.status_code == 404:
                     raise NotFoundError(f"no manifest {selector!r} in {self.name}")
@@ -359,7 +568,7 @@ class RegistryRepository:
                 return raw, r.headers.get("Content-Type", "").split(";")[0].strip(), \
                     r.headers.get("Docker-Content-Digest")
 
-        raw, media, claimed = self._run(f"GET manifest {selector}", attempt)
+        raw, media, claimed = self._run(endpoint, f"GET manifest {selector}", attempt)
         digest = sha256_digest(raw)
         if claimed is not None:
             claimed = check_digest(claimed.strip(), "Docker-Content-Digest header", path=self.name)
@@ -384,12 +593,14 @@ class RegistryRepository:
 class HttpBlobSource(BlockSource):
     """A registry blob read by Range requests (each read one operation of the repository's retry loop)."""
 
-    def __init__(self, repo: RegistryRepository, digest: str, size: int) -> None:
+    def __init__(self, repo: RegistryRepository, digest: str, size: int, endpoint: Endpoint | None = None) -> None:
         self.repo = repo
         self.digest = digest
         self.size = size
         self.block_size = 1
-        self.name = f"{repo.name}@{digest}"
+        self.endpoint = endpoint
+        via = f" via {endpoint.client.host}" if endpoint is not None and endpoint.mirror else ""
+        self.name = f"{repo.name}@{digest}{via}"
 
     def _read_aligned(self, offset: int, buf: memoryview) -> None:
-        self.repo.read_range(self.digest, offset, buf)
+        self.repo.read_range(self.digest, offset, buf, self.endpoint)
