@@ -7,17 +7,21 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..remote.lazy import RemoteLayers
 from ..sizes import human, parse_size
-from ..volume import Volume
+
+if TYPE_CHECKING:
+    from ..volume import Volume
 
 __all__ = ["emit_json", "human", "open_volume", "parse_size", "progress_bar", "split_volume_ref"]
 
 
 def open_volume(path: str) -> Volume:
     """A volume whose snapshots may still be in their repository (pulled lazily)."""
+    from ..remote.lazy import RemoteLayers  # loaded by the commands that open volumes, not by every command
+    from ..volume import Volume
+
     return Volume(path, opener=RemoteLayers())
 
 
