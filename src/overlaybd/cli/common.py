@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
 
 from ..sizes import human, parse_size
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing (mypy reads the name alone)
 if TYPE_CHECKING:
+    from typing import Any
+
     from ..volume import Volume
 
-__all__ = ["emit_json", "human", "open_volume", "parse_size", "progress_bar", "split_volume_ref"]
+_verbose = False
+
+
+def configure_logging(verbose: bool | None = None) -> None:
+    """The command line's log format (``overlaybd: LEVEL: message``; INFO with -v), set once the logging module
+    is loaded: at once with -v, else when the command's modules brought it in. Called after parsing, and again
+    by a command after its late imports; the first configuration stays."""
+    global _verbose
+    if verbose is not None:
+        _verbose = verbose
+    if _verbose or "logging" in sys.modules:
+        import logging
+
+        logging.basicConfig(level=logging.INFO if _verbose else logging.WARNING,
+                            format="overlaybd: %(levelname)s: %(message)s")
+
+
+__all__ = ["configure_logging", "emit_json", "human", "open_volume", "parse_size", "progress_bar", "split_volume_ref"]
 
 
 def open_volume(path: str) -> Volume:
@@ -22,6 +40,7 @@ def open_volume(path: str) -> Volume:
     from ..remote.lazy import RemoteLayers  # loaded by the commands that open volumes, not by every command
     from ..volume import Volume
 
+    configure_logging()
     return Volume(path, opener=RemoteLayers())
 
 
@@ -34,6 +53,8 @@ def split_volume_ref(text: str) -> tuple[str, str | None]:
 
 
 def emit_json(data: Any) -> None:
+    import json  # loaded by the commands that print JSON
+
     json.dump(data, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
 

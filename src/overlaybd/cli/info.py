@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from ..formats.lsmt import glance
-from .common import emit_json, human
+from .common import configure_logging, emit_json, human
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing (mypy reads the name alone)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -23,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
         from ..inspection import describe_layer, describe_stack
         from ..operations import open_stack
 
+        configure_logging()
         if len(args.paths) == 1:
             data = describe_layer(args.paths[0], args.index)
         else:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from .. import __version__, native
 from ..errors import OverlaybdError, UsageError
+from .common import configure_logging
 
 # command -> the module under overlaybd.cli that registers and runs it. Only the module of the command given is
 # imported (with what it needs): ``--version`` and a command's start load no numpy, requests or codecs they do
@@ -63,10 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(modules_for(argv))
     args = parser.parse_args(argv)
-    import logging  # after parsing: --version and usage errors exit without it
-
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="overlaybd: %(levelname)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         return int(args.run(args) or 0)
     except UsageError as exc:
