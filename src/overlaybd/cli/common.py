@@ -35,10 +35,19 @@ def configure_logging(verbose: bool | None = None) -> None:
 __all__ = ["configure_logging", "emit_json", "human", "open_volume", "parse_size", "progress_bar", "split_volume_ref"]
 
 
-def open_volume(path: str) -> Volume:
-    """A volume whose snapshots may still be in their repository (pulled lazily)."""
-    from ..remote.lazy import RemoteLayers  # loaded by the commands that open volumes, not by every command
+def open_volume(path: str, *, remote: bool = True) -> Volume:
+    """A volume whose snapshots may still be in their repository (pulled lazily). ``remote=False`` (for a command
+    that only reads the volume as it is now): the repository readers (requests, the cache) are loaded only when
+    a snapshot is not here."""
+    from .. import volume_config
     from ..volume import Volume
+
+    if not remote:
+        config = volume_config.read_config(os.path.abspath(path))
+        if all(os.path.exists(p) for p in volume_config.lower_paths(os.path.abspath(path), config)):
+            configure_logging()
+            return Volume(path)
+    from ..remote.lazy import RemoteLayers  # loaded by the commands that open such volumes, not by every command
 
     configure_logging()
     return Volume(path, opener=RemoteLayers())
