@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from .. import __version__, native
+from .. import __version__
 from ..errors import OverlaybdError, UsageError
 from .common import configure_logging
 
@@ -35,6 +35,8 @@ class _Version(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
                  option_string: str | None = None) -> None:
+        from .. import native  # the extensions, loaded for --version only
+
         print(f"overlaybd {__version__}\nZFile blocks: {native.describe_blocks()}\n"
               f"cache reads: {native.describe_hits()}\nindex lookups: {native.describe_lookups()}")
         parser.exit()
