@@ -15,8 +15,8 @@ Images (built here, 1 GiB each; quick: 256 MiB):
 Timed, interleaved, ``--rounds`` times (3; quick 1), page cache warm, the output removed before each run:
 ours ``overlaybd export VOL out.raw`` and ``overlaybd cat L0 .. Ln -o out.raw`` (both write a temporary file,
 fsync it once and rename it), the peer ``qemu-img convert -O raw TOP out.raw`` and the same followed by
-``sync -f out.raw`` (ours syncs its output; qemu-img's default cache mode writes back without a sync: run with
-``strace -f -c`` to see the syscalls each makes), and ``python -c 'import numpy'``, the bound under ours (the
+``sync out.raw`` (an fsync of that file: ours syncs its output; qemu-img convert makes no fsync or fdatasync,
+``strace -f -c`` shows), and ``python -c 'import numpy'``, the bound under ours (the
 interpreter and the one library the merged index needs). CPU time (user + system, from ``wait4``) is shown
 beside wall time: on a loaded machine it shows the work apart from waiting. Every output is checked equal to
 the peer's (``cmp``) and its allocated size (``st_blocks``) shown: holes stay holes.
@@ -141,7 +141,7 @@ def measure(name: str, vol: str, top: str, folder: str, rounds: int) -> dict[str
         "overlaybd export": [*OVERLAYBD, "export", vol, out, "--force"],
         "overlaybd cat": [*OVERLAYBD, "cat", *layers, "-o", out, "--force"],
         "qemu-img convert": ["qemu-img", "convert", "-O", "raw", top, peer],
-        "qemu-img convert + sync": ["sh", "-c", f"qemu-img convert -O raw {top} {peer} && sync -f {peer}"],
+        "qemu-img convert + sync": ["sh", "-c", f"qemu-img convert -O raw {top} {peer} && sync {peer}"],
         "bound: python -c 'import numpy'": [sys.executable, "-c", "import numpy"],
     }
     times: dict[str, list[float]] = {k: [] for k in cmds}
