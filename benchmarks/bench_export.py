@@ -147,6 +147,7 @@ def measure(name: str, vol: str, top: str, folder: str, rounds: int) -> dict[str
     times: dict[str, list[float]] = {k: [] for k in cmds}
     cpus: dict[str, list[float]] = {k: [] for k in cmds}
     checked: dict[str, int] = {}
+    size = 0
     for _ in range(rounds):
         for k, cmd in cmds.items():
             for p in (out, peer):
@@ -163,7 +164,8 @@ def measure(name: str, vol: str, top: str, folder: str, rounds: int) -> dict[str
             if not k.startswith("qemu"):
                 subprocess.run(["qemu-img", "convert", "-O", "raw", top, peer], check=True)
                 subprocess.run(["cmp", out, peer], check=True)
-    return {"times": times, "cpu": cpus, "allocated": checked, "size": os.path.getsize(peer)}
+                size = os.path.getsize(out)
+    return {"times": times, "cpu": cpus, "allocated": checked, "size": size}
 
 
 def main() -> None:
