@@ -12,7 +12,8 @@ Images (built here, 1 GiB each; quick: 256 MiB):
 * fragmented: 64 snapshots, each writing a random share of the 4 KiB blocks (every block written once, by one
   layer), and the same as a 64-image qcow2 chain of 4 KiB clusters: the worst case for both.
 
-Timed, interleaved, ``--rounds`` times (3; quick 1), page cache warm, the output removed before each run:
+Timed, interleaved (each round starting one command later than the one before), ``--rounds`` times (3; quick
+1), page cache warm, the output removed before each run:
 ours ``overlaybd export VOL out.raw`` and ``overlaybd cat L0 .. Ln -o out.raw`` (both write a temporary file,
 fsync it once and rename it), the peer ``qemu-img convert -O raw TOP out.raw`` and the same followed by
 ``sync out.raw`` (an fsync of that file: ours syncs its output; qemu-img convert makes no fsync or fdatasync,
@@ -117,6 +118,13 @@ def build_fragmented(folder: str, size: int, depth: int, seed: int) -> tuple[str
     return vol, build_qcow2_chain(os.path.join(folder, "fragmented-chain"), parts, size)
 
 
+def built(folder: str, name: str) -> tuple[str, str]:
+    """The volume and the top of the qcow2 chain of image ``name`` built earlier in ``folder``."""
+    chain = {"sparse": "", "dense": "dense-chain", "fragmented": "fragmented-chain"}[name]
+    tops = sorted(f for f in os.listdir(os.path.join(folder, chain)) if f.endswith(".qcow2"))
+    return os.path.join(folder, f"{name}-vol"), os.path.join(folder, chain, tops[-1])
+
+
 def timed_run(cmd: Sequence[str]) -> tuple[float, float]:
     """Wall seconds and CPU seconds (user + system, the command's and its children's) of one run."""
     t0 = time.perf_counter()
@@ -133,7 +141,7 @@ def allocated(path: str) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def measure(name: str, vol: str, top: str, folder: str, rounds: int) -> dict[str, Any]:
+def measure(name: str, vol: str, top: str, folder: str, rounds: int, before: str | None) -> dict[str, Any]:
     layers = Volume(vol).lowers
     out = os.path.join(folder, f"{name}-out.raw")
     peer = os.path.join(folder, f"{name}-peer.raw")
@@ -144,12 +152,17 @@ def measure(name: str, vol: str, top: str, folder: str, rounds: int) -> dict[str
         "qemu-img convert + sync": ["sh", "-c", f"qemu-img convert -O raw {top} {peer} && sync {peer}"],
         "bound: python -c 'import numpy'": [sys.executable, "-c", "import numpy"],
     }
+    if before is not None:  # another checkout's code (its src/ with its extensions built), on the same images
+        cmds["overlaybd export (--before)"] = ["env", f"PYTHONPATH={before}", sys.executable, "-m",
+                                               "overlaybd.cli.main", "export", vol, out, "--force"]
     times: dict[str, list[float]] = {k: [] for k in cmds}
     cpus: dict[str, list[float]] = {k: [] for k in cmds}
     checked: dict[str, int] = {}
     size = 0
-    for _ in range(rounds):
-        for k, cmd in cmds.items():
+    names = list(cmds)
+    for r in range(rounds):
+        for k in names[r % len(names) :] + names[: r % len(names)]:  # each round starts one command later
+            cmd = cmds[k]
             for p in (out, peer):
                 if os.path.exists(p):
                     os.unlink(p)
@@ -175,25 +188,32 @@ def main() -> None:
                     help="build and measure only these images (default: all)")
     ap.add_argument("--file-mib", type=int, default=3, help="MiB of each file written into the ext4")
     ap.add_argument("--depth", type=int, default=64, help="snapshots of the dense image")
+    ap.add_argument("--before", metavar="SRC", help="also time `overlaybd export` of another checkout: its src "
+                    "folder (e.g. the main branch's, to show what a change gained)")
+    ap.add_argument("--reuse", metavar="FOLDER", help="measure the images a run with --workdir and --keep built "
+                    "in FOLDER (its bench-export-* folder) instead of building them")
     args = ap.parse_args()
     need("qemu-img", "qemu-io", "mkfs.ext4", "debugfs", "cmp")
     rounds = args.rounds or (1 if args.quick else 3)
     size = 256 * MiB if args.quick else GiB
     results: dict[str, Any] = {}
-    with workdir(args.workdir, args.keep, "bench-export-") as folder:
+    with workdir(args.workdir, args.keep, "bench-export-") as scratch:
+        folder = args.reuse or scratch
         builders: dict[str, Callable[[], tuple[str, str]]] = {
                     "sparse": lambda: build_sparse(folder, size, args.file_mib, args.seed),
                     "dense": lambda: build_dense(folder, size, args.depth, args.seed),
                     "fragmented": lambda: build_fragmented(folder, size, args.depth, args.seed)}
         images: dict[str, tuple[str, str]] = {}
         for name, build in builders.items():
-            if args.only is None or name in args.only:
+            if args.reuse and (args.only is None or name in args.only):
+                images[name] = built(folder, name)
+            elif args.only is None or name in args.only:
                 t0 = time.perf_counter()
                 images[name] = build()
                 log(f"{name} image built in {time.perf_counter() - t0:.1f} s")
         load_before = os.getloadavg()
         for name, (vol, top) in images.items():
-            results[name] = measure(name, vol, top, folder, rounds)
+            results[name] = measure(name, vol, top, folder, rounds, args.before)
         load_after = os.getloadavg()
     rows = []
     for name, res in results.items():
