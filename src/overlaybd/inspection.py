@@ -9,24 +9,14 @@ import numpy as np
 
 from .errors import FormatError
 from .formats.detect import open_layer, peel
+from .formats.lsmt import glance
 from .formats.lsmt.layer import LsmtLayer
-from .formats.lsmt.spec import SECTOR, LsmtHeader, format_uuid
+from .formats.lsmt.spec import SECTOR, format_uuid
 from .formats.lsmt.stack import LsmtStack
 from .formats.lsmt.writable import SparseLayer, WritableBase, WritableLayer
 from .formats.zfile.reader import ZFileSource
 from .source.base import ExtentKind
 from .source.file import FileSource
-
-
-def _header_info(h: LsmtHeader) -> dict[str, Any]:
-    return {
-        "flags": h.flags,
-        "virtual_size": h.virtual_size,
-        "uuid": format_uuid(h.uuid),
-        "parent_uuid": format_uuid(h.parent_uuid),
-        "version": f"{h.version}.{h.sub_version}",
-        "message": h.message,
-    }
 
 
 def _zfile_info(z: ZFileSource) -> dict[str, Any]:
@@ -69,19 +59,24 @@ def describe_layer(path: str, index: str | None = None) -> dict[str, Any]:
         f.close()
         layer = open_layer(path, index, owned=owned)
         seg = layer.segments()
+        zeroed = int(seg.zeroed.sum())
+        mapped, zeroed_sectors = int(seg.length[~seg.zeroed].sum()), int(seg.length[seg.zeroed].sum())
+        if isinstance(layer, LsmtLayer) and not out["wrappers"]:  # the shape the numpy-free reader gives too
+            ends = glance.Ends(layer.header, layer.trailer, out["file_size"])
+            return glance.sealed_info(path, ends, glance.IndexTotals(len(seg), zeroed, mapped, zeroed_sectors))
         out["format"] = layer_kind(layer)
         out["virtual_size"] = layer.virtual_size
-        out["header"] = _header_info(layer.header)
+        out["header"] = glance.header_info(layer.header)
         if isinstance(layer, LsmtLayer):
-            out["trailer"] = _header_info(layer.trailer)
+            out["trailer"] = glance.header_info(layer.trailer)
             out["index"] = {"offset": layer.trailer.index_offset, "records_on_disk": layer.trailer.index_size}
         if isinstance(layer, WritableLayer):
             out["index_file"] = layer.index_path
             out["torn_records_ignored"] = layer.torn_records
         out["records"] = len(seg)
-        out["zeroed_records"] = int(seg.zeroed.sum())
-        out["mapped_bytes"] = int(seg.length[~seg.zeroed].sum()) * SECTOR
-        out["zeroed_bytes"] = int(seg.length[seg.zeroed].sum()) * SECTOR
+        out["zeroed_records"] = zeroed
+        out["mapped_bytes"] = mapped * SECTOR
+        out["zeroed_bytes"] = zeroed_sectors * SECTOR
         return out
 
 

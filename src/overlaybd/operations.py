@@ -42,6 +42,18 @@ def open_stack(layers: Sequence[str], upper: tuple[str, str] | None = None, *, w
         raise
 
 
+def open_layer_alone(path: str, index: str | None = None, *, writable: bool = False) -> AnyLayer:
+    """Open one layer file (any form) on its own; close it when done (``overlaybd.open_layer``)."""
+    owned = ExitStack()
+    try:
+        layer = open_layer(path, index, owned=owned, writable=writable)
+    except BaseException:
+        owned.close()
+        raise
+    layer.adopt(owned)
+    return layer
+
+
 def _uuid(text: str | None, default: bytes = NULL_UUID) -> bytes:
     if text is None:
         return default

@@ -33,11 +33,10 @@ import shutil
 import uuid as uuidlib
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import operations, trace
-from .errors import LockedError, OverlaybdError, UsageError
+from .errors import LockedError, UsageError
 from .formats.detect import open_layer
 from .formats.lsmt.index import covered, merge_layers
 from .formats.lsmt.layer import LsmtLayer
@@ -45,32 +44,35 @@ from .formats.lsmt.spec import SECTOR, format_uuid
 from .formats.lsmt.stack import LowerLayer, LsmtStack
 from .formats.lsmt.writable import WritableBase
 from .formats.output import Compression
+from .volume_config import (  # re-exported: the volume's names, wherever they are defined
+    COMMIT_FILE as COMMIT_FILE,
+)
+from .volume_config import (
+    CONFIG as CONFIG,
+)
+from .volume_config import (
+    META as META,
+)
+from .volume_config import (
+    VERSION as VERSION,
+)
+from .volume_config import (
+    Snapshot as Snapshot,
+)
+from .volume_config import (
+    VolumeError as VolumeError,
+)
+from .volume_config import (
+    lower_paths,
+    read_config,
+    read_snapshot,
+    relative_config,
+    snapshot_of,
+)
 
-CONFIG = "config.json"
 LAYERS = "layers"
 LOCK = ".lock"
-META = "pyoverlaybd"
-VERSION = 2
-COMMIT_FILE = "overlaybd.commit"  # the reference's name for a layer kept in a folder (``lowers[].dir``)
 Layer = LsmtLayer | WritableBase
-
-
-class VolumeError(OverlaybdError):
-    """A volume that is missing, malformed, or asked for something it does not have."""
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    number: int  # 0 = bottom
-    file: str
-    uuid: str
-    parent_uuid: str
-    message: str
-    created: str
-    virtual_size: int
-    file_size: int
-    digest: str | None = None  # the snapshot's blob in repositories (what pull fetched or push sent)
-    repositories: tuple[str, ...] = ()  # where push and pull saw it
 
 
 class LayerOpener(Protocol):
@@ -120,18 +122,7 @@ class Volume:
 
     def reload(self) -> None:
         """Read config.json again: it is the truth, and other processes change it (snapshot, merge)."""
-        cfg = os.path.join(self.path, CONFIG)
-        try:
-            with open(cfg) as f:
-                config = json.load(f)
-        except FileNotFoundError:
-            raise VolumeError("not a volume (no config.json)", path=self.path) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise VolumeError(f"config.json is not valid JSON: {exc}", path=cfg) from None
-        if not isinstance(config, dict) or not isinstance(config.get("lowers", []), list) \
-                or not isinstance(config.get("upper"), dict):
-            raise VolumeError("config.json lacks 'lowers' or 'upper'", path=cfg)
-        self.config: dict[str, Any] = _relative_config(config, self.path, cfg)
+        self.config: dict[str, Any] = read_config(self.path)
 
     # -- paths -------------------------------------------------------------------------------------------------
     def file(self, recorded: str) -> str:
@@ -140,8 +131,7 @@ class Volume:
 
     @property
     def lowers(self) -> list[str]:
-        return [self.file(entry.get("file") or os.path.join(entry["dir"], COMMIT_FILE))
-                for entry in self.config.get("lowers", [])]
+        return lower_paths(self.path, self.config)
 
     @property
     def upper(self) -> tuple[str, str]:
@@ -198,7 +188,7 @@ class Volume:
         config["upper"] = {"data": rel(data), "index": rel(index)}
         config[META] = {**(meta or {}), "version": VERSION, "size": size,
                         "created": {rel(k): v for k, v in (created or {}).items()}}
-        _write_config(path, _relative_config(config, path, os.path.join(path, CONFIG)))
+        _write_config(path, relative_config(config, path, os.path.join(path, CONFIG)))
         return cls(path, opener=opener)
 
     # -- locking -----------------------------------------------------------------------------------------------
@@ -221,19 +211,15 @@ class Volume:
 
     # -- reading -----------------------------------------------------------------------------------------------
     def snapshots(self) -> list[Snapshot]:
+        """Read from the layers' headers; a layer in another form (ZFile, tar, pulled lazily) is opened."""
         self.reload()
-        created = self.config.get(META, {}).get("created", {})
-        out = []
+        found = [read_snapshot(self.path, self.config, n) for n in range(len(self.lowers))]
+        rest = [n for n, snap in enumerate(found) if snap is None]
         with ExitStack() as owned:
-            layers = self.opener.open_lowers(self, range(len(self.lowers)), owned)
-            for n, (path, layer) in enumerate(zip(self.lowers, layers, strict=True)):
-                entry = self.config["lowers"][n]
-                out.append(Snapshot(n, path, format_uuid(layer.uuid), format_uuid(layer.parent_uuid),
-                                    layer.header.message, created.get(entry.get("file") or entry.get("dir"), ""),
-                                    layer.virtual_size,
-                                    os.path.getsize(path) if os.path.exists(path) else int(entry.get("size", 0)),
-                                    entry.get("digest"), tuple(entry.get("repositories", ()))))
-        return out
+            for n, layer in zip(rest, self.opener.open_lowers(self, rest, owned), strict=True):
+                found[n] = snapshot_of(self.path, self.config, n, layer.uuid, layer.parent_uuid, layer.header.message,
+                                       layer.virtual_size)
+        return [snap for snap in found if snap is not None]
 
     def resolve(self, ref: str) -> int:
         """A snapshot by number (``3``, ``@3``), ``HEAD``/``HEAD~N``, or a unique prefix of its UUID."""
@@ -501,63 +487,6 @@ def _temporaries(path: str) -> list[str]:
     except OSError:
         return []
     return [os.path.join(folder, n) for n in names if n.startswith(f".{name}.") and n.endswith(".tmp")]
-
-
-def _relative_config(config: dict[str, Any], volume: str, cfg_path: str) -> dict[str, Any]:
-    """``config`` with every path the volume uses relative to its folder, checked to stay inside it.
-
-    Earlier versions wrote absolute paths: those are read relative to the folder the config was written in (the
-    folder of its upper), wherever the volume is now."""
-    up = config["upper"]
-    if not isinstance(up.get("data"), str) or not isinstance(up.get("index"), str):
-        raise VolumeError("config.json: 'upper' needs 'data' and 'index'", path=cfg_path)
-    meta = dict(config.get(META) or {})
-    old = int(meta.get("version") or 1) < VERSION
-    home = os.path.dirname(up["data"]) if old and os.path.isabs(up["data"]) else None
-
-    def inside(recorded: Any) -> str:
-        if not isinstance(recorded, str) or not recorded:
-            raise VolumeError(f"config.json: bad path {recorded!r}", path=cfg_path)
-        rel = recorded
-        if os.path.isabs(recorded):
-            if home is not None and recorded.startswith(home + os.sep):
-                rel = os.path.relpath(recorded, home)
-            else:
-                raise VolumeError(f"config.json names {recorded}, outside the volume (a volume uses only files in "
-                                  "its own directory)", path=cfg_path)
-        rel = os.path.normpath(rel)
-        real = os.path.realpath(os.path.join(volume, rel))
-        if rel.startswith(os.pardir) or os.path.isabs(rel) or \
-                not real.startswith(os.path.realpath(volume) + os.sep):
-            raise VolumeError(f"config.json names {recorded}, outside the volume (a volume uses only files in its "
-                              "own directory)", path=cfg_path)
-        return rel
-
-    out = dict(config)
-    lowers = []
-    for entry in config.get("lowers", []):
-        if not isinstance(entry, dict) or not (entry.get("file") or entry.get("dir")):
-            raise VolumeError(f"config.json: a lower needs 'file' or 'dir': {entry!r}", path=cfg_path)
-        entry = dict(entry)
-        for key in ("file", "dir"):
-            if entry.get(key):
-                entry[key] = inside(entry[key])
-        lowers.append(entry)
-    out["lowers"] = lowers
-    out["upper"] = {**up, "data": inside(up["data"]), "index": inside(up["index"])}
-    meta["created"] = {inside(k): v for k, v in (meta.get("created") or {}).items() if _inside_or_none(k, inside)}
-    meta["pending"] = [p for p in (meta.get("pending") or []) if _inside_or_none(p, inside)]
-    meta["pending"] = [inside(p) for p in meta["pending"]]
-    out[META] = meta
-    return out
-
-
-def _inside_or_none(recorded: Any, inside: Any) -> bool:
-    try:
-        inside(recorded)
-    except VolumeError:
-        return False
-    return True
 
 
 @contextmanager

@@ -13,7 +13,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("errors", "sizes", "native", "source", "metrics"),
     ("formats", "operations", "inspection", "trace", "importing", "qemu"),
     ("cache", "layerstore"),
-    ("volume",),
+    ("volume", "volume_config"),
     ("remote",),
     ("convert",),
     ("export", "cli", "testing", "__init__", "__main__"),

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # the lock-free hit path in C (_hits.c), where it was built; the locked path serves without it
-_hits: Any = native.load("overlaybd.cache._hits")
+_hits: Any = native.load(native.HITS)
 
 
 class _EntryGone(Exception):

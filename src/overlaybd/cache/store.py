@@ -71,9 +71,7 @@ LAYOUT = "2"
 
 def describe_reads() -> str:
     """How cache hits are read here."""
-    if _hits is not None:
-        return "lock-free (C, generation-checked)"
-    return f"locked (Python; {native.why_not()})"
+    return native.describe_hits()
 
 
 @dataclass(frozen=True, slots=True)

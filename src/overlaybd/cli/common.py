@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
 
-from .. import metrics
-from ..errors import UsageError
-from ..metrics import Recorder
-from ..remote.hosts import use_hosts_dir
-from ..remote.lazy import RemoteLayers
 from ..sizes import human, parse_size
-from ..volume import Volume
 
-__all__ = ["emit_json", "hosts_dir_option", "human", "open_volume", "parse_size", "progress_bar", "split_volume_ref"]
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing (mypy reads the name alone)
+if TYPE_CHECKING:
+    from typing import Any
+
+    from ..metrics import Recorder
+    from ..volume import Volume
+
+_verbose = False
+
+
+def configure_logging(verbose: bool | None = None) -> None:
+    """The command line's log format (``overlaybd: LEVEL: message``; INFO with -v), set once the logging module
+    is loaded: at once with -v, else when the command's modules brought it in. Called after parsing, and again
+    by a command after its late imports; the first configuration stays."""
+    global _verbose
+    if verbose is not None:
+        _verbose = verbose
+    if _verbose or "logging" in sys.modules:
+        import logging
+
+        logging.basicConfig(level=logging.INFO if _verbose else logging.WARNING,
+                            format="overlaybd: %(levelname)s: %(message)s")
+
+
+__all__ = ["configure_logging", "emit_json", "hosts_dir_option", "human", "open_volume", "parse_size", "progress_bar",
+           "split_volume_ref", "start_metrics"]
 
 
 class _HostsDir(argparse.Action):
@@ -26,6 +43,8 @@ class _HostsDir(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
                  option_string: str | None = None) -> None:
+        from ..remote.hosts import use_hosts_dir  # only when given: parsing loads no registry code
+
         use_hosts_dir(os.path.abspath(str(values)))
         setattr(namespace, self.dest, values)
 
@@ -36,8 +55,21 @@ def hosts_dir_option(p: argparse.ArgumentParser) -> None:
                    "$OVERLAYBD_HOSTS_DIR, else /etc/containerd/certs.d)")
 
 
-def open_volume(path: str) -> Volume:
-    """A volume whose snapshots may still be in their repository (pulled lazily)."""
+def open_volume(path: str, *, remote: bool = True) -> Volume:
+    """A volume whose snapshots may still be in their repository (pulled lazily). ``remote=False`` (for a command
+    that only reads the volume as it is now): the repository readers (requests, the cache) are loaded only when
+    a snapshot is not here."""
+    from .. import volume_config
+    from ..volume import Volume
+
+    if not remote:
+        config = volume_config.read_config(os.path.abspath(path))
+        if all(os.path.exists(p) for p in volume_config.lower_paths(os.path.abspath(path), config)):
+            configure_logging()
+            return Volume(path)
+    from ..remote.lazy import RemoteLayers  # loaded by the commands that open such volumes, not by every command
+
+    configure_logging()
     return Volume(path, opener=RemoteLayers())
 
 
@@ -50,6 +82,8 @@ def split_volume_ref(text: str) -> tuple[str, str | None]:
 
 
 def emit_json(data: Any) -> None:
+    import json  # loaded by the commands that print JSON
+
     json.dump(data, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
 
@@ -77,6 +111,9 @@ def progress_bar(label: str, enabled: bool) -> Iterator[Callable[[int, int], Non
 
 def start_metrics(spec: str, owned: ExitStack) -> tuple[Recorder, str]:
     """A recorder that keeps the figures, the process's, served over HTTP at ``spec``; (it, its URL)."""
+    from .. import metrics
+    from ..errors import UsageError
+
     try:  # prometheus-client is an extra (pyoverlaybd[metrics]), loaded only when asked for
         from ..export.prometheus import Endpoint, PrometheusMetrics
     except ImportError as exc:

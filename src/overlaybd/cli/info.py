@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from ..inspection import describe_layer, describe_stack
-from ..operations import open_stack
-from .common import emit_json, human
+from ..formats.lsmt import glance
+from .common import configure_logging, emit_json, human
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing (mypy reads the name alone)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -19,11 +21,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    if len(args.paths) == 1:
-        data = describe_layer(args.paths[0], args.index)
-    else:
-        with open_stack(args.paths) as stack:
-            data = describe_stack(stack)
+    data = glance.describe_small(args.paths[0]) if len(args.paths) == 1 and args.index is None else None
+    if data is None:  # any other form, a large index, several layers: the full readers (and numpy)
+        from ..inspection import describe_layer, describe_stack
+        from ..operations import open_stack
+
+        configure_logging()
+        if len(args.paths) == 1:
+            data = describe_layer(args.paths[0], args.index)
+        else:
+            with open_stack(args.paths) as stack:
+                data = describe_stack(stack)
     if args.output == "json":
         emit_json(data)
     else:

@@ -7,19 +7,27 @@ corruption (as ``qemu-img check``); 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import logging
+import importlib
 import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from ..cache import store
 from ..errors import OverlaybdError, UsageError
-from ..formats.lsmt import mapping
-from ..formats.zfile import blocks
-from . import attach, cat, check, convert, extent_map, info, layer, mount, remote, serve, stats, transfer, volume, zfile
+from .common import configure_logging
 
-COMMANDS = (info, extent_map, check, cat, volume, transfer, remote, serve, stats, attach, layer, zfile, convert,
-            mount)
+# command -> the module under overlaybd.cli that registers and runs it. Only the module of the command given is
+# imported (with what it needs): ``--version`` and a command's start load no numpy, requests or codecs they do
+# not use. Help and a mistyped command load them all, to list every command.
+COMMANDS = {
+    "info": "info", "map": "extent_map", "check": "check", "cat": "cat",
+    **dict.fromkeys(("create", "snapshot", "merge", "diff", "clone"), "volume"), "log": "log",
+    "import": "transfer", "export": "transfer",
+    **dict.fromkeys(("push", "pull", "gc", "cache"), "remote"),
+    "serve": "serve", "stats": "stats", **dict.fromkeys(("attach", "detach", "fuse-daemon"), "attach"),
+    "layer": "layer", "zfile": "zfile", "convert": "convert",
+    **dict.fromkeys(("mount", "umount", "mount-daemon"), "mount"),
+}
+MODULES = tuple(dict.fromkeys(COMMANDS.values()))  # in the order help lists them
 
 
 class _Version(argparse.Action):
@@ -27,26 +35,38 @@ class _Version(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
                  option_string: str | None = None) -> None:
-        print(f"overlaybd {__version__}\nZFile blocks: {blocks.describe()}\ncache reads: {store.describe_reads()}\n"
-              f"index lookups: {mapping.describe_lookups()}")
+        from .. import native  # the extensions, loaded for --version only
+
+        print(f"overlaybd {__version__}\nZFile blocks: {native.describe_blocks()}\n"
+              f"cache reads: {native.describe_hits()}\nindex lookups: {native.describe_lookups()}")
         parser.exit()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: Sequence[str] = MODULES) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="overlaybd", description="OverlayBD block images: layers, ZFile, stacks.")
     parser.add_argument("--version", action=_Version, nargs=0, help="show the version and the ZFile block path")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMANDS:
-        module.register(sub)
+    for name in modules:
+        importlib.import_module(f"{__package__}.{name}").register(sub)
     return parser
 
 
+def modules_for(argv: Sequence[str]) -> Sequence[str]:
+    """The modules to load for ``argv``: the command's own, or all (help, no command, an unknown one)."""
+    for arg in argv:
+        if arg in ("-h", "--help", "--version"):
+            return () if arg == "--version" else MODULES
+        if not arg.startswith("-"):
+            return (COMMANDS[arg],) if arg in COMMANDS else MODULES
+    return MODULES
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(modules_for(argv))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="overlaybd: %(levelname)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         return int(args.run(args) or 0)
     except UsageError as exc:

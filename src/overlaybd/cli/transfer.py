@@ -98,7 +98,7 @@ def _snapshot(vol: Volume, message: str, compression: Compression | None, stats:
 
 def run_export(args: argparse.Namespace) -> int:
     vol_path, ref = split_volume_ref(args.volume)
-    vol = open_volume(vol_path)
+    vol = open_volume(vol_path, remote=False)
     snapshot = vol.resolve(ref) if ref is not None else None
     with vol.open(snapshot=snapshot) as dev, progress_bar("export", True) as progress:
         if args.format == "raw":

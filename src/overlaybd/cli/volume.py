@@ -1,4 +1,4 @@
-"""Volume commands: ``create``, ``snapshot``, ``log``, ``merge``, ``diff``, ``clone``."""
+"""Volume commands: ``create``, ``snapshot``, ``merge``, ``diff``, ``clone`` (``log`` is in ``cli.log``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from ..export import control
 from ..formats.output import Compression
 from ..volume import Volume, VolumeError
 from .common import emit_json, human, open_volume, parse_size, split_volume_ref
+from .log import snap_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -26,11 +27,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--compress", choices=("lz4", "zstd"), help="store the snapshot as a ZFile")
     s.add_argument("--output", choices=("human", "json"), default="human")
     s.set_defaults(run=run_snapshot)
-
-    g = sub.add_parser("log", help="list a volume's snapshots, newest first")
-    g.add_argument("volume")
-    g.add_argument("--output", choices=("human", "json"), default="human")
-    g.set_defaults(run=run_log)
 
     m = sub.add_parser("merge", help="flatten snapshots into one (default: all of them)")
     m.add_argument("volume")
@@ -87,34 +83,9 @@ def run_snapshot(args: argparse.Namespace) -> int:
             raise VolumeError(str(reply.get("error")), path=vol.path) from None
         snap = vol.snapshots()[reply["snapshot"]["number"]]
     if args.output == "json":
-        emit_json(_snap_json(snap))
+        emit_json(snap_json(snap))
     else:
         print(f"snapshot {snap.number} {snap.uuid} ({human(snap.file_size)})")
-    return 0
-
-
-def _snap_json(s: object) -> dict[str, object]:
-    out: dict[str, object] = {k: getattr(s, k) for k in ("number", "uuid", "parent_uuid", "message", "created",
-                                                         "virtual_size", "file_size", "file", "digest")}
-    out["repositories"] = list(getattr(s, "repositories", ()))
-    return out
-
-
-def run_log(args: argparse.Namespace) -> int:
-    snaps = open_volume(args.volume).snapshots()
-    if args.output == "json":
-        emit_json([_snap_json(s) for s in reversed(snaps)])
-        return 0
-    for s in reversed(snaps):
-        print(f"snapshot {s.number} {s.uuid}")
-        print(f"Date:   {s.created or '-'}")
-        print(f"Parent: {s.parent_uuid}")
-        print(f"Size:   {human(s.file_size)} on disk, {human(s.virtual_size)} device")
-        if s.digest:
-            print(f"Blob:   {s.digest}")
-        for ref in s.repositories:
-            print(f"In:     {ref}")
-        print(f"\n    {s.message or '(no message)'}\n")
     return 0
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,37 +119,79 @@ def compress_to(path: str, src: BlockSource, compression: Compression, *, tar: b
     return Written(w.path, w.size, w.payload_size, result[0])
 
 
+# bytes read, then written, at a time: a buffer that stays in the CPU's cache between the read's copy and the
+# write's (8 MiB took 3-5x the kernel time of 256 KiB for a dense 1 GiB export in bench_export.py)
+COPY_CHUNK = 256 << 10
+ZERO_BLOCK = 4096  # the unit in which zeros inside data are left as holes (as qemu-img convert -S 4k)
+
+
 def copy_out(path: str, src: BlockSource, *, force: bool = False, progress: Progress | None = None,
              sparse: bool = True) -> Written:
-    """Write all of ``src`` to ``path`` as a raw file; ranges that are not DATA stay holes when ``sparse``."""
-    chunk = 4 << 20
+    """Write all of ``src`` to ``path`` as a raw file; with ``sparse``, what is not DATA (holes, zeroed ranges)
+    and 4 KiB blocks of zeros inside data stay holes.
+
+    The file is made at its full length first (``ftruncate``: holes cost nothing); the DATA extents of the
+    merged index, neighbours joined whatever layer holds them, are read in chunks of up to 256 KiB into one reused
+    buffer and written with one ``pwrite`` per run of non-zero blocks; then one fsync and the rename
+    (``write_atomically``)."""
 
     def produce(fd: int, base: int) -> int:
         set_length(fd, base + src.size, path)  # first: a device the file system cannot hold fails before any copy
-        buf = bytearray(chunk)
-        done = 0
-        for ext in (src.extents() if sparse else [None]):
-            if ext is not None and ext.kind is not ExtentKind.DATA:
-                done += ext.length
-                continue
-            start = 0 if ext is None else ext.offset
-            end = src.size if ext is None else ext.end
-            pos = start
-            while pos < end:
-                n = min(chunk, end - pos)
-                view = memoryview(buf)[:n]
-                src.readinto(pos, view)
-                if not sparse or not is_zero(view):
-                    write_all(fd, view, base + pos, path)
-                pos += n
-                done += n
-                if progress is not None:
-                    progress(done, src.size)
+        runs = data_runs(src) if sparse else iter([(0, src.size)])
+        copy_ranges(src, fd, base, path, chunked(runs, COPY_CHUNK), progress, skip_zeros=sparse)
         return src.size
 
     return write_atomically(path, produce, force=force)
 
 
-def is_zero(view: memoryview) -> bool:
-    n = len(view) - len(view) % 8
-    return not np.frombuffer(view[:n], dtype=np.uint64).any() and not any(view[n:])
+def data_runs(src: BlockSource) -> Iterator[tuple[int, int]]:
+    """``[start, end)`` byte ranges of ``src`` whose extents are DATA, adjacent ones joined."""
+    start = end = -1
+    for ext in src.extents():
+        if ext.kind is not ExtentKind.DATA:
+            continue
+        if ext.offset == end:
+            end = ext.end
+            continue
+        if end > start:
+            yield start, end
+        start, end = ext.offset, ext.end
+    if end > start:
+        yield start, end
+
+
+def chunked(runs: Iterable[tuple[int, int]], chunk: int) -> Iterator[tuple[int, int]]:
+    """``(offset, length)`` pieces of at most ``chunk`` bytes covering ``runs``."""
+    for start, end in runs:
+        for pos in range(start, end, chunk):
+            yield pos, min(chunk, end - pos)
+
+
+def copy_ranges(src: BlockSource, fd: int, base: int, path: str, ranges: Iterable[tuple[int, int]],
+                progress: Progress | None, *, skip_zeros: bool) -> None:
+    """Copy each ``(offset, length)`` of ``src`` to ``fd`` at ``base + offset`` through one reused buffer.
+
+    One thread: a reader thread with three 8 MiB buffers was measured no faster on 2 cores (the copy is bound by
+    the kernel's page-cache copies), so the copy stays a plain loop."""
+    buf = bytearray(COPY_CHUNK)
+    whole = memoryview(buf)
+    for pos, n in ranges:
+        view = whole[:n]
+        src.readinto(pos, view)
+        for a, b in (nonzero_runs(view) if skip_zeros else [(0, n)]):
+            write_all(fd, view[a:b], base + pos + a, path)
+        if progress is not None:
+            progress(pos + n, src.size)
+
+
+def nonzero_runs(view: memoryview) -> list[tuple[int, int]]:
+    """``[a, b)`` ranges of ``view`` holding a non-zero byte, in whole ZERO_BLOCK blocks (the last may be short)."""
+    n = len(view)
+    whole = n - n % ZERO_BLOCK
+    blocks = np.frombuffer(view[:whole], dtype=np.uint64).reshape(-1, ZERO_BLOCK // 8).any(axis=1)
+    flags = np.append(blocks, bool(any(view[whole:]))) if whole < n else blocks
+    if flags.all():
+        return [(0, n)]
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], flags, [False])).astype(np.int8)))
+    return [(int(a) * ZERO_BLOCK, min(int(b) * ZERO_BLOCK, n)) for a, b in zip(edges[0::2], edges[1::2],
+                                                                              strict=True)]

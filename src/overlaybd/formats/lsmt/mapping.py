@@ -18,12 +18,12 @@ from ...errors import LimitError
 from .index import MutableIndex, Segments
 
 # the one-record read in C (_lookup.c), where built; numpy below gives the same answers without it
-_lookup: Any = native.load("overlaybd.formats.lsmt._lookup")
+_lookup: Any = native.load(native.LOOKUP)
 
 
 def describe_lookups() -> str:
     """How merged indexes are searched here."""
-    return "C (interpolated search)" if _lookup is not None else "numpy searchsorted"
+    return native.describe_lookups()
 
 Row = tuple[int, int, int, bool, int]
 

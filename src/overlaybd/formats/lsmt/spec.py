@@ -6,172 +6,104 @@ or live in record arrays); header fields are bytes.
 
 from __future__ import annotations
 
-import uuid as uuidlib
-from dataclasses import dataclass, replace
-
 import numpy as np
 
-from ...errors import BadMagicError, CorruptIndexError, LimitError, TruncatedError
-from ..structs import Record
-
-SECTOR = 512
-HEADER_SIZE = 4096
-STRUCT_SIZE = 390
-MAGIC0 = b"LSMT\x00\x01\x02\x00"
-MAGIC1 = bytes.fromhex("657E63D29444084CA2D2C8EC4FCFAE8A")
-
-FLAG_HEADER = 0x01
-FLAG_DATA = 0x02
-FLAG_SEALED = 0x04
-FLAG_SPARSE = 0x10
-
-MAX_RECORD_SECTORS = 16383  # 14-bit length
-MAX_OFFSET_SECTORS = (1 << 50) - 1  # also the "invalid record" marker
-INVALID_OFFSET = MAX_OFFSET_SECTORS
-MAX_RO_INDEX_RECORDS = 1_000_000  # reference MAX_LSMT_RO_INDEX_SIZE
-MAX_RW_INDEX_RECORDS = 128_000_000
-MAX_LAYERS = 255
-MAX_VIRTUAL_SIZE = (MAX_OFFSET_SECTORS + 1) * SECTOR  # 512 PiB: all that index records can address
-RECORD_SIZE = 16
-INDEX_PAD_RECORDS = 256  # committed indexes are padded to 4096-byte multiples
-WRITE_SPLIT_SECTORS = 8192  # writes are cut into <= 4 MiB records
-COPY_STEP_SECTORS = 64  # compaction copies in 32 KiB steps
-
-NULL_UUID = b"\x00" * 16
-
-HEADER_RECORD = Record.declare((
-    ("magic0", "8s"), ("magic1", "16s"), ("size", "I"), ("flags", "I"), ("index_offset", "Q"), ("index_size", "Q"),
-    ("virtual_size", "Q"), ("uuid", "37s"), ("parent_uuid", "37s"), ("reserved", "H"), ("version", "B"),
-    ("sub_version", "B"), ("user_tag", "256s"),
-))
-FIELD = HEADER_RECORD.offsets
-_HEADER = HEADER_RECORD.struct
-assert _HEADER.size == STRUCT_SIZE
-
-
-def uuid_to_text(raw: bytes) -> bytes:
-    """16 bytes -> the 37-byte field: uppercase text plus NUL."""
-    return str(uuidlib.UUID(bytes=raw)).upper().encode() + b"\x00"
-
-
-def uuid_from_text(field: bytes) -> bytes:
-    """The 37-byte field -> 16 bytes; anything unparsable (legacy NULs) is the null UUID."""
-    text = field[:36]
-    if len(text) != 36 or any(text[i : i + 1] != b"-" for i in (8, 13, 18, 23)):
-        return NULL_UUID
-    try:
-        return uuidlib.UUID(text.decode("ascii")).bytes
-    except ValueError:
-        return NULL_UUID
-
-
-def parse_uuid(text: str) -> bytes:
-    """User input (36 chars, any case) -> 16 bytes."""
-    if len(text) != 36:
-        raise ValueError(f"not a 36-character UUID: {text!r}")
-    return uuidlib.UUID(text).bytes
-
-
-def format_uuid(raw: bytes) -> str:
-    return str(uuidlib.UUID(bytes=raw))
-
-
-@dataclass(frozen=True, slots=True)
-class LsmtHeader:
-    """The 4096-byte header/trailer record."""
-
-    flags: int
-    index_offset: int = 0
-    index_size: int = 0  # number of 16-byte records
-    virtual_size: int = 0
-    uuid: bytes = NULL_UUID
-    parent_uuid: bytes = NULL_UUID
-    version: int = 1
-    sub_version: int = 1
-    user_tag: bytes = b""
-    size_field: int = STRUCT_SIZE
-
-    @property
-    def is_header(self) -> bool:
-        return bool(self.flags & FLAG_HEADER)
-
-    @property
-    def is_data(self) -> bool:
-        return bool(self.flags & FLAG_DATA)
-
-    @property
-    def is_sealed(self) -> bool:
-        return bool(self.flags & FLAG_SEALED)
-
-    @property
-    def is_sparse(self) -> bool:
-        return bool(self.flags & FLAG_SPARSE)
-
-    @property
-    def message(self) -> str:
-        return self.user_tag.split(b"\x00", 1)[0].decode("utf-8", "replace")
-
-    def with_(self, **changes: object) -> LsmtHeader:
-        return replace(self, **changes)  # type: ignore[arg-type]
-
-    def pack(self) -> bytes:
-        rec = _HEADER.pack(
-            MAGIC0, MAGIC1, STRUCT_SIZE, self.flags, self.index_offset, self.index_size, self.virtual_size,
-            uuid_to_text(self.uuid), uuid_to_text(self.parent_uuid), 0, self.version, self.sub_version,
-            self.user_tag[:256],
-        )
-        return rec + bytes(HEADER_SIZE - STRUCT_SIZE)
-
-    @classmethod
-    def unpack(cls, buf: bytes, *, path: str, offset: int) -> LsmtHeader:
-        if len(buf) < STRUCT_SIZE:
-            raise TruncatedError("LSMT header/trailer is cut short", path=path, offset=offset)
-        (m0, m1, size_field, flags, index_offset, index_size, vsize, uuid, parent, _reserved, version, sub_version,
-         user_tag) = _HEADER.unpack_from(buf)
-        if m0 != MAGIC0 or m1 != MAGIC1:
-            raise BadMagicError("not an LSMT header/trailer (bad magic)", path=path, offset=offset)
-        return cls(flags=flags, index_offset=index_offset, index_size=index_size, virtual_size=vsize,
-                   uuid=uuid_from_text(uuid), parent_uuid=uuid_from_text(parent), version=version,
-                   sub_version=sub_version, user_tag=user_tag.rstrip(b"\x00"), size_field=size_field)
-
-
-def is_lsmt(first_bytes: bytes) -> bool:
-    return first_bytes[:8] == MAGIC0 and first_bytes[8:24] == MAGIC1
-
-
-# -- what a reader demands of a header/trailer before trusting its fields -------------------------------
-
-
-def check_virtual_size(h: LsmtHeader, *, at: int, path: str) -> None:
-    """A device larger than index records can address is not a device: refused before any size is computed."""
-    if h.virtual_size > MAX_VIRTUAL_SIZE:
-        raise LimitError(f"virtual size {h.virtual_size} is beyond the {MAX_VIRTUAL_SIZE} bytes index records can "
-                         f"address", path=path, offset=at + FIELD["virtual_size"])
-
-
-def check_sealed_header(h: LsmtHeader, *, path: str) -> None:
-    """The header (offset 0) of a sealed file: a data-file header of a sane size."""
-    if not h.is_header or not h.is_data:
-        raise BadMagicError(f"LSMT header flags 0x{h.flags:x} are not a data-file header", path=path,
-                            offset=FIELD["flags"])
-    check_virtual_size(h, at=0, path=path)
-
-
-def check_sealed_trailer(t: LsmtHeader, *, at: int, path: str) -> None:
-    """The trailer at ``at`` (the last 4096 bytes) of a sealed file: flags, a bounded index that fits between
-    header and trailer, a sane virtual size."""
-    if t.is_header or not t.is_data or not t.is_sealed:
-        raise BadMagicError(f"LSMT trailer flags 0x{t.flags:x} are not a sealed data trailer", path=path,
-                            offset=at + FIELD["flags"])
-    if t.index_size > MAX_RO_INDEX_RECORDS:
-        raise LimitError(f"trailer declares {t.index_size} index records (limit {MAX_RO_INDEX_RECORDS})",
-                         path=path, offset=at + FIELD["index_size"])
-    if t.index_offset < HEADER_SIZE or t.index_offset + t.index_size * RECORD_SIZE > at:
-        raise CorruptIndexError(
-            f"index [{t.index_offset}, +{t.index_size} records) does not fit between header and trailer",
-            path=path, offset=at + FIELD["index_offset"])
-    check_virtual_size(t, at=at, path=path)
-
+from .header import (  # re-exported: spec is where the whole format is declared
+    COPY_STEP_SECTORS as COPY_STEP_SECTORS,
+)
+from .header import (
+    FIELD as FIELD,
+)
+from .header import (
+    FLAG_DATA as FLAG_DATA,
+)
+from .header import (
+    FLAG_HEADER as FLAG_HEADER,
+)
+from .header import (
+    FLAG_SEALED as FLAG_SEALED,
+)
+from .header import (
+    FLAG_SPARSE as FLAG_SPARSE,
+)
+from .header import (
+    HEADER_RECORD as HEADER_RECORD,
+)
+from .header import (
+    HEADER_SIZE as HEADER_SIZE,
+)
+from .header import (
+    INDEX_PAD_RECORDS as INDEX_PAD_RECORDS,
+)
+from .header import (
+    INVALID_OFFSET as INVALID_OFFSET,
+)
+from .header import (
+    MAGIC0 as MAGIC0,
+)
+from .header import (
+    MAGIC1 as MAGIC1,
+)
+from .header import (
+    MAX_LAYERS as MAX_LAYERS,
+)
+from .header import (
+    MAX_OFFSET_SECTORS as MAX_OFFSET_SECTORS,
+)
+from .header import (
+    MAX_RECORD_SECTORS as MAX_RECORD_SECTORS,
+)
+from .header import (
+    MAX_RO_INDEX_RECORDS as MAX_RO_INDEX_RECORDS,
+)
+from .header import (
+    MAX_RW_INDEX_RECORDS as MAX_RW_INDEX_RECORDS,
+)
+from .header import (
+    MAX_VIRTUAL_SIZE as MAX_VIRTUAL_SIZE,
+)
+from .header import (
+    NULL_UUID as NULL_UUID,
+)
+from .header import (
+    RECORD_SIZE as RECORD_SIZE,
+)
+from .header import (
+    SECTOR as SECTOR,
+)
+from .header import (
+    STRUCT_SIZE as STRUCT_SIZE,
+)
+from .header import (
+    WRITE_SPLIT_SECTORS as WRITE_SPLIT_SECTORS,
+)
+from .header import (
+    LsmtHeader as LsmtHeader,
+)
+from .header import (
+    check_sealed_header as check_sealed_header,
+)
+from .header import (
+    check_sealed_trailer as check_sealed_trailer,
+)
+from .header import (
+    check_virtual_size as check_virtual_size,
+)
+from .header import (
+    format_uuid as format_uuid,
+)
+from .header import (
+    is_lsmt as is_lsmt,
+)
+from .header import (
+    parse_uuid as parse_uuid,
+)
+from .header import (
+    uuid_from_text as uuid_from_text,
+)
+from .header import (
+    uuid_to_text as uuid_to_text,
+)
 
 # -- 16-byte index records --------------------------------------------------------------------------------
 

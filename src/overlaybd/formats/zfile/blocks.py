@@ -12,7 +12,6 @@ Statuses: a run stops at its first failing block and reports how many blocks cam
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from typing import Any, Protocol
 
@@ -142,31 +141,13 @@ class NativeRuns:
 
 
 def _native() -> NativeRuns | None:
-    module = native.load("overlaybd.formats.zfile._blocks", even_if_switched_off=True)  # tests compare both
-    if module is None:
-        return None
-    _prefer_bundled_zstd(module)
-    return NativeRuns(module)
-
-
-def _prefer_bundled_zstd(module: Any) -> None:
-    """The zstandard wheel carries its own libzstd, usually newer and faster than the system's (1.5.7 against
-    Debian 12's 1.5.4: 1.5x at compressing 64 KiB blocks). Its cffi backend exports the zstd functions, so the
-    extension can call them; it keeps the newer of the two, and the linked one if anything is amiss."""
-    try:
-        spec = importlib.util.find_spec("zstandard._cffi")
-        if spec is not None and spec.origin:
-            module.use_zstd(spec.origin)
-    except (ImportError, OSError, RuntimeError):
-        pass
+    module = native.blocks_module()
+    return NativeRuns(module) if module is not None else None
 
 
 def describe() -> str:
     """Which block path is in use, and its codec versions."""
-    if ACTIVE is NATIVE and NATIVE is not None:
-        m = NATIVE.module
-        return f"native (liblz4 {m.LZ4_VERSION}, zstd {m.zstd_version()}, CRC32C {'SSE4.2' if m.HW_CRC else 'table'})"
-    return f"python ({native.why_not()})"
+    return native.describe_blocks()
 
 
 NATIVE = _native()

@@ -1,0 +1,118 @@
+"""What the command line loads to start: ``--version``, ``info`` of a sealed layer and ``log`` of a volume import
+none of numpy, requests, the codecs or importlib.metadata (read from ``python -X importtime``: a structural
+check, no timings). The numpy-free readers they use say what the full readers say."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from overlaybd import volume_config
+from overlaybd.cli.main import COMMANDS, MODULES, build_parser, modules_for
+from overlaybd.formats.lsmt import glance
+from overlaybd.formats.lsmt.spec import HEADER_SIZE, INVALID_OFFSET
+from overlaybd.formats.output import Compression
+from overlaybd.inspection import describe_layer
+from overlaybd.volume import Volume
+
+MiB = 1 << 20
+HEAVY = ("numpy", "requests", "urllib3", "crc32c", "lz4", "zstandard", "importlib.metadata", "overlaybd.volume",
+         "overlaybd.formats.lsmt.spec", "overlaybd.remote")
+
+
+def imported(*argv: str) -> tuple[set[str], str]:
+    """The modules ``python -m overlaybd ARGV`` imports, and what it printed."""
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "overlaybd", *argv], capture_output=True,
+                         text=True, check=True)
+    names = {line.rsplit("|", 1)[1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    return names - {"package"}, run.stdout
+
+
+def heavy(names: set[str]) -> list[str]:
+    return sorted(n for n in names if any(n == h or n.startswith(h + ".") for h in HEAVY))
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory: pytest.TempPathFactory) -> Volume:
+    vol = Volume.create(str(tmp_path_factory.mktemp("startup") / "vol"), 64 * MiB)
+    for n in range(3):
+        with vol.open(writable=True) as dev:
+            dev.pwrite(n * MiB, os.urandom(64 << 10))
+            dev.write_zeroes(32 * MiB + n * MiB, 8192)
+        vol.snapshot(f"s{n}")
+    return vol
+
+
+def test_version_loads_nothing_heavy() -> None:
+    names, out = imported("--version")
+    assert out.startswith("overlaybd ") and "ZFile blocks:" in out
+    assert "overlaybd.cli.main" in names and not heavy(names)
+    assert {n for n in names if n.startswith("overlaybd.cli.")} <= {"overlaybd.cli.main", "overlaybd.cli.common"}
+
+
+def test_info_of_a_sealed_layer_loads_nothing_heavy(volume: Volume) -> None:
+    names, out = imported("info", volume.lowers[1], "--output", "json")
+    assert not heavy(names)
+    assert json.loads(out) == describe_layer(volume.lowers[1])
+
+
+def test_log_loads_nothing_heavy(volume: Volume) -> None:
+    names, out = imported("log", volume.path, "--output", "json")
+    assert not heavy(names)
+    listed = json.loads(out)
+    assert [s["uuid"] for s in listed] == [s.uuid for s in reversed(volume.snapshots())]
+    assert [s["message"] for s in listed] == ["s2", "s1", "s0"]
+
+
+def test_every_command_is_in_the_table_under_the_module_that_registers_it() -> None:
+    def commands(parser: object) -> set[str]:
+        sub = next(a for a in parser._actions if a.dest == "command")  # type: ignore[attr-defined]
+        return set(sub.choices)
+
+    assert commands(build_parser()) == set(COMMANDS)
+    for module in MODULES:
+        assert commands(build_parser([module])) == {c for c, m in COMMANDS.items() if m == module}
+    assert modules_for(["-v", "info", "x"]) == ("info",) and modules_for(["--version"]) == ()
+    assert modules_for(["bogus"]) == MODULES and modules_for(["-h"]) == MODULES and modules_for([]) == MODULES
+
+
+def test_the_header_readers_say_what_the_layer_readers_say(volume: Volume, tmp_path: Path) -> None:
+    for path in volume.lowers:
+        assert glance.describe_small(path) == describe_layer(path)
+    quick = volume_config.snapshots(volume.path)
+    assert quick is not None
+    # a compressed snapshot is opened by the layer reader; the listing is the same either way
+    vol = Volume.create(str(tmp_path / "z"), 64 * MiB, volume.lowers)
+    with vol.open(writable=True) as dev:
+        dev.pwrite(0, os.urandom(8192))
+    vol.snapshot("zfile", Compression("lz4", 4096))
+    assert volume_config.snapshots(vol.path) is None
+    assert glance.describe_small(vol.lowers[-1]) is None
+    full = vol.snapshots()
+    assert [s.uuid for s in full[:3]] == [s.uuid for s in quick] and full[-1].message == "zfile"
+
+
+def test_a_layer_the_header_reader_does_not_vouch_for_goes_to_the_full_reader(volume: Volume, tmp_path: Path) -> None:
+    data = bytearray(Path(volume.lowers[0]).read_bytes())
+    ends = glance.read_ends(volume.lowers[0])
+    assert ends is not None and ends.trailer.index_size >= 2
+    at = ends.trailer.index_offset
+    first = bytes(data[at : at + 16])
+    data[at : at + 16] = data[at + 16 : at + 32]  # two records in the wrong order: a corrupt index
+    data[at + 16 : at + 32] = first
+    bad = tmp_path / "bad.lsmt"
+    bad.write_bytes(bytes(data))
+    assert glance.read_ends(str(bad)) is not None and glance.describe_small(str(bad)) is None
+    run = subprocess.run([sys.executable, "-m", "overlaybd", "info", str(bad)], capture_output=True, text=True)
+    assert run.returncode == 1 and "overlaps or precedes" in run.stderr
+    padding = glance.index_totals(volume.lowers[0], ends)
+    assert padding is not None and padding.records < ends.trailer.index_size  # padding records are dropped
+    cut = tmp_path / "cut.lsmt"
+    cut.write_bytes(bytes(data[:-HEADER_SIZE]))
+    assert glance.read_ends(str(cut)) is None
+    assert INVALID_OFFSET == (1 << 50) - 1
