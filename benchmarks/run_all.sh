@@ -27,6 +27,9 @@ runs=(
   "bench_zfile_peers --bounds"
   "bench_nbd_floor"
   "bench_nbd --only metrics"
+  "bench_mirror"
+  "bench_startup"
+  "bench_export"
 )
 { echo "commit $(git rev-parse --short HEAD)$(git diff --quiet || echo ' (dirty)')"; echo "started $(date -u +%FT%TZ)"; } \
   > "$out/summary.txt"
