@@ -137,7 +137,13 @@ def device(vol: Volume) -> bytes:
 def test_a_lying_registry_cannot_poison_pulls_from_the_genuine_one(images: Images, liar: SwappingProxy,
                                                                     tmp_path: Path) -> None:
     fooled = pull(parse_reference(f"{liar.host}/genuine/vol:v1"), str(tmp_path / "fooled"), lazy=True).volume
-    assert device(fooled) == images.content_b  # lazily, what it served is what its own volume reads
+    try:
+        seen: bytes | None = device(fooled)
+    except DigestMismatchError:
+        # reading the whole device made the blob whole, and its sha256 check (in the background) caught the lie
+        # before the read ended: the other right outcome, depending on timing
+        seen = None
+    assert seen in (images.content_b, None)  # lazily, what it served is all its own volume can read
     assert liar.lies
     genuine = pull(parse_reference(f"{images.host}/genuine/vol:v1"), str(tmp_path / "genuine"), lazy=True).volume
     assert device(genuine) == images.content_a  # the liar's bytes, cached under the same digest, are not used
