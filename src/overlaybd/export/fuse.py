@@ -1,8 +1,8 @@
-"""A single-file FUSE export of a BlockSource: ``MOUNTPOINT/disk``, for ``losetup`` to turn into /dev/loopN.
+"""A single-file FUSE export of a BlockSource through libfuse (mfusepy): ``MOUNTPOINT/disk``, which the rootless
+``overlaybd mount`` hands to fuse2fs (``attach``, as root, serves the same file on /dev/fuse: :mod:`.fusedev`).
 
 Reads, writes, fsync (→ ``flush()``), and fallocate punch-hole / zero-range (→ ``trim`` / ``write_zeroes``) pass
-through. The file is opened with FUSE ``direct_io`` so the kernel keeps no second copy of the disk's pages. A
-recorder (:mod:`overlaybd.metrics`) counts them as ``read``, ``write``, ``fsync``, ``discard`` and ``write_zeroes``.
+through. The file is opened with FUSE ``direct_io`` so the kernel keeps no second copy of the disk's pages.
 """
 
 from __future__ import annotations
@@ -13,14 +13,12 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy prefers libfuse2 when both are installed
 import mfusepy  # noqa: E402
 
 from ..errors import OverlaybdError, errno_of  # noqa: E402
-from ..metrics import Recorder  # noqa: E402
 from ..source.base import BlockSource, Capability  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -44,28 +42,10 @@ class DiskFile(mfusepy.Operations):  # type: ignore[misc]
 
     use_ns = True
 
-    def __init__(self, source: BlockSource, *, readonly: bool, metrics: Recorder | None = None) -> None:
+    def __init__(self, source: BlockSource, *, readonly: bool) -> None:
         self.source = source
         self.writable = not readonly and Capability.WRITE in source.capabilities
         self.started = time.time_ns()
-        self.metrics = metrics
-
-    def counted(self, command: str, nbytes: int, work: Callable[[], object]) -> None:
-        """``work()``, counted as one ``command`` request of ``nbytes``; a failure raises the FUSE error."""
-        started = time.perf_counter()
-        error = 0
-        try:
-            work()
-        except mfusepy.FuseOSError as exc:
-            error = exc.errno
-            raise
-        except Exception as exc:
-            failure = _fail(exc)
-            error = failure.errno
-            raise failure from None
-        finally:
-            if self.metrics is not None:
-                self.metrics.request(command, nbytes, time.perf_counter() - started, error)
 
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
         started = self.started
@@ -93,23 +73,27 @@ class DiskFile(mfusepy.Operations):  # type: ignore[misc]
         n = max(0, min(size, self.source.size - offset))
         if not n:
             return b""
-        out: list[bytes] = []
-        self.counted("read", n, lambda: out.append(self.source.pread(offset, n)))
-        return out[0]
+        try:
+            return self.source.pread(offset, n)
+        except Exception as exc:
+            raise _fail(exc) from None
 
     def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
-        self.counted("write", len(data), lambda: self._write(data, offset))
-        return len(data)
-
-    def _write(self, data: bytes, offset: int) -> None:
         if not self.writable:
             raise mfusepy.FuseOSError(errno.EROFS)
         if offset + len(data) > self.source.size:
             raise mfusepy.FuseOSError(errno.ENOSPC)
-        self.source.pwrite(offset, data)
+        try:
+            self.source.pwrite(offset, data)
+        except Exception as exc:
+            raise _fail(exc) from None
+        return len(data)
 
     def fsync(self, path: str, datasync: int, fi: Any) -> int:
-        self.counted("fsync", 0, self.source.flush)
+        try:
+            self.source.flush()
+        except Exception as exc:
+            raise _fail(exc) from None
         return 0
 
     def flush(self, path: str, fi: Any) -> int:
@@ -131,14 +115,17 @@ class DiskFile(mfusepy.Operations):  # type: ignore[misc]
         if offset >= end:
             return 0
         if mode & _PUNCH_HOLE and Capability.TRIM in source.capabilities:
-            op, command = source.trim, "discard"
+            op = source.trim
         elif mode & _ZERO_RANGE and Capability.WRITE_ZEROES in source.capabilities:
-            op, command = source.write_zeroes, "write_zeroes"
+            op = source.write_zeroes
         elif mode == 0:
             return 0  # preallocation: every byte of the disk already exists
         else:
             raise mfusepy.FuseOSError(errno.EOPNOTSUPP)
-        self.counted(command, end - offset, lambda: op(offset, end - offset))
+        try:
+            op(offset, end - offset)
+        except Exception as exc:
+            raise _fail(exc) from None
         return 0
 
     def statfs(self, path: str) -> dict[str, int]:
@@ -152,29 +139,16 @@ class DirectReadFUSE(mfusepy.FUSE):  # type: ignore[misc]
 
     def __init__(self, operations: DiskFile, mountpoint: str, **options: Any) -> None:
         self.disk = operations.source
-        self.metrics = operations.metrics
         super().__init__(operations, mountpoint, **options)
 
     def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
         source = self.disk
         n = max(0, min(size, source.size - offset))
         if n:
-            started = time.perf_counter() if self.metrics is not None else 0.0
             target = (ctypes.c_char * n).from_address(ctypes.addressof(buf.contents))
             try:
                 source.readinto(offset, memoryview(target).cast("B"))
             except Exception as exc:
                 log.warning("FUSE read [%d, +%d) failed: %s", offset, n, exc)
-                if self.metrics is not None:
-                    self.metrics.request("read", n, time.perf_counter() - started, errno_of(exc))
                 raise mfusepy.FuseOSError(errno_of(exc)) from None
-            if self.metrics is not None:
-                self.metrics.request("read", n, time.perf_counter() - started)
         return n
-
-
-def run_fuse(source: BlockSource, mountpoint: str, *, readonly: bool, metrics: Recorder | None = None) -> None:
-    """Serve until unmounted (blocks); ``metrics`` counts the requests."""
-    DirectReadFUSE(DiskFile(source, readonly=readonly, metrics=metrics), mountpoint, foreground=True, raw_fi=True,
-                   nothreads=False, fsname="overlaybd", subtype="overlaybd", default_permissions=True,
-                   allow_other=True)
