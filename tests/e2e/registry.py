@@ -31,11 +31,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+def _wait(url: str, proc: subprocess.Popen[bytes], log: Path, *, connect_only: bool = False) -> None:
+    """Until ``url`` answers (or, with ``connect_only``, until its port takes connections)."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"docker-registry exited: {log.read_text()[-2000:]}")
+        if connect_only:
+            try:
+                port = int(url.split("/")[2].rsplit(":", 1)[1])
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+                continue
         try:
             import ssl
 
@@ -50,18 +59,21 @@ def _wait(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 @contextmanager
 def registry(tmp: Path, auth: str = "none", redirect_to: str | None = None, tls: tuple[Path, Path] | None = None,
-             token_requests: list[dict[str, str]] | None = None, pull_through: str | None = None) -> Iterator[str]:
+             token_requests: list[dict[str, str]] | None = None, pull_through: str | None = None,
+             client_cas: list[Path] | None = None) -> Iterator[str]:
     """Start docker-registry; yield HOST:PORT. With ``redirect_to`` (a base URL serving the storage folder), blob
     GETs answer 307 to it, as registries in front of object storage do. With token auth, ``token_requests`` (when
     given) receives one entry per request the token server answered. With ``pull_through`` (a registry's base
-    URL), it is a pull-through cache (a mirror) of that registry."""
+    URL), it is a pull-through cache (a mirror) of that registry. With ``client_cas`` (and ``tls``), a client must
+    present a certificate one of them signed."""
     exe = require("docker-registry")
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
+    cas = f", clientcas: [{', '.join(str(p) for p in client_cas)}]" if client_cas else ""
+    tls_line = f", tls: {{certificate: {tls[0]}, key: {tls[1]}{cas}}}" if tls else ""
     lines = ["version: 0.1", "log: {level: warn, accesslog: {disabled: true}}",
              f"storage: {{filesystem: {{rootdirectory: {tmp / 'storage'}}}, delete: {{enabled: true}}}}",
-             f"http: {{addr: 127.0.0.1:{port}" + (f", tls: {{certificate: {tls[0]}, key: {tls[1]}}}" if tls else "")
-             + "}"]
+             f"http: {{addr: 127.0.0.1:{port}{tls_line}}}"]
     if pull_through:
         lines.append(f"proxy: {{remoteurl: '{pull_through}'}}")
     if redirect_to:
@@ -82,7 +94,7 @@ def registry(tmp: Path, auth: str = "none", redirect_to: str | None = None, tls:
         proc = subprocess.Popen([exe, "serve", str(tmp / "config.yml")], stdout=log_file, stderr=log_file,
                                 stdin=subprocess.DEVNULL)
     try:
-        _wait(f"http{'s' if tls else ''}://127.0.0.1:{port}/v2/", proc, log)
+        _wait(f"http{'s' if tls else ''}://127.0.0.1:{port}/v2/", proc, log, connect_only=bool(client_cas))
         yield f"127.0.0.1:{port}"
     finally:
         proc.terminate()

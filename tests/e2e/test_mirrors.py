@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -28,7 +29,7 @@ from overlaybd.remote.transfer import pull, push
 from overlaybd.volume import Volume
 
 from .nbd_helpers import OVERLAYBD, require
-from .registry import FaultProxy, free_port, registry
+from .registry import FaultProxy, free_port, registry, self_signed_cert
 from .test_remote_trust import SwappingProxy
 
 pytestmark = pytest.mark.slow
@@ -293,7 +294,7 @@ def test_capabilities_say_which_host_resolves_and_which_serves_blobs(world: Worl
     assert _device(pull(parse_reference(world.ref), str(tmp_path / "a")).volume) == world.content
     tag_gets = [(m, p) for m, p, _, _ in world.server.seen if "/manifests/" in p]
     assert tag_gets == [("GET", f"/v2/{REPO}/manifests/v1")]  # the tag, resolved at the server only
-    assert not [p for _, p, _, _ in world.mirror.seen if p.endswith("/manifests/v1")]
+    assert not [p for _, p, _, _ in world.mirror.seen if p.split("?")[0].endswith("/manifests/v1")]
     assert _blob_gets(world.server) == 0 and world.mirror.blob_gets_by_digest().keys() == world.blobs
     world.reset()
     RegistryRepository._shared.clear()
@@ -301,7 +302,7 @@ def test_capabilities_say_which_host_resolves_and_which_serves_blobs(world: Worl
     os.environ["OVERLAYBD_CACHE_DIR"] = str(tmp_path / "cache2")
     assert _device(pull(parse_reference(world.ref), str(tmp_path / "b")).volume) == world.content
     assert _blob_gets(world.mirror) == 0 and world.server.blob_gets_by_digest().keys() == world.blobs
-    assert [p for m, p, _, _ in world.mirror.seen if p.endswith("/manifests/v1")]
+    assert [p for m, p, _, _ in world.mirror.seen if p.split("?")[0].endswith("/manifests/v1")]
     # a push goes to the first host that may push: not the mirror
     world.reset()
     vol = _volume(tmp_path / "pushed", [(0, b"pushed".ljust(4096, b"\0"))])
@@ -316,6 +317,52 @@ def test_headers_from_hosts_toml_go_to_that_host_only(world: World, tmp_path: Pa
     for _, _, headers, _ in world.mirror.seen:
         assert headers.get("x-mirror-key") == "k1" and headers.get("x-two") == "a, b"
     assert all("x-mirror-key" not in h for _, _, h, _ in world.server.seen)
+
+
+def test_reads_from_a_mirror_name_the_registry_they_are_for(world: World, tmp_path: Path) -> None:
+    """As containerd's: ``?ns=REGISTRY`` on a mirror's GETs and HEADs, so a mirror of several registries (Harbor,
+    Spegel, Dragonfly) knows which is meant; docker-registry ignores it. Never on the server's requests."""
+    mirror_hosts(tmp_path, world)
+    assert _device(pull(parse_reference(world.ref), str(tmp_path / "a"), lazy=True).volume) == world.content
+    reads = [(m, p) for m, p, _, _ in world.mirror.seen]
+    assert reads and all(m in ("GET", "HEAD") for m, _ in reads)
+    assert all(parse_qs(urlsplit(p).query) == {"ns": [world.server.address]} for _, p in reads), reads
+    assert all("ns=" not in p for _, p, _, _ in world.server.seen)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*OVERLAYBD, *args], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+def test_client_certificates_are_tried_in_order_at_a_registry_that_requires_one(tmp_path: Path) -> None:
+    """docker-registry with TLS and ``clientcas``: it takes only a certificate its CA list signed. hosts.toml lists
+    pairs; the first the registry accepts is used (a refused one moves the client to the next)."""
+    pairs = {}
+    for name in ("server", "good", "wrong"):
+        (tmp_path / name).mkdir()
+        pairs[name] = self_signed_cert(tmp_path / name)
+    (tmp_path / "both.pem").write_bytes(pairs["good"][0].read_bytes() + pairs["good"][1].read_bytes())
+    vol = _volume(tmp_path / "vol", [(0, os.urandom(MiB))])
+    with registry(tmp_path / "reg", tls=pairs["server"], client_cas=[pairs["good"][0]]) as host:
+        ref = f"{host}/certs/vol:v1"
+
+        def configure(client: str) -> None:
+            write_hosts(tmp_path, host, f'server = "https://{host}"\nca = "{pairs["server"][0]}"\n{client}')
+
+        configure("")
+        refused = _cli("push", vol.path, ref)
+        assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert "refused the handshake" in refused.stderr
+        wrong, good = (f'["{pairs[k][0]}", "{pairs[k][1]}"]' for k in ("wrong", "good"))
+        configure(f"client = [{wrong}]\n")
+        assert _cli("push", vol.path, ref).returncode == 1
+        configure(f"client = [{wrong}, {good}]\n")
+        pushed = _cli("push", vol.path, ref)
+        assert pushed.returncode == 0, pushed.stderr
+        configure(f'client = [{wrong}, "{tmp_path / "both.pem"}"]\n')  # certificate and key in one file
+        RegistryRepository._shared.clear()
+        lazy = pull(parse_reference(ref), str(tmp_path / "lazy"), lazy=True).volume
+        assert _device(lazy) == _device(vol)
 
 
 @contextmanager

@@ -55,7 +55,7 @@ class SwappingProxy:
             def _forward(self, method: str) -> None:
                 path = self.path
                 for digest, (repo, other) in proxy.swaps.items():
-                    if path.endswith(f"/blobs/{digest}") and method == "GET":
+                    if path.split("?")[0].endswith(f"/blobs/{digest}") and method == "GET":
                         path = f"/v2/{repo}/blobs/{other}"
                         proxy.lies += 1
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 
 from overlaybd.cli.main import main
+from overlaybd.errors import UsageError
 from overlaybd.remote import hosts
-from overlaybd.remote.hosts import ALL, HostsFileError, RegistryHost, host_paths, load, parse
+from overlaybd.remote.client import RegistryClient
+from overlaybd.remote.hosts import ALL, HostsFileError, RegistryHost, host_paths, load, parse, parse_duration
+from overlaybd.remote.registry import RegistryRepository
 
 
 def test_folders_looked_for_in_containerd_order() -> None:
@@ -96,6 +99,8 @@ def test_docker_certs_folder(tmp_path: Path) -> None:
     '[host."http://m"]\nheader = { "bad header" = "x" }',
     '[host."http://m"]\nheader = { x-a = "one\\r\\ntwo" }',
     '[host."http://m"]\nproxy = "ftp://p:1"',
+    '[host."http://m"]\ndial_timeout = "5 seconds"',
+    '[host."http://m"]\ndial_timeout = 5',
     '[host."ftp://m"]',
     '[host."http://"]',
     'host = 3',
@@ -136,3 +141,39 @@ def test_a_bad_hosts_file_is_one_line_from_the_command_line(tmp_path: Path, monk
     assert code == 2 and err.count("\n") == 1
     assert err.startswith(f"overlaybd: error: {tmp_path / 'hosts' / 'reg.example' / 'hosts.toml'}: ")
     assert "unknown capability 'fly'" in err and not (tmp_path / "vol").exists()
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("5s", 5.0), ("250ms", 0.25), ("1m30s", 90.0), ("1.5h", 5400.0), ("0", 0.0), ("2us", 2e-6), ("10ns", 1e-8),
+    ("", None), ("5", None), ("s", None), ("5 s", None), ("-1s", None), ("5sec", None),
+])
+def test_go_durations(text: str, seconds: float | None) -> None:
+    assert parse_duration(text) == (pytest.approx(seconds) if seconds is not None else None)
+
+
+def test_dial_timeout_is_the_connect_timeout_of_that_host_only(tmp_path: Path) -> None:
+    got = parse('dial_timeout = "2s"\n[host."http://m:1"]\n  dial_timeout = "250ms"\n[host."http://n:1"]\n',
+                "reg.example:5000", str(tmp_path))
+    assert [h.dial_timeout for h in got.hosts] == [0.25, None, 2.0]
+    server = RegistryClient.shared("reg.example:5000", plain_http=True)
+    repo = RegistryRepository.shared(server, "team/dial", got)
+    m, n, top = (e.client.policy.connect_timeout for e in repo.endpoints)
+    assert (m, top) == (0.25, 2.0) and n == server.policy.connect_timeout
+
+
+def test_reads_from_a_mirror_name_the_registry_they_are_for(tmp_path: Path) -> None:
+    got = parse('[host."http://m:1"]\n', "reg.example:5000", str(tmp_path))
+    repo = RegistryRepository.shared(RegistryClient.shared("reg.example:5000", plain_http=True), "team/ns", got)
+    mirror, server = repo.endpoints
+    assert mirror.url("/blobs/sha256:ab", "GET") == "http://m:1/v2/team/ns/blobs/sha256:ab?ns=reg.example%3A5000"
+    assert mirror.url("/manifests/v1", "HEAD").endswith("/manifests/v1?ns=reg.example%3A5000")
+    assert mirror.url("/blobs/uploads/x?digest=sha256:ab", "PUT") == "http://m:1/v2/team/ns/blobs/uploads/x?digest=sha256:ab"
+    assert mirror.url("/blobs/uploads/?mount=a", "GET").endswith("?mount=a&ns=reg.example%3A5000")
+    assert server.url("/blobs/sha256:ab", "GET") == "http://reg.example:5000/v2/team/ns/blobs/sha256:ab"
+
+
+def test_a_client_certificate_file_that_is_missing_is_one_line(tmp_path: Path) -> None:
+    got = parse('[host."https://m:1"]\n  client = ["gone.pem"]\n', "reg.example:5000", str(tmp_path))
+    with pytest.raises(UsageError, match="no such file") as info:
+        RegistryRepository.shared(RegistryClient.shared("reg.example:5000", plain_http=True), "team/gone", got)
+    assert str(tmp_path / "gone.pem") in str(info.value)

@@ -44,9 +44,10 @@ _ClientKey = tuple[str, str, bool | str, Credentials | None, RetryPolicy, "Extra
 
 @dataclass(frozen=True, slots=True)
 class Extras:
-    """What a hosts.toml may add to a host's requests: a client certificate, headers, a proxy of its own."""
+    """What a hosts.toml may add to a host's requests: client certificates, headers, a proxy of its own."""
 
-    cert: tuple[str, str] | None = None  # (certificate, key); key "" when the certificate file holds both
+    certs: tuple[tuple[str, str], ...] = ()  # (certificate, key) pairs, tried in order; key "" when the
+    # certificate file holds both
     headers: tuple[tuple[str, str], ...] = ()
     proxy: str | None = None  # a proxy URL for every request to this host (http, https, socks5, socks5h)
 
@@ -54,11 +55,12 @@ class Extras:
     def proxies(self) -> dict[str, str] | None:
         return {"http": self.proxy, "https": self.proxy} if self.proxy else None
 
-    @property
-    def requests_cert(self) -> str | tuple[str, str] | None:
-        if self.cert is None:
+    def requests_cert(self, n: int) -> str | tuple[str, str] | None:
+        """Pair ``n`` as ``requests`` takes it (None: no certificate)."""
+        if n >= len(self.certs):
             return None
-        return self.cert if self.cert[1] else self.cert[0]
+        cert, key = self.certs[n]
+        return (cert, key) if key else cert
 
 
 NO_EXTRAS = Extras()
@@ -81,7 +83,6 @@ class _SessionPool:
             session.headers["User-Agent"] = "pyoverlaybd"
             session.headers["Accept-Encoding"] = "identity"  # blobs are compressed already; no decoding bombs
             session.headers.update(dict(self._extras.headers))
-            session.cert = self._extras.requests_cert
         try:
             yield session
         finally:
@@ -122,6 +123,7 @@ class RegistryClient:
         self.extras = extras
         self._proxies = extras.proxies  # given with each request: it then wins over the environment's proxies
         self._sessions = _SessionPool(extras)
+        self._cert = 0  # which of extras.certs is presented (the next one after a host refuses it)
         self._tokens: dict[str, str] = {}
         self._basic = False
         self._lock = threading.Lock()
@@ -212,13 +214,15 @@ class RegistryClient:
             h = dict(headers or {})
             if authorize:
                 h.update(self._auth_header(scope))
+            cert = self._cert
             try:
                 r = session.request(method, url, headers=h, data=body() if body else None, stream=True,
                                     allow_redirects=allow_redirects, verify=self.verify, timeout=op.timeouts(),
-                                    proxies=self._proxies)
+                                    proxies=self._proxies, cert=self.extras.requests_cert(cert))
             except requests.exceptions.SSLError as exc:
-                reason = "certificate verify failed" if "certificate" in str(exc).lower() else "TLS error"
-                raise TransportError(f"{shown}: {reason} (a private CA goes in REQUESTS_CA_BUNDLE)") from None
+                if self._next_cert(cert, exc):
+                    continue
+                raise TransportError(f"{shown}: {_tls_reason(exc)}") from None
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
                 raise Retryable(f"{shown}: {type(exc).__name__}") from None
             except requests.RequestException as exc:
@@ -240,6 +244,18 @@ class RegistryClient:
                 discard(r, op)
                 raise AuthError(f"{self.host}: access denied ({r.status_code}) for {scope or shown}")
             return r
+
+    def _next_cert(self, tried: int, exc: Exception) -> bool:
+        """A TLS failure while presenting pair ``tried``: move to the next client certificate if there is one and
+        the failure was not the server's own certificate (True: try again)."""
+        if "certificate verify failed" in str(exc) or tried + 1 >= len(self.extras.certs):
+            return False
+        with self._lock:
+            if self._cert == tried:
+                self._cert = tried + 1
+                log.info("%s refused client certificate %s; presenting %s", self.host, self.extras.certs[tried][0],
+                         self.extras.certs[tried + 1][0])
+        return True
 
     # -- auth ------------------------------------------------------------------------------------------------------
     def _auth_header(self, scope: str) -> dict[str, str]:
@@ -308,18 +324,30 @@ class RegistryClient:
                 return session.post(realm, data={"grant_type": "refresh_token", "service": service,
                                                  "scope": " ".join(scopes), "client_id": "pyoverlaybd",
                                                  "refresh_token": creds.identity_token},
-                                    timeout=op.timeouts(), verify=self.verify, stream=True, proxies=self._proxies)
+                                    timeout=op.timeouts(), verify=self.verify, stream=True, proxies=self._proxies,
+                                    cert=self.extras.requests_cert(self._cert))
             auth = (creds.username, creds.password) if creds and creds.username else None
             query = urlencode([("service", service)] + [("scope", s) for s in scopes])
             sep = "&" if "?" in realm else "?"
             return session.get(f"{realm}{sep}{query}", auth=auth, timeout=op.timeouts(), verify=self.verify,
-                               stream=True, proxies=self._proxies)
+                               stream=True, proxies=self._proxies, cert=self.extras.requests_cert(self._cert))
         except requests.exceptions.SSLError:
             raise TransportError(f"token service {shown}: TLS error") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise Retryable(f"token service {shown} unreachable: {type(exc).__name__}") from None
         except requests.RequestException as exc:
             raise TransportError(f"token service {shown}: {type(exc).__name__}") from None
+
+
+def _tls_reason(exc: Exception) -> str:
+    text = str(exc)
+    if "certificate verify failed" in text:
+        return "certificate verify failed (a private CA goes in REQUESTS_CA_BUNDLE, or ca in hosts.toml)"
+    for alert in ("certificate required", "bad certificate", "unknown ca", "certificate unknown",
+                  "handshake failure"):
+        if alert in text:
+            return f"TLS error: the host refused the handshake ({alert}; a client certificate goes in hosts.toml)"
+    return "TLS error"
 
 
 def _token_from(r: requests.Response, op: Operation) -> str | None:

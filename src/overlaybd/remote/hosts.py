@@ -16,7 +16,13 @@ The hosts directory is ``--hosts-dir`` (:func:`use_hosts_dir`), else ``$OVERLAYB
       skip_verify = false
       override_path = false                        # true: the URL's path is the API root (no /v2 added)
       header = { x-custom = "1" }                  # extra headers (a value may be a list)
+      dial_timeout = "5s"                          # connect timeout (Go duration: 300ms, 1m30s, ...)
       proxy = "socks5h://127.0.0.1:1080"           # pyoverlaybd's own key: the proxy for this host only
+
+Several ``client`` pairs are tried in order: the first one the host accepts is kept (a host that refuses a
+certificate in the TLS handshake moves the client to the next pair). Requests to a mirror carry ``?ns=REGISTRY``
+(the registry the reference names), as containerd sends them, so a mirror of several registries knows which one
+is meant.
 
 A URL without a scheme is ``https``; its path gets ``/v2`` appended unless it ends with it or ``override_path``
 says otherwise. A folder without ``hosts.toml`` is read the Docker way: ``*.crt`` are CAs, ``*.cert`` (+ ``.key``)
@@ -25,6 +31,7 @@ client certificates, for the registry itself. Without any folder, the registry i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import posixpath
 import re
@@ -64,6 +71,7 @@ class RegistryHost:
     header: tuple[tuple[str, str], ...] = ()
     proxy: str | None = None
     mirror: bool = True  # False for the server
+    dial_timeout: float | None = None  # seconds to connect (None: the retry policy's)
 
     @property
     def api(self) -> str:
@@ -156,8 +164,7 @@ def parse(text: str, host: str, folder: str, *, path: str = "hosts.toml") -> Hos
         out.append(_host(server, top, folder, path, mirror=False))
     else:  # the registry itself, with the top-level settings; every capability (as containerd does)
         settings = _host(f"https://{host}", top, folder, path, mirror=False)
-        out.append(RegistryHost("", host, "/v2", ALL, settings.ca, settings.client, settings.skip_verify,
-                                settings.header, settings.proxy, mirror=False))
+        out.append(dataclasses.replace(settings, scheme="", host=host, path="/v2", capabilities=ALL))
     notes = tuple(f"unknown key {k!r} ignored" for k in doc if k not in _KEYS | {"server", "host"})
     return HostsConfig(tuple(out), folder, notes)
 
@@ -179,7 +186,8 @@ def _host(url: str, table: dict[str, Any], folder: str, path: str, *, mirror: bo
                         _paths(table.get("ca"), "ca", folder, where, path), _client(table.get("client"), folder, where,
                                                                                      path),
                         _bool(table, "skip_verify", where, path), _headers(table.get("header"), where, path),
-                        _proxy(table.get("proxy"), where, path), mirror)
+                        _proxy(table.get("proxy"), where, path), mirror,
+                        _duration(table.get("dial_timeout"), where, path))
 
 
 def _bool(table: dict[str, Any], key: str, where: str, path: str) -> bool | None:
@@ -252,6 +260,33 @@ def _proxy(value: Any, where: str, path: str) -> str | None:
     if not isinstance(value, str) or urlsplit(value).scheme not in _PROXY_SCHEMES or not urlsplit(value).hostname:
         raise HostsFileError(f"{where}: proxy must be a URL ({', '.join(_PROXY_SCHEMES)})", path=path)
     return value
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float | None:
+    """A Go duration (``"5s"``, ``"1m30s"``, ``"250ms"``, ``"0"``) in seconds; None if it is not one (pure)."""
+    if text == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    while pos < len(text):
+        m = _DURATION_PART.match(text, pos)
+        if m is None:
+            return None
+        total += float(m.group(1)) * _UNIT[m.group(2)]
+        pos = m.end()
+    return total if text else None
+
+
+def _duration(value: Any, where: str, path: str) -> float | None:
+    if value is None:
+        return None
+    seconds = parse_duration(value) if isinstance(value, str) else None
+    if seconds is None:
+        raise HostsFileError(f"{where}: dial_timeout must be a duration such as \"5s\" or \"500ms\"", path=path)
+    return seconds if seconds > 0 else None  # 0: no timeout of its own
 
 
 def _docker_certs(folder: str, host: str) -> RegistryHost:

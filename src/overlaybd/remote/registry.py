@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import urljoin
+from urllib.parse import urlencode, urljoin
 
 import requests
 
@@ -85,6 +85,15 @@ class Endpoint:
     capabilities: frozenset[str] = hosts_toml.ALL
     mirror: bool = False
     resting_until: float = 0.0  # a mirror whose connection failed is passed over until then
+    namespace: str = ""  # a mirror's requests to read carry ?ns=THIS: the registry the reference names
+
+    def url(self, suffix: str, method: str) -> str:
+        """The URL of ``suffix`` (``/blobs/...``, ``/manifests/...``) here; reads from a mirror name the registry
+        they are for, as containerd's do."""
+        url = self.base + suffix
+        if self.namespace and method in ("GET", "HEAD"):
+            url += ("&" if "?" in suffix else "?") + urlencode({"ns": self.namespace})
+        return url
 
     @property
     def origin(self) -> str:
@@ -121,9 +130,14 @@ def _ca_bundle(paths: Sequence[str]) -> str | None:
 def _client_for(server: RegistryClient, h: RegistryHost) -> RegistryClient:
     """The client for one host of ``server``'s hosts.toml: a mirror's own, or the server's (the same client unless
     hosts.toml gives the server certificates, headers or a proxy)."""
-    extras = Extras(h.client[0] if h.client else None, h.header, h.proxy)
+    for pair in h.client:
+        for path in filter(None, pair):
+            if not os.path.isfile(path):
+                raise UsageError("client certificate or key in hosts.toml: no such file", path=path)
+    extras = Extras(h.client, h.header, h.proxy)
     ca = _ca_bundle(h.ca)
-    if not h.mirror and h.scheme == "" and extras == Extras() and ca is None and h.skip_verify is None:
+    if not h.mirror and h.scheme == "" and extras == Extras() and ca is None and h.skip_verify is None \
+            and h.dial_timeout is None:
         return server
     host = server.host if not h.mirror and h.scheme == "" else h.host
     plain = server.scheme == "http" if h.scheme == "" else h.scheme == "http"
@@ -134,6 +148,8 @@ def _client_for(server: RegistryClient, h: RegistryHost) -> RegistryClient:
         verify_off = bool(h.skip_verify) if h.skip_verify is not None else server.verify is False
         ca = ca or (server.verify if isinstance(server.verify, str) else None)
         policy = server.policy
+    if h.dial_timeout is not None:
+        policy = dataclasses.replace(policy, connect_timeout=h.dial_timeout)
     return RegistryClient.shared(host, plain_http=plain, insecure=verify_off, ca_bundle=ca,
                                  credentials=server.credentials if host == server.host else None, policy=policy,
                                  extras=extras)
@@ -174,7 +190,8 @@ class RegistryRepository:
         endpoints = []
         for h in config.hosts:
             c = _client_for(client, h)
-            endpoints.append(Endpoint(c, f"{c.base}{h.path if h.scheme else '/v2'}/{repo}", h.capabilities, h.mirror))
+            endpoints.append(Endpoint(c, f"{c.base}{h.path if h.scheme else '/v2'}/{repo}", h.capabilities, h.mirror,
+                                      namespace=client.host if h.mirror else ""))
         with cls._shared_lock:
             return cls._shared.setdefault(key, cls(client, repo, endpoints))
 
@@ -274,7 +291,7 @@ class RegistryRepository:
     def _request(self, method: str, suffix: str, *, scope: str, endpoint: Endpoint | None = None,
                  **kwargs: Any) -> requests.Response:
         e = endpoint or self._push_endpoint()
-        return e.client.request(method, e.base + suffix, scope=scope, path=self.name, **kwargs)
+        return e.client.request(method, e.url(suffix, method), scope=scope, path=self.name, **kwargs)
 
     def _run(self, endpoint: Endpoint, what: str, attempt: Callable[[Operation], T]) -> T:
         return endpoint.client.run(what, attempt, path=self.name)
@@ -282,7 +299,7 @@ class RegistryRepository:
     @contextmanager
     def _exchange(self, endpoint: Endpoint, op: Operation, method: str, suffix: str, *, scope: str, **kwargs: Any
                   ) -> Iterator[requests.Response]:
-        with endpoint.client.exchange(op, method, endpoint.base + suffix, scope=scope, **kwargs) as r:
+        with endpoint.client.exchange(op, method, endpoint.url(suffix, method), scope=scope, **kwargs) as r:
             yield r
 
     def _digest(self, digest: str) -> str:
