@@ -19,11 +19,15 @@ from overlaybd.testing.strategies import (
 
 
 def merged_in_python(layers: list[list[Row]]) -> list[Row]:
-    """Layers top-most first, each tagged with its position, merged as ``open_small`` merges them."""
-    out: list[Row] = []
-    for k, rows in enumerate(layers):
-        out = small_stack.overlay(out, [(o, ln, m, z, k) for o, ln, m, z, _t in rows])
-    return out
+    """Layers top-most first, each tagged with its position, merged as ``open_small`` merges them (and, the same,
+    as a fold of overlays from the bottom up)."""
+    tagged = [[(o, ln, m, z, k) for o, ln, m, z, _t in rows] for k, rows in enumerate(layers)]
+    folded: list[Row] = []
+    for rows in tagged:
+        folded = small_stack.overlay(folded, rows)
+    merged = small_stack.merge(tagged)
+    assert merged == folded
+    return merged
 
 
 def merged_by_numpy(layers: list[list[Row]]) -> list[Row]:
@@ -67,4 +71,4 @@ def test_replay_of_long_logs(log: list[Row]) -> None:
 
 
 def test_nothing_merges_to_nothing() -> None:
-    assert small_stack.overlay([], []) == [] and small_stack.replay([]) == []
+    assert small_stack.overlay([], []) == [] and small_stack.replay([]) == [] and small_stack.merge([]) == []

@@ -1,5 +1,6 @@
 """A plain sealed LSMT file read from its header, trailer and (small) index alone, without numpy: what ``overlaybd
-log`` and ``overlaybd info`` need of a layer, at the cost of a few reads.
+log`` and ``overlaybd info`` need of a layer (and ``small_stack`` of each layer of a small stack), at the cost of a
+few reads.
 
 The checks are those ``LsmtLayer`` makes (the same functions for header and trailer; the same order and bounds
 rules for index records). Anything else (another form: ZFile, tar, writable; anything amiss; an index too large
@@ -87,12 +88,12 @@ def read_ends(path: str) -> Ends | None:
     return Ends(header, trailer, size)
 
 
-def index_records(path: str, ends: Ends) -> list[tuple[int, int, int, bool]] | None:
+def index_records(path: str, ends: Ends, limit: int = SMALL_INDEX_RECORDS) -> list[tuple[int, int, int, bool]] | None:
     """The index records of a file ``read_ends`` accepted, padding dropped, as ``(offset, length, moffset,
-    zeroed)`` in sectors, after the order and bounds checks of the full reader; None when the index is large (or
-    fails a check, or cannot be read)."""
+    zeroed)`` in sectors, after the order and bounds checks of the full reader; None when the index holds more
+    than ``limit`` records (or fails a check, or cannot be read)."""
     t = ends.trailer
-    if t.index_size > SMALL_INDEX_RECORDS:
+    if t.index_size > limit:
         return None
     try:
         with open(path, "rb", buffering=0) as f:
