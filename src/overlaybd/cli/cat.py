@@ -10,7 +10,7 @@ import argparse
 
 from ..formats.lsmt.small_stack import open_small
 from ..formats.rawout import copy_pieces
-from .common import configure_logging, emit_json, progress_bar
+from .common import BAR_BYTES, configure_logging, emit_json, progress_bar
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -26,10 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     upper = (args.upper[0], args.upper[1]) if args.upper else None
     small = open_small(list(args.layers), upper)
-    with progress_bar("cat", args.output == "human") as progress:
-        if small is not None:
-            size = copy_pieces(args.out, small.size, small.files, small.pieces(), force=args.force,
-                               progress=progress)
+    pieces = small.pieces() if small is not None else None
+    bar = args.output == "human" and (pieces is None or sum(b - a for a, b, _s, _at in pieces) >= BAR_BYTES)
+    with progress_bar("cat", bar) as progress:
+        if small is not None and pieces is not None:
+            size = copy_pieces(args.out, small.size, small.files, pieces, force=args.force, progress=progress)
         else:  # any other form, many records: the full readers (and numpy)
             from ..formats.output import copy_out
             from ..operations import open_stack

@@ -14,7 +14,7 @@ import os
 from .. import volume_config
 from ..formats.lsmt.small_stack import SmallStack, open_small
 from ..formats.rawout import copy_pieces
-from .common import human, progress_bar, split_volume_ref
+from .common import BAR_BYTES, human, progress_bar, split_volume_ref
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -50,8 +50,9 @@ def run_export(args: argparse.Namespace) -> int:
     vol_path, ref = split_volume_ref(args.volume)
     small = small_volume(vol_path, ref) if args.format == "raw" else None
     if small is not None:
-        with progress_bar("export", True) as progress:
-            copy_pieces(args.dst, small.size, small.files, small.pieces(), force=args.force, progress=progress)
+        pieces = small.pieces()
+        with progress_bar("export", sum(b - a for a, b, _s, _at in pieces) >= BAR_BYTES) as progress:
+            copy_pieces(args.dst, small.size, small.files, pieces, force=args.force, progress=progress)
         size = small.size
     else:
         size = export_opened(args, vol_path, ref)
