@@ -1,7 +1,9 @@
-"""Writing a layer file as users ask for it: plain, ZFile'd, and/or in the tar envelope; always atomically.
+"""Writing a layer file as users ask for it: plain, ZFile'd, and/or in the tar envelope; always atomically; and any
+device (a BlockSource) to a sparse raw file.
 
 The file is built under a temporary name in the destination's folder, synced, then renamed, so a failure never
-leaves a half-written file under the final name.
+leaves a half-written file under the final name (``rawout.write_atomically``, which the numpy-free export of a
+small stack uses too).
 """
 
 from __future__ import annotations
