@@ -20,7 +20,8 @@ as a wheel is installed; this environment's checkout compiles our modules at eac
 convert -O raw TOP out.raw`` and the same followed by ``sync out.raw`` (an fsync of that file: ours syncs its
 output; qemu-img convert makes no fsync or fdatasync, ``strace -f -c`` shows). Bounds under ours: ``python -c
 'import numpy'`` (what the full path loads), ``python -c pass``, ``python -c 'import argparse'`` and ``overlaybd
---version`` (the interpreter, the argument parser, our command line's start). A small stack (the sparse image)
+--version`` (the interpreter, the argument parser, our command line's start), and the numpy-free export run
+without the command line (our modules, the copy and the fsync, no argparse). A small stack (the sparse image)
 goes the numpy-free way (``formats.lsmt.small_stack``). CPU time (user + system, from ``wait4``) is shown
 beside wall time: on a loaded machine it shows the work apart from waiting. Every output is checked equal to
 the peer's (``cmp``) and its allocated size (``st_blocks``) shown: holes stay holes.
@@ -59,6 +60,7 @@ from common import (
 )
 from nbd_common import OVERLAYBD, build_layered_volume, build_qcow2_chain, need, run
 
+from overlaybd.cli.exporting import small_volume
 from overlaybd.volume import Volume
 
 MiB = 1 << 20
@@ -179,7 +181,11 @@ def measure(name: str, vol: str, top: str, folder: str, rounds: int, before: str
         "bound: python -c 'import argparse'": [sys.executable, "-c", "import argparse"],
         "bound: overlaybd --version": [*OVERLAYBD, "--version"],
         "bound: overlaybd --version (.pyc)": [*compiled, "--version"],
+        "bound: the numpy-free export without the command line (.pyc)": [
+            "env", f"PYTHONPATH={site}", sys.executable, "-c", WITHOUT_CLI, vol, out],
     }
+    if small_volume(vol, None) is None:  # the full readers' path: no floor of the numpy-free one to show
+        del cmds["bound: the numpy-free export without the command line (.pyc)"]
     if before is not None:  # another checkout's code (its src/ with its extensions built), on the same images
         cmds["overlaybd export (--before)"] = ["env", f"PYTHONPATH={before}", sys.executable, "-m",
                                                "overlaybd.cli.main", "export", vol, out, "--force"]
@@ -198,7 +204,7 @@ def measure(name: str, vol: str, top: str, folder: str, rounds: int, before: str
             wall, cpu = timed_run(cmd)
             times[k].append(wall)
             cpus[k].append(cpu)
-            if k.startswith("bound"):
+            if k.startswith("bound") and "export" not in k:
                 continue
             made = peer if k.startswith("qemu") else out
             checked[k] = allocated(made)
@@ -229,6 +235,20 @@ with open_stack(sys.argv[2:]) as stack:
         list(data_runs(stack))
     else:
         copy_out(sys.argv[1], stack, force=True)
+"""
+
+
+# the numpy-free export of a volume's device without argparse and the command line around it (the floor of that
+# path: the interpreter, our modules, the copy, the fsync)
+WITHOUT_CLI = """import os, sys
+from overlaybd import volume_config
+from overlaybd.formats.lsmt.small_stack import open_small
+from overlaybd.formats.rawout import copy_pieces
+vol = os.path.abspath(sys.argv[1])
+config = volume_config.read_config(vol)
+upper = (os.path.join(vol, config["upper"]["data"]), os.path.join(vol, config["upper"]["index"]))
+s = open_small(volume_config.lower_paths(vol, config), upper, config[volume_config.META]["size"])
+copy_pieces(sys.argv[2], s.size, s.files, s.pieces(), force=True)
 """
 
 
