@@ -236,6 +236,17 @@ def test_export_and_cat_write_what_the_full_path_writes(tmp_path: Path) -> None:
     same_file(cat, full)
     res = cli("export", vol.path, out)
     assert res.returncode == 2 and "output exists" in res.stderr
+    qcow2 = tmp_path / "out.qcow2"  # qemu-img convert of the raw file the numpy-free path writes
+    assert cli("export", f"{vol.path}@1", qcow2, "-O", "qcow2").returncode == 0
+    with vol.open(snapshot=1) as dev:
+        snap = tmp_path / "snap.raw"
+        copy_out(str(snap), dev)
+    assert subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(qcow2), str(snap)],
+                          capture_output=True).returncode == 0
+    res = cli("export", vol.path, qcow2, "-O", "qcow2")
+    assert res.returncode == 2 and "output exists" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.raw", "full.raw", "out.qcow2", "out.raw", "snap.raw",
+                                                          "vol"]
 
 
 def _no_bigger_files(limit: int) -> None:  # in the child, before exec: a file may not grow past ``limit``

@@ -1,15 +1,17 @@
 """``overlaybd export``: a volume (or VOL@SNAP) to a raw or qcow2 disk (qcow2 through qemu-img); holes stay holes.
 
-A volume of a few plain snapshots (and an upper with a short log) goes to a raw file without numpy or the layer
+A volume of a few plain snapshots (and an upper with a short log) is written out without numpy or the layer
 readers: its records merged in Python (``formats.lsmt.small_stack``), its data copied by ``formats.rawout``.
-Anything else (ZFile or tar snapshots, snapshots still in their repository, a trace to replay, many records,
-qcow2 output) is opened as a stack and copied by ``formats.output``; the two write the same file.
+Anything else (ZFile or tar snapshots, snapshots still in their repository, a trace to replay, many records) is
+opened as a stack and copied by ``formats.output``; the two write the same file. qcow2 is made by ``qemu-img
+convert`` of a temporary raw file written either way.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 
 from .. import volume_config
 from ..formats.lsmt.small_stack import SmallStack, open_small
@@ -48,37 +50,45 @@ def small_volume(path: str, ref: str | None) -> SmallStack | None:
 
 def run_export(args: argparse.Namespace) -> int:
     vol_path, ref = split_volume_ref(args.volume)
-    small = small_volume(vol_path, ref) if args.format == "raw" else None
-    if small is not None:
+    small = small_volume(vol_path, ref)
+    if small is None:
+        size = export_opened(args, vol_path, ref)
+    else:
         pieces = small.pieces()
         with progress_bar("export", sum(b - a for a, b, _s, _at in pieces) >= BAR_BYTES) as progress:
-            copy_pieces(args.dst, small.size, small.files, pieces, force=args.force, progress=progress)
+            write_disk(args, lambda raw, force: copy_pieces(raw, small.size, small.files, pieces, force=force,
+                                                              progress=progress))
         size = small.size
-    else:
-        size = export_opened(args, vol_path, ref)
     print(f"{args.dst}: {args.format}, {human(size)}")
     return 0
 
 
-def export_opened(args: argparse.Namespace, vol_path: str, ref: str | None) -> int:
-    """The export through the full readers (numpy, the codecs, qemu-img for qcow2); returns the device's size."""
+def write_disk(args: argparse.Namespace, write_raw: Callable[[str, bool], object]) -> None:
+    """``write_raw(path, force)`` to ``args.dst``, or, for qcow2, to a temporary raw file beside it that qemu-img
+    converts."""
+    if args.format == "raw":
+        write_raw(args.dst, args.force)
+        return
     import tempfile
 
     from .. import qemu
     from ..errors import UsageError
+
+    if os.path.exists(args.dst) and not args.force:
+        raise UsageError("output exists (use --force to replace it)", path=args.dst)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.dst))) as tmp:
+        raw = os.path.join(tmp, "disk.raw")
+        write_raw(raw, False)
+        qemu.from_raw(raw, args.dst)
+
+
+def export_opened(args: argparse.Namespace, vol_path: str, ref: str | None) -> int:
+    """The export through the full readers (numpy, the codecs); returns the device's size."""
     from ..formats.output import copy_out
     from .common import open_volume
 
     vol = open_volume(vol_path, remote=False)
     snapshot = vol.resolve(ref) if ref is not None else None
     with vol.open(snapshot=snapshot) as dev, progress_bar("export", True) as progress:
-        if args.format == "raw":
-            copy_out(args.dst, dev, force=args.force, progress=progress)
-        else:
-            if os.path.exists(args.dst) and not args.force:
-                raise UsageError("output exists (use --force to replace it)", path=args.dst)
-            with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.dst))) as tmp:
-                raw = os.path.join(tmp, "disk.raw")
-                copy_out(raw, dev, progress=progress)
-                qemu.from_raw(raw, args.dst)
+        write_disk(args, lambda raw, force: copy_out(raw, dev, force=force, progress=progress))
     return dev.size
