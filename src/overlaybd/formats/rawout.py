@@ -18,7 +18,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing (mypy read
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
 
-    #: done(fd, total) after each chunk: bytes of the device covered so far, and its size
+    #: called after each chunk with the bytes of the device covered so far and its size
     Progress = Callable[[int, int], None]
 
 # bytes read, then written, at a time: a buffer that stays in the CPU's cache between the read's copy and the
