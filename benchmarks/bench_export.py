@@ -15,15 +15,23 @@ Images (built here, 1 GiB each; quick: 256 MiB):
 Timed, interleaved (each round starting one command later than the one before), ``--rounds`` times (3; quick
 1), page cache warm, the output removed before each run:
 ours ``overlaybd export VOL out.raw`` and ``overlaybd cat L0 .. Ln -o out.raw`` (both write a temporary file,
-fsync it once and rename it), the peer ``qemu-img convert -O raw TOP out.raw`` and the same followed by
-``sync out.raw`` (an fsync of that file: ours syncs its output; qemu-img convert makes no fsync or fdatasync,
-``strace -f -c`` shows), and ``python -c 'import numpy'``, the bound under ours (the
-interpreter and the one library the merged index needs). CPU time (user + system, from ``wait4``) is shown
+fsync it once and rename it), from the checkout and from a copy of the package with compiled bytecode ("(.pyc)",
+as a wheel is installed; this environment's checkout compiles our modules at each start); the peer ``qemu-img
+convert -O raw TOP out.raw`` and the same followed by ``sync out.raw`` (an fsync of that file: ours syncs its
+output; qemu-img convert makes no fsync or fdatasync, ``strace -f -c`` shows). Bounds under ours: ``python -c
+'import numpy'`` (what the full path loads), ``python -c pass``, ``python -c 'import argparse'`` and ``overlaybd
+--version`` (the interpreter, the argument parser, our command line's start), and the numpy-free export run
+without the command line (our modules, the copy and the fsync, no argparse). A small stack (the sparse image)
+goes the numpy-free way (``formats.lsmt.small_stack``). CPU time (user + system, from ``wait4``) is shown
 beside wall time: on a loaded machine it shows the work apart from waiting. Every output is checked equal to
 the peer's (``cmp``) and its allocated size (``st_blocks``) shown: holes stay holes.
 
+``--records N,N,..``: instead, both ways of copying a stack out (numpy-free, full), each in a fresh interpreter,
+over 3 layers of N records each (4 KiB at random offsets), the copy and the merge alone: where
+``small_stack.SMALL_STACK_RECORDS`` belongs.
+
     .venv/bin/python benchmarks/bench_export.py [--quick] [--rounds N] [--only sparse|dense|fragmented]
-        [--json FILE]
+        [--before SRC] [--records N,N,..] [--json FILE]
 """
 
 from __future__ import annotations
@@ -36,9 +44,23 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from common import base_parser, emit_json, fmt, log, machine, median, table, versions, warm, workdir
+from bench_startup import compiled_copy
+from common import (
+    base_parser,
+    emit_json,
+    fmt,
+    log,
+    machine,
+    median,
+    table,
+    versions,
+    warm,
+    workdir,
+    write_committed_layer,
+)
 from nbd_common import OVERLAYBD, build_layered_volume, build_qcow2_chain, need, run
 
+from overlaybd.cli.exporting import small_volume
 from overlaybd.volume import Volume
 
 MiB = 1 << 20
@@ -141,17 +163,29 @@ def allocated(path: str) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def measure(name: str, vol: str, top: str, folder: str, rounds: int, before: str | None) -> dict[str, Any]:
+def measure(name: str, vol: str, top: str, folder: str, rounds: int, before: str | None, site: str
+            ) -> dict[str, Any]:
     layers = Volume(vol).lowers
     out = os.path.join(folder, f"{name}-out.raw")
     peer = os.path.join(folder, f"{name}-peer.raw")
+    compiled = ["env", f"PYTHONPATH={site}", *OVERLAYBD]
     cmds: dict[str, list[str]] = {
         "overlaybd export": [*OVERLAYBD, "export", vol, out, "--force"],
         "overlaybd cat": [*OVERLAYBD, "cat", *layers, "-o", out, "--force"],
+        "overlaybd export (.pyc)": [*compiled, "export", vol, out, "--force"],
+        "overlaybd cat (.pyc)": [*compiled, "cat", *layers, "-o", out, "--force"],
         "qemu-img convert": ["qemu-img", "convert", "-O", "raw", top, peer],
         "qemu-img convert + sync": ["sh", "-c", f"qemu-img convert -O raw {top} {peer} && sync {peer}"],
         "bound: python -c 'import numpy'": [sys.executable, "-c", "import numpy"],
+        "bound: python -c pass": [sys.executable, "-c", "pass"],
+        "bound: python -c 'import argparse'": [sys.executable, "-c", "import argparse"],
+        "bound: overlaybd --version": [*OVERLAYBD, "--version"],
+        "bound: overlaybd --version (.pyc)": [*compiled, "--version"],
+        "bound: the numpy-free export without the command line (.pyc)": [
+            "env", f"PYTHONPATH={site}", sys.executable, "-c", WITHOUT_CLI, vol, out],
     }
+    if small_volume(vol, None) is None:  # the full readers' path: no floor of the numpy-free one to show
+        del cmds["bound: the numpy-free export without the command line (.pyc)"]
     if before is not None:  # another checkout's code (its src/ with its extensions built), on the same images
         cmds["overlaybd export (--before)"] = ["env", f"PYTHONPATH={before}", sys.executable, "-m",
                                                "overlaybd.cli.main", "export", vol, out, "--force"]
@@ -170,7 +204,7 @@ def measure(name: str, vol: str, top: str, folder: str, rounds: int, before: str
             wall, cpu = timed_run(cmd)
             times[k].append(wall)
             cpus[k].append(cpu)
-            if k.startswith("bound"):
+            if k.startswith("bound") and "export" not in k:
                 continue
             made = peer if k.startswith("qemu") else out
             checked[k] = allocated(made)
@@ -179,6 +213,84 @@ def measure(name: str, vol: str, top: str, folder: str, rounds: int, before: str
                 subprocess.run(["cmp", out, peer], check=True)
                 size = os.path.getsize(out)
     return {"times": times, "cpu": cpus, "allocated": checked, "size": size}
+
+
+# the two ways a stack is copied out, each a fresh interpreter (imports included), whatever the records; with
+# "plan" as first argument, only the stack's data runs are found (the merge without the copy)
+SMALL_PATH = """import sys
+from overlaybd.formats.lsmt import glance, small_stack
+from overlaybd.formats.rawout import copy_pieces, joined_runs
+glance.SMALL_INDEX_RECORDS = small_stack.SMALL_STACK_RECORDS = 1 << 40
+s = small_stack.open_small(sys.argv[2:])
+if sys.argv[1] == "plan":
+    list(joined_runs(s.pieces()))
+else:
+    copy_pieces(sys.argv[1], s.size, s.files, s.pieces(), force=True)
+"""
+FULL_PATH = """import sys
+from overlaybd.formats.output import copy_out, data_runs
+from overlaybd.operations import open_stack
+with open_stack(sys.argv[2:]) as stack:
+    if sys.argv[1] == "plan":
+        list(data_runs(stack))
+    else:
+        copy_out(sys.argv[1], stack, force=True)
+"""
+
+
+# the numpy-free export of a volume's device without argparse and the command line around it (the floor of that
+# path: the interpreter, our modules, the copy, the fsync)
+WITHOUT_CLI = """import os, sys
+from overlaybd import volume_config
+from overlaybd.formats.lsmt.small_stack import open_small
+from overlaybd.formats.rawout import copy_pieces
+vol = os.path.abspath(sys.argv[1])
+config = volume_config.read_config(vol)
+upper = (os.path.join(vol, config["upper"]["data"]), os.path.join(vol, config["upper"]["index"]))
+s = open_small(volume_config.lower_paths(vol, config), upper, config[volume_config.META]["size"])
+copy_pieces(sys.argv[2], s.size, s.files, s.pieces(), force=True)
+"""
+
+
+def build_records(folder: str, per_layer: int, seed: int) -> list[str]:
+    """3 layers of ``per_layer`` records each (4 KiB of random bytes at random 4 KiB-aligned offsets of 1 GiB; the
+    layers overlap at random), written directly (``write_committed_layer``)."""
+    rng = np.random.default_rng([seed, per_layer])
+    layers = []
+    for n in range(3):
+        blocks = np.sort(rng.choice(GiB // 4096, per_layer, replace=False)) * 8
+        path = os.path.join(folder, f"records-{per_layer}-{n}.lsmt")
+        write_committed_layer(path, blocks, np.full(per_layer, 8), np.zeros(per_layer, bool),
+                              lambda k: rng.integers(1, 256, k, dtype=np.uint8).tobytes(), GiB)
+        layers.append(path)
+    return layers
+
+
+def measure_records(folder: str, counts: Sequence[int], rounds: int, seed: int) -> dict[str, Any]:
+    """Wall and CPU time of the numpy-free path and the full path over stacks of ``3 x count`` records, the copy
+    and the merge alone: where the threshold ``small_stack.SMALL_STACK_RECORDS`` belongs."""
+    out = os.path.join(folder, "records-out.raw")
+    result: dict[str, Any] = {}
+    for count in counts:
+        layers = build_records(folder, count, seed)
+        ways = {"numpy-free copy": [sys.executable, "-c", SMALL_PATH, out, *layers],
+                "full copy": [sys.executable, "-c", FULL_PATH, out, *layers],
+                "numpy-free merge": [sys.executable, "-c", SMALL_PATH, "plan", *layers],
+                "full merge": [sys.executable, "-c", FULL_PATH, "plan", *layers]}
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in ways}
+        digests = set()
+        names = list(ways)
+        for r in range(rounds):
+            for k in names[r % len(names) :] + names[: r % len(names)]:
+                warm(layers)
+                times[k].append(timed_run(ways[k]))
+                if k.endswith("copy"):
+                    digests.add(subprocess.run(["sha256sum", out], capture_output=True, text=True).stdout.split()[0])
+        assert len(digests) == 1, "the two paths wrote different files"
+        result[str(3 * count)] = times
+        for p in layers:
+            os.unlink(p)
+    return result
 
 
 def main() -> None:
@@ -190,12 +302,17 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=64, help="snapshots of the dense image")
     ap.add_argument("--before", metavar="SRC", help="also time `overlaybd export` of another checkout: its src "
                     "folder (e.g. the main branch's, to show what a change gained)")
+    ap.add_argument("--records", metavar="N,N,...", help="instead of the images: time both copy paths (numpy-free, "
+                    "full) over 3-layer stacks of N records a layer (where the small-stack threshold belongs)")
     ap.add_argument("--reuse", metavar="FOLDER", help="measure the images a run with --workdir and --keep built "
                     "in FOLDER (its bench-export-* folder) instead of building them")
     args = ap.parse_args()
     need("qemu-img", "qemu-io", "mkfs.ext4", "debugfs", "cmp")
     rounds = args.rounds or (1 if args.quick else 3)
     size = 256 * MiB if args.quick else GiB
+    if args.records:
+        records_table(args, rounds)
+        return
     results: dict[str, Any] = {}
     with workdir(args.workdir, args.keep, "bench-export-") as scratch:
         folder = args.reuse or scratch
@@ -211,9 +328,10 @@ def main() -> None:
                 t0 = time.perf_counter()
                 images[name] = build()
                 log(f"{name} image built in {time.perf_counter() - t0:.1f} s")
+        site = compiled_copy(scratch)
         load_before = os.getloadavg()
         for name, (vol, top) in images.items():
-            results[name] = measure(name, vol, top, folder, rounds, args.before)
+            results[name] = measure(name, vol, top, folder, rounds, args.before, site)
         load_after = os.getloadavg()
     rows = []
     for name, res in results.items():
@@ -229,6 +347,29 @@ def main() -> None:
     log(f"load average before {load_before}, after {load_after}")
     emit_json({"rounds": rounds, "size": size, "results": results, "load_before": load_before,
                "load_after": load_after, "versions": versions(), "machine": machine()}, args.json)
+
+
+def records_table(args: Any, rounds: int) -> None:
+    counts = [int(c) for c in args.records.split(",")]
+    with workdir(args.workdir, args.keep, "bench-export-records-") as folder:
+        load_before = os.getloadavg()
+        res = measure_records(folder, counts, rounds, args.seed)
+        load_after = os.getloadavg()
+    rows = []
+    for total, times in res.items():
+        for what in ("copy", "merge"):
+            small, full = times[f"numpy-free {what}"], times[f"full {what}"]
+            row: list[Any] = [total, what]
+            for k in (0, 1):
+                a, b = [t[k] for t in small], [t[k] for t in full]
+                row += [f"{fmt(median(a), 3)} ({fmt(min(a), 3)}-{fmt(max(a), 3)})",
+                        f"{fmt(median(b), 3)} ({fmt(min(b), 3)}-{fmt(max(b), 3)})", f"{fmt(median(a) / median(b))}x"]
+            rows.append(row)
+    print(table(["records (3 layers)", "what", "numpy-free wall s", "full wall s", "ratio", "numpy-free CPU s",
+                 "full CPU s", "ratio"], rows, f"stack copied out (or only merged) by each path, {rounds} rounds"))
+    log(f"load average before {load_before}, after {load_after}")
+    emit_json({"rounds": rounds, "records": res, "load_before": load_before, "load_after": load_after,
+               "versions": versions(), "machine": machine()}, args.json)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ from .volume_config import (
     read_config,
     read_snapshot,
     relative_config,
+    resolve_snapshot,
     snapshot_of,
 )
 
@@ -223,25 +224,7 @@ class Volume:
 
     def resolve(self, ref: str) -> int:
         """A snapshot by number (``3``, ``@3``), ``HEAD``/``HEAD~N``, or a unique prefix of its UUID."""
-        snaps = self.snapshots()
-        if not snaps:
-            raise VolumeError("the volume has no snapshots", path=self.path)
-        text = ref.strip().lstrip("@")
-        if text.upper().startswith("HEAD"):
-            back = text[4:]
-            if back and not (back.startswith("~") and (back[1:] == "" or back[1:].isdigit())):
-                raise VolumeError(f"bad snapshot reference {ref!r}", path=self.path)
-            n = len(snaps) - 1 - (int(back[1:] or 1) if back else 0)
-        elif text.isdigit():
-            n = int(text)
-        else:
-            hits = [s.number for s in snaps if s.uuid.replace("-", "").startswith(text.replace("-", "").lower())]
-            if len(hits) != 1:
-                raise VolumeError(f"{ref!r} matches {len(hits)} snapshots", path=self.path)
-            n = hits[0]
-        if not 0 <= n < len(snaps):
-            raise VolumeError(f"no snapshot {ref!r} (the volume has {len(snaps)})", path=self.path)
-        return n
+        return resolve_snapshot(self.path, self.snapshots(), ref)
 
     def open(self, *, writable: bool = False, snapshot: int | None = None, record_trace: str | None = None
              ) -> LsmtStack:

@@ -117,6 +117,29 @@ def snapshots(volume: str) -> list[Snapshot] | None:
     return None if any(snap is None for snap in found) else [snap for snap in found if snap is not None]
 
 
+def resolve_snapshot(volume: str, snaps: list[Snapshot], ref: str) -> int:
+    """The number of the snapshot of ``snaps`` (a volume's, bottom to top) that ``ref`` names: a number (``3``,
+    ``@3``), ``HEAD``/``HEAD~N``, or a unique prefix of its UUID."""
+    if not snaps:
+        raise VolumeError("the volume has no snapshots", path=volume)
+    text = ref.strip().lstrip("@")
+    if text.upper().startswith("HEAD"):
+        back = text[4:]
+        if back and not (back.startswith("~") and (back[1:] == "" or back[1:].isdigit())):
+            raise VolumeError(f"bad snapshot reference {ref!r}", path=volume)
+        n = len(snaps) - 1 - (int(back[1:] or 1) if back else 0)
+    elif text.isdigit():
+        n = int(text)
+    else:
+        hits = [s.number for s in snaps if s.uuid.replace("-", "").startswith(text.replace("-", "").lower())]
+        if len(hits) != 1:
+            raise VolumeError(f"{ref!r} matches {len(hits)} snapshots", path=volume)
+        n = hits[0]
+    if not 0 <= n < len(snaps):
+        raise VolumeError(f"no snapshot {ref!r} (the volume has {len(snaps)})", path=volume)
+    return n
+
+
 def relative_config(config: dict[str, Any], volume: str, cfg_path: str) -> dict[str, Any]:
     """``config`` with every path the volume uses relative to its folder, checked to stay inside it.
 

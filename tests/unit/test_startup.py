@@ -1,6 +1,7 @@
-"""What the command line loads to start: ``--version``, ``info`` of a sealed layer and ``log`` of a volume import
-none of numpy, requests, the codecs or importlib.metadata (read from ``python -X importtime``: a structural
-check, no timings). The numpy-free readers they use say what the full readers say."""
+"""What the command line loads to start: ``--version``, ``info`` of a sealed layer, ``log`` of a volume, and
+``export`` and ``cat`` of a small stack of plain layers import none of numpy, requests, the codecs or
+importlib.metadata (read from ``python -X importtime``: a structural check, no timings). The numpy-free readers
+they use say what the full readers say."""
 
 from __future__ import annotations
 
@@ -67,6 +68,17 @@ def test_log_loads_nothing_heavy(volume: Volume) -> None:
     listed = json.loads(out)
     assert [s["uuid"] for s in listed] == [s.uuid for s in reversed(volume.snapshots())]
     assert [s["message"] for s in listed] == ["s2", "s1", "s0"]
+
+
+def test_export_and_cat_of_a_small_stack_load_nothing_heavy(volume: Volume, tmp_path: Path) -> None:
+    for argv in (["export", volume.path, str(tmp_path / "a.raw")],
+                 ["export", f"{volume.path}@1", str(tmp_path / "b.raw")],
+                 ["cat", *volume.lowers, "-o", str(tmp_path / "c.raw"), "--output", "json"]):
+        names, _out = imported(*argv)
+        assert not heavy(names), argv
+    with volume.open(snapshot=1) as dev:
+        want = dev.pread(0, dev.size)
+    assert (tmp_path / "b.raw").read_bytes() == want
 
 
 def test_every_command_is_in_the_table_under_the_module_that_registers_it() -> None:

@@ -88,6 +88,11 @@ def emit_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
+# a copy of less data than this ends before a bar would help: loading rich (about 0.1 s) would cost more than the
+# copy (a few MiB of a sparse image: 10-20 ms)
+BAR_BYTES = 64 << 20
+
+
 @contextmanager
 def progress_bar(label: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
     """A progress callback drawn with rich on a terminal (stderr), or None."""

@@ -21,7 +21,7 @@ from .common import configure_logging
 COMMANDS = {
     "info": "info", "map": "extent_map", "check": "check", "cat": "cat",
     **dict.fromkeys(("create", "snapshot", "merge", "diff", "clone"), "volume"), "log": "log",
-    "import": "transfer", "export": "transfer",
+    "import": "transfer", "export": "exporting",
     **dict.fromkeys(("push", "pull", "gc", "cache"), "remote"),
     "serve": "serve", "stats": "stats", **dict.fromkeys(("attach", "detach", "fuse-daemon"), "attach"),
     "layer": "layer", "zfile": "zfile", "convert": "convert",

@@ -1,6 +1,6 @@
-"""``overlaybd import`` / ``export``: raw and qcow2 disks (and block devices) in and out of volumes (qcow2 through
-qemu-img). An import writes only what differs from the volume's current device, as one new snapshot; a qcow2
-backing chain becomes one snapshot per image of the chain."""
+"""``overlaybd import``: raw and qcow2 disks (and block devices) into volumes (qcow2 through qemu-img). An import
+writes only what differs from the volume's current device, as one new snapshot; a qcow2 backing chain becomes one
+snapshot per image of the chain. (``export``, the way out, is ``exporting``.)"""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Any
 
 from .. import qemu
 from ..errors import UsageError
-from ..formats.output import Compression, copy_out
+from ..formats.output import Compression
 from ..importing import DeltaStats, write_delta, write_ranges
 from ..source.file import FileSource
 from ..volume import CONFIG, Volume
-from .common import emit_json, human, open_volume, progress_bar, split_volume_ref
+from .common import emit_json, human, open_volume, progress_bar
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -30,13 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="a qcow2 backing chain as one snapshot per image (default: when SRC has backing files)")
     i.add_argument("--output", choices=("human", "json"), default="human")
     i.set_defaults(run=run_import)
-
-    e = sub.add_parser("export", help="write a volume (or VOL@SNAP) to a raw or qcow2 disk; holes stay holes")
-    e.add_argument("volume", metavar="VOL[@SNAP]")
-    e.add_argument("dst")
-    e.add_argument("-O", "--format", choices=("raw", "qcow2"), default="raw")
-    e.add_argument("--force", action="store_true")
-    e.set_defaults(run=run_export)
 
 
 def _target(volume: str, size: int) -> Volume:
@@ -94,21 +87,3 @@ def _snapshot(vol: Volume, message: str, compression: Compression | None, stats:
     snap = vol.snapshot(message, compression)
     return {"snapshot": snap.number, "uuid": snap.uuid, "file_size": snap.file_size, "source": source,
             **stats.as_json()}
-
-
-def run_export(args: argparse.Namespace) -> int:
-    vol_path, ref = split_volume_ref(args.volume)
-    vol = open_volume(vol_path, remote=False)
-    snapshot = vol.resolve(ref) if ref is not None else None
-    with vol.open(snapshot=snapshot) as dev, progress_bar("export", True) as progress:
-        if args.format == "raw":
-            copy_out(args.dst, dev, force=args.force, progress=progress)
-        else:
-            if os.path.exists(args.dst) and not args.force:
-                raise UsageError("output exists (use --force to replace it)", path=args.dst)
-            with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.dst))) as tmp:
-                raw = os.path.join(tmp, "disk.raw")
-                copy_out(raw, dev, progress=progress)
-                qemu.from_raw(raw, args.dst)
-    print(f"{args.dst}: {args.format}, {human(dev.size)}")
-    return 0

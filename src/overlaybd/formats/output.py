@@ -1,22 +1,40 @@
-"""Writing a layer file as users ask for it: plain, ZFile'd, and/or in the tar envelope; always atomically.
+"""Writing a layer file as users ask for it: plain, ZFile'd, and/or in the tar envelope; always atomically; and any
+device (a BlockSource) to a sparse raw file.
 
 The file is built under a temporary name in the destination's folder, synced, then renamed, so a failure never
-leaves a half-written file under the final name.
+leaves a half-written file under the final name (``rawout.write_atomically``, which the numpy-free export of a
+small stack uses too).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
-
-from ..errors import LayerIOError, UsageError
+from ..errors import UsageError
 from ..source.base import BlockSource, ExtentKind
 from ..source.file import FileSource, write_all
-from . import tarwrap
+from . import rawout, tarwrap
+from .rawout import (  # re-exported: what writing a device out is made of
+    COPY_CHUNK as COPY_CHUNK,
+)
+from .rawout import (
+    ZERO_BLOCK as ZERO_BLOCK,
+)
+from .rawout import (
+    chunked as chunked,
+)
+from .rawout import (
+    nonzero_runs as nonzero_runs,
+)
+from .rawout import (
+    scan_blocks,
+    tmp_beside,
+)
+from .rawout import (
+    set_length as set_length,
+)
 from .zfile.writer import Progress, ZFileResult, write_zfile
 
 #: writes the payload into ``fd`` at ``base``; returns its length in bytes
@@ -40,29 +58,10 @@ class Written:
     zfile: ZFileResult | None = None
 
 
-def _tmp_beside(path: str) -> tuple[int, str]:
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise LayerIOError(f"cannot create a file: {exc.strerror}", path=folder) from exc
-    os.fchmod(fd, 0o644)
-    return fd, tmp
-
-
-def set_length(fd: int, length: int, path: str) -> None:
-    """``ftruncate``, its refusal (a file system's size limit, a full disk) a LayerIOError naming ``path``."""
-    try:
-        os.ftruncate(fd, length)
-    except OSError as exc:
-        raise LayerIOError(f"cannot make the file {length} bytes long: {exc.strerror}", path=path) from exc
-
-
 def write_atomically(path: str, produce: Producer, *, tar: bool = False, force: bool = False) -> Written:
-    if os.path.exists(path) and not force:
-        raise UsageError("output exists (use --force to replace it)", path=path)
-    fd, tmp = _tmp_beside(path)
-    try:
+    sizes: list[int] = []
+
+    def fill(fd: int) -> int:
         base = tarwrap.PAYLOAD_OFFSET if tar else 0
         payload = produce(fd, base)
         size = payload
@@ -70,15 +69,11 @@ def write_atomically(path: str, produce: Producer, *, tar: bool = False, force: 
             head, end_at, size = tarwrap.envelope(payload, os.fstat(fd).st_mode)
             write_all(fd, head, 0, path)
             write_all(fd, bytes(2 * tarwrap.BLOCK), end_at, path)
-        set_length(fd, size, path)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    return Written(path, size, payload)
+        sizes.append(payload)
+        return size
+
+    size = rawout.write_atomically(path, fill, force=force)
+    return Written(path, size, sizes[0])
 
 
 def write_layer_file(path: str, produce: Producer, *, compression: Compression | None = None, tar: bool = False,
@@ -88,7 +83,7 @@ def write_layer_file(path: str, produce: Producer, *, compression: Compression |
         return write_atomically(path, produce, tar=tar, force=force)
     if os.path.exists(path) and not force:
         raise UsageError("output exists (use --force to replace it)", path=path)
-    fd, tmp = _tmp_beside(path + ".plain")
+    fd, tmp = tmp_beside(path + ".plain")
     try:
         length = produce(fd, 0)
         set_length(fd, length, tmp)
@@ -117,12 +112,6 @@ def compress_to(path: str, src: BlockSource, compression: Compression, *, tar: b
 
     w = write_atomically(path, produce, tar=tar, force=force)
     return Written(w.path, w.size, w.payload_size, result[0])
-
-
-# bytes read, then written, at a time: a buffer that stays in the CPU's cache between the read's copy and the
-# write's (8 MiB took 3-5x the kernel time of 256 KiB for a dense 1 GiB export in bench_export.py)
-COPY_CHUNK = 256 << 10
-ZERO_BLOCK = 4096  # the unit in which zeros inside data are left as holes (as qemu-img convert -S 4k)
 
 
 def copy_out(path: str, src: BlockSource, *, force: bool = False, progress: Progress | None = None,
@@ -160,13 +149,6 @@ def data_runs(src: BlockSource) -> Iterator[tuple[int, int]]:
         yield start, end
 
 
-def chunked(runs: Iterable[tuple[int, int]], chunk: int) -> Iterator[tuple[int, int]]:
-    """``(offset, length)`` pieces of at most ``chunk`` bytes covering ``runs``."""
-    for start, end in runs:
-        for pos in range(start, end, chunk):
-            yield pos, min(chunk, end - pos)
-
-
 def copy_ranges(src: BlockSource, fd: int, base: int, path: str, ranges: Iterable[tuple[int, int]],
                 progress: Progress | None, *, skip_zeros: bool) -> None:
     """Copy each ``(offset, length)`` of ``src`` to ``fd`` at ``base + offset`` through one reused buffer.
@@ -178,20 +160,7 @@ def copy_ranges(src: BlockSource, fd: int, base: int, path: str, ranges: Iterabl
     for pos, n in ranges:
         view = whole[:n]
         src.readinto(pos, view)
-        for a, b in (nonzero_runs(view) if skip_zeros else [(0, n)]):
+        for a, b in (scan_blocks(buf, n) if skip_zeros else [(0, n)]):
             write_all(fd, view[a:b], base + pos + a, path)
         if progress is not None:
             progress(pos + n, src.size)
-
-
-def nonzero_runs(view: memoryview) -> list[tuple[int, int]]:
-    """``[a, b)`` ranges of ``view`` holding a non-zero byte, in whole ZERO_BLOCK blocks (the last may be short)."""
-    n = len(view)
-    whole = n - n % ZERO_BLOCK
-    blocks = np.frombuffer(view[:whole], dtype=np.uint64).reshape(-1, ZERO_BLOCK // 8).any(axis=1)
-    flags = np.append(blocks, bool(any(view[whole:]))) if whole < n else blocks
-    if flags.all():
-        return [(0, n)]
-    edges = np.flatnonzero(np.diff(np.concatenate(([False], flags, [False])).astype(np.int8)))
-    return [(int(a) * ZERO_BLOCK, min(int(b) * ZERO_BLOCK, n)) for a, b in zip(edges[0::2], edges[1::2],
-                                                                              strict=True)]

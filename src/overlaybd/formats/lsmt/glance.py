@@ -1,5 +1,6 @@
 """A plain sealed LSMT file read from its header, trailer and (small) index alone, without numpy: what ``overlaybd
-log`` and ``overlaybd info`` need of a layer, at the cost of a few reads.
+log`` and ``overlaybd info`` need of a layer (and ``small_stack`` of each layer of a small stack), at the cost of a
+few reads.
 
 The checks are those ``LsmtLayer`` makes (the same functions for header and trailer; the same order and bounds
 rules for index records). Anything else (another form: ZFile, tar, writable; anything amiss; an index too large
@@ -87,11 +88,12 @@ def read_ends(path: str) -> Ends | None:
     return Ends(header, trailer, size)
 
 
-def index_totals(path: str, ends: Ends) -> IndexTotals | None:
-    """Counts over the index of a file ``read_ends`` accepted, after the order and bounds checks of the full
-    reader; None when the index is large (or fails a check, or cannot be read)."""
+def index_records(path: str, ends: Ends, limit: int = SMALL_INDEX_RECORDS) -> list[tuple[int, int, int, bool]] | None:
+    """The index records of a file ``read_ends`` accepted, padding dropped, as ``(offset, length, moffset,
+    zeroed)`` in sectors, after the order and bounds checks of the full reader; None when the index holds more
+    than ``limit`` records (or fails a check, or cannot be read)."""
     t = ends.trailer
-    if t.index_size > SMALL_INDEX_RECORDS:
+    if t.index_size > limit:
         return None
     try:
         with open(path, "rb", buffering=0) as f:
@@ -101,7 +103,7 @@ def index_totals(path: str, ends: Ends) -> IndexTotals | None:
     if len(raw) != t.index_size * RECORD_SIZE:
         return None
     lo, hi = HEADER_SIZE // SECTOR, t.index_offset // SECTOR
-    records = zeroed = mapped_sectors = zeroed_sectors = 0
+    out = []
     prev_end = -1
     for w0, w1 in _RECORD.iter_unpack(raw):
         offset = w0 & _MASK50
@@ -111,13 +113,23 @@ def index_totals(path: str, ends: Ends) -> IndexTotals | None:
         if offset < prev_end or not _inside(moffset, length, is_zero, lo, hi):
             return None
         prev_end = offset + length
-        records += 1
+        out.append((offset, length, moffset, is_zero))
+    return out
+
+
+def index_totals(path: str, ends: Ends) -> IndexTotals | None:
+    """Counts over the index of a file ``read_ends`` accepted (``index_records``); None when that is."""
+    records = index_records(path, ends)
+    if records is None:
+        return None
+    zeroed = mapped_sectors = zeroed_sectors = 0
+    for _offset, length, _moffset, is_zero in records:
         if is_zero:
             zeroed += 1
             zeroed_sectors += length
         else:
             mapped_sectors += length
-    return IndexTotals(records, zeroed, mapped_sectors, zeroed_sectors)
+    return IndexTotals(len(records), zeroed, mapped_sectors, zeroed_sectors)
 
 
 def _inside(m: int, length: int, is_zero: bool, lo: int, hi: int) -> bool:
