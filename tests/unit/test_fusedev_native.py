@@ -220,3 +220,19 @@ def test_an_odd_sized_device_reads_to_its_end(tmp_path: Path, size: int) -> None
         with serving(dev, readonly=True) as (k, _):
             off = size - 4096
             assert k.ask(F.READ, _rw(off, 8192)) == (0, bytes(model[off:size]))
+
+
+def test_space_allocated_ahead_is_given_back_at_close(tmp_path: Path) -> None:
+    """The writable layer allocates blocks ahead of its appends without changing its files' sizes (the size is
+    where the data ends, which opening relies on), and frees them when it closes."""
+    vol = Volume.create(str(tmp_path / "vol"), SIZE)
+    data_path, index_path = vol.upper
+    with vol.open(writable=True) as dev:
+        dev.pwrite(0, os.urandom(1 << 20))
+        dev.flush()
+        assert os.stat(data_path).st_size == 4096 + (1 << 20) and os.stat(index_path).st_size == 4096 + 16
+    for path in (data_path, index_path):
+        st = os.stat(path)
+        assert st.st_blocks * 512 <= st.st_size + 4096, path
+    with vol.open() as dev:
+        assert dev.pread(0, 1 << 20) != bytes(1 << 20)

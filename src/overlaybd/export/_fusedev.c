@@ -54,7 +54,10 @@ typedef struct {
     uint64_t max_write;    /* bytes one record covers at most */
     PyObject *reserve;     /* reserve(length) -> data-file offset */
     PyObject *publish;     /* publish(offset, length, at, zeroed): log and map the record */
+    uint64_t id;           /* unique in the process, from 1 */
 } Disk;
+
+static uint64_t last_id;
 
 static void disk_dealloc(Disk *self) {
     if (self->ends_view.obj)
@@ -128,6 +131,7 @@ static int disk_init(Disk *self, PyObject *args, PyObject *kwds) {
     }
     self->fast = fast;
     self->data_fd = -1;
+    self->id = __atomic_add_fetch(&last_id, 1, __ATOMIC_RELAXED);
     return 0;
 }
 
@@ -325,6 +329,33 @@ static int call_python(PyThreadState **ts, PyObject *fn, unsigned long long *val
     return rc;
 }
 
+/* Space in the data file for the writes of this thread: reserved from Python a CHUNK at a time, handed out here
+ * without the GIL. What a thread leaves of its chunk (when a write does not fit, or another device comes) stays a
+ * hole in the data file that no record points at. */
+#define CHUNK (UINT64_C(1) << 20)
+static __thread struct {
+    uint64_t disk; /* the Disk's id: a chunk is never used for another */
+    uint64_t next, end;
+} space;
+
+static int take_space(Disk *self, PyThreadState **ts, uint32_t size, unsigned long long *at) {
+    if (space.disk == self->id && space.end - space.next >= size) {
+        *at = space.next;
+        space.next += size;
+        return 0;
+    }
+    if (size >= CHUNK / 4) /* a large write: its own space */
+        return call_python(ts, self->reserve, at, "(I)", size);
+    unsigned long long chunk;
+    if (call_python(ts, self->reserve, &chunk, "(K)", (unsigned long long)CHUNK) < 0)
+        return -1;
+    space.disk = self->id;
+    *at = chunk;
+    space.next = chunk + size;
+    space.end = chunk + CHUNK;
+    return 0;
+}
+
 /* Serve the WRITE in ``in`` (``len`` bytes): 1 if answered, 0 if Python must serve it. Called without the GIL
  * (``*ts`` is this thread's state, taken back around the two calls into Python). */
 static int serve_write(Disk *self, PyThreadState **ts, const char *in, size_t len, char *out, size_t outlen) {
@@ -341,7 +372,7 @@ static int serve_write(Disk *self, PyThreadState **ts, const char *in, size_t le
         return 0;
     mark_range(self, offset, size); /* before the upper maps it */
     unsigned long long at;
-    if (call_python(ts, self->reserve, &at, "(I)", size) < 0)
+    if (take_space(self, ts, size, &at) < 0)
         return 0;
     const char *payload = in + IN_HEADER_SIZE + WRITE_IN_SIZE;
     if (size <= outlen) { /* page-aligned, for a descriptor opened O_DIRECT */

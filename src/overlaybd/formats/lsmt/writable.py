@@ -9,6 +9,7 @@ logged after it are ignored on open.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import logging
 import os
@@ -47,6 +48,19 @@ from .view import LsmtView
 
 log = logging.getLogger(__name__)
 _RECORD = struct.Struct("<QQ")  # one index record: offset | length << 50, moffset | zeroed << 55
+# Space allocated ahead of the appends, past the end of the files (their sizes do not change): a flush then
+# finds the blocks its writes landed in already allocated, and only marks them written.
+DATA_AHEAD = 64 << 20
+INDEX_AHEAD = 1 << 20
+_FALLOC_FL_KEEP_SIZE = 0x01
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def allocate_ahead(fd: int, offset: int, length: int) -> None:
+    """``fallocate(KEEP_SIZE)``: blocks for ``[offset, offset+length)`` without changing the file's size. Where
+    the file system cannot, appends allocate as they go, as without it."""
+    _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 def create_writable(data_path: str, index_path: str, virtual_size: int, *, uuid: bytes | None = None,
@@ -156,6 +170,7 @@ class WritableLayer(WritableBase):
         self.index_path = index_path
         self._alloc_lock = threading.Lock()  # the data file's end: where new data goes
         self._log_lock = threading.Lock()  # the index file's end: records are logged one at a time
+        self._data_ahead = self._index_ahead = 0  # allocated up to here (allocate_ahead)
         try:
             self._load_index()
         except BaseException:
@@ -221,6 +236,9 @@ class WritableLayer(WritableBase):
         with self._alloc_lock:
             at = self._data_end
             self._data_end += length
+            if self._data_end > self._data_ahead:
+                self._data_ahead = self._data_end + DATA_AHEAD
+                allocate_ahead(self.data.fd, at, self._data_ahead - at)
             return at
 
     def publish(self, offset: int, length: int, at: int, zeroed: bool) -> None:
@@ -229,12 +247,19 @@ class WritableLayer(WritableBase):
         s0, n, mstart = offset // SECTOR, length // SECTOR, at // SECTOR
         rec = _RECORD.pack(s0 | n << 50, mstart | zeroed << 55)
         with self._log_lock:
+            self._index_space(len(rec))
             write_all(self.index_file.fd, rec, self._index_end, self.index_path)
             self._index_end += len(rec)
             with self._lock:
                 if not zeroed:  # reads of it check bounds against size
                     self.data.size = max(self.data.size, at + length)
                 self.index.insert(s0, n, mstart, zeroed, self.source_tag)
+
+    def _index_space(self, length: int) -> None:
+        """(Under ``_log_lock``) blocks for the next ``length`` bytes of records, allocated ahead."""
+        if self._index_end + length > self._index_ahead:
+            self._index_ahead = self._index_end + length + INDEX_AHEAD
+            allocate_ahead(self.index_file.fd, self._index_end, self._index_ahead - self._index_end)
 
     def _append(self, offset: int, length: int, data: memoryview | None, step: int) -> None:
         if data is not None:
@@ -259,6 +284,7 @@ class WritableLayer(WritableBase):
             zeroed = True
         recs = encode_records(starts, lens, moffs, np.full(starts.size, zeroed), 0)
         with self._log_lock:
+            self._index_space(len(recs))
             write_all(self.index_file.fd, recs, self._index_end, self.index_path)
             self._index_end += len(recs)
             with self._lock:
@@ -288,6 +314,15 @@ class WritableLayer(WritableBase):
                     raise LayerIOError(f"fdatasync failed: {exc.strerror}", path=path) from exc
 
     def close(self) -> None:
+        if getattr(self, "_data_ahead", 0) or getattr(self, "_index_ahead", 0):
+            # give back what was allocated ahead: a truncation to the same size frees blocks past the end
+            for f in (self.data, self.index_file):
+                if f.fd < 0 or not f.regular:
+                    continue
+                try:
+                    os.ftruncate(f.fd, os.fstat(f.fd).st_size)
+                except OSError as exc:
+                    log.warning("%s: cannot free the space allocated ahead: %s", f.name, exc.strerror)
         super().close()
         if hasattr(self, "index_file"):
             self.index_file.close()
