@@ -20,6 +20,7 @@ page cache is re-warmed right before each, the median is printed. Every device i
 the raw file first (a mismatch fails the run). Everything is detached at the end, also on failure.
 
     .venv/bin/python benchmarks/bench_loop.py [--quick] [--workdir DIR] [--repeats N] [--runtime S] [--json FILE]
+        [--python-too]
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from nbd_common import (
 
 READERS = ["ours (attach, FUSE + loop DIO)", "loop DIO on raw", "loop buffered on raw"]
 WRITERS = ["ours (attach, FUSE + loop DIO)", "loop DIO on raw"]
+PYTHON = "ours, Python only (OVERLAYBD_NATIVE=0)"  # --python-too: the same attach without the C extensions
 
 
 class Devices:
@@ -55,8 +57,17 @@ class Devices:
         self.ours: list[str] = []
         self.loops: list[str] = []
 
-    def attach(self, vol: str, readonly: bool) -> str:
-        dev = run([*OVERLAYBD, "attach", vol, *(["--readonly"] if readonly else [])]).strip()
+    def attach(self, vol: str, readonly: bool, *, native: bool = True) -> str:
+        saved = os.environ.get("OVERLAYBD_NATIVE")
+        if not native:  # the daemon inherits the environment of the attach command
+            os.environ["OVERLAYBD_NATIVE"] = "0"
+        try:
+            dev = run([*OVERLAYBD, "attach", vol, *(["--readonly"] if readonly else [])]).strip()
+        finally:
+            if saved is None:
+                os.environ.pop("OVERLAYBD_NATIVE", None)
+            else:
+                os.environ["OVERLAYBD_NATIVE"] = saved
         self.ours.append(dev)
         return dev
 
@@ -102,7 +113,12 @@ def main() -> int:
     ap = base_parser(__doc__)
     ap.add_argument("--size-mib", type=int, help="volume size (1024; quick 256)")
     ap.add_argument("--runtime", type=int, help="seconds per fio run (10; quick 2)")
+    ap.add_argument("--python-too", action="store_true",
+                    help="also attach the volume (and another clone) with OVERLAYBD_NATIVE=0, measured in the same "
+                         "rounds: the Python path, for a before/after in one run")
     args = ap.parse_args()
+    readers = READERS + ([PYTHON] if args.python_too else [])
+    writers = WRITERS + ([PYTHON] if args.python_too else [])
     if os.geteuid() != 0:
         sys.exit("bench_loop.py needs root (FUSE mount and loop devices)")
     need("losetup", "fio", "fusermount3", "dd", "cmp")
@@ -123,78 +139,106 @@ def main() -> int:
             result["kinds"] = build_mixed_volume(vol, size, args.seed)
             run([*OVERLAYBD, "export", vol, raw])
             run([*OVERLAYBD, "clone", f"{vol}@HEAD", wvol])
+            wvol_py = os.path.join(wd, "wvol-python")
+            if args.python_too:
+                run([*OVERLAYBD, "clone", f"{vol}@HEAD", wvol_py])
             shutil.copyfile(raw, wraw)
             log(f"built the {size // MiB} MiB volume, its raw export and writable copies in "
                 f"{time.perf_counter() - t0:.1f} s")
 
             t0 = time.perf_counter()
-            readers = {READERS[0]: devs.attach(vol, readonly=True),
-                       READERS[1]: devs.loop(raw, dio=True, readonly=True),
-                       READERS[2]: devs.loop(raw, dio=False, readonly=True)}
-            writers = {WRITERS[0]: devs.attach(wvol, readonly=False),
-                       WRITERS[1]: devs.loop(wraw, dio=True, readonly=False)}
+            rdev = {READERS[0]: devs.attach(vol, readonly=True),
+                    READERS[1]: devs.loop(raw, dio=True, readonly=True),
+                    READERS[2]: devs.loop(raw, dio=False, readonly=True)}
+            wdev = {WRITERS[0]: devs.attach(wvol, readonly=False),
+                    WRITERS[1]: devs.loop(wraw, dio=True, readonly=False)}
+            if args.python_too:
+                rdev[PYTHON] = devs.attach(vol, readonly=True, native=False)
+                wdev[PYTHON] = devs.attach(wvol_py, readonly=False, native=False)
             result["attach_seconds"] = round(time.perf_counter() - t0, 2)
-            result["devices"] = {**{f"read: {k}": v for k, v in readers.items()},
-                                 **{f"write: {k}": v for k, v in writers.items()}}
+            result["devices"] = {**{f"read: {k}": v for k, v in rdev.items()},
+                                 **{f"write: {k}": v for k, v in wdev.items()}}
             log(f"devices: {result['devices']}")
-            files = {READERS[0]: vol, READERS[1]: raw, READERS[2]: raw}
-            wfiles = {WRITERS[0]: wvol, WRITERS[1]: wraw}
-            for dev in readers.values():
+            files = {READERS[0]: vol, READERS[1]: raw, READERS[2]: raw, PYTHON: vol}
+            wfiles = {WRITERS[0]: wvol, WRITERS[1]: wraw, PYTHON: wvol_py}
+            for dev in rdev.values():
                 same_bytes(dev, raw)
-            same_bytes(writers[WRITERS[0]], raw)
+            for name in (WRITERS[0], PYTHON):
+                if name in wdev:
+                    same_bytes(wdev[name], raw)
             log("every device reads the same bytes as the raw file")
-
-            seq: dict[str, list[float]] = {n: [] for n in READERS}
-            rand: dict[str, dict[str, list[float]]] = {f"QD{qd}": {n: [] for n in READERS} for qd in (1, 16)}
-            lat: dict[str, list[float]] = {n: [] for n in READERS}
-            wr: dict[str, dict[str, list[float]]] = {f"QD{qd}": {n: [] for n in WRITERS} for qd in (1, 16)}
-            for rep in range(repeats):
-                order = READERS if rep % 2 == 0 else READERS[::-1]
-                for n in order:
-                    warm([files[n]])
-                    seq[n].append(dd_mbps(readers[n]))
-                for qd in (1, 16):
-                    for n in order:
-                        warm([files[n]])
-                        r = fio_dev(readers[n], "randread", qd, runtime, args.seed + rep)
-                        rand[f"QD{qd}"][n].append(r["read_iops"])
-                        if qd == 1:
-                            lat[n].append(r["read_lat_us"])
-                worder = WRITERS if rep % 2 == 0 else WRITERS[::-1]
-                for qd in (1, 16):
-                    for n in worder:
-                        warm([wfiles[n]])
-                        r = fio_dev(writers[n], "randwrite", qd, runtime, args.seed + rep)
-                        wr[f"QD{qd}"][n].append(r["write_iops"])
-                log(f"repeat {rep + 1}/{repeats} done")
+            seq, rand, lat, wr = measure(rdev, wdev, files, wfiles, repeats, runtime, args.seed)
         finally:
             devs.close()
-
-    ours = READERS[0]
-    rows = [["dd bs=1M iflag=direct, MB/s", *(median(seq[n]) for n in READERS),
-             median(seq[ours]) / median(seq[READERS[1]]), median(seq[ours]) / median(seq[READERS[2]])]]
-    for k, v in rand.items():
-        rows.append([f"fio randread 4k {k}, IOPS", *(median(v[n]) for n in READERS),
-                     median(v[ours]) / median(v[READERS[1]]), median(v[ours]) / median(v[READERS[2]])])
-    rows.append(["fio randread 4k QD1, mean latency µs", *(median(lat[n]) for n in READERS),
-                 median(lat[ours]) / median(lat[READERS[1]]), median(lat[ours]) / median(lat[READERS[2]])])
-    print(table(["read (volume attached read-only)", *READERS, "ours/loop DIO", "ours/loop buffered"], rows,
-                title=f"Reads of a {size // MiB} MiB device, median of {repeats} (fio runs {runtime} s)"))
-    print()
-    wrows = [[f"fio randwrite 4k {k} --fsync=64, writes/s", *(median(v[n]) for n in WRITERS),
-              median(v[ours]) / median(v[WRITERS[1]])] for k, v in wr.items()]
-    print(table(["write (writable clone attached)", *WRITERS, "ours/loop DIO"], wrows,
-                title=f"Random 4 KiB writes, a flush every 64, median of {repeats} (fio runs {runtime} s)"))
-    print()
-    result["sequential_mbps"] = {n: {"median": median(seq[n]), "all": seq[n]} for n in READERS}
-    result["randread_iops"] = {k: {n: {"median": median(v[n]), "all": v[n]} for n in READERS}
+    report(readers, writers, seq, rand, lat, wr, size, repeats, runtime)
+    result["sequential_mbps"] = {n: {"median": median(seq[n]), "all": seq[n]} for n in readers}
+    result["randread_iops"] = {k: {n: {"median": median(v[n]), "all": v[n]} for n in readers}
                                for k, v in rand.items()}
-    result["randread_qd1_lat_us"] = {n: median(lat[n]) for n in READERS}
-    result["randwrite_iops"] = {k: {n: {"median": median(v[n]), "all": v[n]} for n in WRITERS}
+    result["randread_qd1_lat_us"] = {n: median(lat[n]) for n in readers}
+    result["randwrite_iops"] = {k: {n: {"median": median(v[n]), "all": v[n]} for n in writers}
                                 for k, v in wr.items()}
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     emit_json(result, args.json)
     return 0
+
+
+Series = dict[str, list[float]]
+
+
+def measure(rdev: dict[str, str], wdev: dict[str, str], files: dict[str, str], wfiles: dict[str, str],
+            repeats: int, runtime: int, seed: int) -> tuple[Series, dict[str, Series], Series, dict[str, Series]]:
+    """Every client on every device, interleaved (the order reversed every other round), page cache re-warmed
+    before each measurement: sequential MB/s, random-read IOPS by depth, QD1 latency, random-write IOPS by depth."""
+    readers, writers = list(rdev), list(wdev)
+    seq: Series = {n: [] for n in readers}
+    rand: dict[str, Series] = {f"QD{qd}": {n: [] for n in readers} for qd in (1, 16)}
+    lat: Series = {n: [] for n in readers}
+    wr: dict[str, Series] = {f"QD{qd}": {n: [] for n in writers} for qd in (1, 16)}
+    for rep in range(repeats):
+        order = readers if rep % 2 == 0 else readers[::-1]
+        for n in order:
+            warm([files[n]])
+            seq[n].append(dd_mbps(rdev[n]))
+        for qd in (1, 16):
+            for n in order:
+                warm([files[n]])
+                r = fio_dev(rdev[n], "randread", qd, runtime, seed + rep)
+                rand[f"QD{qd}"][n].append(r["read_iops"])
+                if qd == 1:
+                    lat[n].append(r["read_lat_us"])
+        worder = writers if rep % 2 == 0 else writers[::-1]
+        for qd in (1, 16):
+            for n in worder:
+                warm([wfiles[n]])
+                r = fio_dev(wdev[n], "randwrite", qd, runtime, seed + rep)
+                wr[f"QD{qd}"][n].append(r["write_iops"])
+        log(f"repeat {rep + 1}/{repeats} done")
+    return seq, rand, lat, wr
+
+
+def report(readers: list[str], writers: list[str], seq: Series, rand: dict[str, Series], lat: Series,
+           wr: dict[str, Series], size: int, repeats: int, runtime: int) -> None:
+    """The tables: medians, and ratios of ours (and of the Python path, when measured) to the plain loop devices."""
+    ours = [n for n in (READERS[0], PYTHON) if n in readers]
+
+    def ratios(v: Series, peers: list[str]) -> list[float]:
+        return [median(v[o]) / median(v[p]) for o in ours for p in peers]
+
+    rpeers = [READERS[1], READERS[2]]
+    heads = [f"{'ours' if o == READERS[0] else 'python'}/{p.replace(' on raw', '')}" for o in ours for p in rpeers]
+    rows = [["dd bs=1M iflag=direct, MB/s", *(median(seq[n]) for n in readers), *ratios(seq, rpeers)]]
+    for k, v in rand.items():
+        rows.append([f"fio randread 4k {k}, IOPS", *(median(v[n]) for n in readers), *ratios(v, rpeers)])
+    rows.append(["fio randread 4k QD1, mean latency µs", *(median(lat[n]) for n in readers), *ratios(lat, rpeers)])
+    print(table(["read (volume attached read-only)", *readers, *heads], rows,
+                title=f"Reads of a {size // MiB} MiB device, median of {repeats} (fio runs {runtime} s)"))
+    print()
+    wheads = [f"{'ours' if o == READERS[0] else 'python'}/loop DIO" for o in ours]
+    wrows = [[f"fio randwrite 4k {k} --fsync=64, writes/s", *(median(v[n]) for n in writers),
+              *ratios(v, [WRITERS[1]])] for k, v in wr.items()]
+    print(table(["write (writable clone attached)", *writers, *wheads], wrows,
+                title=f"Random 4 KiB writes, a flush every 64, median of {repeats} (fio runs {runtime} s)"))
+    print()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,13 @@ into a page-aligned buffer owned by the thread, and the GIL is let go in every `
 The connection asks for 1 MiB requests and up to ``BACKGROUND`` asynchronous ones at a time, so a loop device
 with direct I/O passes its queue depth through. A recorder (:mod:`overlaybd.metrics`) counts the requests that
 carry the disk's I/O as ``read``, ``write``, ``fsync``, ``discard`` and ``write_zeroes``.
+
+Where the C extension ``_fusedev`` is built (and ``OVERLAYBD_NATIVE`` is not 0), the threads take requests in C and
+answer two kinds there, the GIL let go: reads that the merged index of local, uncompressed layer files answers and
+that meet nothing the writable upper maps (every write, trim and zero-write marks its range first), and writes of
+whole sectors to a log-structured upper (the data is written in C; two short calls into Python reserve its place
+and log and map its record). Every other request comes back to the Python code here, which serves them all where
+the extension is not built. Counting requests (``metrics``) keeps every request in Python. See :func:`native_disk`.
 """
 
 from __future__ import annotations
@@ -25,12 +32,21 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
+from .. import native
 from ..errors import LayerIOError, OverlaybdError, errno_of
+from ..formats.lsmt.mapping import MergedIndex
+from ..formats.lsmt.spec import SECTOR, WRITE_SPLIT_SECTORS
+from ..formats.lsmt.stack import LsmtStack
+from ..formats.lsmt.writable import WritableLayer
 from ..metrics import Recorder
 from ..source.base import BlockSource, Capability
+from ..source.file import FileSource
 
 log = logging.getLogger(__name__)
+FUSEDEV = "overlaybd.export._fusedev"
+_fusedev: Any = native.load(FUSEDEV)
 
 DISK = b"disk"
 ROOT_ID, DISK_ID = 1, 2
@@ -97,6 +113,12 @@ class DiskDevice:
             FSYNC: self._fsync, FALLOCATE: self._fallocate, INIT: self._init,
             RELEASE: _nothing, RELEASEDIR: _nothing, FLUSH: _nothing, FSYNCDIR: _nothing, DESTROY: _nothing,
         }
+        self._native = native_disk(fd, source, writable=self.writable) if metrics is None else None
+
+    @property
+    def served_natively(self) -> int:
+        """Requests answered in C so far (0 without the extension)."""
+        return int(self._native.served) if self._native is not None else 0
 
     def serve(self) -> None:
         """Serve with ``threads`` threads until the file system is unmounted."""
@@ -110,8 +132,9 @@ class DiskDevice:
         inbuf = bytearray(MAX_REQUEST + 4096)
         inview = memoryview(inbuf)
         out = memoryview(mmap.mmap(-1, MAX_REQUEST))  # page-aligned: reads land here, then go out after the header
+        disk = self._native
         while True:
-            n = self._take(inbuf)
+            n = disk.serve(inbuf, out) if disk is not None else self._take(inbuf)
             if n < 0:
                 return
             if not n:
@@ -261,12 +284,18 @@ class DiskDevice:
         if offset + size > self.source.size:
             raise FuseError(errno.ENOSPC)
         start = RW_IN.size + 16  # after fuse_write_in: lock_owner, flags, padding
+        self._mark(offset, size)
         self.source.pwrite(offset, body[start:start + size])
         return WRITE_OUT.pack(size, 0)
 
     def _fsync(self, nodeid: int, body: memoryview, out: memoryview) -> bytes:
         self.source.flush()
         return b""
+
+    def _mark(self, offset: int, length: int) -> None:
+        """Before the upper changes: reads in C must leave ``[offset, offset+length)`` to Python from now on."""
+        if self._native is not None:
+            self._native.mark(offset, length)
 
     def _fallocate(self, nodeid: int, body: memoryview, out: memoryview) -> bytes:
         if not self.writable:
@@ -276,6 +305,7 @@ class DiskDevice:
         end = min(offset + length, source.size)
         if offset >= end:
             return b""
+        self._mark(offset, end - offset)
         if mode & PUNCH_HOLE and Capability.TRIM in source.capabilities:
             source.trim(offset, end - offset)
         elif mode & ZERO_RANGE and Capability.WRITE_ZEROES in source.capabilities:
@@ -283,6 +313,31 @@ class DiskDevice:
         elif mode != 0:  # 0 is preallocation: every byte of the disk already exists
             raise FuseError(errno.EOPNOTSUPP)
         return b""
+
+
+def native_disk(fd: int, source: BlockSource, *, writable: bool) -> Any:
+    """The C side of the connection (``_fusedev.Disk``) where the extension is built and ``source`` is a stack
+    whose reads it can serve; else None. Granules of at least 4 KiB, at most 16 Mi of them: a granule the upper
+    maps (now, or after a write, trim or zero-write) sends every read meeting it to Python. ``writable``, over a
+    log-structured upper, it writes the data of one-record writes too (:meth:`WritableLayer.reserve` and
+    :meth:`WritableLayer.publish` do the rest, as the upper's own writes do)."""
+    if _fusedev is None or type(source) is not LsmtStack or not isinstance(source.lower_index, MergedIndex):
+        return None
+    index = source.lower_index
+    if index.ends.dtype.itemsize != 8 or index.packed.dtype.itemsize != 8:
+        return None
+    fds = [src.fd if type(src) is FileSource else -1 for src in source.sources[:len(source.lowers)]]
+    sectors = -(-source.size // SECTOR)
+    shift = max(3, (sectors >> 24).bit_length())
+    disk = _fusedev.Disk(fd, source.size, index.ends, index.packed, fds, shift, True)
+    if source.upper is not None:
+        seg = source.upper.segments()
+        for o, n in zip(seg.offset.tolist(), seg.length.tolist(), strict=True):
+            disk.mark(o * SECTOR, n * SECTOR)
+    upper = source.upper
+    if writable and type(upper) is WritableLayer:
+        disk.set_writer(upper.data.fd, WRITE_SPLIT_SECTORS * SECTOR, upper.reserve, upper.publish)
+    return disk
 
 
 def _nothing(nodeid: int, body: memoryview, out: memoryview) -> bytes:

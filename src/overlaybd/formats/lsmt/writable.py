@@ -1,12 +1,15 @@
 """Writable LSMT layers: the log-structured data+index pair and the sparse form.
 
-Writes append data to the data file, then one record per piece to the index file. ``flush()`` makes every
-earlier write durable, data first (fdatasync data, then index). A record that points past the end of the data
-file can only be an unflushed write torn by a crash: it and everything logged after it are ignored on open.
+Writes append data to the data file, then one record per piece to the index file: writes put their data in
+parallel, each in space it reserved, and a record is logged only once its data is written. ``flush()`` makes
+every earlier write durable, data first (fdatasync data, then index, with no record logged in between). A record
+that points past the end of the data file can only be an unflushed write torn by a crash: it and everything
+logged after it are ignored on open.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import logging
 import os
@@ -45,6 +48,19 @@ from .view import LsmtView
 
 log = logging.getLogger(__name__)
 _RECORD = struct.Struct("<QQ")  # one index record: offset | length << 50, moffset | zeroed << 55
+# Space allocated ahead of the appends, past the end of the files (their sizes do not change): a flush then
+# finds the blocks its writes landed in already allocated, and only marks them written.
+DATA_AHEAD = 64 << 20
+INDEX_AHEAD = 1 << 20
+_FALLOC_FL_KEEP_SIZE = 0x01
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def allocate_ahead(fd: int, offset: int, length: int) -> None:
+    """``fallocate(KEEP_SIZE)``: blocks for ``[offset, offset+length)`` without changing the file's size. Where
+    the file system cannot, appends allocate as they go, as without it."""
+    _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 def create_writable(data_path: str, index_path: str, virtual_size: int, *, uuid: bytes | None = None,
@@ -152,6 +168,9 @@ class WritableLayer(WritableBase):
             self.data.close()
             raise
         self.index_path = index_path
+        self._alloc_lock = threading.Lock()  # the data file's end: where new data goes
+        self._log_lock = threading.Lock()  # the index file's end: records are logged one at a time
+        self._data_ahead = self._index_ahead = 0  # allocated up to here (allocate_ahead)
         try:
             self._load_index()
         except BaseException:
@@ -207,41 +226,72 @@ class WritableLayer(WritableBase):
                                    offset=self._index_end) from exc
 
     # -- writes ------------------------------------------------------------------------------------------------
+    # A write takes its place in the data file (reserve), writes its data there with no lock held, then logs its
+    # records and maps them (publish), under ``_log_lock`` and then the index lock. Writes thus put their data in
+    # parallel; their records go to the index file one at a time, each after its own data, in the order the index
+    # maps them. ``flush()`` holds ``_log_lock`` across both syncs, so no record is logged between them: any
+    # record the index sync makes durable was logged, hence its data written, before the data sync began.
+    def reserve(self, length: int) -> int:
+        """Where in the data file ``length`` bytes of new data go (a multiple of SECTOR): the space is theirs."""
+        with self._alloc_lock:
+            at = self._data_end
+            self._data_end += length
+            if self._data_end > self._data_ahead:
+                self._data_ahead = self._data_end + DATA_AHEAD
+                allocate_ahead(self.data.fd, at, self._data_ahead - at)
+            return at
+
+    def publish(self, offset: int, length: int, at: int, zeroed: bool) -> None:
+        """Log and map one record: ``length`` bytes (at most WRITE_SPLIT_SECTORS sectors) at device ``offset``
+        read from data-file byte ``at`` (its data already written there), or read as zeros (``zeroed``)."""
+        s0, n, mstart = offset // SECTOR, length // SECTOR, at // SECTOR
+        rec = _RECORD.pack(s0 | n << 50, mstart | zeroed << 55)
+        with self._log_lock:
+            self._index_space(len(rec))
+            write_all(self.index_file.fd, rec, self._index_end, self.index_path)
+            self._index_end += len(rec)
+            with self._lock:
+                if not zeroed:  # reads of it check bounds against size
+                    self.data.size = max(self.data.size, at + length)
+                self.index.insert(s0, n, mstart, zeroed, self.source_tag)
+
+    def _index_space(self, length: int) -> None:
+        """(Under ``_log_lock``) blocks for the next ``length`` bytes of records, allocated ahead."""
+        if self._index_end + length > self._index_ahead:
+            self._index_ahead = self._index_end + length + INDEX_AHEAD
+            allocate_ahead(self.index_file.fd, self._index_end, self._index_ahead - self._index_end)
+
     def _append(self, offset: int, length: int, data: memoryview | None, step: int) -> None:
+        if data is not None:
+            at = self.reserve(length)
+            write_all(self.data.fd, data, at, self.name)
+        else:
+            with self._alloc_lock:  # a zeroed record points where the data cursor stands
+                at = self._data_end
         s0 = offset // SECTOR
         n = length // SECTOR
         if n <= step:  # one record (the common case): no arrays
-            with self._lock:
-                mstart = self._data_end // SECTOR
-                if data is not None:
-                    write_all(self.data.fd, data, self._data_end, self.name)
-                rec = _RECORD.pack(s0 | n << 50, mstart | (data is None) << 55)
-                write_all(self.index_file.fd, rec, self._index_end, self.index_path)
-                if data is not None:
-                    self._data_end += length
-                    self.data.size = max(self.data.size, self._data_end)
-                self._index_end += len(rec)
-                self.index.insert(s0, n, mstart, data is None, self.source_tag)
+            self.publish(offset, length, at, data is None)
             return
         starts = np.arange(s0, s0 + n, step, dtype=np.int64)
         lens = np.minimum(step, s0 + n - starts)
-        with self._lock:
-            mstart = self._data_end // SECTOR
-            if data is not None:
-                write_all(self.data.fd, data, self._data_end, self.name)
-                moffs = mstart + (starts - s0)
-                zeroed = False
-            else:
-                moffs = np.full(starts.size, mstart, np.int64)
-                zeroed = True
-            recs = encode_records(starts, lens, moffs, np.full(starts.size, zeroed), 0)
+        mstart = at // SECTOR
+        if data is not None:
+            moffs = mstart + (starts - s0)
+            zeroed = False
+        else:
+            moffs = np.full(starts.size, mstart, np.int64)
+            zeroed = True
+        recs = encode_records(starts, lens, moffs, np.full(starts.size, zeroed), 0)
+        with self._log_lock:
+            self._index_space(len(recs))
             write_all(self.index_file.fd, recs, self._index_end, self.index_path)
-            if data is not None:
-                self._data_end += length
-                self.data.size = max(self.data.size, self._data_end)  # reads of it check bounds against size
             self._index_end += len(recs)
-            for o, ln, m in zip(starts.tolist(), lens.tolist(), moffs.tolist(), strict=False):
-                self.index.insert(o, ln, m, zeroed, self.source_tag)
+            with self._lock:
+                if data is not None:
+                    self.data.size = max(self.data.size, at + length)
+                for o, ln, m in zip(starts.tolist(), lens.tolist(), moffs.tolist(), strict=False):
+                    self.index.insert(o, ln, m, zeroed, self.source_tag)
 
     def _write_aligned(self, offset: int, data: memoryview) -> None:
         self._append(offset, len(data), data, WRITE_SPLIT_SECTORS)
@@ -253,15 +303,26 @@ class WritableLayer(WritableBase):
         self._append(offset, length, None, MAX_RECORD_SECTORS)
 
     def _flush(self) -> None:
-        # No lock: every write that returned before this call is in the page cache already. Data goes first, so
-        # a durable index record never points at data that is not durable.
-        for fd, path in ((self.data.fd, self.name), (self.index_file.fd, self.index_path)):
-            try:
-                os.fdatasync(fd)
-            except OSError as exc:
-                raise LayerIOError(f"fdatasync failed: {exc.strerror}", path=path) from exc
+        # Every write that returned before this call is in the page cache already. Data goes first, and no record
+        # is logged until the index is synced too, so a durable index record never points at data that is not
+        # durable (reads go on meanwhile: they take the index lock only).
+        with self._log_lock:
+            for fd, path in ((self.data.fd, self.name), (self.index_file.fd, self.index_path)):
+                try:
+                    os.fdatasync(fd)
+                except OSError as exc:
+                    raise LayerIOError(f"fdatasync failed: {exc.strerror}", path=path) from exc
 
     def close(self) -> None:
+        if getattr(self, "_data_ahead", 0) or getattr(self, "_index_ahead", 0):
+            # give back what was allocated ahead: a truncation to the same size frees blocks past the end
+            for f in (self.data, self.index_file):
+                if f.fd < 0 or not f.regular:
+                    continue
+                try:
+                    os.ftruncate(f.fd, os.fstat(f.fd).st_size)
+                except OSError as exc:
+                    log.warning("%s: cannot free the space allocated ahead: %s", f.name, exc.strerror)
         super().close()
         if hasattr(self, "index_file"):
             self.index_file.close()

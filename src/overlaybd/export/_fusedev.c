@@ -1,0 +1,484 @@
+/* The hot loop of the /dev/fuse export (overlaybd.export.fusedev) in C: take a request from the device and, when
+ * it is a READ that the merged index of local, uncompressed layer files answers, serve it and write the reply,
+ * all without the GIL; every other request goes back to Python, which serves it as the pure-Python loop does.
+ *
+ * A read is served here only if no byte of it was ever mapped by the writable upper layer: Python marks the
+ * granules of every range it writes, trims or zero-writes (mark) before it changes the upper, and the granules
+ * the upper mapped when the device opened. A read that meets a marked granule, a layer that is not a plain file,
+ * or a failed or short pread goes back to Python, which reads it through the volume (and raises the typed error).
+ *
+ * The merged index is mapping.MergedIndex: ``ends`` (int64, record end sectors, sorted) and ``packed`` (uint64:
+ * moffset bits 0-39, all ones for a zeroed record; length bits 40-55; source bits 56-63).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define MOFFSET_BITS 40
+#define MOFFSET_MASK ((UINT64_C(1) << MOFFSET_BITS) - 1)
+#define LENGTH_MASK UINT64_C(0xFFFF)
+#define SECTOR 512
+
+/* linux/fuse.h */
+#define FUSE_READ 15
+#define FUSE_WRITE 16
+#define WRITE_IN_SIZE 40
+#define IN_HEADER_SIZE 40
+#define OUT_HEADER_SIZE 16
+#define READ_IN_SIZE 40
+#define DISK_ID 2
+
+typedef struct {
+    PyObject_HEAD
+    int fd;                /* /dev/fuse */
+    uint64_t size;         /* the device's size in bytes */
+    Py_buffer ends_view, packed_view;
+    const int64_t *ends;
+    const uint64_t *packed;
+    size_t n;
+    int *fds;              /* per source: a plain file's descriptor, or -1 (reads of it go to Python) */
+    int nfds;
+    uint8_t *marked;       /* one byte per granule of the upper: nonzero once the upper may map some of it */
+    uint64_t granules;
+    int shift;             /* a granule is 1 << shift sectors */
+    int fast;              /* serve reads here at all */
+    uint64_t served;       /* requests answered here (for tests and figures) */
+    /* writes of one record to a log-structured upper (set_writer): data here, the rest through Python */
+    int data_fd;           /* the upper's data file, or -1: every write goes to Python */
+    uint64_t max_write;    /* bytes one record covers at most */
+    PyObject *reserve;     /* reserve(length) -> data-file offset */
+    PyObject *publish;     /* publish(offset, length, at, zeroed): log and map the record */
+    uint64_t id;           /* unique in the process, from 1 */
+} Disk;
+
+static uint64_t last_id;
+
+static void disk_dealloc(Disk *self) {
+    if (self->ends_view.obj)
+        PyBuffer_Release(&self->ends_view);
+    if (self->packed_view.obj)
+        PyBuffer_Release(&self->packed_view);
+    PyMem_Free(self->fds);
+    PyMem_Free(self->marked);
+    Py_XDECREF(self->reserve);
+    Py_XDECREF(self->publish);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int disk_init(Disk *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"fd", "size", "ends", "packed", "fds", "shift", "fast", NULL};
+    int fd, shift, fast;
+    unsigned long long size;
+    PyObject *ends, *packed, *fds;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKOOOip", kwlist, &fd, &size, &ends, &packed, &fds, &shift,
+                                     &fast))
+        return -1;
+    if (self->ends_view.obj || self->marked) {
+        PyErr_SetString(PyExc_RuntimeError, "Disk is already initialised");
+        return -1;
+    }
+    if (shift < 0 || shift > 40) {
+        PyErr_SetString(PyExc_ValueError, "shift out of range");
+        return -1;
+    }
+    if (PyObject_GetBuffer(ends, &self->ends_view, PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    if (PyObject_GetBuffer(packed, &self->packed_view, PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    if (self->ends_view.itemsize != 8 || self->packed_view.itemsize != 8 ||
+        self->ends_view.len != self->packed_view.len) {
+        PyErr_SetString(PyExc_ValueError, "ends and packed must be 8-byte arrays of one length");
+        return -1;
+    }
+    PyObject *seq = PySequence_Fast(fds, "fds must be a sequence of ints");
+    if (!seq)
+        return -1;
+    Py_ssize_t nf = PySequence_Fast_GET_SIZE(seq);
+    self->fds = PyMem_Calloc(nf ? nf : 1, sizeof(int));
+    if (!self->fds) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < nf; k++) {
+        long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, k));
+        if (v == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        self->fds[k] = (int)v;
+    }
+    Py_DECREF(seq);
+    self->nfds = (int)nf;
+    self->fd = fd;
+    self->size = size;
+    self->ends = self->ends_view.buf;
+    self->packed = self->packed_view.buf;
+    self->n = (size_t)(self->ends_view.len / 8);
+    self->shift = shift;
+    uint64_t sectors = (size + SECTOR - 1) / SECTOR;
+    self->granules = (sectors >> shift) + 1;
+    self->marked = PyMem_Calloc(self->granules, 1);
+    if (!self->marked) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->fast = fast;
+    self->data_fd = -1;
+    self->id = __atomic_add_fetch(&last_id, 1, __ATOMIC_RELAXED);
+    return 0;
+}
+
+PyDoc_STRVAR(set_writer_doc,
+             "set_writer(data_fd, max_write, reserve, publish): serve WRITEs of whole sectors, up to max_write bytes,\n"
+             "here: reserve(length) -> where the data goes in data_fd; the data is written there without the GIL;\n"
+             "then publish(offset, length, at, False) logs and maps it. A failure sends the write to Python.");
+
+static PyObject *disk_set_writer(Disk *self, PyObject *args) {
+    int data_fd;
+    unsigned long long max_write;
+    PyObject *reserve, *publish;
+    if (!PyArg_ParseTuple(args, "iKOO", &data_fd, &max_write, &reserve, &publish))
+        return NULL;
+    if (!PyCallable_Check(reserve) || !PyCallable_Check(publish)) {
+        PyErr_SetString(PyExc_TypeError, "reserve and publish must be callable");
+        return NULL;
+    }
+    Py_INCREF(reserve);
+    Py_INCREF(publish);
+    Py_XSETREF(self->reserve, reserve);
+    Py_XSETREF(self->publish, publish);
+    self->max_write = max_write;
+    self->data_fd = data_fd;
+    Py_RETURN_NONE;
+}
+
+static void mark_range(Disk *self, uint64_t offset, uint64_t length) {
+    if (!length || offset >= self->size)
+        return;
+    uint64_t end = offset + length < self->size ? offset + length : self->size;
+    uint64_t g0 = (offset / SECTOR) >> self->shift;
+    uint64_t g1 = ((end + SECTOR - 1) / SECTOR - 1) >> self->shift;
+    for (uint64_t g = g0; g <= g1 && g < self->granules; g++)
+        __atomic_store_n(&self->marked[g], 1, __ATOMIC_RELEASE);
+}
+
+PyDoc_STRVAR(mark_doc, "mark(offset, length): bytes [offset, offset+length) may be mapped by the upper from now on:\n"
+                       "reads that meet them go to Python.");
+
+static PyObject *disk_mark(Disk *self, PyObject *args) {
+    unsigned long long offset, length;
+    if (!PyArg_ParseTuple(args, "KK", &offset, &length))
+        return NULL;
+    mark_range(self, offset, length);
+    Py_RETURN_NONE;
+}
+
+static int is_marked(const Disk *self, uint64_t s0, uint64_t s1) {
+    for (uint64_t g = s0 >> self->shift, last = (s1 - 1) >> self->shift; g <= last; g++)
+        if (g >= self->granules || __atomic_load_n(&self->marked[g], __ATOMIC_ACQUIRE))
+            return 1;
+    return 0;
+}
+
+static int pread_all(int fd, char *buf, size_t len, uint64_t at) {
+    while (len) {
+        ssize_t got = pread(fd, buf, len, (off_t)at);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got <= 0)
+            return -1;
+        buf += got;
+        len -= (size_t)got;
+        at += (uint64_t)got;
+    }
+    return 0;
+}
+
+/* Fill out[0, n) with the bytes of the device at ``offset``; -1 where Python must serve the read. */
+static int read_lower(const Disk *self, uint64_t offset, size_t n, char *out) {
+    uint64_t s0 = offset / SECTOR, s1 = (offset + n + SECTOR - 1) / SECTOR;
+    if (is_marked(self, s0, s1))
+        return -1;
+    const int64_t *ends = self->ends;
+    size_t lo = 0, hi = self->n; /* the first record ending after s0 */
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if ((uint64_t)ends[mid] <= s0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    uint64_t cur = offset, end = offset + n;
+    for (size_t i = lo; i < self->n && cur < end; i++) {
+        uint64_t p = self->packed[i];
+        uint64_t rend = (uint64_t)ends[i] * SECTOR;
+        uint64_t rstart = rend - ((p >> MOFFSET_BITS) & LENGTH_MASK) * SECTOR;
+        if (rstart >= end)
+            break;
+        if (rstart > cur) { /* a hole below every layer */
+            memset(out + (cur - offset), 0, rstart - cur);
+            cur = rstart;
+        }
+        uint64_t stop = rend < end ? rend : end;
+        uint64_t m = p & MOFFSET_MASK;
+        if (m == MOFFSET_MASK) {
+            memset(out + (cur - offset), 0, stop - cur);
+        } else {
+            unsigned src = (unsigned)(p >> 56);
+            if (src >= (unsigned)self->nfds || self->fds[src] < 0)
+                return -1;
+            if (pread_all(self->fds[src], out + (cur - offset), stop - cur, m * SECTOR + (cur - rstart)) < 0)
+                return -1;
+        }
+        cur = stop;
+    }
+    if (cur < end)
+        memset(out + (cur - offset), 0, end - cur);
+    return 0;
+}
+
+/* Send the reply to request ``unique``: a header, then ``n`` bytes of ``data``. */
+static void reply(Disk *self, uint64_t unique, const char *data, size_t n) {
+    struct {
+        uint32_t len;
+        int32_t error;
+        uint64_t unique;
+    } hdr = {(uint32_t)(OUT_HEADER_SIZE + n), 0, unique};
+    struct iovec iov[2] = {{&hdr, OUT_HEADER_SIZE}, {(void *)data, n}};
+    ssize_t put;
+    do {
+        put = writev(self->fd, iov, n ? 2 : 1);
+    } while (put < 0 && errno == EINTR);
+    /* ENOENT: the request was interrupted meanwhile, nobody waits for the reply (the Python loop ignores it too);
+     * the replies built here are well-formed, so nothing else is expected: it would be dropped */
+    __atomic_fetch_add(&self->served, 1, __ATOMIC_RELAXED);
+}
+
+/* Serve the READ in ``in`` (``len`` bytes) into ``out``; 1 if answered, 0 if Python must serve it. */
+static int serve_read(Disk *self, const char *in, size_t len, char *out, size_t outlen) {
+    uint64_t unique, nodeid, offset;
+    uint32_t size;
+    if (len < IN_HEADER_SIZE + READ_IN_SIZE)
+        return 0;
+    memcpy(&unique, in + 8, 8);
+    memcpy(&nodeid, in + 16, 8);
+    if (nodeid != DISK_ID)
+        return 0;
+    memcpy(&offset, in + IN_HEADER_SIZE + 8, 8);
+    memcpy(&size, in + IN_HEADER_SIZE + 16, 4);
+    size_t n = 0;
+    if (offset < self->size) {
+        uint64_t left = self->size - offset;
+        n = size < left ? size : (size_t)left;
+        if (n > outlen)
+            n = outlen;
+    }
+    if (n && read_lower(self, offset, n, out) < 0)
+        return 0;
+    reply(self, unique, out, n);
+    return 1;
+}
+
+static int pwrite_all(int fd, const char *buf, size_t len, uint64_t at) {
+    while (len) {
+        ssize_t put = pwrite(fd, buf, len, (off_t)at);
+        if (put < 0 && errno == EINTR)
+            continue;
+        if (put <= 0)
+            return -1;
+        buf += put;
+        len -= (size_t)put;
+        at += (uint64_t)put;
+    }
+    return 0;
+}
+
+/* Call fn with the arguments ``format`` builds, taking the GIL back for it: 0, and the result in *value (if value
+ * is not NULL); -1 if it raised (cleared: the request then goes to Python, which does it again and answers the
+ * error). */
+static int call_python(PyThreadState **ts, PyObject *fn, unsigned long long *value, const char *format, ...) {
+    PyEval_RestoreThread(*ts);
+    int rc = -1;
+    va_list va;
+    va_start(va, format);
+    PyObject *args = Py_VaBuildValue(format, va);
+    va_end(va);
+    if (args) {
+        PyObject *res = PyObject_CallObject(fn, args);
+        Py_DECREF(args);
+        if (res) {
+            rc = 0;
+            if (value) {
+                *value = PyLong_AsUnsignedLongLong(res);
+                if (*value == (unsigned long long)-1 && PyErr_Occurred())
+                    rc = -1;
+            }
+            Py_DECREF(res);
+        }
+    }
+    if (rc < 0)
+        PyErr_Clear();
+    *ts = PyEval_SaveThread();
+    return rc;
+}
+
+/* Space in the data file for the writes of this thread: reserved from Python a CHUNK at a time, handed out here
+ * without the GIL. What a thread leaves of its chunk (when a write does not fit, or another device comes) stays a
+ * hole in the data file that no record points at. */
+#define CHUNK (UINT64_C(1) << 20)
+static __thread struct {
+    uint64_t disk; /* the Disk's id: a chunk is never used for another */
+    uint64_t next, end;
+} space;
+
+static int take_space(Disk *self, PyThreadState **ts, uint32_t size, unsigned long long *at) {
+    if (space.disk == self->id && space.end - space.next >= size) {
+        *at = space.next;
+        space.next += size;
+        return 0;
+    }
+    if (size >= CHUNK / 4) /* a large write: its own space */
+        return call_python(ts, self->reserve, at, "(I)", size);
+    unsigned long long chunk;
+    if (call_python(ts, self->reserve, &chunk, "(K)", (unsigned long long)CHUNK) < 0)
+        return -1;
+    space.disk = self->id;
+    *at = chunk;
+    space.next = chunk + size;
+    space.end = chunk + CHUNK;
+    return 0;
+}
+
+/* Serve the WRITE in ``in`` (``len`` bytes): 1 if answered, 0 if Python must serve it. Called without the GIL
+ * (``*ts`` is this thread's state, taken back around the two calls into Python). */
+static int serve_write(Disk *self, PyThreadState **ts, const char *in, size_t len, char *out, size_t outlen) {
+    uint64_t unique, nodeid, offset;
+    uint32_t size;
+    if (self->data_fd < 0 || len < IN_HEADER_SIZE + WRITE_IN_SIZE)
+        return 0;
+    memcpy(&unique, in + 8, 8);
+    memcpy(&nodeid, in + 16, 8);
+    memcpy(&offset, in + IN_HEADER_SIZE + 8, 8);
+    memcpy(&size, in + IN_HEADER_SIZE + 16, 4);
+    if (nodeid != DISK_ID || !size || size % SECTOR || offset % SECTOR || size > self->max_write ||
+        offset > self->size || size > self->size - offset || len < IN_HEADER_SIZE + WRITE_IN_SIZE + (size_t)size)
+        return 0;
+    mark_range(self, offset, size); /* before the upper maps it */
+    unsigned long long at;
+    if (take_space(self, ts, size, &at) < 0)
+        return 0;
+    const char *payload = in + IN_HEADER_SIZE + WRITE_IN_SIZE;
+    if (size <= outlen) { /* page-aligned, for a descriptor opened O_DIRECT */
+        memcpy(out, payload, size);
+        payload = out;
+    }
+    if (pwrite_all(self->data_fd, payload, size, at) < 0)
+        return 0; /* the space reserved stays unused: nothing points at it */
+    if (call_python(ts, self->publish, NULL, "(KIKO)", (unsigned long long)offset, size, at, Py_False) < 0)
+        return 0;
+    uint32_t write_out[2] = {size, 0};
+    reply(self, unique, (const char *)write_out, sizeof write_out);
+    return 1;
+}
+
+PyDoc_STRVAR(serve_doc,
+             "serve(inbuf, out) -> int: take requests from the device, answering the reads it can, until one that\n"
+             "Python must serve: its length (the request is in inbuf); -1 once the device is unmounted. Other\n"
+             "errors of the device raise OSError.");
+
+static PyObject *disk_serve(Disk *self, PyObject *args) {
+    Py_buffer in, out;
+    if (!PyArg_ParseTuple(args, "w*w*", &in, &out))
+        return NULL;
+    ssize_t got;
+    int err = 0;
+    PyThreadState *ts = PyEval_SaveThread();
+    for (;;) {
+        got = read(self->fd, in.buf, (size_t)in.len);
+        if (got < 0) {
+            if (errno == EINTR || errno == ENOENT) /* ENOENT: interrupted before we took it */
+                continue;
+            if (errno == ENODEV) /* unmounted */
+                break;
+            err = errno;
+            break;
+        }
+        if (got == 0)
+            break;
+        uint32_t opcode;
+        if (got >= IN_HEADER_SIZE) {
+            memcpy(&opcode, (char *)in.buf + 4, 4);
+            if (opcode == FUSE_READ && self->fast &&
+                serve_read(self, in.buf, (size_t)got, out.buf, (size_t)out.len))
+                continue;
+            if (opcode == FUSE_WRITE && serve_write(self, &ts, in.buf, (size_t)got, out.buf, (size_t)out.len))
+                continue;
+        }
+        break;
+    }
+    PyEval_RestoreThread(ts);
+    PyBuffer_Release(&in);
+    PyBuffer_Release(&out);
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromSsize_t(got > 0 ? got : -1);
+}
+
+static PyObject *disk_get_served(Disk *self, void *closure) {
+    return PyLong_FromUnsignedLongLong(__atomic_load_n(&self->served, __ATOMIC_RELAXED));
+}
+
+static PyMethodDef disk_methods[] = {
+    {"mark", (PyCFunction)disk_mark, METH_VARARGS, mark_doc},
+    {"set_writer", (PyCFunction)disk_set_writer, METH_VARARGS, set_writer_doc},
+    {"serve", (PyCFunction)disk_serve, METH_VARARGS, serve_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef disk_getset[] = {
+    {"served", (getter)disk_get_served, NULL, "requests answered in C", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject DiskType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "overlaybd.export._fusedev.Disk",
+    .tp_basicsize = sizeof(Disk),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = PyDoc_STR("Disk(fd, size, ends, packed, fds, shift, fast): the C side of one /dev/fuse connection"),
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)disk_init,
+    .tp_dealloc = (destructor)disk_dealloc,
+    .tp_methods = disk_methods,
+    .tp_getset = disk_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_fusedev",
+    .m_doc = "Reads of a /dev/fuse export served without the GIL (see overlaybd.export.fusedev).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__fusedev(void) {
+    if (PyType_Ready(&DiskType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&DiskType);
+    if (PyModule_AddObject(m, "Disk", (PyObject *)&DiskType) < 0) {
+        Py_DECREF(&DiskType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
