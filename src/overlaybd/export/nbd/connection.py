@@ -30,6 +30,7 @@ from .protocol import (
     CMD_BLOCK_STATUS,
     CMD_DISC,
     CMD_FLAG_FUA,
+    CMD_FLUSH,
     CMD_NAMES,
     CMD_READ,
     CMD_TRIM,
@@ -391,6 +392,7 @@ class Connection:
                 raise
             return [self._read_head(req), buf.view], buf, 0
         modify(src, req, payload)
+        self.session.export.flusher.wrote()
         return [chunk_none(req.handle) if self.session.structured else simple_reply(req.handle)], None, 0
 
     def _read_head(self, req: Request) -> bytes:
@@ -424,7 +426,11 @@ class Connection:
             if req.command == CMD_BLOCK_STATUS:
                 extents = await self._in_pool(block_status, src, req)
                 return [chunk_block_status(req.handle, META_CONTEXT_ID, extents)], None, 0
-            await self._in_pool(modify, src, req, payload)
+            if req.command == CMD_FLUSH:
+                await session.export.flusher.flush(lambda: self._in_pool(src.flush))
+            else:
+                await self._in_pool(modify, src, req, payload)
+                session.export.flusher.wrote()
             return [chunk_none(req.handle) if session.structured else simple_reply(req.handle)], None, 0
         except Exception as exc:  # the request fails; the connection and the server go on
             if buf is not None:
