@@ -53,7 +53,7 @@ from .session import EndConnection, Session
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-INLINE_MAX = 256 * 1024  # requests up to this size (nbdcopy's default) on a local export are served on the event loop
+INLINE_MAX = 1 << 20  # requests up to this size on a local export are served on the event loop
 BATCH_BYTES = 1 << 20  # reply bytes gathered at most before they go out (a socket buffer takes that at once)
 SMALL_PAYLOAD = 64 * 1024  # write payloads up to this are read without a deadline (they hold little budget)
 Reply = list[bytes | memoryview]
@@ -264,7 +264,8 @@ class Connection:
         with nothing buffered, the whole inline requests at the front of ``data`` that are admitted without
         waiting are served here, in this one turn of the event loop, their replies sent together; the rest (a
         partial request, one that must wait or go to the pool) is returned for the request reader, which takes it
-        from there in order."""
+        from there in order. It stops once the socket does not take a batch of replies whole, so what the
+        transport holds stays within one batch, as on the request reader's path."""
         if not self._idle or len(getattr(self.reader, "_buffer", b"?")) or self._disconnecting or self._ending \
                 or self._gone or self.transport.get_write_buffer_size() or self.transport.is_closing():
             return data
@@ -291,6 +292,8 @@ class Connection:
                 self._serve_entered(req, payload, n)
                 if self._batch_bytes >= BATCH_BYTES:
                     self._flush()
+                    if self.transport.get_write_buffer_size():
+                        break  # the client is slow to take replies: the request reader waits for it to drain
         finally:
             if self._batch:
                 self._flush()
