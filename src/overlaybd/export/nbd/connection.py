@@ -292,8 +292,8 @@ class Connection:
                 self._serve_entered(req, payload, n)
                 if self._batch_bytes >= BATCH_BYTES:
                     self._flush()
-                    if self.transport.get_write_buffer_size():
-                        break  # the client is slow to take replies: the request reader waits for it to drain
+                    if self.transport.get_write_buffer_size() or self.transport.is_closing():
+                        break  # the client is slow to take replies (the request reader waits for the drain) or gone
         finally:
             if self._batch:
                 self._flush()
