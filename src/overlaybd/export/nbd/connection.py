@@ -30,6 +30,7 @@ from .protocol import (
     CMD_BLOCK_STATUS,
     CMD_DISC,
     CMD_FLAG_FUA,
+    CMD_FLUSH,
     CMD_NAMES,
     CMD_READ,
     CMD_TRIM,
@@ -38,6 +39,7 @@ from .protocol import (
     EINVAL,
     MAX_PAYLOAD,
     REQUEST,
+    REQUEST_MAGIC,
     Request,
     chunk_block_status,
     chunk_error,
@@ -51,13 +53,14 @@ from .session import EndConnection, Session
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-INLINE_MAX = 256 * 1024  # requests up to this size (nbdcopy's default) on a local export are served on the event loop
+INLINE_MAX = 1 << 20  # requests up to this size on a local export are served on the event loop
 BATCH_BYTES = 1 << 20  # reply bytes gathered at most before they go out (a socket buffer takes that at once)
 SMALL_PAYLOAD = 64 * 1024  # write payloads up to this are read without a deadline (they hold little budget)
 Reply = list[bytes | memoryview]
 # what requests count as (a command the protocol does not name counts as OTHER: a client cannot make new labels)
 COMMANDS = {code: name for code, name in CMD_NAMES.items() if code != CMD_DISC}
 Outcome = tuple[Reply, Buffer | None, int]  # a request's reply, the read buffer it holds, its errno (0: none)
+_INLINE_COMMANDS = frozenset((CMD_READ, CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES))
 
 
 @dataclass
@@ -76,11 +79,21 @@ class Resources:
 
 class StreamProtocol(asyncio.StreamReaderProtocol):
     """asyncio's stream protocol, also telling ``on_gone`` when the peer closes its side or the connection is
-    lost: a client blocked by back-pressure is not being read, so its end would otherwise go unnoticed."""
+    lost: a client blocked by back-pressure is not being read, so its end would otherwise go unnoticed. Bytes
+    that arrive go first to ``on_data`` (when set), which serves what it can at once and returns the rest for the
+    stream reader."""
 
     def __init__(self, reader: asyncio.StreamReader) -> None:
         super().__init__(reader)
         self.on_gone: Callable[[], None] | None = None
+        self.on_data: Callable[[bytes], bytes] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.on_data is not None:
+            data = self.on_data(data)
+            if not data:
+                return
+        super().data_received(data)
 
     def eof_received(self) -> bool:
         keep_open = bool(super().eof_received())
@@ -105,7 +118,7 @@ class Connection:
         self.session = session
         self.peer = peer
         self.budget = ByteBudget(res.limits.max_inflight)
-        self._slots = asyncio.Semaphore(res.limits.max_requests)
+        self._slots = ByteBudget(res.limits.max_requests)  # requests in flight, one unit each
         self._requests: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[Any] | None = None
         self._disconnecting = False  # NBD_CMD_DISC came: finish what was asked, then close
@@ -119,7 +132,10 @@ class Connection:
         self._held: list[tuple[Buffer | None, int]] = []  # their buffers and budgets, given back once sent
         self._batch_bytes = 0
         self._flushing: asyncio.Handle | None = None
+        self._idle = False  # the request reader waits for a request header, and has no byte of it yet
+        self._protocol = protocol
         protocol.on_gone = self._peer_gone
+        protocol.on_data = self._arrived
 
     # -- the connection as a whole ---------------------------------------------------------------------------
     async def run(self) -> None:
@@ -137,6 +153,7 @@ class Connection:
             log.debug("connection %s: the client is gone", self.peer)
         finally:
             self._ending = True
+            self._protocol.on_data = None
             if self._flushing is not None:
                 self._flush()
             if not self._disconnecting:
@@ -163,7 +180,12 @@ class Connection:
         while True:
             if self.transport.get_write_buffer_size() > self._high_water:
                 await self._drain()  # replies served on the spot wait here for a client slow to take them
-            req = parse_request(await self.reader.readexactly(REQUEST.size))
+            self._idle = True
+            try:
+                head = await self.reader.readexactly(REQUEST.size)
+            finally:
+                self._idle = False
+            req = parse_request(head)
             if req.command == CMD_WRITE and req.length > MAX_PAYLOAD:
                 if req.length > MAX_DISCARD_PAYLOAD:
                     raise EndConnection(f"write payload of {req.length} bytes")
@@ -204,7 +226,7 @@ class Connection:
     async def _admit(self, n: int) -> None:
         """Wait for a request slot and ``n`` bytes of this connection's budget, then of the server's. Nothing
         more is read from this client meanwhile: that is the back-pressure."""
-        await self._slots.acquire()
+        await self._slots.acquire(1)
         try:
             await self.budget.acquire(n)
             try:
@@ -213,14 +235,69 @@ class Connection:
                 self.budget.release(n)
                 raise
         except BaseException:
-            self._slots.release()
+            self._slots.release(1)
             raise
         self.res.admitted += 1
+
+    def _try_admit(self, n: int) -> bool:
+        """:meth:`_admit` if nothing has to wait for it; False, holding nothing, otherwise."""
+        if not self._slots.try_acquire(1):
+            return False
+        if not self.budget.try_acquire(n):
+            self._slots.release(1)
+            return False
+        if not self.res.budget.try_acquire(n):
+            self.budget.release(n)
+            self._slots.release(1)
+            return False
+        self.res.admitted += 1
+        return True
 
     def _release(self, n: int) -> None:
         self.res.budget.release(n)
         self.budget.release(n)
-        self._slots.release()
+        self._slots.release(1)
+
+    # -- requests served as their bytes arrive -------------------------------------------------------------------
+    def _arrived(self, data: bytes) -> bytes:
+        """Bytes from the client, before the stream reader has them. While the request reader waits for a header
+        with nothing buffered, the whole inline requests at the front of ``data`` that are admitted without
+        waiting are served here, in this one turn of the event loop, their replies sent together; the rest (a
+        partial request, one that must wait or go to the pool) is returned for the request reader, which takes it
+        from there in order. It stops once the socket does not take a batch of replies whole, so what the
+        transport holds stays within one batch, as on the request reader's path."""
+        if not self._idle or len(getattr(self.reader, "_buffer", b"?")) or self._disconnecting or self._ending \
+                or self._gone or self.transport.get_write_buffer_size() or self.transport.is_closing():
+            return data
+        pos = 0
+        end = len(data)
+        size = REQUEST.size
+        try:
+            while end - pos >= size:
+                magic, flags, command, handle, offset, length = REQUEST.unpack_from(data, pos)
+                if magic != REQUEST_MAGIC or not self._inline_command(command, flags, length):
+                    break
+                body = length if command == CMD_WRITE else 0
+                if body > SMALL_PAYLOAD or end - pos - size < body:
+                    break
+                req = Request(flags, command, handle, offset, length)
+                n = cost(req)
+                if not self._try_admit(n):
+                    break
+                if not self.res.gate.try_enter():
+                    self._release(n)
+                    break
+                payload = data[pos + size : pos + size + body] if body else b""
+                pos += size + body
+                self._serve_entered(req, payload, n)
+                if self._batch_bytes >= BATCH_BYTES:
+                    self._flush()
+                    if self.transport.get_write_buffer_size() or self.transport.is_closing():
+                        break  # the client is slow to take replies (the request reader waits for the drain) or gone
+        finally:
+            if self._batch:
+                self._flush()
+        return data[pos:] if pos else data
 
     # -- one request -----------------------------------------------------------------------------------------
     async def _serve(self, req: Request, payload: bytes, n: int) -> None:
@@ -246,8 +323,11 @@ class Connection:
     def _inline(self, req: Request) -> bool:
         """Served on the event loop: a small read, write, trim or write-zeroes (no FUA) on an export whose bytes
         are all local."""
-        return (self.session.export.inline and req.length <= INLINE_MAX and not req.flags & CMD_FLAG_FUA
-                and req.command in (CMD_READ, CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES))
+        return self._inline_command(req.command, req.flags, req.length)
+
+    def _inline_command(self, command: int, flags: int, length: int) -> bool:
+        return (self.session.export.inline and length <= INLINE_MAX and not flags & CMD_FLAG_FUA
+                and command in _INLINE_COMMANDS)
 
     def _serve_now(self, req: Request, payload: bytes, n: int) -> bool:
         """Serve an inline request at once, without a task, its reply joining the batch that goes out once the
@@ -255,6 +335,22 @@ class Connection:
         maintenance holds requests back."""
         if not self.res.gate.try_enter():
             return False
+        self._serve_entered(req, payload, n)
+        if self._batch_bytes >= BATCH_BYTES:
+            # out before more is read: what the socket does not take would be copied into the transport, and the
+            # reader waits for that to drain before serving more
+            self._flush()
+        elif len(self._held) == 1 and len(getattr(self.reader, "_buffer", b"\0" * REQUEST.size)) < REQUEST.size:
+            # a lone request, and no other has arrived whole (asyncio's StreamReader keeps what it has read in
+            # _buffer): its reply goes out now, not after another turn of the event loop
+            self._flush()
+        elif self._flushing is None:
+            self._flushing = asyncio.get_running_loop().call_soon(self._flush)
+        return True
+
+    def _serve_entered(self, req: Request, payload: bytes, n: int) -> None:
+        """Serve an admitted inline request that has entered the gate (and leave it); its reply joins the
+        batch."""
         metrics = self.res.metrics
         started = time.perf_counter() if metrics is not None else 0.0
         try:
@@ -268,17 +364,6 @@ class Connection:
         self._batch += reply
         self._held.append((buf, n))
         self._batch_bytes += sum(len(part) for part in reply)
-        if self._batch_bytes >= BATCH_BYTES:
-            # out before more is read: what the socket does not take would be copied into the transport, and the
-            # reader waits for that to drain before serving more
-            self._flush()
-        elif len(self._held) == 1 and len(getattr(self.reader, "_buffer", b"\0" * REQUEST.size)) < REQUEST.size:
-            # a lone request, and no other has arrived whole (asyncio's StreamReader keeps what it has read in
-            # _buffer): its reply goes out now, not after another turn of the event loop
-            self._flush()
-        elif self._flushing is None:
-            self._flushing = asyncio.get_running_loop().call_soon(self._flush)
-        return True
 
     def _flush(self) -> None:
         """Send the batch of replies; give their buffers and budgets back."""
@@ -310,6 +395,7 @@ class Connection:
                 raise
             return [self._read_head(req), buf.view], buf, 0
         modify(src, req, payload)
+        self.session.export.flusher.wrote()
         return [chunk_none(req.handle) if self.session.structured else simple_reply(req.handle)], None, 0
 
     def _read_head(self, req: Request) -> bytes:
@@ -343,7 +429,11 @@ class Connection:
             if req.command == CMD_BLOCK_STATUS:
                 extents = await self._in_pool(block_status, src, req)
                 return [chunk_block_status(req.handle, META_CONTEXT_ID, extents)], None, 0
-            await self._in_pool(modify, src, req, payload)
+            if req.command == CMD_FLUSH:
+                await session.export.flusher.flush(lambda: self._in_pool(src.flush))
+            else:
+                await self._in_pool(modify, src, req, payload)
+                session.export.flusher.wrote()
             return [chunk_none(req.handle) if session.structured else simple_reply(req.handle)], None, 0
         except Exception as exc:  # the request fails; the connection and the server go on
             if buf is not None:

@@ -3,10 +3,11 @@ ends one connection (never the server)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...source.base import BlockSource, Capability
 from . import protocol
+from .flushing import Flusher
 
 
 @dataclass
@@ -18,6 +19,8 @@ class Export:
     #: every byte is local (no remote layers): small requests are served on the event loop itself, saving two
     #: thread hops; a slow read there (a page-cache miss) costs the other requests of the moment a little latency
     inline: bool = False
+    #: its FLUSH requests, joined (see :mod:`.flushing`)
+    flusher: Flusher = field(default_factory=Flusher, compare=False, repr=False)
 
     @property
     def writable(self) -> bool:

@@ -5,11 +5,19 @@
  * the reads' data has gone through the caches; block addresses are spread fairly evenly over a disk, so a guess
  * in proportion lands near the answer and a gallop from there touches a line or two. The Python code beside it
  * (numpy's searchsorted) gives the same answers and runs where this extension is not built.
+ *
+ * read() serves a whole read of a stack's lower layers in one call: the records it meets, the zeros between and
+ * in them, and a pread for each piece of data, into the caller's buffer with the GIL released
+ * (mapping.read_direct is the same in Python).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <errno.h>
 #include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 #define MOFFSET_BITS 40
 #define MOFFSET_MASK ((UINT64_C(1) << MOFFSET_BITS) - 1) /* also the mark of a zeroed record */
@@ -175,7 +183,93 @@ static PyObject *py_upper_bound(PyObject *self, PyObject *args) {
     return PyLong_FromSize_t(upper_bound(ix->ends, ix->n, key));
 }
 
+#define SECTOR 512
+
+/* Fill [buf, buf + n * SECTOR) from the layer files for sectors [start, start + n); 0, or -1 where anything is
+ * amiss (a source without a file, a short read, an error): the caller reads the general way, which says why. */
+static int read_pieces(const Index *ix, const int32_t *fds, size_t nfds, int64_t start, char *buf, int64_t n) {
+    int64_t end = start + n, pos = start;
+    size_t i = upper_bound(ix->ends, ix->n, start);
+    while (pos < end) {
+        int64_t o = end, e = end;
+        uint64_t p = 0;
+        if (i < ix->n) {
+            p = ix->packed[i];
+            e = ix->ends[i];
+            o = e - (int64_t)((p >> MOFFSET_BITS) & 0xFFFF);
+        }
+        if (o > pos) { /* a hole up to the record (or to the end) */
+            int64_t hi = o < end ? o : end;
+            memset(buf + (pos - start) * SECTOR, 0, (size_t)(hi - pos) * SECTOR);
+            pos = hi;
+            continue;
+        }
+        int64_t hi = e < end ? e : end;
+        uint64_t m = p & MOFFSET_MASK;
+        char *dst = buf + (pos - start) * SECTOR;
+        size_t len = (size_t)(hi - pos) * SECTOR;
+        if (m == MOFFSET_MASK) {
+            memset(dst, 0, len);
+        } else {
+            size_t src = (size_t)(p >> 56);
+            if (src >= nfds || fds[src] < 0)
+                return -1;
+            off_t at = (off_t)(m + (uint64_t)(pos - o)) * SECTOR;
+            size_t done = 0;
+            while (done < len) {
+                ssize_t got = pread(fds[src], dst + done, len - done, at + (off_t)done);
+                if (got < 0 && errno == EINTR)
+                    continue;
+                if (got <= 0)
+                    return -1;
+                done += (size_t)got;
+            }
+        }
+        pos = hi;
+        i++;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(read_doc,
+             "read(handle, fds, start, buf) -> bool\n\n"
+             "Fill the writable buffer buf (a whole number of 512-byte sectors) with sectors from start on: the\n"
+             "records of the index, zeros where there is none or a zeroed one, data read from fds (int32 file\n"
+             "descriptors by source number; -1 for a source without one). False where that is not enough (a source\n"
+             "without a file, a short read, an error): the buffer is then partly written, and the caller reads\n"
+             "the general way.");
+
+static PyObject *py_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "read(handle, fds, start, buf)");
+        return NULL;
+    }
+    Index *ix = PyCapsule_GetPointer(args[0], INDEX_NAME);
+    if (!ix)
+        return NULL;
+    long long start = PyLong_AsLongLong(args[2]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer fds, buf;
+    if (PyObject_GetBuffer(args[1], &fds, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[3], &buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&fds);
+        return NULL;
+    }
+    int rc = -1;
+    if (start >= 0 && buf.len % SECTOR == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = read_pieces(ix, fds.buf, (size_t)fds.len / sizeof(int32_t), start, buf.buf, buf.len / SECTOR);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&fds);
+    return PyBool_FromLong(rc == 0);
+}
+
 static PyMethodDef methods[] = {
+    {"read", (PyCFunction)(void (*)(void))py_read, METH_FASTCALL, read_doc},
     {"index", py_index, METH_VARARGS, index_doc},
     {"one_row", (PyCFunction)(void (*)(void))py_one_row, METH_FASTCALL, one_row_doc},
     {"upper_bound", py_upper_bound, METH_VARARGS, upper_bound_doc},

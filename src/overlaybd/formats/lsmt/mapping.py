@@ -7,6 +7,8 @@ where they are; its gaps are asked of the next level; what no level covers is a 
 
 from __future__ import annotations
 
+import os
+from array import array
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
@@ -16,6 +18,7 @@ import numpy as np
 from ... import native
 from ...errors import LimitError
 from .index import MutableIndex, Segments
+from .spec import SECTOR
 
 # the one-record read in C (_lookup.c), where built; numpy below gives the same answers without it
 _lookup: Any = native.load(native.LOOKUP)
@@ -106,12 +109,64 @@ class MergedIndex:
             out.append((o, ln, -1, True, p >> 56) if m == MOFFSET_MASK else (o, ln, m, False, p >> 56))
         return out
 
+    def read(self, fds: array[int], start: int, buf: memoryview | bytearray) -> bool:
+        """Fill ``buf`` (whole sectors) with sectors ``start`` on, as this index alone maps them: data read with
+        ``pread`` from ``fds[source]``, zeros for zeroed records and for what no record covers. False where that
+        is not enough (a source whose descriptor is -1, a short read, an OS error; ``buf`` is then partly
+        written): the caller reads the general way, which raises the error that applies."""
+        if self._native is not None:
+            return bool(_lookup.read(self._native, fds, start, buf))
+        return _read_python(self, fds, start, buf)
+
     def segments(self) -> Segments:
         lengths = ((self.packed >> np.uint64(MOFFSET_BITS)) & np.uint64(LENGTH_MASK)).astype(np.int64)
         moffset = (self.packed & np.uint64(MOFFSET_MASK)).astype(np.int64)
         zeroed = moffset == MOFFSET_MASK
         return Segments(self.ends - lengths, lengths, np.where(zeroed, 0, moffset), zeroed,
                         (self.packed >> np.uint64(56)).astype(np.int32))
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _zero(view: memoryview, a: int, b: int) -> None:
+    while a < b:
+        n = min(b - a, len(_ZEROS))
+        view[a : a + n] = _ZEROS[:n]
+        a += n
+
+
+def _read_python(index: MergedIndex, fds: array[int], start: int, buf: memoryview | bytearray) -> bool:
+    """:meth:`MergedIndex.read` without the C extension (the same steps as ``read_pieces`` in _lookup.c)."""
+    view = memoryview(buf).cast("B")
+    if start < 0 or len(view) % SECTOR:
+        return False
+    end = start + len(view) // SECTOR
+    pos = start
+    for o, ln, m, z, src in index.rows(start, end):
+        lo = max(o, start)
+        hi = min(o + ln, end)
+        _zero(view, (pos - start) * SECTOR, (lo - start) * SECTOR)
+        a, b = (lo - start) * SECTOR, (hi - start) * SECTOR
+        if z:
+            _zero(view, a, b)
+        else:
+            fd = fds[src] if src < len(fds) else -1
+            if fd < 0:
+                return False
+            at = (m + lo - o) * SECTOR
+            while a < b:
+                try:
+                    got = os.preadv(fd, [view[a:b]], at)
+                except OSError:
+                    return False
+                if got <= 0:
+                    return False
+                a += got
+                at += got
+        pos = hi
+    _zero(view, (pos - start) * SECTOR, len(view))
+    return True
 
 
 class MutableLevel:
@@ -132,6 +187,12 @@ class MutableLevel:
         with self.lock:
             i, j = idx.overlapping(start, end)
             return [(idx.offs[k], idx.ends[k] - idx.offs[k], idx.moffs[k], idx.zeroed[k], src) for k in range(i, j)]
+
+    def covers(self, start: int, end: int) -> bool:
+        """Whether any record meets ``[start, end)`` now."""
+        with self.lock:
+            i, j = self.index.overlapping(start, end)
+            return j > i
 
 
 def resolve(levels: Sequence[Level], start: int, end: int, depth: int = 0) -> list[Piece]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack
 
 from ...source.base import BlockSource, Extent, ExtentKind
-from .mapping import DATA, HOLE, Level, resolve
+from ...source.file import FileSource
+from .mapping import DATA, HOLE, Level, MergedIndex, MutableLevel, resolve
 from .spec import SECTOR
 
 _ZEROS = memoryview(bytes(1 << 22))
@@ -30,6 +32,9 @@ class LsmtView(BlockSource):
     #: how extents name the source of a piece (a stack maps source ordinals to layer numbers)
     layer_of_source: Sequence[int] | None = None
     _owned: ExitStack | None = None
+    # how reads take the direct path (see _direct), and the levels that was worked out for
+    _direct_for: Sequence[Level] | None = None
+    _direct_plan: tuple[MutableLevel | None, MergedIndex, array[int]] | None = None
 
     def adopt(self, owned: ExitStack) -> None:
         """Take ownership of what ``owned`` holds: ``close()`` will close it."""
@@ -42,9 +47,45 @@ class LsmtView(BlockSource):
         self._owned.enter_context(resource)
 
     def close(self) -> None:
+        self._direct_for = self._direct_plan = None  # the descriptors it holds are about to be closed
         if self._owned is not None:
             owned, self._owned = self._owned, None
             owned.close()
+
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
+        nbytes = buf.nbytes if isinstance(buf, memoryview) else len(buf)
+        if nbytes and not (offset | nbytes) % SECTOR and 0 <= offset and offset + nbytes <= self.size \
+                and self._read_direct(offset // SECTOR, nbytes // SECTOR, buf):
+            return
+        super().readinto(offset, buf)
+
+    def _direct(self) -> tuple[MutableLevel | None, MergedIndex, array[int]] | None:
+        """The direct path, where the levels allow it: a merged index at the bottom, at most a mutable level
+        above it, and the descriptors of the sources that are local files (-1 for any other)."""
+        levels = self.levels
+        if levels is self._direct_for:
+            return self._direct_plan
+        plan = None
+        if 1 <= len(levels) <= 2 and isinstance(levels[-1], MergedIndex) \
+                and (len(levels) == 1 or isinstance(levels[0], MutableLevel)):
+            top = levels[0] if len(levels) == 2 else None
+            assert top is None or isinstance(top, MutableLevel)
+            fds = array("i", [src.fd if type(src) is FileSource else -1 for src in self.sources])
+            plan = (top, levels[-1], fds)
+        self._direct_for, self._direct_plan = levels, plan
+        return plan
+
+    def _read_direct(self, start: int, count: int, buf: bytearray | memoryview) -> bool:
+        """Sectors ``[start, start+count)`` in one call when the mutable level (if any) has nothing there and the
+        merged index points only into local files: no pieces listed, no source objects called. False, for the
+        general path, otherwise."""
+        plan = self._direct()
+        if plan is None:
+            return False
+        top, index, fds = plan
+        if top is not None and top.covers(start, start + count):
+            return False
+        return index.read(fds, start, buf)
 
     def _read_aligned(self, offset: int, buf: memoryview) -> None:
         length = len(buf)
