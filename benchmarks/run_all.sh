@@ -20,6 +20,7 @@ runs=(
   "bench_index"
   "bench_nbd"
   "bench_loop"
+  "bench_flush_floor"
   "bench_remote --profile --bare-mib 128"
   "bench_convert"
   "bench_nbd_memory"
