@@ -253,12 +253,13 @@ static void reply(Disk *self, uint64_t unique, const char *data, size_t n) {
     } hdr = {(uint32_t)(OUT_HEADER_SIZE + n), 0, unique};
     struct iovec iov[2] = {{&hdr, OUT_HEADER_SIZE}, {(void *)data, n}};
     ssize_t put;
+    /* counted before the reply goes: whoever has the reply finds it counted */
+    __atomic_fetch_add(&self->served, 1, __ATOMIC_RELAXED);
     do {
         put = writev(self->fd, iov, n ? 2 : 1);
     } while (put < 0 && errno == EINTR);
     /* ENOENT: the request was interrupted meanwhile, nobody waits for the reply (the Python loop ignores it too);
      * the replies built here are well-formed, so nothing else is expected: it would be dropped */
-    __atomic_fetch_add(&self->served, 1, __ATOMIC_RELAXED);
 }
 
 /* Serve the READ in ``in`` (``len`` bytes) into ``out``; 1 if answered, 0 if Python must serve it. */

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 from ..errors import LayerIOError, TruncatedError, UsageError
+from ..source.writes import write_all
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing (mypy reads the name alone)
 if TYPE_CHECKING:
@@ -54,17 +55,6 @@ def set_length(fd: int, length: int, path: str) -> None:
         os.ftruncate(fd, length)
     except OSError as exc:
         raise LayerIOError(f"cannot make the file {length} bytes long: {exc.strerror}", path=path) from exc
-
-
-def pwrite_all(fd: int, data: memoryview | bytes, offset: int, name: str) -> None:
-    """``pwrite`` until every byte is written; OS errors (ENOSPC, EIO) become LayerIOError."""
-    view = memoryview(data).cast("B")
-    done = 0
-    while done < len(view):
-        try:
-            done += os.pwrite(fd, view[done:], offset + done)
-        except OSError as exc:
-            raise LayerIOError(f"write failed: {exc.strerror}", path=name, offset=offset + done) from exc
 
 
 def write_atomically(path: str, fill: Callable[[int], int], *, force: bool = False) -> int:
@@ -176,7 +166,7 @@ def _copy(fd: int, path: str, size: int, files: Sequence[str], fds: Sequence[int
             _read_exact(fds[src], whole[lo - pos : hi - pos], at + (lo - a), files[src])
             j += 1
         for a, b in scan_blocks(buf, n):
-            pwrite_all(fd, whole[a:b], pos + a, path)
+            write_all(fd, whole[a:b], pos + a, path)
         if progress is not None:
             progress(end, size)
 

@@ -10,6 +10,9 @@ from collections.abc import Iterator
 from ..errors import LayerIOError, TruncatedError
 from .base import BlockSource, Capability, Extent, ExtentKind
 from .filter import Filter
+from .writes import write_all
+
+__all__ = ["FileSource", "MemorySource", "RangeSource", "allocate_ahead", "punch_hole", "write_all"]
 
 
 class FileSource(BlockSource):
@@ -83,21 +86,16 @@ class FileSource(BlockSource):
             self.fd = -1
 
 
-def write_all(fd: int, data: memoryview | bytes, offset: int, name: str) -> None:
-    """``pwrite`` until every byte is written; OS errors (ENOSPC, EIO) become LayerIOError."""
-    view = memoryview(data).cast("B")
-    done = 0
-    while done < len(view):
-        try:
-            done += os.pwrite(fd, view[done:], offset + done)
-        except OSError as exc:
-            raise LayerIOError(f"write failed: {exc.strerror}", path=name, offset=offset + done) from exc
-
-
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def allocate_ahead(fd: int, offset: int, length: int) -> None:
+    """``fallocate(KEEP_SIZE)``: blocks for ``[offset, offset+length)`` without changing the file's size. Where
+    the file system cannot, appends allocate as they go, as without it."""
+    _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 def punch_hole(fd: int, offset: int, length: int, name: str) -> None:

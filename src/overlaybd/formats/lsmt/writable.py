@@ -9,7 +9,6 @@ logged after it are ignored on open.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import logging
 import os
@@ -21,7 +20,7 @@ import numpy as np
 
 from ...errors import BadMagicError, CorruptIndexError, LayerIOError, LimitError, LockedError, UsageError
 from ...source.base import Capability
-from ...source.file import FileSource, punch_hole, write_all
+from ...source.file import FileSource, allocate_ahead, punch_hole, write_all
 from .index import MutableIndex, Segments, drop_invalid, replay
 from .layer import read_header
 from .mapping import MutableLevel
@@ -52,15 +51,6 @@ _RECORD = struct.Struct("<QQ")  # one index record: offset | length << 50, moffs
 # finds the blocks its writes landed in already allocated, and only marks them written.
 DATA_AHEAD = 64 << 20
 INDEX_AHEAD = 1 << 20
-_FALLOC_FL_KEEP_SIZE = 0x01
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def allocate_ahead(fd: int, offset: int, length: int) -> None:
-    """``fallocate(KEEP_SIZE)``: blocks for ``[offset, offset+length)`` without changing the file's size. Where
-    the file system cannot, appends allocate as they go, as without it."""
-    _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 def create_writable(data_path: str, index_path: str, virtual_size: int, *, uuid: bytes | None = None,
