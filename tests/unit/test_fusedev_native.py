@@ -174,13 +174,16 @@ def test_concurrent_writes_through_c_keep_every_write(tmp_path: Path) -> None:
             t.join()
         with lock:
             body = bytes(16)
-            kernel.send(F.IN_HEADER.pack(F.IN_HEADER.size + len(body), F.FSYNC, next(unique), F.DISK_ID, 0, 0, 0, 0,
+            flush = next(unique)
+            kernel.send(F.IN_HEADER.pack(F.IN_HEADER.size + len(body), F.FSYNC, flush, F.DISK_ID, 0, 0, 0, 0,
                                          0) + body)
+        with done:
+            assert done.wait_for(lambda: flush in replies, 10) and replies[flush][0] == 0
         kernel.shutdown(socket.SHUT_WR)
         runner.join(10)
-        kernel.close()
-        ours.close()
+        ours.close()  # the receiver sees the end, then the socket it reads is closed
         recv.join(10)
+        kernel.close()
         assert dev.pread(0, SIZE) == bytes(model)
     with vol.open() as dev:
         assert dev.pread(0, SIZE) == bytes(model)
