@@ -6,7 +6,6 @@ nothing at the destination."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import resource
@@ -28,6 +27,7 @@ from overlaybd.volume import Volume
 
 from ..conftest import REFERENCE
 from .nbd_helpers import OVERLAYBD
+from .test_export_copy import sha256
 
 MiB = 1 << 20
 
@@ -45,14 +45,6 @@ def data_map(path: Path) -> list[tuple[int, int]]:
             pos = os.lseek(fd, start, os.SEEK_HOLE)
             out.append((start, pos))
     return out
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def same_file(a: Path, b: Path) -> None:

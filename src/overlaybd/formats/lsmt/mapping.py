@@ -126,14 +126,22 @@ class MergedIndex:
                         (self.packed >> np.uint64(56)).astype(np.int32))
 
 
-_ZEROS = bytes(1 << 20)
+_ZEROS = memoryview(bytes(1 << 22))
+
+
+def fill_zero(view: memoryview) -> None:
+    """Zeros over all of ``view``."""
+    n = len(view)
+    pos = 0
+    while pos < n:
+        step = min(n - pos, len(_ZEROS))
+        view[pos : pos + step] = _ZEROS[:step]
+        pos += step
 
 
 def _zero(view: memoryview, a: int, b: int) -> None:
-    while a < b:
-        n = min(b - a, len(_ZEROS))
-        view[a : a + n] = _ZEROS[:n]
-        a += n
+    if a < b:
+        fill_zero(view[a:b])
 
 
 def _read_python(index: MergedIndex, fds: array[int], start: int, buf: memoryview | bytearray) -> bool:

@@ -8,19 +8,8 @@ from contextlib import AbstractContextManager, ExitStack
 
 from ...source.base import BlockSource, Extent, ExtentKind
 from ...source.file import FileSource
-from .mapping import DATA, HOLE, Level, MergedIndex, MutableLevel, resolve
+from .mapping import DATA, HOLE, Level, MergedIndex, MutableLevel, fill_zero, resolve
 from .spec import SECTOR
-
-_ZEROS = memoryview(bytes(1 << 22))
-
-
-def fill_zero(view: memoryview) -> None:
-    n = len(view)
-    pos = 0
-    while pos < n:
-        step = min(n - pos, len(_ZEROS))
-        view[pos : pos + step] = _ZEROS[:step]
-        pos += step
 
 
 class LsmtView(BlockSource):
