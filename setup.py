@@ -22,6 +22,12 @@ setup(
             optional=True,
         ),
         Extension(
+            "overlaybd.formats.lsmt._appender",
+            sources=["src/overlaybd/formats/lsmt/_appender.c"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            optional=True,
+        ),
+        Extension(
             "overlaybd.cache._hits",
             sources=["src/overlaybd/cache/_hits.c"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],

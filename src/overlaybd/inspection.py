@@ -87,7 +87,7 @@ def describe_stack(stack: LsmtStack) -> dict[str, Any]:
     out: dict[str, Any] = {"format": "lsmt-stack", "virtual_size": stack.size, "layers": layers,
                            "merged_records": len(stack.lower_index), "index_bytes": stack.lower_index.nbytes}
     if stack.upper is not None:
-        out["upper"] = {"layer": len(stack.lowers), "path": stack.upper.name, "records": len(stack.upper.index)}
+        out["upper"] = {"layer": len(stack.lowers), "path": stack.upper.name, "records": stack.upper.records()}
     totals = {k.value: 0 for k in ExtentKind}
     for ext in stack.extents():
         totals[ext.kind.value] += ext.length

@@ -1,4 +1,5 @@
-"""The optional C extensions (``_blocks``, ``_hits``, ``_lookup``): loading them, and saying why one is not in use.
+"""The optional C extensions (``_blocks``, ``_hits``, ``_lookup``, ``_appender``, ``_fusedev``): loading them, and
+saying why one is not in use.
 
 Each has Python code beside it that does the same; ``OVERLAYBD_NATIVE=0`` turns them all off.
 """
@@ -15,6 +16,8 @@ from types import ModuleType
 BLOCKS = "overlaybd.formats.zfile._blocks"
 HITS = "overlaybd.cache._hits"
 LOOKUP = "overlaybd.formats.lsmt._lookup"
+APPENDER = "overlaybd.formats.lsmt._appender"
+FUSEDEV = "overlaybd.export._fusedev"
 
 
 def switched_off() -> bool:
@@ -86,3 +89,12 @@ def describe_hits() -> str:
 def describe_lookups() -> str:
     """How merged indexes are searched."""
     return "C (interpolated search)" if load(LOOKUP) is not None else "numpy searchsorted"
+
+
+def describe_writes() -> str:
+    """How a writable layer appends, and how attach serves its device."""
+    appends = "C, without the GIL" if load(APPENDER) is not None else f"Python ({why_not()})"
+    attach = ("C for plain reads, one-record writes and fsyncs" if load(FUSEDEV) is not None and
+              load(APPENDER) is not None else "C for plain reads" if load(FUSEDEV) is not None
+              else f"Python ({why_not()})")
+    return f"{appends}; attach: {attach}"

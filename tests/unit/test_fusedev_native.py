@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from overlaybd.export import fusedev as F
+from overlaybd.formats.lsmt import appender
 from overlaybd.formats.lsmt.stack import LsmtStack
+from overlaybd.formats.lsmt.writable import WritableLayer
 from overlaybd.metrics import Recorder
 from overlaybd.source.file import FileSource
 from overlaybd.volume import Volume
@@ -186,6 +188,30 @@ def test_concurrent_writes_through_c_keep_every_write(tmp_path: Path) -> None:
         kernel.close()
         assert dev.pread(0, SIZE) == bytes(model)
     with vol.open() as dev:
+        assert dev.pread(0, SIZE) == bytes(model)
+
+
+def test_an_fsync_is_served_in_c_and_one_that_fails_is_answered_by_python(tmp_path: Path) -> None:
+    require_extension(F._fusedev, F.FUSEDEV)
+    require_extension(appender._appender, appender.APPENDER)
+    vol, model = _volume(tmp_path / "vol")
+    with vol.open(writable=True) as dev, serving(dev) as (k, device):
+        assert k.ask(F.WRITE, _write(4096, b"a" * 4096))[0] == 0
+        before = device.served_natively
+        assert before == 1  # the write
+        assert k.ask(F.FSYNC, bytes(16)) == (0, b"")
+        assert device.served_natively == 2
+        upper = dev.upper
+        assert isinstance(upper, WritableLayer)
+        upper.appender.detach()  # every sync and append fails from now on
+        err, _ = k.ask(F.FSYNC, bytes(16))
+        assert err == errno.EBADF and device.served_natively == 2  # the OS error, passed on
+        err, _ = k.ask(F.WRITE, _write(8192, b"b" * 4096))
+        assert err == errno.EBADF and device.served_natively == 2  # the OS error, passed on
+        err, body = k.ask(F.READ, _rw(4096, 4096))
+        assert err == 0 and body == b"a" * 4096
+    with vol.open() as dev:  # the write flushed before is there; the failed one is not
+        model[4096:8192] = b"a" * 4096
         assert dev.pread(0, SIZE) == bytes(model)
 
 

@@ -38,7 +38,8 @@ class _Version(argparse.Action):
         from .. import native  # the extensions, loaded for --version only
 
         print(f"overlaybd {__version__}\nZFile blocks: {native.describe_blocks()}\n"
-              f"cache reads: {native.describe_hits()}\nindex lookups: {native.describe_lookups()}")
+              f"cache reads: {native.describe_hits()}\nindex lookups: {native.describe_lookups()}\n"
+              f"layer appends: {native.describe_writes()}")
         parser.exit()
 
 

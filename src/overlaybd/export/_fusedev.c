@@ -7,14 +7,20 @@
  * the upper mapped when the device opened. A read that meets a marked granule, a layer that is not a plain file,
  * or a failed or short pread goes back to Python, which reads it through the volume (and raises the typed error).
  *
+ * With a log-structured upper (set_writer), WRITEs of whole sectors that one record covers and FSYNCs are served
+ * here too, through the upper's appender (formats.lsmt._appender, by its capsule): a write's data goes into space
+ * the appender reserves at the data file's end, then its record is appended; an fsync is the appender's sync (data
+ * file, then index file). None of it takes the GIL; the upper's index takes the records before its next lookup, and
+ * Python is entered only once CATCH_UP_AT records wait for it.
+ *
  * The merged index is mapping.MergedIndex: ``ends`` (int64, record end sectors, sorted) and ``packed`` (uint64:
  * moffset bits 0-39, all ones for a zeroed record; length bits 40-55; source bits 56-63).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <endian.h>
 #include <errno.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -28,11 +34,22 @@
 /* linux/fuse.h */
 #define FUSE_READ 15
 #define FUSE_WRITE 16
+#define FUSE_FSYNC 20
 #define WRITE_IN_SIZE 40
 #define IN_HEADER_SIZE 40
 #define OUT_HEADER_SIZE 16
 #define READ_IN_SIZE 40
 #define DISK_ID 2
+
+/* overlaybd.formats.lsmt._appender's capsule (its name carries the version); each call returns 0 or -errno */
+#define APPENDER_API "overlaybd.formats.lsmt._appender._C_API_1"
+typedef struct {
+    int (*reserve)(PyObject *appender, uint64_t length, uint64_t *at);
+    int (*append)(PyObject *appender, const char *records, size_t n, uint64_t data_end, size_t *pending);
+    int (*sync)(PyObject *appender, int *which);
+} AppenderAPI;
+/* records the appender may hold for the upper's index before a writer hands them over (catch_up) */
+#define CATCH_UP_AT 65536
 
 typedef struct {
     PyObject_HEAD
@@ -49,11 +66,12 @@ typedef struct {
     int shift;             /* a granule is 1 << shift sectors */
     int fast;              /* serve reads here at all */
     uint64_t served;       /* requests answered here (for tests and figures) */
-    /* writes of one record to a log-structured upper (set_writer): data here, the rest through Python */
-    int data_fd;           /* the upper's data file, or -1: every write goes to Python */
+    /* writes of one record, and fsyncs, to a log-structured upper (set_writer) */
+    int data_fd;           /* the upper's data file, or -1: every write and fsync goes to Python */
     uint64_t max_write;    /* bytes one record covers at most */
-    PyObject *reserve;     /* reserve(length) -> data-file offset */
-    PyObject *publish;     /* publish(offset, length, at, zeroed): log and map the record */
+    PyObject *appender;    /* the upper's appender (overlaybd.formats.lsmt._appender.Appender) */
+    const AppenderAPI *api;
+    PyObject *catch_up;    /* catch_up(): the upper's index takes the records appended (called when many wait) */
     uint64_t id;           /* unique in the process, from 1 */
 } Disk;
 
@@ -66,8 +84,8 @@ static void disk_dealloc(Disk *self) {
         PyBuffer_Release(&self->packed_view);
     PyMem_Free(self->fds);
     PyMem_Free(self->marked);
-    Py_XDECREF(self->reserve);
-    Py_XDECREF(self->publish);
+    Py_XDECREF(self->appender);
+    Py_XDECREF(self->catch_up);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -136,24 +154,39 @@ static int disk_init(Disk *self, PyObject *args, PyObject *kwds) {
 }
 
 PyDoc_STRVAR(set_writer_doc,
-             "set_writer(data_fd, max_write, reserve, publish): serve WRITEs of whole sectors, up to max_write bytes,\n"
-             "here: reserve(length) -> where the data goes in data_fd; the data is written there without the GIL;\n"
-             "then publish(offset, length, at, False) logs and maps it. A failure sends the write to Python.");
+             "set_writer(data_fd, max_write, appender, catch_up): serve WRITEs of whole sectors, up to max_write\n"
+             "bytes, and FSYNCs here: data_fd is the upper's data file, appender its _appender.Appender (space,\n"
+             "records, sync), catch_up() is called once many records wait for its index. A failure sends the\n"
+             "request to Python, which serves it again and answers the error.");
 
 static PyObject *disk_set_writer(Disk *self, PyObject *args) {
     int data_fd;
     unsigned long long max_write;
-    PyObject *reserve, *publish;
-    if (!PyArg_ParseTuple(args, "iKOO", &data_fd, &max_write, &reserve, &publish))
+    PyObject *appender, *catch_up;
+    if (!PyArg_ParseTuple(args, "iKOO", &data_fd, &max_write, &appender, &catch_up))
         return NULL;
-    if (!PyCallable_Check(reserve) || !PyCallable_Check(publish)) {
-        PyErr_SetString(PyExc_TypeError, "reserve and publish must be callable");
+    if (!PyCallable_Check(catch_up)) {
+        PyErr_SetString(PyExc_TypeError, "catch_up must be callable");
         return NULL;
     }
-    Py_INCREF(reserve);
-    Py_INCREF(publish);
-    Py_XSETREF(self->reserve, reserve);
-    Py_XSETREF(self->publish, publish);
+    const AppenderAPI *api = PyCapsule_Import(APPENDER_API, 0);
+    if (!api)
+        return NULL;
+    PyObject *module = PyImport_AddModule("overlaybd.formats.lsmt._appender"); /* imported by the capsule */
+    PyObject *type = module ? PyObject_GetAttrString(module, "Appender") : NULL;
+    if (!type)
+        return NULL;
+    int ok = PyObject_TypeCheck(appender, (PyTypeObject *)type);
+    Py_DECREF(type);
+    if (!ok) {
+        PyErr_SetString(PyExc_TypeError, "appender must be an _appender.Appender");
+        return NULL;
+    }
+    Py_INCREF(appender);
+    Py_INCREF(catch_up);
+    Py_XSETREF(self->appender, appender);
+    Py_XSETREF(self->catch_up, catch_up);
+    self->api = api;
     self->max_write = max_write;
     self->data_fd = data_fd;
     Py_RETURN_NONE;
@@ -301,65 +334,21 @@ static int pwrite_all(int fd, const char *buf, size_t len, uint64_t at) {
     return 0;
 }
 
-/* Call fn with the arguments ``format`` builds, taking the GIL back for it: 0, and the result in *value (if value
- * is not NULL); -1 if it raised (cleared: the request then goes to Python, which does it again and answers the
- * error). */
-static int call_python(PyThreadState **ts, PyObject *fn, unsigned long long *value, const char *format, ...) {
+/* Call fn() with the GIL taken back for it; what it raises is cleared (its work is only ever brought forward). */
+static void call_python(PyThreadState **ts, PyObject *fn) {
     PyEval_RestoreThread(*ts);
-    int rc = -1;
-    va_list va;
-    va_start(va, format);
-    PyObject *args = Py_VaBuildValue(format, va);
-    va_end(va);
-    if (args) {
-        PyObject *res = PyObject_CallObject(fn, args);
-        Py_DECREF(args);
-        if (res) {
-            rc = 0;
-            if (value) {
-                *value = PyLong_AsUnsignedLongLong(res);
-                if (*value == (unsigned long long)-1 && PyErr_Occurred())
-                    rc = -1;
-            }
-            Py_DECREF(res);
-        }
-    }
-    if (rc < 0)
+    PyObject *res = PyObject_CallNoArgs(fn);
+    if (res)
+        Py_DECREF(res);
+    else
         PyErr_Clear();
     *ts = PyEval_SaveThread();
-    return rc;
-}
-
-/* Space in the data file for the writes of this thread: reserved from Python a CHUNK at a time, handed out here
- * without the GIL. What a thread leaves of its chunk (when a write does not fit, or another device comes) stays a
- * hole in the data file that no record points at. */
-#define CHUNK (UINT64_C(1) << 20)
-static __thread struct {
-    uint64_t disk; /* the Disk's id: a chunk is never used for another */
-    uint64_t next, end;
-} space;
-
-static int take_space(Disk *self, PyThreadState **ts, uint32_t size, unsigned long long *at) {
-    if (space.disk == self->id && space.end - space.next >= size) {
-        *at = space.next;
-        space.next += size;
-        return 0;
-    }
-    if (size >= CHUNK / 4) /* a large write: its own space */
-        return call_python(ts, self->reserve, at, "(I)", size);
-    unsigned long long chunk;
-    if (call_python(ts, self->reserve, &chunk, "(K)", (unsigned long long)CHUNK) < 0)
-        return -1;
-    space.disk = self->id;
-    *at = chunk;
-    space.next = chunk + size;
-    space.end = chunk + CHUNK;
-    return 0;
 }
 
 /* Serve the WRITE in ``in`` (``len`` bytes): 1 if answered, 0 if Python must serve it. Called without the GIL
- * (``*ts`` is this thread's state, taken back around the two calls into Python). */
-static int serve_write(Disk *self, PyThreadState **ts, const char *in, size_t len, char *out, size_t outlen) {
+ * (``*ts`` is this thread's state, taken back only to have the upper's index catch up once CATCH_UP_AT records
+ * wait for it). */
+static int serve_write(Disk *self, PyThreadState **ts, const char *in, size_t len) {
     uint64_t unique, nodeid, offset;
     uint32_t size;
     if (self->data_fd < 0 || len < IN_HEADER_SIZE + WRITE_IN_SIZE)
@@ -372,20 +361,35 @@ static int serve_write(Disk *self, PyThreadState **ts, const char *in, size_t le
         offset > self->size || size > self->size - offset || len < IN_HEADER_SIZE + WRITE_IN_SIZE + (size_t)size)
         return 0;
     mark_range(self, offset, size); /* before the upper maps it */
-    unsigned long long at;
-    if (take_space(self, ts, size, &at) < 0)
+    uint64_t at;
+    if (self->api->reserve(self->appender, size, &at) < 0)
         return 0;
-    const char *payload = in + IN_HEADER_SIZE + WRITE_IN_SIZE;
-    if (size <= outlen) { /* page-aligned, for a descriptor opened O_DIRECT */
-        memcpy(out, payload, size);
-        payload = out;
-    }
-    if (pwrite_all(self->data_fd, payload, size, at) < 0)
+    if (pwrite_all(self->data_fd, in + IN_HEADER_SIZE + WRITE_IN_SIZE, size, at) < 0)
         return 0; /* the space reserved stays unused: nothing points at it */
-    if (call_python(ts, self->publish, NULL, "(KIKO)", (unsigned long long)offset, size, at, Py_False) < 0)
-        return 0;
+    /* the record: offset | length << 50, moffset (zeroed bit 55 clear), in sectors, little-endian */
+    uint64_t rec[2] = {htole64(offset / SECTOR | (uint64_t)(size / SECTOR) << 50), htole64(at / SECTOR)};
+    size_t pending;
+    if (self->api->append(self->appender, (const char *)rec, sizeof rec, at + size, &pending) < 0)
+        return 0; /* Python writes it again and answers the error */
+    if (pending >= CATCH_UP_AT)
+        call_python(ts, self->catch_up);
     uint32_t write_out[2] = {size, 0};
     reply(self, unique, (const char *)write_out, sizeof write_out);
+    return 1;
+}
+
+/* Serve the FSYNC in ``in``: the appender's sync (every write answered before it is then durable, data before
+ * records). 1 if answered, 0 if Python must serve it (it syncs again and answers the error). */
+static int serve_fsync(Disk *self, const char *in, size_t len) {
+    uint64_t unique, nodeid;
+    if (self->data_fd < 0 || len < IN_HEADER_SIZE)
+        return 0;
+    memcpy(&unique, in + 8, 8);
+    memcpy(&nodeid, in + 16, 8);
+    int which;
+    if (nodeid != DISK_ID || self->api->sync(self->appender, &which) < 0)
+        return 0;
+    reply(self, unique, NULL, 0);
     return 1;
 }
 
@@ -419,7 +423,9 @@ static PyObject *disk_serve(Disk *self, PyObject *args) {
             if (opcode == FUSE_READ && self->fast &&
                 serve_read(self, in.buf, (size_t)got, out.buf, (size_t)out.len))
                 continue;
-            if (opcode == FUSE_WRITE && serve_write(self, &ts, in.buf, (size_t)got, out.buf, (size_t)out.len))
+            if (opcode == FUSE_WRITE && serve_write(self, &ts, in.buf, (size_t)got))
+                continue;
+            if (opcode == FUSE_FSYNC && serve_fsync(self, in.buf, (size_t)got))
                 continue;
         }
         break;

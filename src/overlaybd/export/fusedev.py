@@ -15,8 +15,8 @@ carry the disk's I/O as ``read``, ``write``, ``fsync``, ``discard`` and ``write_
 Where the C extension ``_fusedev`` is built (and ``OVERLAYBD_NATIVE`` is not 0), the threads take requests in C and
 answer two kinds there, the GIL let go: reads that the merged index of local, uncompressed layer files answers and
 that meet nothing the writable upper maps (every write, trim and zero-write marks its range first), and writes of
-whole sectors to a log-structured upper (the data is written in C; two short calls into Python reserve its place
-and log and map its record). Every other request comes back to the Python code here, which serves them all where
+whole sectors, and fsyncs, to a log-structured upper (through the upper's appender, in C: its index takes the records
+before its next lookup). Every other request comes back to the Python code here, which serves them all where
 the extension is not built. Counting requests (``metrics``) keeps every request in Python. See :func:`native_disk`.
 """
 
@@ -36,6 +36,7 @@ from typing import Any
 
 from .. import native
 from ..errors import LayerIOError, OverlaybdError, errno_of
+from ..formats.lsmt.appender import is_native
 from ..formats.lsmt.mapping import MergedIndex
 from ..formats.lsmt.spec import SECTOR, WRITE_SPLIT_SECTORS
 from ..formats.lsmt.stack import LsmtStack
@@ -45,7 +46,7 @@ from ..source.base import BlockSource, Capability
 from ..source.file import FileSource
 
 log = logging.getLogger(__name__)
-FUSEDEV = "overlaybd.export._fusedev"
+FUSEDEV = native.FUSEDEV
 _fusedev: Any = native.load(FUSEDEV)
 
 DISK = b"disk"
@@ -319,8 +320,8 @@ def native_disk(fd: int, source: BlockSource, *, writable: bool) -> Any:
     """The C side of the connection (``_fusedev.Disk``) where the extension is built and ``source`` is a stack
     whose reads it can serve; else None. Granules of at least 4 KiB, at most 16 Mi of them: a granule the upper
     maps (now, or after a write, trim or zero-write) sends every read meeting it to Python. ``writable``, over a
-    log-structured upper, it writes the data of one-record writes too (:meth:`WritableLayer.reserve` and
-    :meth:`WritableLayer.publish` do the rest, as the upper's own writes do)."""
+    log-structured upper whose appender is the C one, it serves one-record writes and fsyncs too, through
+    :attr:`WritableLayer.appender`, as the upper's own writes and flushes do."""
     if _fusedev is None or type(source) is not LsmtStack or not isinstance(source.lower_index, MergedIndex):
         return None
     index = source.lower_index
@@ -335,8 +336,8 @@ def native_disk(fd: int, source: BlockSource, *, writable: bool) -> Any:
         for o, n in zip(seg.offset.tolist(), seg.length.tolist(), strict=True):
             disk.mark(o * SECTOR, n * SECTOR)
     upper = source.upper
-    if writable and type(upper) is WritableLayer:
-        disk.set_writer(upper.data.fd, WRITE_SPLIT_SECTORS * SECTOR, upper.reserve, upper.publish)
+    if writable and type(upper) is WritableLayer and is_native(upper.appender):
+        disk.set_writer(upper.data.fd, WRITE_SPLIT_SECTORS * SECTOR, upper.appender, upper.catch_up)
     return disk
 
 

@@ -205,6 +205,19 @@ class MutableIndex:
         self.zeroed[i:j] = new_z
         self.tags[i:j] = new_t
 
+    def apply(self, log: Segments) -> None:
+        """Insert records given in time order (a later one wins where they meet), as one insert each would."""
+        if len(log) <= _REPLAY_LEAF:
+            for o, ln, m, z, t in log.rows():
+                self.insert(o, ln, m, z, t)
+            return
+        merged = overlay(replay(log), self.segments())
+        self.offs = merged.offset.tolist()
+        self.ends = merged.end.tolist()
+        self.moffs = merged.moffset.tolist()
+        self.zeroed = merged.zeroed.tolist()
+        self.tags = merged.tag.tolist()
+
     def overlapping(self, start: int, end: int) -> tuple[int, int]:
         i = bisect_right(self.ends, start)
         return i, max(i, bisect_left(self.offs, end, i))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
@@ -178,27 +178,33 @@ def _read_python(index: MergedIndex, fds: array[int], start: int, buf: memoryvie
 
 
 class MutableLevel:
-    """A :class:`MutableIndex` seen as a level."""
+    """A :class:`MutableIndex` seen as a level. ``catch_up``, called under ``lock`` before every lookup, brings the
+    index up to date first (a writable layer takes the records its log holds for it)."""
 
-    __slots__ = ("index", "source", "lock")
+    __slots__ = ("index", "source", "lock", "catch_up")
 
-    def __init__(self, index: MutableIndex, source: int = 0, lock: AbstractContextManager[object] | None = None
-                 ) -> None:
+    def __init__(self, index: MutableIndex, source: int = 0, lock: AbstractContextManager[object] | None = None,
+                 catch_up: Callable[[], None] | None = None) -> None:
         self.index = index
         self.source = source
         self.lock = lock if lock is not None else nullcontext()
+        self.catch_up = catch_up
 
     def rows(self, start: int, end: int) -> list[Row]:
         """A consistent snapshot of the records (the data they point to is append-only, so it stays valid)."""
         idx = self.index
         src = self.source
         with self.lock:
+            if self.catch_up is not None:
+                self.catch_up()
             i, j = idx.overlapping(start, end)
             return [(idx.offs[k], idx.ends[k] - idx.offs[k], idx.moffs[k], idx.zeroed[k], src) for k in range(i, j)]
 
     def covers(self, start: int, end: int) -> bool:
         """Whether any record meets ``[start, end)`` now."""
         with self.lock:
+            if self.catch_up is not None:
+                self.catch_up()
             i, j = self.index.overlapping(start, end)
             return j > i
 

@@ -9,7 +9,7 @@ from typing import Protocol
 from ...errors import LimitError, UsageError
 from ...source.base import BlockSource, Capability
 from .index import Segments, merge_layers
-from .mapping import Level, MergedIndex, MutableLevel
+from .mapping import Level, MergedIndex
 from .spec import MAX_LAYERS
 from .view import LsmtView
 from .writable import WritableBase
@@ -61,7 +61,7 @@ class LsmtStack(LsmtView):
         levels: list[Level] = [self.lower_index]
         sources: list[BlockSource] = [layer.data for layer in self.lowers]
         if upper is not None:
-            levels.insert(0, MutableLevel(upper.index, source=n, lock=upper._lock))
+            levels.insert(0, upper.level(n))
             sources.append(upper.data)
             self.capabilities = upper.capabilities
         else:

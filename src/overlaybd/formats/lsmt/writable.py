@@ -1,8 +1,9 @@
 """Writable LSMT layers: the log-structured data+index pair and the sparse form.
 
-Writes append data to the data file, then one record per piece to the index file: writes put their data in
-parallel, each in space it reserved, and a record is logged only once its data is written. ``flush()`` makes
-every earlier write durable, data first (fdatasync data, then index, with no record logged in between). A record
+Writes append data to the data file, then one record per piece to the index file (through the layer's
+:mod:`.appender`): writes put their data in parallel, each in space it reserved, and a record is logged only once
+its data is written. The in-memory index takes the logged records before every lookup. ``flush()`` makes every
+earlier write durable, data first (fdatasync data, then index, with no record logged in between). A record
 that points past the end of the data file can only be an unflushed write torn by a crash: it and everything
 logged after it are ignored on open.
 """
@@ -20,7 +21,8 @@ import numpy as np
 
 from ...errors import BadMagicError, CorruptIndexError, LayerIOError, LimitError, LockedError, UsageError
 from ...source.base import Capability
-from ...source.file import FileSource, allocate_ahead, punch_hole, write_all
+from ...source.file import FileSource, punch_hole, write_all
+from .appender import Appender, open_appender
 from .index import MutableIndex, Segments, drop_invalid, replay
 from .layer import read_header
 from .mapping import MutableLevel
@@ -47,6 +49,8 @@ from .view import LsmtView
 
 log = logging.getLogger(__name__)
 _RECORD = struct.Struct("<QQ")  # one index record: offset | length << 50, moffset | zeroed << 55
+_MASK50, _MASK55 = (1 << 50) - 1, (1 << 55) - 1
+_FEW = 64  # records the index takes one insert at a time; more are replayed and overlaid in numpy
 # Space allocated ahead of the appends, past the end of the files (their sizes do not change): a flush then
 # finds the blocks its writes landed in already allocated, and only marks them written.
 DATA_AHEAD = 64 << 20
@@ -122,7 +126,7 @@ class WritableBase(LsmtView):
         self._lock = threading.RLock()
         self.index = MutableIndex()
         self.sources = [self.data]
-        self.levels = [MutableLevel(self.index, lock=self._lock)]
+        self.levels = [self.level()]
 
     @property
     def virtual_size(self) -> int:
@@ -136,9 +140,23 @@ class WritableBase(LsmtView):
     def parent_uuid(self) -> bytes:
         return self.header.parent_uuid
 
+    def level(self, source: int = 0) -> MutableLevel:
+        """The layer's index as a level of a stack (source ``source``), up to date at every lookup."""
+        return MutableLevel(self.index, source=source, lock=self._lock, catch_up=self._catch_up)
+
+    def _catch_up(self) -> None:
+        """(Under ``_lock``) bring the index up to date with what was written; nothing to do here."""
+
     def segments(self) -> Segments:
         with self._lock:
+            self._catch_up()
             return self.index.segments()
+
+    def records(self) -> int:
+        """Records in the in-memory index now."""
+        with self._lock:
+            self._catch_up()
+            return len(self.index)
 
     def close(self) -> None:
         self.data.close()
@@ -158,9 +176,7 @@ class WritableLayer(WritableBase):
             self.data.close()
             raise
         self.index_path = index_path
-        self._alloc_lock = threading.Lock()  # the data file's end: where new data goes
-        self._log_lock = threading.Lock()  # the index file's end: records are logged one at a time
-        self._data_ahead = self._index_ahead = 0  # allocated up to here (allocate_ahead)
+        self._appender: Appender | None = None
         try:
             self._load_index()
         except BaseException:
@@ -200,64 +216,78 @@ class WritableLayer(WritableBase):
                         int(positions[k]), self.data.size)
             log_ = log_.take(slice(0, k))
         self.index = MutableIndex.from_segments(replay(log_).with_tag(self.source_tag))
-        self.levels = [MutableLevel(self.index, lock=self._lock)]
+        self.levels = [self.level()]
         # appends go after the last whole sector / record, past anything torn
-        self._data_end = -(-self.data.size // SECTOR) * SECTOR
-        self._index_end = HEADER_SIZE + count * RECORD_SIZE if not self.torn_records else \
+        data_end = -(-self.data.size // SECTOR) * SECTOR
+        index_end = HEADER_SIZE + count * RECORD_SIZE if not self.torn_records else \
             HEADER_SIZE + int(positions[len(log_)]) * RECORD_SIZE
         if self.torn_records and not self.readonly:
             # drop the torn records before anything is appended: new data would otherwise bring those left
             # beyond the new records back to life, pointing at the new data
             try:
-                os.ftruncate(self.index_file.fd, self._index_end)
+                os.ftruncate(self.index_file.fd, index_end)
                 os.fsync(self.index_file.fd)
             except OSError as exc:
                 raise LayerIOError(f"cannot drop torn index records: {exc.strerror}", path=path,
-                                   offset=self._index_end) from exc
+                                   offset=index_end) from exc
+        self._appender = open_appender(self.data.fd, data_end, DATA_AHEAD, self.index_file.fd, index_end,
+                                       INDEX_AHEAD)
 
     # -- writes ------------------------------------------------------------------------------------------------
-    # A write takes its place in the data file (reserve), writes its data there with no lock held, then logs its
-    # records and maps them (publish), under ``_log_lock`` and then the index lock. Writes thus put their data in
-    # parallel; their records go to the index file one at a time, each after its own data, in the order the index
-    # maps them. ``flush()`` holds ``_log_lock`` across both syncs, so no record is logged between them: any
-    # record the index sync makes durable was logged, hence its data written, before the data sync began.
-    def reserve(self, length: int) -> int:
-        """Where in the data file ``length`` bytes of new data go (a multiple of SECTOR): the space is theirs."""
-        with self._alloc_lock:
-            at = self._data_end
-            self._data_end += length
-            if self._data_end > self._data_ahead:
-                self._data_ahead = self._data_end + DATA_AHEAD
-                allocate_ahead(self.data.fd, at, self._data_ahead - at)
-            return at
+    # A write takes its place in the data file (the appender's reserve), writes its data there with no lock held,
+    # then appends its records (publish). Writes thus put their data in parallel; their records go to the index
+    # file one at a time, each after its own data, and the index takes them in that order (``_catch_up``, under
+    # the index lock, before every lookup). The appender's sync holds its lock across both syncs, so no record is
+    # appended between them: any record the index sync makes durable was appended, hence its data written, before
+    # the data sync began. Writes served in C (``export._fusedev``) go through the same appender without the GIL.
+    @property
+    def appender(self) -> Appender:
+        """Where this layer appends (``export._fusedev`` calls it from C)."""
+        assert self._appender is not None
+        return self._appender
 
     def publish(self, offset: int, length: int, at: int, zeroed: bool) -> None:
         """Log and map one record: ``length`` bytes (at most WRITE_SPLIT_SECTORS sectors) at device ``offset``
         read from data-file byte ``at`` (its data already written there), or read as zeros (``zeroed``)."""
         s0, n, mstart = offset // SECTOR, length // SECTOR, at // SECTOR
-        rec = _RECORD.pack(s0 | n << 50, mstart | zeroed << 55)
-        with self._log_lock:
-            self._index_space(len(rec))
-            write_all(self.index_file.fd, rec, self._index_end, self.index_path)
-            self._index_end += len(rec)
-            with self._lock:
-                if not zeroed:  # reads of it check bounds against size
-                    self.data.size = max(self.data.size, at + length)
-                self.index.insert(s0, n, mstart, zeroed, self.source_tag)
+        self._log_records(_RECORD.pack(s0 | n << 50, mstart | zeroed << 55), at if zeroed else at + length)
 
-    def _index_space(self, length: int) -> None:
-        """(Under ``_log_lock``) blocks for the next ``length`` bytes of records, allocated ahead."""
-        if self._index_end + length > self._index_ahead:
-            self._index_ahead = self._index_end + length + INDEX_AHEAD
-            allocate_ahead(self.index_file.fd, self._index_end, self._index_ahead - self._index_end)
+    def _log_records(self, records: bytes, data_end: int) -> None:
+        """Append records (their data written up to ``data_end``) and map them."""
+        appender = self.appender
+        try:
+            appender.append(records, data_end)
+        except OSError as exc:
+            raise LayerIOError(f"write failed: {exc.strerror}", path=self.index_path,
+                               offset=appender.index_end) from exc
+        with self._lock:
+            self._catch_up()
+
+    def catch_up(self) -> None:
+        """Map the records appended so far (lookups do it anyway: this keeps what waits for them small)."""
+        with self._lock:
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        """(Under ``_lock``) map the records appended since the last call, in the order they were appended."""
+        appender = self._appender
+        if appender is None or not appender.pending:
+            return
+        raw = appender.take()
+        self.data.size = max(self.data.size, appender.data_high)  # reads of them check bounds against size
+        tag = self.source_tag
+        if len(raw) <= _FEW * RECORD_SIZE:
+            for w0, w1 in _RECORD.iter_unpack(raw):
+                self.index.insert(w0 & _MASK50, w0 >> 50, w1 & _MASK55, bool(w1 >> 55 & 1), tag)
+        else:
+            self.index.apply(drop_invalid(decode_records(raw)).with_tag(tag))
 
     def _append(self, offset: int, length: int, data: memoryview | None, step: int) -> None:
         if data is not None:
-            at = self.reserve(length)
+            at = self._reserve(length)
             write_all(self.data.fd, data, at, self.name)
-        else:
-            with self._alloc_lock:  # a zeroed record points where the data cursor stands
-                at = self._data_end
+        else:  # a zeroed record points where the data cursor stands
+            at = self.appender.data_end
         s0 = offset // SECTOR
         n = length // SECTOR
         if n <= step:  # one record (the common case): no arrays
@@ -273,15 +303,13 @@ class WritableLayer(WritableBase):
             moffs = np.full(starts.size, mstart, np.int64)
             zeroed = True
         recs = encode_records(starts, lens, moffs, np.full(starts.size, zeroed), 0)
-        with self._log_lock:
-            self._index_space(len(recs))
-            write_all(self.index_file.fd, recs, self._index_end, self.index_path)
-            self._index_end += len(recs)
-            with self._lock:
-                if data is not None:
-                    self.data.size = max(self.data.size, at + length)
-                for o, ln, m in zip(starts.tolist(), lens.tolist(), moffs.tolist(), strict=False):
-                    self.index.insert(o, ln, m, zeroed, self.source_tag)
+        self._log_records(recs, at + length if data is not None else at)
+
+    def _reserve(self, length: int) -> int:
+        try:
+            return self.appender.reserve(length)
+        except OSError as exc:
+            raise LayerIOError(f"cannot reserve space: {exc.strerror}", path=self.name) from exc
 
     def _write_aligned(self, offset: int, data: memoryview) -> None:
         self._append(offset, len(data), data, WRITE_SPLIT_SECTORS)
@@ -296,15 +324,16 @@ class WritableLayer(WritableBase):
         # Every write that returned before this call is in the page cache already. Data goes first, and no record
         # is logged until the index is synced too, so a durable index record never points at data that is not
         # durable (reads go on meanwhile: they take the index lock only).
-        with self._log_lock:
-            for fd, path in ((self.data.fd, self.name), (self.index_file.fd, self.index_path)):
-                try:
-                    os.fdatasync(fd)
-                except OSError as exc:
-                    raise LayerIOError(f"fdatasync failed: {exc.strerror}", path=path) from exc
+        try:
+            self.appender.sync(self.name, self.index_path)
+        except OSError as exc:
+            raise LayerIOError(f"fdatasync failed: {exc.strerror}", path=exc.filename) from exc
 
     def close(self) -> None:
-        if getattr(self, "_data_ahead", 0) or getattr(self, "_index_ahead", 0):
+        appender = getattr(self, "_appender", None)
+        if appender is not None:
+            appender.detach()
+        if appender is not None and (appender.data_ahead or appender.index_ahead):
             # give back what was allocated ahead: a truncation to the same size frees blocks past the end
             for f in (self.data, self.index_file):
                 if f.fd < 0 or not f.regular:
@@ -331,7 +360,7 @@ class SparseLayer(WritableBase):
             self.close()
             raise BadMagicError("not a sparse writable layer", path=data_path, offset=FIELD["flags"])
         self.index = MutableIndex.from_segments(sparse_segments(self.data.fd, self.data.size))
-        self.levels = [MutableLevel(self.index, lock=self._lock)]
+        self.levels = [self.level()]
 
     def _write_aligned(self, offset: int, data: memoryview) -> None:
         with self._lock:

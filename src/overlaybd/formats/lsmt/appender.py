@@ -1,0 +1,158 @@
+"""Where a log-structured writable layer appends: space at the end of its data file, records at the end of its index.
+
+A write reserves its space (:meth:`~Appender.reserve`), writes its data there, then appends the records that point
+at it (:meth:`~Appender.append`). The appender keeps each record until the layer's in-memory index takes it
+(:meth:`~Appender.take`), so writers need not touch that index: the C extension ``_appender`` does all of this
+without the GIL, and ``overlaybd.export._fusedev`` calls it from C threads that never enter Python.
+:meth:`~Appender.sync` makes every record appended so far durable after the data it points at (``fdatasync`` of the
+data file, then of the index file, with no append in between). :class:`PyAppender` does the same in Python where
+the extension is not built (or ``OVERLAYBD_NATIVE=0``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from typing import Any, Protocol
+
+from ... import native
+from ...source.file import allocate_ahead
+
+APPENDER = native.APPENDER
+_appender: Any = native.load(APPENDER)
+
+
+class Appender(Protocol):
+    @property
+    def data_end(self) -> int:
+        """Where the next reservation starts."""
+
+    @property
+    def data_ahead(self) -> int:
+        """The data file is allocated (fallocate KEEP_SIZE) up to here; 0: nothing yet."""
+
+    @property
+    def index_end(self) -> int:
+        """Where the next record goes."""
+
+    @property
+    def index_ahead(self) -> int:
+        """The index file is allocated up to here; 0: nothing yet."""
+
+    @property
+    def pending(self) -> int:
+        """Records appended and not yet taken."""
+
+    @property
+    def data_high(self) -> int:
+        """The highest data-file end of a record appended so far."""
+
+    def reserve(self, length: int) -> int:
+        """Where ``length`` bytes of new data go in the data file: the space is the caller's."""
+
+    def append(self, records: bytes, data_end: int) -> int:
+        """Write ``records`` at the end of the index file (their data is written, up to ``data_end``); the number
+        of records now pending. OSError if the write fails (then nothing is appended)."""
+
+    def take(self) -> bytes:
+        """The records appended since the last take, in the order they were appended."""
+
+    def sync(self, data_path: str, index_path: str) -> None:
+        """fdatasync the data file, then the index file, with no append in between; OSError names the file."""
+
+    def detach(self) -> None:
+        """Every call fails from now on (the files are closing)."""
+
+
+class PyAppender:
+    """:class:`Appender` in Python."""
+
+    def __init__(self, data_fd: int, data_end: int, data_step: int, index_fd: int, index_end: int,
+                 index_step: int) -> None:
+        self._data_fd, self._index_fd = data_fd, index_fd
+        self.data_end, self.index_end = data_end, index_end
+        self.data_ahead = self.index_ahead = 0
+        self._data_step, self._index_step = data_step, index_step
+        self.data_high = 0
+        self._pending: list[bytes] = []
+        self._count = 0
+        self._data_lock = threading.Lock()
+        self._index_lock = threading.Lock()  # held across a sync
+        self._pending_lock = threading.Lock()  # held for an append's write at most: take() never waits for a sync
+
+    @property
+    def pending(self) -> int:
+        return self._count
+
+    def reserve(self, length: int) -> int:
+        with self._data_lock:
+            _check_open(self._data_fd)
+            at = self.data_end
+            if at + length > self.data_ahead:
+                self.data_ahead = at + length + self._data_step
+                allocate_ahead(self._data_fd, at, self.data_ahead - at)
+            self.data_end += length
+            return at
+
+    def append(self, records: bytes, data_end: int) -> int:
+        if len(records) % 16:
+            raise ValueError("records are 16 bytes each")
+        with self._index_lock, self._pending_lock:  # the records join the file and the pending ones in one step
+            _check_open(self._index_fd)
+            end = self.index_end
+            if end + len(records) > self.index_ahead:
+                self.index_ahead = end + len(records) + self._index_step
+                allocate_ahead(self._index_fd, end, self.index_ahead - end)
+            view = memoryview(records)
+            done = 0
+            while done < len(view):  # an OSError leaves the end where it was: the next append writes over
+                done += os.pwrite(self._index_fd, view[done:], end + done)
+            self.index_end = end + len(records)
+            self._pending.append(records)
+            self._count += len(records) // 16
+            self.data_high = max(self.data_high, data_end)
+            return self._count
+
+    def take(self) -> bytes:
+        with self._pending_lock:
+            out = b"".join(self._pending)
+            self._pending = []
+            self._count = 0
+            return out
+
+    def sync(self, data_path: str, index_path: str) -> None:
+        with self._index_lock:
+            for fd, path in ((self._data_fd, data_path), (self._index_fd, index_path)):
+                try:
+                    _check_open(fd)
+                    os.fdatasync(fd)
+                except OSError as exc:
+                    raise OSError(exc.errno, exc.strerror, path) from exc
+
+    def detach(self) -> None:
+        with self._data_lock:
+            self._data_fd = -1
+        with self._index_lock:
+            self._index_fd = -1
+
+
+def _check_open(fd: int) -> None:
+    if fd < 0:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+
+def is_native(appender: Appender) -> bool:
+    """Whether ``appender`` is the C one (other extensions call it without the GIL)."""
+    return _appender is not None and isinstance(appender, _appender.Appender)
+
+
+def open_appender(data_fd: int, data_end: int, data_step: int, index_fd: int, index_end: int,
+                  index_step: int) -> Appender:
+    """The appender of a layer whose data file ``data_fd`` takes new data from byte ``data_end`` and whose index
+    file ``index_fd`` takes new records from byte ``index_end``; each file is allocated ahead ``*_step`` bytes at a
+    time. In C where the extension is built."""
+    if _appender is not None:
+        out: Appender = _appender.Appender(data_fd, data_end, data_step, index_fd, index_end, index_step)
+        return out
+    return PyAppender(data_fd, data_end, data_step, index_fd, index_end, index_step)

@@ -1,0 +1,199 @@
+"""The appender of a log-structured writable layer (space in the data file, records in the index file, kept until the
+index takes them), in C where built and in Python: the same behaviour from both, and a layer that maps what others
+appended through it (as the C /dev/fuse writer does) before every lookup."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from overlaybd.errors import LayerIOError
+from overlaybd.formats.lsmt import appender as A
+from overlaybd.formats.lsmt.index import MutableIndex, Segments
+from overlaybd.formats.lsmt.spec import SECTOR
+from overlaybd.formats.lsmt.writable import WritableLayer
+from overlaybd.volume import Volume
+from tests.native import require_extension
+
+Maker = Callable[[int, int, int, int, int, int], A.Appender]
+RECORD = struct.Struct("<QQ")
+
+
+def _c(*args: int) -> A.Appender:
+    require_extension(A._appender, A.APPENDER)
+    made: A.Appender = A._appender.Appender(*args)
+    return made
+
+
+KINDS: dict[str, Maker] = {"c": _c, "python": A.PyAppender}
+
+
+def _record(offset: int, length: int, moffset: int) -> bytes:
+    return RECORD.pack(offset | length << 50, moffset)
+
+
+@pytest.fixture(params=sorted(KINDS))
+def make(request: pytest.FixtureRequest) -> Maker:
+    maker: Maker = KINDS[request.param]
+    return maker
+
+
+def _files(tmp_path: Path) -> tuple[int, int]:
+    data = os.open(tmp_path / "data", os.O_RDWR | os.O_CREAT)
+    index = os.open(tmp_path / "index", os.O_RDWR | os.O_CREAT)
+    return data, index
+
+
+def test_space_records_and_taking_them(tmp_path: Path, make: Maker) -> None:
+    data, index = _files(tmp_path)
+    app = make(data, 4096, 1 << 20, index, 4096, 4096)
+    assert (app.reserve(8192), app.reserve(512), app.data_end) == (4096, 12288, 12800)
+    assert app.data_ahead >= 12800  # allocated ahead, the size unchanged
+    assert os.fstat(data).st_size == 0
+    first, second = _record(0, 16, 8), _record(100, 1, 24)
+    assert app.append(first, 12288) == 1
+    assert app.append(second + first, 12800) == 3
+    assert (app.pending, app.index_end, app.data_high) == (3, 4096 + 48, 12800)
+    assert os.pread(index, 48, 4096) == first + second + first
+    assert app.take() == first + second + first
+    assert (app.pending, app.take()) == (0, b"")
+    app.append(second, 0)
+    assert app.take() == second and app.data_high == 12800  # the highest end stays
+    app.sync(str(tmp_path / "data"), str(tmp_path / "index"))
+    with pytest.raises(ValueError):
+        app.append(b"x" * 15, 0)
+    app.detach()
+    for call in (lambda: app.reserve(512), lambda: app.append(first, 0),
+                 lambda: app.sync("d", "i")):
+        with pytest.raises(OSError) as exc:
+            call()
+        assert exc.value.errno == errno.EBADF
+    os.close(data)
+    os.close(index)
+
+
+def test_a_failed_append_appends_nothing(tmp_path: Path, make: Maker) -> None:
+    data, index = _files(tmp_path)
+    readonly = os.open(tmp_path / "index", os.O_RDONLY)
+    app = make(data, 4096, 4096, readonly, 4096, 4096)
+    with pytest.raises(OSError) as exc:
+        app.append(_record(0, 1, 8), 4608)
+    assert exc.value.errno == errno.EBADF
+    assert (app.index_end, app.pending, app.take()) == (4096, 0, b"")
+    for fd in (data, index, readonly):
+        os.close(fd)
+
+
+def test_a_failed_sync_names_the_file(tmp_path: Path, make: Maker) -> None:
+    r, w = os.pipe()  # fdatasync of a pipe fails (EINVAL)
+    data, index = _files(tmp_path)
+    app = make(r, 0, 4096, index, 4096, 4096)
+    with pytest.raises(OSError) as exc:
+        app.sync("the-data", "the-index")
+    assert exc.value.filename == "the-data"
+    app = make(data, 0, 4096, w, 4096, 4096)
+    with pytest.raises(OSError) as exc:
+        app.sync("the-data", "the-index")
+    assert exc.value.filename == "the-index"
+    for fd in (r, w, data, index):
+        os.close(fd)
+
+
+def test_threads_at_once_keep_every_record_in_the_order_taken(tmp_path: Path, make: Maker) -> None:
+    data, index = _files(tmp_path)
+    app = make(data, 0, 1 << 16, index, 0, 1 << 10)
+
+    def writer(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(500):
+            size = rng.choice((512, 4096))
+            at = app.reserve(size)
+            os.pwrite(data, bytes([seed]) * size, at)
+            app.append(_record(seed, size // SECTOR, at // SECTOR), at + size)
+
+    threads = [threading.Thread(target=writer, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    taken = app.take()
+    assert len(taken) == 2000 * 16 and os.pread(index, len(taken), 0) == taken
+    spans = []
+    for w0, w1 in RECORD.iter_unpack(taken):  # each record's data is its writer's, and no two overlap
+        seed, length, at = w0 & 0xFF, w0 >> 50, w1 * SECTOR
+        assert os.pread(data, length * SECTOR, at) == bytes([seed]) * (length * SECTOR)
+        spans.append((at, at + length * SECTOR))
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert spans[-1][1] == app.data_end == app.data_high
+    os.close(data)
+    os.close(index)
+
+
+def test_apply_is_one_insert_after_another() -> None:
+    rng = random.Random(3)
+    for n in (10, 64, 65, 3000):
+        base = MutableIndex()
+        for _ in range(200):
+            base.insert(rng.randrange(0, 5000), rng.randrange(1, 64), rng.randrange(8, 10**6), rng.random() < 0.1)
+        rows = [(rng.randrange(0, 5000), rng.randrange(1, 64), rng.randrange(8, 10**6), rng.random() < 0.1, 0)
+                for _ in range(n)]
+        one_by_one = MutableIndex.from_segments(base.segments())
+        for row in rows:
+            one_by_one.insert(*row)
+        batched = MutableIndex.from_segments(base.segments())
+        o, ln, m, z, t = (list(c) for c in zip(*rows, strict=True))
+        batched.apply(Segments.build(np.array(o), ln, m, z, t))
+        assert batched.segments().rows() == one_by_one.segments().rows(), n
+
+
+@pytest.mark.parametrize("count", [3, 2000])
+def test_a_layer_maps_what_was_appended_through_it_before_its_next_lookup(tmp_path: Path, count: int) -> None:
+    """What the C writer does, done here by hand: space, data, record, with no call into the layer; the layer's
+    reads, its segments and the volume reopened all see the writes, the later one winning where they meet."""
+    size = 8 << 20
+    vol = Volume.create(str(tmp_path / "vol"), size)
+    model = bytearray(size)
+    rng = random.Random(count)
+    with vol.open(writable=True) as dev:
+        upper = dev.upper
+        assert isinstance(upper, WritableLayer)
+        app = upper.appender
+        for _ in range(count):
+            off = rng.randrange(0, size // 4096 - 4) * 4096
+            data = rng.randbytes(rng.choice((4096, 8192)))
+            at = app.reserve(len(data))
+            os.pwrite(upper.data.fd, data, at)
+            app.append(_record(off // SECTOR, len(data) // SECTOR, at // SECTOR), at + len(data))
+            model[off:off + len(data)] = data
+        assert app.pending == count
+        assert dev.pread(0, size) == bytes(model)
+        assert app.pending == 0
+        dev.pwrite(4096, b"z" * 4096)  # a write through the layer lands after them
+        model[4096:8192] = b"z" * 4096
+        dev.flush()
+        assert dev.pread(0, size) == bytes(model)
+    with vol.open() as dev:
+        assert dev.pread(0, size) == bytes(model)
+
+
+def test_a_write_through_a_closed_appender_fails_with_the_file_named(tmp_path: Path) -> None:
+    vol = Volume.create(str(tmp_path / "vol"), 1 << 20)
+    with vol.open(writable=True) as dev:
+        upper = dev.upper
+        assert isinstance(upper, WritableLayer)
+        upper.appender.detach()
+        with pytest.raises(LayerIOError) as exc:
+            dev.pwrite(0, bytes(4096))
+        assert exc.value.path == upper.data.name
+        with pytest.raises(LayerIOError) as exc:
+            dev.flush()
+        assert exc.value.path == upper.data.name
