@@ -17,6 +17,7 @@ import pytest
 
 from overlaybd.errors import LayerIOError
 from overlaybd.formats.lsmt import appender as A
+from overlaybd.formats.lsmt import writable
 from overlaybd.formats.lsmt.index import MutableIndex, Segments
 from overlaybd.formats.lsmt.spec import SECTOR
 from overlaybd.formats.lsmt.writable import WritableLayer
@@ -197,3 +198,21 @@ def test_a_write_through_a_closed_appender_fails_with_the_file_named(tmp_path: P
         with pytest.raises(LayerIOError) as exc:
             dev.flush()
         assert exc.value.path == upper.data.name
+
+
+def test_writes_wait_for_the_next_lookup_or_until_many_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write appends its record only; the index maps it at its next lookup, or once CATCH_UP_AT records wait."""
+    monkeypatch.setattr(writable, "CATCH_UP_AT", 8)
+    vol = Volume.create(str(tmp_path / "vol"), 1 << 20)
+    with vol.open(writable=True) as dev:
+        upper = dev.upper
+        assert isinstance(upper, WritableLayer)
+        for k in range(7):
+            dev.pwrite(k * 4096, bytes([k + 1]) * 4096)
+        assert upper.appender.pending == 7 and len(upper.index) == 0
+        assert dev.pread(4096, 4096) == b"\x02" * 4096  # the lookup maps them first
+        assert upper.appender.pending == 0 and len(upper.index) == 7
+        for k in range(8):
+            dev.pwrite(k * 4096, bytes([k + 9]) * 4096)
+        assert upper.appender.pending == 0 and len(upper.index) == 8  # the eighth write mapped them all
+        assert upper.records() == 8

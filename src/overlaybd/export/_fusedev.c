@@ -11,7 +11,7 @@
  * here too, through the upper's appender (formats.lsmt._appender, by its capsule): a write's data goes into space
  * the appender reserves at the data file's end, then its record is appended; an fsync is the appender's sync (data
  * file, then index file). None of it takes the GIL; the upper's index takes the records before its next lookup, and
- * Python is entered only once CATCH_UP_AT records wait for it.
+ * Python is entered only once set_writer's catch_up_at records wait for it.
  *
  * The merged index is mapping.MergedIndex: ``ends`` (int64, record end sectors, sorted) and ``packed`` (uint64:
  * moffset bits 0-39, all ones for a zeroed record; length bits 40-55; source bits 56-63).
@@ -48,8 +48,6 @@ typedef struct {
     int (*append)(PyObject *appender, const char *records, size_t n, uint64_t data_end, size_t *pending);
     int (*sync)(PyObject *appender, int *which);
 } AppenderAPI;
-/* records the appender may hold for the upper's index before a writer hands them over (catch_up) */
-#define CATCH_UP_AT 65536
 
 typedef struct {
     PyObject_HEAD
@@ -72,6 +70,7 @@ typedef struct {
     PyObject *appender;    /* the upper's appender (overlaybd.formats.lsmt._appender.Appender) */
     const AppenderAPI *api;
     PyObject *catch_up;    /* catch_up(): the upper's index takes the records appended (called when many wait) */
+    uint64_t catch_up_at;  /* how many */
     uint64_t id;           /* unique in the process, from 1 */
 } Disk;
 
@@ -154,16 +153,16 @@ static int disk_init(Disk *self, PyObject *args, PyObject *kwds) {
 }
 
 PyDoc_STRVAR(set_writer_doc,
-             "set_writer(data_fd, max_write, appender, catch_up): serve WRITEs of whole sectors, up to max_write\n"
-             "bytes, and FSYNCs here: data_fd is the upper's data file, appender its _appender.Appender (space,\n"
-             "records, sync), catch_up() is called once many records wait for its index. A failure sends the\n"
-             "request to Python, which serves it again and answers the error.");
+             "set_writer(data_fd, max_write, appender, catch_up, catch_up_at): serve WRITEs of whole sectors, up to\n"
+             "max_write bytes, and FSYNCs here: data_fd is the upper's data file, appender its _appender.Appender\n"
+             "(space, records, sync), catch_up() is called once catch_up_at records wait for its index. A failure\n"
+             "sends the request to Python, which serves it again and answers the error.");
 
 static PyObject *disk_set_writer(Disk *self, PyObject *args) {
     int data_fd;
-    unsigned long long max_write;
+    unsigned long long max_write, catch_up_at;
     PyObject *appender, *catch_up;
-    if (!PyArg_ParseTuple(args, "iKOO", &data_fd, &max_write, &appender, &catch_up))
+    if (!PyArg_ParseTuple(args, "iKOOK", &data_fd, &max_write, &appender, &catch_up, &catch_up_at))
         return NULL;
     if (!PyCallable_Check(catch_up)) {
         PyErr_SetString(PyExc_TypeError, "catch_up must be callable");
@@ -187,6 +186,7 @@ static PyObject *disk_set_writer(Disk *self, PyObject *args) {
     Py_XSETREF(self->appender, appender);
     Py_XSETREF(self->catch_up, catch_up);
     self->api = api;
+    self->catch_up_at = catch_up_at;
     self->max_write = max_write;
     self->data_fd = data_fd;
     Py_RETURN_NONE;
@@ -346,7 +346,7 @@ static void call_python(PyThreadState **ts, PyObject *fn) {
 }
 
 /* Serve the WRITE in ``in`` (``len`` bytes): 1 if answered, 0 if Python must serve it. Called without the GIL
- * (``*ts`` is this thread's state, taken back only to have the upper's index catch up once CATCH_UP_AT records
+ * (``*ts`` is this thread's state, taken back only to have the upper's index catch up once catch_up_at records
  * wait for it). */
 static int serve_write(Disk *self, PyThreadState **ts, const char *in, size_t len) {
     uint64_t unique, nodeid, offset;
@@ -371,7 +371,7 @@ static int serve_write(Disk *self, PyThreadState **ts, const char *in, size_t le
     size_t pending;
     if (self->api->append(self->appender, (const char *)rec, sizeof rec, at + size, &pending) < 0)
         return 0; /* Python writes it again and answers the error */
-    if (pending >= CATCH_UP_AT)
+    if (pending >= self->catch_up_at)
         call_python(ts, self->catch_up);
     uint32_t write_out[2] = {size, 0};
     reply(self, unique, (const char *)write_out, sizeof write_out);

@@ -40,7 +40,7 @@ from ..formats.lsmt.appender import is_native
 from ..formats.lsmt.mapping import MergedIndex
 from ..formats.lsmt.spec import SECTOR, WRITE_SPLIT_SECTORS
 from ..formats.lsmt.stack import LsmtStack
-from ..formats.lsmt.writable import WritableLayer
+from ..formats.lsmt.writable import CATCH_UP_AT, WritableLayer
 from ..metrics import Recorder
 from ..source.base import BlockSource, Capability
 from ..source.file import FileSource
@@ -337,7 +337,7 @@ def native_disk(fd: int, source: BlockSource, *, writable: bool) -> Any:
             disk.mark(o * SECTOR, n * SECTOR)
     upper = source.upper
     if writable and type(upper) is WritableLayer and is_native(upper.appender):
-        disk.set_writer(upper.data.fd, WRITE_SPLIT_SECTORS * SECTOR, upper.appender, upper.catch_up)
+        disk.set_writer(upper.data.fd, WRITE_SPLIT_SECTORS * SECTOR, upper.appender, upper.catch_up, CATCH_UP_AT)
     return disk
 
 

@@ -50,7 +50,9 @@ from .view import LsmtView
 log = logging.getLogger(__name__)
 _RECORD = struct.Struct("<QQ")  # one index record: offset | length << 50, moffset | zeroed << 55
 _MASK50, _MASK55 = (1 << 50) - 1, (1 << 55) - 1
-_FEW = 64  # records the index takes one insert at a time; more are replayed and overlaid in numpy
+_FEW = 64  # records the index takes one insert at a time (or 1/32 of its records, if more); more are replayed and
+# overlaid in numpy, which costs in proportion to the whole index
+CATCH_UP_AT = 1 << 16  # records appended that wait for the index until a writer maps them (lookups do at once)
 # Space allocated ahead of the appends, past the end of the files (their sizes do not change): a flush then
 # finds the blocks its writes landed in already allocated, and only marks them written.
 DATA_AHEAD = 64 << 20
@@ -253,15 +255,16 @@ class WritableLayer(WritableBase):
         self._log_records(_RECORD.pack(s0 | n << 50, mstart | zeroed << 55), at if zeroed else at + length)
 
     def _log_records(self, records: bytes, data_end: int) -> None:
-        """Append records (their data written up to ``data_end``) and map them."""
+        """Append records (their data written up to ``data_end``); the index maps them at its next lookup, or
+        now if many wait."""
         appender = self.appender
         try:
-            appender.append(records, data_end)
+            pending = appender.append(records, data_end)
         except OSError as exc:
             raise LayerIOError(f"write failed: {exc.strerror}", path=self.index_path,
                                offset=appender.index_end) from exc
-        with self._lock:
-            self._catch_up()
+        if pending >= CATCH_UP_AT:
+            self.catch_up()
 
     def catch_up(self) -> None:
         """Map the records appended so far (lookups do it anyway: this keeps what waits for them small)."""
@@ -276,7 +279,7 @@ class WritableLayer(WritableBase):
         raw = appender.take()
         self.data.size = max(self.data.size, appender.data_high)  # reads of them check bounds against size
         tag = self.source_tag
-        if len(raw) <= _FEW * RECORD_SIZE:
+        if len(raw) <= max(_FEW, len(self.index) // 32) * RECORD_SIZE:
             for w0, w1 in _RECORD.iter_unpack(raw):
                 self.index.insert(w0 & _MASK50, w0 >> 50, w1 & _MASK55, bool(w1 >> 55 & 1), tag)
         else:
