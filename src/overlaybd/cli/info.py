@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..formats.lsmt import glance
 from .common import configure_logging, emit_json, human
@@ -14,20 +15,27 @@ if TYPE_CHECKING:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("info", help="describe a layer, a ZFile, or a stack of layers")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="one file, or several layers bottom to top")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="one file, several layers bottom to top, or a volume (its device as a stack)")
     p.add_argument("--index", help="index file of a writable layer (default: the sibling *index* file)")
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    data = glance.describe_small(args.paths[0]) if len(args.paths) == 1 and args.index is None else None
+    volume = len(args.paths) == 1 and os.path.isdir(args.paths[0])
+    data = glance.describe_small(args.paths[0]) if len(args.paths) == 1 and args.index is None and not volume \
+        else None
     if data is None:  # any other form, a large index, several layers: the full readers (and numpy)
         from ..inspection import describe_layer, describe_stack
         from ..operations import open_stack
+        from ..volume import Volume
 
         configure_logging()
-        if len(args.paths) == 1:
+        if volume:
+            with Volume(args.paths[0]).open() as stack:
+                data = describe_stack(stack)
+        elif len(args.paths) == 1:
             data = describe_layer(args.paths[0], args.index)
         else:
             with open_stack(args.paths) as stack:

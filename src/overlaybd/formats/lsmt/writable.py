@@ -237,7 +237,7 @@ class WritableLayer(WritableBase):
 
     # -- writes ------------------------------------------------------------------------------------------------
     # A write takes its place in the data file (the appender's reserve), writes its data there with no lock held,
-    # then appends its records (publish). Writes thus put their data in parallel; their records go to the index
+    # then appends its records (_publish). Writes thus put their data in parallel; their records go to the index
     # file one at a time, each after its own data, and the index takes them in that order (``_catch_up``, under
     # the index lock, before every lookup). The appender's sync holds its lock across both syncs, so no record is
     # appended between them: any record the index sync makes durable was appended, hence its data written, before
@@ -248,11 +248,11 @@ class WritableLayer(WritableBase):
         assert self._appender is not None
         return self._appender
 
-    def publish(self, offset: int, length: int, at: int, zeroed: bool) -> None:
-        """Log and map one record: ``length`` bytes (at most WRITE_SPLIT_SECTORS sectors) at device ``offset``
-        read from data-file byte ``at`` (its data already written there), or read as zeros (``zeroed``)."""
+    def _publish(self, offset: int, length: int, at: int, zeroed: bool) -> None:
+        """Append one record: ``length`` bytes (at most WRITE_SPLIT_SECTORS sectors) at device ``offset`` read from
+        data-file byte ``at`` (its data already written there), or read as zeros (``zeroed``)."""
         s0, n, mstart = offset // SECTOR, length // SECTOR, at // SECTOR
-        self._log_records(_RECORD.pack(s0 | n << 50, mstart | zeroed << 55), at if zeroed else at + length)
+        self._log_records(_RECORD.pack(s0 | n << 50, mstart | zeroed << 55), 0 if zeroed else at + length)
 
     def _log_records(self, records: bytes, data_end: int) -> None:
         """Append records (their data written up to ``data_end``); the index maps them at its next lookup, or
@@ -294,7 +294,7 @@ class WritableLayer(WritableBase):
         s0 = offset // SECTOR
         n = length // SECTOR
         if n <= step:  # one record (the common case): no arrays
-            self.publish(offset, length, at, data is None)
+            self._publish(offset, length, at, data is None)
             return
         starts = np.arange(s0, s0 + n, step, dtype=np.int64)
         lens = np.minimum(step, s0 + n - starts)
@@ -306,7 +306,7 @@ class WritableLayer(WritableBase):
             moffs = np.full(starts.size, mstart, np.int64)
             zeroed = True
         recs = encode_records(starts, lens, moffs, np.full(starts.size, zeroed), 0)
-        self._log_records(recs, at + length if data is not None else at)
+        self._log_records(recs, at + length if data is not None else 0)
 
     def _reserve(self, length: int) -> int:
         try:
