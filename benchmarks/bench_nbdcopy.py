@@ -126,12 +126,12 @@ def main() -> int:
                f"{median(cpu[v]['ours']):.2f} / {median(cpu[v]['qemu']):.2f}"]
         if args.compare_cmd:
             ab = [o / c for o, c in zip(mbps[v]["ours"], mbps[v]["ours (compare)"], strict=True)]
-            row += [spread(mbps[v]["ours (compare)"]), spread(ab)]
+            row += [spread(mbps[v]["ours (compare)"]), spread(ab), f"{median(cpu[v]['ours (compare)']):.2f}"]
         rows.append(row)
         result[v] = {"mbps": mbps[v], "cpu_s": cpu[v], "ratios": ratios}
     headers = ["nbdcopy", "ours MB/s", "qemu-nbd raw MB/s", "ours/qemu per round", "server CPU s a run: ours / qemu"]
     if args.compare_cmd:
-        headers += ["compare MB/s", "ours/compare per round"]
+        headers += ["compare MB/s", "ours/compare per round", "compare server CPU s"]
     print(table(headers, rows, title=f"nbdcopy URI null:, {size // MiB} MiB volume (mixed data, 1 snapshot), "
                                      f"{rounds} interleaved rounds: median (range); load {loads[0]:.2f} -> "
                                      f"{max(loads):.2f} max"))
