@@ -10,11 +10,12 @@ MB/s (median, range), ours/qemu per round (median, range), and the servers' CPU 
 ``/proc/PID/stat``); the 1-minute load average is printed before and after.
 
 Variants (``--variants``, comma-separated): ``defaults`` (plain ``nbdcopy URI null:``), ``no-extents``
-(``--no-extents``), ``1m`` (``--request-size=1048576``). Every export must first read (``nbdcopy --no-extents
-URI -``) with the raw file's SHA-256, or the run fails.
+(``--no-extents``), ``1m`` (``--request-size=1048576``). ``--hog N`` keeps N busy-loop processes running
+through the runs: the rounds where the servers share the CPUs with other work. Every export must first read
+(``nbdcopy --no-extents URI -``) with the raw file's SHA-256, or the run fails.
 
     .venv/bin/python benchmarks/bench_nbdcopy.py [--quick] [--rounds N] [--variants defaults,no-extents]
-        [--serve-cmd CMD] [--compare-cmd CMD] [--json FILE]
+        [--serve-cmd CMD] [--compare-cmd CMD] [--hog N] [--json FILE]
 
 ``--compare-cmd CMD`` adds a second server of ours run by CMD (e.g. the base commit's checkout) to every round:
 its ratio to the first is printed too (an A/B in the same run).
@@ -25,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from bench_nbd import check_same
@@ -66,6 +69,17 @@ def one_run(uri: str, size: int, opts: list[str]) -> tuple[float, float]:
     return size / elapsed / 1e6, cpu_seconds(pid) - c0
 
 
+@contextlib.contextmanager
+def busy_loop() -> Iterator[None]:
+    """A process that only spins, as other work on the machine would (stopped at the end)."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def spread(xs: list[float]) -> str:
     return f"{median(xs):,.2f} ({min(xs):,.2f}-{max(xs):,.2f})"
 
@@ -77,6 +91,8 @@ def main() -> int:
     ap.add_argument("--variants", default="defaults,no-extents", help=f"comma-separated subset of {','.join(VARIANTS)}")
     ap.add_argument("--serve-cmd", help="command that stands for 'overlaybd' when serving (default: the venv's)")
     ap.add_argument("--compare-cmd", help="a second 'overlaybd' command to serve the same volume beside the first")
+    ap.add_argument("--hog", type=int, default=0,
+                    help="busy-loop processes kept running through the runs (other work on the machine; 0)")
     args = ap.parse_args()
     need("qemu-nbd", "nbdcopy")
     size = (args.size_mib or (256 if args.quick else 1024)) * MiB
@@ -97,6 +113,8 @@ def main() -> int:
         cpu: dict[str, dict[str, list[float]]] = {v: {n: [] for n in names} for v in variants}
         loads = [load()]
         with contextlib.ExitStack() as servers:
+            for _ in range(args.hog):
+                servers.enter_context(busy_loop())
             serve = shlex.split(args.serve_cmd) if args.serve_cmd else None
             uris = {"ours": servers.enter_context(overlaybd_server(vol, os.path.join(wd, "ours.sock"), readonly=True,
                                                                    command=serve)),
@@ -134,7 +152,8 @@ def main() -> int:
         headers += ["compare MB/s", "ours/compare per round", "compare server CPU s"]
     print(table(headers, rows, title=f"nbdcopy URI null:, {size // MiB} MiB volume (mixed data, 1 snapshot), "
                                      f"{rounds} interleaved rounds: median (range); load {loads[0]:.2f} -> "
-                                     f"{max(loads):.2f} max"))
+                                     f"{max(loads):.2f} max" + (f"; {args.hog} busy loop(s) running" if args.hog
+                                                                  else "")))
     result["load"] = loads
     emit_json(result, args.json)
     return 0

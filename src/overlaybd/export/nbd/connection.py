@@ -268,8 +268,9 @@ class Connection:
         with nothing buffered, the whole inline requests at the front of ``data`` that are admitted without
         waiting are served here, in this one turn of the event loop, their replies sent together; the rest (a
         partial request, one that must wait or go to the pool) is returned for the request reader, which takes it
-        from there in order. It stops once the socket does not take a batch of replies whole, so what the
-        transport holds stays within one batch, as on the request reader's path."""
+        from there in order. It stops once the transport holds anything (the socket did not take a batch of
+        replies, or a reply sent with ``sendfile``, whole), so what the transport holds stays within one batch or one
+        reply, as on the request reader's path."""
         if not self._idle or len(getattr(self.reader, "_buffer", b"?")) or self._disconnecting or self._ending \
                 or self._gone or self.transport.get_write_buffer_size() or self.transport.is_closing():
             return data
