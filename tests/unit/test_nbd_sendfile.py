@@ -148,3 +148,26 @@ def test_pipelined_reads_a_slow_client_takes_arrive_whole(served: tuple[str, Nbd
             assert error == 0 and data == wanted.pop(handle)
     assert not wanted
     c.close()
+
+
+def test_a_client_that_leaves_mid_reply_leaves_the_server_serving(served: tuple[str, NbdServer, LsmtStack]) -> None:
+    """Clients that ask for 48 MiB and close their socket while replies are going out (``sendfile`` meets a
+    broken pipe part way through a reply): the next client is served as before."""
+    path, srv, stack = served
+    for _ in range(3):
+        c = Client(path, receive_buffer=64 * KiB)
+        c.go("", size=SIZE)
+        for h in range(48):
+            c.request(nbd.CMD_READ, h, (h * MiB) % (SIZE - MiB), MiB)
+        c.recv(100 * KiB)  # part of the first reply
+        c.close()
+    c = Client(path)
+    c.go("", structured=True, size=SIZE)
+    c.request(nbd.CMD_READ, 7, 5 * MiB, 256 * KiB)
+    handle, kind, _, data = c.chunk()
+    assert (handle, kind, data[8:]) == (7, nbd.REPLY_TYPE_OFFSET_DATA, stack.pread(5 * MiB, 256 * KiB))
+    c.close()
+    deadline = time.monotonic() + 10
+    while srv.connections and time.monotonic() < deadline:  # the three that left are let go
+        time.sleep(0.01)
+    assert srv.connections == 0

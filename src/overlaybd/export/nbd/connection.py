@@ -12,6 +12,7 @@ never run (a source call already running in a thread finishes first, because its
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import mmap
 import os
@@ -38,7 +39,6 @@ from .protocol import (
     CMD_WRITE,
     CMD_WRITE_ZEROES,
     EINVAL,
-    EIO,
     MAX_PAYLOAD,
     REQUEST,
     REQUEST_MAGIC,
@@ -131,6 +131,7 @@ class Connection:
         self.written = 0  # bytes handed to the transport
         raw = writer.get_extra_info("socket")
         self._fd = raw.fileno() if raw is not None else -1
+        self._sendfile = self._fd >= 0  # reads of local read-only files go out with sendfile (see _send_spans)
         # replies of requests served on the spot, sent together once the requests that had arrived are served
         self._batch: Reply = []
         self._held: list[tuple[Buffer | None, int]] = []  # their buffers and budgets, given back once sent
@@ -391,7 +392,7 @@ class Connection:
             return [self._error(req, error, f"invalid {CMD_NAMES.get(req.command, '?')}")], None, error
         src = self.session.export.source
         if req.command == CMD_READ:
-            if req.length >= SENDFILE_MIN and self._fd >= 0 and not self.transport.get_write_buffer_size():
+            if req.length >= SENDFILE_MIN and self._sendfile and not self.transport.get_write_buffer_size():
                 spans = src.file_spans(req.offset, req.length)
                 if spans is not None:
                     return self._send_spans(req, spans)
@@ -431,12 +432,9 @@ class Connection:
         except OSError as exc:
             if not done:  # nothing sent: the usual path meets the same error (a broken socket) its own way
                 return self._read_reply(req)
-            # the reply is cut short (the client went away, or the file failed under sendfile): the stream cannot
-            # be resumed
-            log.warning("connection %s: READ [%d, +%d) cut short: %s", self.peer, req.offset, req.length, exc)
-            self.written += done
-            self.transport.abort()
-            return [], None, EIO
+            if exc.errno in _NO_SENDFILE:
+                self._sendfile = False  # the file system cannot: copy from now on
+            # the bytes sent are known: the rest goes the usual way below (a broken socket fails there its own way)
         self.written += done
         if done == len(head) + req.length:
             return [], None, 0
@@ -573,6 +571,7 @@ class Connection:
 
 
 _zeros: mmap.mmap | None = None
+_NO_SENDFILE = frozenset((errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP))  # sendfile refused for the file
 
 
 def _write_some(sock: int, data: bytes | None, fd: int, at: int, n: int) -> int:
@@ -596,6 +595,10 @@ def _write_some(sock: int, data: bytes | None, fd: int, at: int, n: int) -> int:
             continue
         except BlockingIOError:
             break
+        except OSError:
+            if done:
+                break  # what went is counted; the next call meets the error again
+            raise
         if sent <= 0:
             break
         done += sent
