@@ -57,6 +57,9 @@ def merge_extents(extents: Iterator[Extent]) -> Iterator[Extent]:
         yield pending
 
 
+Span = tuple[int, int, int]  # (descriptor or -1 for zeros, offset in the file, length): see BlockSource.file_spans
+
+
 class BlockSource:
     """Bytes of a disk, read (and perhaps written) by position.
 
@@ -111,6 +114,13 @@ class BlockSource:
     def _read_aligned(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf``; ``offset`` is a multiple of block_size, the end is one too or equals size."""
         raise NotImplementedError
+
+    def file_spans(self, offset: int, length: int) -> list[Span] | None:
+        """Where the bytes ``[offset, offset+length)`` are, in order: (descriptor, file offset, length) spans of
+        local files opened read-only, descriptor -1 for zeros; None where any byte is elsewhere (a cache, a
+        remote layer, a writable file) or the range is not one the source can place. A server can then hand the
+        page cache's pages to a socket without copying them (``sendfile``)."""
+        return None
 
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         """Extents covering exactly ``[offset, offset+length)``, in order."""

@@ -12,7 +12,9 @@ never run (a source call already running in a thread finishes first, because its
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import mmap
 import os
 import socket
 import time
@@ -56,6 +58,8 @@ T = TypeVar("T")
 INLINE_MAX = 1 << 20  # requests up to this size on a local export are served on the event loop
 BATCH_BYTES = 1 << 20  # reply bytes gathered at most before they go out (a socket buffer takes that at once)
 SMALL_PAYLOAD = 64 * 1024  # write payloads up to this are read without a deadline (they hold little budget)
+# inline reads from this size on whose bytes sit in local read-only files go out with sendfile, without a copy
+SENDFILE_MIN = 64 * 1024
 Reply = list[bytes | memoryview]
 # what requests count as (a command the protocol does not name counts as OTHER: a client cannot make new labels)
 COMMANDS = {code: name for code, name in CMD_NAMES.items() if code != CMD_DISC}
@@ -127,6 +131,7 @@ class Connection:
         self.written = 0  # bytes handed to the transport
         raw = writer.get_extra_info("socket")
         self._fd = raw.fileno() if raw is not None else -1
+        self._sendfile = self._fd >= 0  # reads of local read-only files go out with sendfile (see _send_spans)
         # replies of requests served on the spot, sent together once the requests that had arrived are served
         self._batch: Reply = []
         self._held: list[tuple[Buffer | None, int]] = []  # their buffers and budgets, given back once sent
@@ -264,8 +269,9 @@ class Connection:
         with nothing buffered, the whole inline requests at the front of ``data`` that are admitted without
         waiting are served here, in this one turn of the event loop, their replies sent together; the rest (a
         partial request, one that must wait or go to the pool) is returned for the request reader, which takes it
-        from there in order. It stops once the socket does not take a batch of replies whole, so what the
-        transport holds stays within one batch, as on the request reader's path."""
+        from there in order. It stops once the transport holds anything (the socket did not take a batch of
+        replies, or a reply sent with ``sendfile``, whole), so what the transport holds stays within one batch or one
+        reply, as on the request reader's path."""
         if not self._idle or len(getattr(self.reader, "_buffer", b"?")) or self._disconnecting or self._ending \
                 or self._gone or self.transport.get_write_buffer_size() or self.transport.is_closing():
             return data
@@ -292,10 +298,10 @@ class Connection:
                 self._serve_entered(req, payload, n)
                 if self._batch_bytes >= BATCH_BYTES:
                     self._flush()
-                    if self.transport.get_write_buffer_size() or self.transport.is_closing():
-                        break  # the client is slow to take replies (the request reader waits for the drain) or gone
+                if self.transport.get_write_buffer_size() or self.transport.is_closing():
+                    break  # the client is slow to take replies (the request reader waits for the drain) or gone
         finally:
-            if self._batch:
+            if self._held:
                 self._flush()
         return data[pos:] if pos else data
 
@@ -386,17 +392,64 @@ class Connection:
             return [self._error(req, error, f"invalid {CMD_NAMES.get(req.command, '?')}")], None, error
         src = self.session.export.source
         if req.command == CMD_READ:
-            buf = self.res.buffers.take(req.length)
-            try:
-                if req.length:
-                    src.readinto(req.offset, buf.view)
-            except BaseException:
-                self.res.buffers.give(buf, reusable=True)
-                raise
-            return [self._read_head(req), buf.view], buf, 0
+            if req.length >= SENDFILE_MIN and self._sendfile and not self.transport.get_write_buffer_size():
+                spans = src.file_spans(req.offset, req.length)
+                if spans is not None:
+                    return self._send_spans(req, spans)
+            return self._read_reply(req)
         modify(src, req, payload)
         self.session.export.flusher.wrote()
         return [chunk_none(req.handle) if self.session.structured else simple_reply(req.handle)], None, 0
+
+    def _read_reply(self, req: Request) -> Outcome:
+        """A READ's reply: its header, and its bytes read into a pooled buffer."""
+        buf = self.res.buffers.take(req.length)
+        try:
+            if req.length:
+                self.session.export.source.readinto(req.offset, buf.view)
+        except BaseException:
+            self.res.buffers.give(buf, reusable=True)
+            raise
+        return [self._read_head(req), buf.view], buf, 0
+
+    def _send_spans(self, req: Request, spans: list[tuple[int, int, int]]) -> Outcome:
+        """A READ whose bytes are in local read-only files (or zero), sent while the transport holds nothing: its
+        header, then each file span with ``sendfile`` (the socket takes the page cache's pages: no copy into a
+        buffer, none into the socket) and each zero span from a zero mapping. What the socket does not take at once
+        is read into a buffer and queued in the transport right behind, so the reply stays whole on the stream and
+        the transport holds at most this one reply (as after a partial ``writev``). The reply is sent already:
+        the outcome has no parts, and the buffer (if any) goes back once the transport has let it go."""
+        head = self._read_head(req)
+        done = 0
+        try:
+            done = _write_some(self._fd, head, -1, 0, len(head))
+            if done == len(head):
+                for fd, at, n in spans:
+                    sent = _write_some(self._fd, None, fd, at, n)
+                    done += sent
+                    if sent < n:
+                        break
+        except OSError as exc:
+            if not done:  # nothing sent: the usual path meets the same error (a broken socket) its own way
+                return self._read_reply(req)
+            if exc.errno in _NO_SENDFILE:
+                self._sendfile = False  # the file system cannot: copy from now on
+            # the bytes sent are known: the rest goes the usual way below (a broken socket fails there its own way)
+        self.written += done
+        if done == len(head) + req.length:
+            return [], None, 0
+        rest: Reply = [head[done:]] if done < len(head) else []
+        skip = max(done - len(head), 0)
+        buf = self.res.buffers.take(req.length - skip)
+        try:
+            self.session.export.source.readinto(req.offset + skip, buf.view)
+        except BaseException:
+            self.res.buffers.give(buf, reusable=True)
+            if done:
+                self.transport.abort()
+            raise
+        self._send([*rest, buf.view])
+        return [], buf, 0
 
     def _read_head(self, req: Request) -> bytes:
         # header and payload go out together from our page-aligned buffer (see _send), never joined
@@ -515,6 +568,41 @@ class Connection:
                 if self._sent() == before:
                     self.drop(f"took no reply byte for {timeout:g} s (--reply-timeout)")
                     raise EndConnection(f"took no reply byte for {timeout:g} s") from None
+
+
+_zeros: mmap.mmap | None = None
+_NO_SENDFILE = frozenset((errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP))  # sendfile refused for the file
+
+
+def _write_some(sock: int, data: bytes | None, fd: int, at: int, n: int) -> int:
+    """Write to the non-blocking socket ``sock`` what it takes now, up to ``n`` bytes: ``data``, or ``n`` bytes of
+    file ``fd`` from ``at`` (``sendfile``), or zeros (``fd`` -1). The bytes written (fewer once the socket is full,
+    or the file ends)."""
+    global _zeros
+    if data is None and fd < 0 and _zeros is None:
+        _zeros = mmap.mmap(-1, INLINE_MAX, flags=mmap.MAP_PRIVATE)  # read only: the kernel's zero page, no memory
+    done = 0
+    while done < n:
+        try:
+            if data is not None:
+                sent = os.write(sock, memoryview(data)[done:n])
+            elif fd >= 0:
+                sent = os.sendfile(sock, fd, at + done, n - done)
+            else:
+                assert _zeros is not None
+                sent = os.write(sock, memoryview(_zeros)[: min(n - done, INLINE_MAX)])
+        except InterruptedError:
+            continue
+        except BlockingIOError:
+            break
+        except OSError:
+            if done:
+                break  # what went is counted; the next call meets the error again
+            raise
+        if sent <= 0:
+            break
+        done += sent
+    return done
 
 
 def enlarge_send_buffer(sock: socket.socket, size: int = 8 << 20) -> None:

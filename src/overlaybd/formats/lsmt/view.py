@@ -6,7 +6,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack
 
-from ...source.base import BlockSource, Extent, ExtentKind
+from ...source.base import BlockSource, Capability, Extent, ExtentKind, Span
 from ...source.file import FileSource
 from .mapping import DATA, HOLE, Level, MergedIndex, MutableLevel, fill_zero, resolve
 from .spec import SECTOR
@@ -47,6 +47,27 @@ class LsmtView(BlockSource):
                 and self._read_direct(offset // SECTOR, nbytes // SECTOR, buf):
             return
         super().readinto(offset, buf)
+
+    def file_spans(self, offset: int, length: int) -> list[Span] | None:
+        """Sector-aligned ranges whose DATA pieces all come from local files opened read-only (sealed layers; not a
+        writable upper, whose pages may change while a socket still holds them)."""
+        if length <= 0 or (offset | length) % SECTOR or offset < 0 or offset + length > self.size:
+            return None
+        s0 = offset // SECTOR
+        sources = self.sources
+        spans: list[Span] = []
+        for _start, n, kind, src, moff in resolve(self.levels, s0, s0 + length // SECTOR):
+            fd, at = -1, 0
+            if kind == DATA:
+                source = sources[src]
+                if type(source) is not FileSource or Capability.WRITE in source.capabilities:
+                    return None
+                fd, at = source.fd, moff * SECTOR
+            if spans and spans[-1][0] == fd and (fd < 0 or spans[-1][1] + spans[-1][2] == at):
+                spans[-1] = (fd, spans[-1][1], spans[-1][2] + n * SECTOR)
+            else:
+                spans.append((fd, at, n * SECTOR))
+        return spans
 
     def _direct(self) -> tuple[MutableLevel | None, MergedIndex, array[int]] | None:
         """The direct path, where the levels allow it: a merged index at the bottom, at most a mutable level
