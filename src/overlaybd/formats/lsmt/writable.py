@@ -207,8 +207,9 @@ class WritableLayer(WritableBase):
                                     f"the data file's header", path=path,
                                     offset=HEADER_SIZE + RECORD_SIZE * int(positions[k]))
         data_sectors = self.data.size // SECTOR
-        mend = log_.moffset + np.where(log_.zeroed, 0, log_.length)
-        bad = np.flatnonzero(mend > data_sectors)
+        # a zeroed record points at no data (its moffset is where the data cursor stood, which space reserved by a
+        # write still in flight, or one that failed, can have moved past the end): it is never torn
+        bad = np.flatnonzero(~log_.zeroed & (log_.moffset + log_.length > data_sectors))
         self.torn_records = 0
         if bad.size:
             k = int(bad[0])

@@ -1,0 +1,51 @@
+"""Writable LSMT layers when a data write fails part-way (the file-size limit, as ENOSPC would): what was
+acknowledged before and after it is still there, on reads and once the layer is reopened."""
+
+from __future__ import annotations
+
+import resource
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from overlaybd.errors import LayerIOError
+from overlaybd.formats.lsmt.writable import WritableLayer
+from overlaybd.volume import Volume
+
+
+@contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Writes past ``limit`` bytes fail (EFBIG) while this holds."""
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+@pytest.mark.parametrize("kind", ["trim", "zeroes"])
+def test_a_discard_after_a_failed_write_survives_reopening(tmp_path: Path, kind: str) -> None:
+    size = 1 << 20
+    vol = Volume.create(str(tmp_path / "vol"), size)
+    with vol.open(writable=True) as dev:
+        upper = dev.upper
+        assert isinstance(upper, WritableLayer)
+        dev.pwrite(0, b"a" * 65536)
+        dev.flush()
+        with file_size_limit(upper.data.size), pytest.raises(LayerIOError):
+            dev.pwrite(65536, b"b" * 4096)  # its data write fails: nothing of it is acknowledged
+        if kind == "trim":
+            dev.trim(0, 4096)
+        else:
+            dev.write_zeroes(0, 4096)
+        dev.flush()
+        expect = bytes(4096) + b"a" * 61440 + bytes(size - 65536)
+        assert dev.pread(0, size) == expect
+    with vol.open(writable=True) as dev:
+        assert dev.pread(0, size) == expect
