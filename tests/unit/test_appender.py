@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import os
 import random
+import resource
+import signal
 import struct
 import threading
 from collections.abc import Callable
@@ -216,3 +218,39 @@ def test_writes_wait_for_the_next_lookup_or_until_many_wait(tmp_path: Path, monk
             dev.pwrite(k * 4096, bytes([k + 9]) * 4096)
         assert upper.appender.pending == 0 and len(upper.index) == 8  # the eighth write mapped them all
         assert upper.records() == 8
+
+
+def test_a_short_append_is_cut_back_from_the_index_file(tmp_path: Path, make: Maker) -> None:
+    """Records a failed append wrote in part (the file-size limit stops it after one) are cut off the file: a
+    shorter next append would otherwise leave them behind, to be replayed on open after it."""
+    data, index = _files(tmp_path)
+    app = make(data, 4096, 4096, index, 4096, 4096)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096 + 16, hard))
+    try:
+        with pytest.raises(OSError) as exc:
+            app.append(_record(0, 1, 8) + _record(1, 1, 9), 5120)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert exc.value.errno == errno.EFBIG
+    assert (app.index_end, app.pending, os.fstat(index).st_size) == (4096, 0, 4096)
+    assert app.append(_record(2, 1, 10), 5120) == 1
+    assert os.fstat(index).st_size == 4096 + 16
+    for fd in (data, index):
+        os.close(fd)
+
+
+def test_an_append_that_cannot_be_cut_back_breaks_the_appender(tmp_path: Path, make: Maker) -> None:
+    r, w = os.pipe()  # pwrite fails (ESPIPE), and so does ftruncate: later appends fail rather than risk it
+    data, _ = _files(tmp_path)
+    app = make(data, 4096, 4096, w, 4096, 4096)
+    with pytest.raises(OSError) as exc:
+        app.append(_record(0, 1, 8), 4608)
+    assert exc.value.errno == errno.ESPIPE
+    with pytest.raises(OSError) as exc:
+        app.append(_record(0, 1, 8), 4608)
+    assert exc.value.errno == errno.EIO
+    for fd in (r, w, data):
+        os.close(fd)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from overlaybd.errors import LayerIOError
+from overlaybd.formats.lsmt.spec import MAX_RECORD_SECTORS, SECTOR
 from overlaybd.formats.lsmt.writable import WritableLayer
 from overlaybd.volume import Volume
 
@@ -49,3 +50,24 @@ def test_a_discard_after_a_failed_write_survives_reopening(tmp_path: Path, kind:
         assert dev.pread(0, size) == expect
     with vol.open(writable=True) as dev:
         assert dev.pread(0, size) == expect
+
+
+def test_records_a_failed_append_left_in_the_index_file_never_come_back(tmp_path: Path) -> None:
+    """A trim of 3 records whose append stops after 2 (the index file may not grow further): the next append
+    writes over the first only; the second must not be replayed on reopen over a write acknowledged after it."""
+    size = 64 << 20
+    vol = Volume.create(str(tmp_path / "vol"), size)
+    span = MAX_RECORD_SECTORS * SECTOR  # one record at most
+    with vol.open(writable=True) as dev:
+        upper = dev.upper
+        assert isinstance(upper, WritableLayer)
+        dev.pwrite(0, b"a" * 4096)
+        dev.flush()
+        end = upper.appender.index_end
+        with file_size_limit(end + 32), pytest.raises(LayerIOError):
+            dev.trim(0, 3 * span)  # 48 bytes of records: 32 written, then EFBIG
+        dev.pwrite(span, b"b" * 4096)  # acknowledged after the failed trim, inside its second record
+        dev.flush()
+        assert dev.pread(span, 4096) == b"b" * 4096
+    with vol.open(writable=True) as dev:
+        assert dev.pread(span, 4096) == b"b" * 4096

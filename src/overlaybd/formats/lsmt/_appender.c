@@ -37,6 +37,8 @@ typedef struct {
     size_t npending;          /* bytes */
     size_t cap;
     uint64_t data_high;       /* the highest data-file end a record appended so far points at */
+    int broken;               /* a failed append left records past the index file's end that it could not cut off:
+                               * every later append fails (EIO), else one shorter would leave them to be replayed */
 } Appender;
 
 /* Fields read without their mutex (the getters, and whether anything is pending) are read and written atomically. */
@@ -92,7 +94,8 @@ static int pwrite_all(int fd, const char *buf, size_t len, uint64_t at) {
 }
 
 /* Append ``n`` bytes of records (a multiple of 16) whose data is written up to ``data_end``. On failure nothing is
- * appended (bytes a failed write left past the end are written over by the next append). The records join the
+ * appended: the index file is cut back to its end (whole records a short write left there would otherwise outlive
+ * a shorter next append and be replayed on open, after records appended later). The records join the
  * pending ones in the same step as they join the file (pending_mu held across the write of a few bytes), so the
  * index never takes a record the file does not hold, nor misses one it does. */
 static int do_append(PyObject *obj, const char *records, size_t n, uint64_t data_end, size_t *pending) {
@@ -102,6 +105,10 @@ static int do_append(PyObject *obj, const char *records, size_t n, uint64_t data
     pthread_mutex_lock(&self->pending_mu);
     if (self->index_fd < 0) {
         rc = -EBADF;
+        goto out;
+    }
+    if (self->broken) {
+        rc = -EIO;
         goto out;
     }
     if (self->npending + n > self->cap) {
@@ -120,8 +127,13 @@ static int do_append(PyObject *obj, const char *records, size_t n, uint64_t data
     allocate_ahead(self->index_fd, &ahead, self->index_end, n, self->index_step);
     STORE(self->index_ahead, ahead);
     rc = pwrite_all(self->index_fd, records, n, self->index_end);
-    if (rc < 0)
+    if (rc < 0) {
+        if (ftruncate(self->index_fd, (off_t)self->index_end) == 0)
+            STORE(self->index_ahead, self->index_end); /* what was allocated ahead went with it */
+        else
+            self->broken = 1;
         goto out;
+    }
     STORE(self->index_end, self->index_end + n);
     memcpy(self->pending + self->npending, records, n);
     STORE(self->npending, self->npending + n);

@@ -5,7 +5,7 @@ Writes append data to the data file, then one record per piece to the index file
 its data is written. The in-memory index takes the logged records before every lookup. ``flush()`` makes every
 earlier write durable, data first (fdatasync data, then index, with no record logged in between). A record
 that points past the end of the data file can only be an unflushed write torn by a crash: it and everything
-logged after it are ignored on open.
+logged after it are ignored on open (a zeroed record points at no data: it is never torn).
 """
 
 from __future__ import annotations
