@@ -3,8 +3,10 @@ acknowledged before and after it is still there, on reads and once the layer is 
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from overlaybd.errors import LayerIOError
-from overlaybd.formats.lsmt.spec import MAX_RECORD_SECTORS, SECTOR
+from overlaybd.formats.lsmt.spec import HEADER_SIZE, MAX_RECORD_SECTORS, SECTOR, decode_records
 from overlaybd.formats.lsmt.writable import WritableLayer
+from overlaybd.operations import commit
 from overlaybd.volume import Volume
 
 
@@ -71,3 +74,37 @@ def test_records_a_failed_append_left_in_the_index_file_never_come_back(tmp_path
         assert dev.pread(span, 4096) == b"b" * 4096
     with vol.open(writable=True) as dev:
         assert dev.pread(span, 4096) == b"b" * 4096
+
+
+def _reference_commit() -> Path | None:
+    folder = os.environ.get("OVERLAYBD_REFERENCE_TOOLS")
+    tool = Path(folder) / "overlaybd-commit" if folder else None
+    return tool if tool is not None and tool.exists() else None
+
+
+def test_a_discard_after_a_failed_write_points_within_the_data_file(tmp_path: Path) -> None:
+    """The zeroed record's moffset is within the data file (the reference's tools refuse to open a layer with one
+    past its end), and the reference commits the layer to the same bytes as we do."""
+    vol = Volume.create(str(tmp_path / "vol"), 1 << 20)
+    with vol.open(writable=True) as dev:
+        upper = dev.upper
+        assert isinstance(upper, WritableLayer)
+        dev.pwrite(0, b"a" * 65536)
+        with file_size_limit(upper.data.size), pytest.raises(LayerIOError):
+            dev.pwrite(65536, b"b" * 4096)
+        dev.trim(0, 4096)
+        dev.flush()
+        data, index = upper.name, upper.index_path
+    raw = Path(index).read_bytes()[HEADER_SIZE:]
+    rec = decode_records(raw)
+    assert bool(rec["zeroed"][-1]) and int(rec["moffset"][-1]) * SECTOR <= os.path.getsize(data)
+    tool = _reference_commit()
+    if tool is None:
+        pytest.skip("set OVERLAYBD_REFERENCE_TOOLS to the reference tools' folder to commit with overlaybd-commit")
+    uuid = "11111111-2222-3333-4444-555555555555"
+    subprocess.run([str(tool), data, index, str(tmp_path / "ref.commit"), "--uuid", uuid], check=True,
+                   capture_output=True)
+    ours = tmp_path / "our.commit"
+    with WritableLayer(data, index, readonly=True) as layer:
+        commit(layer, str(ours), uuid=uuid)
+    assert (tmp_path / "ref.commit").read_bytes() == ours.read_bytes()

@@ -290,8 +290,14 @@ class WritableLayer(WritableBase):
         if data is not None:
             at = self._reserve(length)
             write_all(self.data.fd, data, at, self.name)
-        else:  # a zeroed record points where the data cursor stands
-            at = self.appender.data_end
+        else:
+            # a zeroed record points at the data file's end, as the reference's do (its tools refuse a layer with
+            # a record past that end): not at the data cursor, which a write still in flight or one that failed
+            # has moved past the end
+            try:
+                at = os.fstat(self.data.fd).st_size // SECTOR * SECTOR
+            except OSError as exc:
+                raise LayerIOError(f"write failed: {exc.strerror}", path=self.name) from exc
         s0 = offset // SECTOR
         n = length // SECTOR
         if n <= step:  # one record (the common case): no arrays
