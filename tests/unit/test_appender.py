@@ -10,6 +10,8 @@ import random
 import resource
 import signal
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -254,3 +256,36 @@ def test_an_append_that_cannot_be_cut_back_breaks_the_appender(tmp_path: Path, m
     assert exc.value.errno == errno.EIO
     for fd in (r, w, data):
         os.close(fd)
+
+
+_TAKE_UNDER_A_MEMORY_LIMIT = """
+import os, resource, sys
+from overlaybd.formats.lsmt import appender as A
+make = A._appender.Appender if sys.argv[1] == "c" else A.PyAppender
+data = os.open(sys.argv[2] + "/data", os.O_RDWR | os.O_CREAT)
+index = os.open(sys.argv[2] + "/index", os.O_RDWR | os.O_CREAT)
+app = make(data, 0, 4096, index, 0, 4096)
+recs = (b"\\x01" * 8 + bytes(8)) * (4 << 20)  # 64 MiB of records, in two appends
+app.append(recs[:len(recs) // 2], 0)
+app.append(recs[len(recs) // 2:], 0)
+vm = int([ln for ln in open("/proc/self/status") if ln.startswith("VmSize")][0].split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (16 << 20), resource.RLIM_INFINITY))
+try:
+    app.take()
+    sys.exit("take() found the memory for 64 MiB under a 16 MiB limit")
+except MemoryError:
+    pass
+resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+print(app.pending, app.take() == recs)
+"""
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_take_that_fails_for_memory_loses_no_record(tmp_path: Path, kind: str) -> None:
+    """take() raising MemoryError (the address-space limit, in a child process) leaves every record pending: the
+    next take() returns them all (else the index would never map writes the index file holds)."""
+    if kind == "c":
+        require_extension(A._appender, A.APPENDER)
+    out = subprocess.run([sys.executable, "-c", _TAKE_UNDER_A_MEMORY_LIMIT, kind, str(tmp_path)], check=True,
+                         capture_output=True, text=True).stdout
+    assert out.split() == [str(4 << 20), "True"]

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #define RECORD 16
+#define KEEP_CAP (1 << 20) /* bytes of the pending records' buffer kept across a take */
 
 typedef struct {
     PyObject_HEAD
@@ -236,15 +237,19 @@ static PyObject *app_append(Appender *self, PyObject *args) {
 }
 
 static PyObject *app_take(Appender *self, PyObject *unused) {
-    pthread_mutex_lock(&self->pending_mu); /* held for the swap only: no holder of it waits for the GIL */
-    char *p = self->pending;
-    size_t n = self->npending;
-    self->pending = NULL;
-    self->cap = 0;
-    STORE(self->npending, 0);
+    /* The bytes are made with pending_mu held (no holder of it waits for the GIL): if that fails (MemoryError),
+     * every record stays pending for the next take, not lost to the index while the file holds it. */
+    pthread_mutex_lock(&self->pending_mu);
+    PyObject *out = PyBytes_FromStringAndSize(self->pending ? self->pending : "", (Py_ssize_t)self->npending);
+    if (out) {
+        STORE(self->npending, 0);
+        if (self->cap > KEEP_CAP) { /* a large one goes; a small one stays, for the next appends */
+            free(self->pending);
+            self->pending = NULL;
+            self->cap = 0;
+        }
+    }
     pthread_mutex_unlock(&self->pending_mu);
-    PyObject *out = PyBytes_FromStringAndSize(p ? p : "", (Py_ssize_t)n);
-    free(p);
     return out;
 }
 
