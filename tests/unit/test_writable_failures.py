@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import struct
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ import pytest
 from overlaybd.errors import LayerIOError
 from overlaybd.formats.lsmt.spec import HEADER_SIZE, MAX_RECORD_SECTORS, SECTOR, decode_records
 from overlaybd.formats.lsmt.writable import WritableLayer
+from overlaybd.inspection import check_layer
 from overlaybd.operations import commit
 from overlaybd.volume import Volume
 
@@ -108,3 +110,21 @@ def test_a_discard_after_a_failed_write_points_within_the_data_file(tmp_path: Pa
     with WritableLayer(data, index, readonly=True) as layer:
         commit(layer, str(ours), uuid=uuid)
     assert (tmp_path / "ref.commit").read_bytes() == ours.read_bytes()
+
+
+def test_check_warns_of_zeroed_records_past_the_end(tmp_path: Path) -> None:
+    """As earlier versions wrote them (at the data cursor, past the end after a failed write): they read as zeros
+    and survive reopening, and ``check`` says the reference's tools would refuse the layer."""
+    vol = Volume.create(str(tmp_path / "vol"), 1 << 20)
+    with vol.open(writable=True) as dev:
+        upper = dev.upper
+        assert isinstance(upper, WritableLayer)
+        dev.pwrite(0, b"a" * 8192)
+        past = os.fstat(upper.data.fd).st_size // SECTOR + 8
+        upper.appender.append(struct.pack("<QQ", 0 | 1 << 50, past | 1 << 55), 0)
+        dev.flush()
+        data, index = upper.name, upper.index_path
+    with vol.open() as dev:
+        assert dev.pread(0, 8192) == bytes(512) + b"a" * 7680
+    report = check_layer(data, index)
+    assert not report["errors"] and any("1 zeroed record(s) point past the end" in w for w in report["warnings"])

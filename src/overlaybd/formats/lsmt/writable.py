@@ -218,6 +218,9 @@ class WritableLayer(WritableBase):
                         "file (%d bytes); an unflushed write was cut off", path, self.torn_records,
                         int(positions[k]), self.data.size)
             log_ = log_.take(slice(0, k))
+        # zeroed records past the end read as zeros here, but the reference's tools refuse the layer: earlier
+        # versions pointed them at the data cursor, which a failed or interrupted write left past the end
+        self.zeroed_past_end = int(np.count_nonzero(log_.zeroed & (log_.moffset > data_sectors)))
         self.index = MutableIndex.from_segments(replay(log_).with_tag(self.source_tag))
         self.levels = [self.level()]
         # appends go after the last whole sector / record, past anything torn
