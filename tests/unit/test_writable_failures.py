@@ -8,6 +8,7 @@ import resource
 import signal
 import struct
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from overlaybd.errors import LayerIOError
 from overlaybd.formats.lsmt.spec import HEADER_SIZE, MAX_RECORD_SECTORS, SECTOR, decode_records
-from overlaybd.formats.lsmt.writable import WritableLayer
+from overlaybd.formats.lsmt.writable import WritableLayer, create_writable
 from overlaybd.inspection import check_layer
 from overlaybd.operations import commit
 from overlaybd.volume import Volume
@@ -128,3 +129,30 @@ def test_check_warns_of_zeroed_records_past_the_end(tmp_path: Path) -> None:
         assert dev.pread(0, 8192) == bytes(512) + b"a" * 7680
     report = check_layer(data, index)
     assert not report["errors"] and any("1 zeroed record(s) point past the end" in w for w in report["warnings"])
+
+
+def test_a_layer_opened_read_only_while_written_finds_no_torn_record(tmp_path: Path) -> None:
+    """``check VOL`` / ``info VOL`` / ``export`` of an attached volume: records appended between the opening of the
+    data file and the reading of the index point past the size seen at first, but their data is written: they are
+    no torn write (none is ignored, nothing is reported)."""
+    data, index = str(tmp_path / "d"), str(tmp_path / "i")
+    create_writable(data, index, 256 << 20)
+    stop = threading.Event()
+    with WritableLayer(data, index) as live:
+        def writer() -> None:
+            k = 0
+            while not stop.is_set():
+                live.pwrite(k % 60000 * 4096, b"x" * 4096)
+                k += 1
+
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            torn = []
+            for _ in range(200):
+                with WritableLayer(data, index, readonly=True) as seen:
+                    torn.append(seen.torn_records)
+        finally:
+            stop.set()
+            t.join()
+    assert not any(torn), torn

@@ -196,6 +196,11 @@ class WritableLayer(WritableBase):
             raise LimitError(f"index file holds {count} records (limit {MAX_RW_INDEX_RECORDS})", path=path,
                              offset=HEADER_SIZE + RECORD_SIZE * MAX_RW_INDEX_RECORDS)
         raw = self.index_file.pread(HEADER_SIZE, count * RECORD_SIZE)
+        try:  # a layer another process writes (opened read-only) may have grown since its data file was opened:
+            # each record read was appended after its data was written, so the data file's size now covers it
+            self.data.size = max(self.data.size, os.fstat(self.data.fd).st_size)
+        except OSError as exc:
+            raise LayerIOError(f"cannot stat: {exc.strerror}", path=self.name) from exc
         rec = decode_records(raw)
         keep = rec["offset"] != INVALID_OFFSET
         positions = np.flatnonzero(keep)
