@@ -289,3 +289,16 @@ def test_a_take_that_fails_for_memory_loses_no_record(tmp_path: Path, kind: str)
     out = subprocess.run([sys.executable, "-c", _TAKE_UNDER_A_MEMORY_LIMIT, kind, str(tmp_path)], check=True,
                          capture_output=True, text=True).stdout
     assert out.split() == [str(4 << 20), "True"]
+
+
+def test_an_appender_never_initialised_has_no_files() -> None:
+    """``Appender.__new__`` without ``__init__`` (as a careless caller, or set_writer, may get one): every call
+    fails with EBADF, none writes to descriptor 0."""
+    require_extension(A._appender, A.APPENDER)
+    app = A._appender.Appender.__new__(A._appender.Appender)
+    for call in (lambda: app.reserve(512), lambda: app.append(_record(0, 1, 8), 4608), lambda: app.sync("d", "i")):
+        with pytest.raises(OSError) as exc:
+            call()
+        assert exc.value.errno == errno.EBADF
+    assert (app.take(), app.pending) == (b"", 0)
+    app.detach()

@@ -63,6 +63,8 @@ static void allocate_ahead(int fd, uint64_t *ahead, uint64_t end, uint64_t need,
 /* ``length`` bytes at the data file's end are the caller's, from *at. */
 static int do_reserve(PyObject *obj, uint64_t length, uint64_t *at) {
     Appender *self = (Appender *)obj;
+    if (!LOAD(self->ready))
+        return -EBADF; /* not initialised: no files, no mutexes */
     int rc = 0;
     pthread_mutex_lock(&self->data_mu);
     if (self->data_fd < 0) {
@@ -101,6 +103,8 @@ static int pwrite_all(int fd, const char *buf, size_t len, uint64_t at) {
  * index never takes a record the file does not hold, nor misses one it does. */
 static int do_append(PyObject *obj, const char *records, size_t n, uint64_t data_end, size_t *pending) {
     Appender *self = (Appender *)obj;
+    if (!LOAD(self->ready))
+        return -EBADF; /* not initialised: no files, no mutexes */
     int rc = 0;
     pthread_mutex_lock(&self->index_mu);
     pthread_mutex_lock(&self->pending_mu);
@@ -151,6 +155,10 @@ out:
 /* fdatasync data, then index, no append in between: 0, or -errno with *which 0 (data) or 1 (index). */
 static int do_sync(PyObject *obj, int *which) {
     Appender *self = (Appender *)obj;
+    if (!LOAD(self->ready)) {
+        *which = 0;
+        return -EBADF; /* not initialised: no files, no mutexes */
+    }
     int rc = 0;
     pthread_mutex_lock(&self->index_mu);
     if (self->index_fd < 0 || self->data_fd < 0)
@@ -171,6 +179,16 @@ static void app_dealloc(Appender *self) {
     }
     free(self->pending);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* An Appender not (yet) initialised has no files: every call fails (EBADF), none goes to descriptor 0. */
+static PyObject *app_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    Appender *self = (Appender *)PyType_GenericNew(type, args, kwds);
+    if (self) {
+        self->data_fd = -1;
+        self->index_fd = -1;
+    }
+    return (PyObject *)self;
 }
 
 static int app_init(Appender *self, PyObject *args, PyObject *kwds) {
@@ -237,6 +255,8 @@ static PyObject *app_append(Appender *self, PyObject *args) {
 }
 
 static PyObject *app_take(Appender *self, PyObject *unused) {
+    if (!self->ready)
+        return PyBytes_FromStringAndSize("", 0);
     /* The bytes are made with pending_mu held (no holder of it waits for the GIL): if that fails (MemoryError),
      * every record stays pending for the next take, not lost to the index while the file holds it. */
     pthread_mutex_lock(&self->pending_mu);
@@ -267,6 +287,8 @@ static PyObject *app_sync(Appender *self, PyObject *args) {
 }
 
 static PyObject *app_detach(Appender *self, PyObject *unused) {
+    if (!self->ready)
+        Py_RETURN_NONE;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->data_mu);
     self->data_fd = -1;
@@ -317,7 +339,7 @@ static PyTypeObject AppenderType = {
     .tp_basicsize = sizeof(Appender),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = PyDoc_STR("Appender(data_fd, data_end, data_step, index_fd, index_end, index_step)"),
-    .tp_new = PyType_GenericNew,
+    .tp_new = app_new,
     .tp_init = (initproc)app_init,
     .tp_dealloc = (destructor)app_dealloc,
     .tp_methods = app_methods,
