@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -295,7 +296,8 @@ def test_an_appender_never_initialised_has_no_files() -> None:
     """``Appender.__new__`` without ``__init__`` (as a careless caller, or set_writer, may get one): every call
     fails with EBADF, none writes to descriptor 0."""
     require_extension(A._appender, A.APPENDER)
-    app = A._appender.Appender.__new__(A._appender.Appender)
+    kind: Any = A._appender.Appender
+    app: A.Appender = kind.__new__(kind)
     for call in (lambda: app.reserve(512), lambda: app.append(_record(0, 1, 8), 4608), lambda: app.sync("d", "i")):
         with pytest.raises(OSError) as exc:
             call()
