@@ -179,6 +179,7 @@ class WritableLayer(WritableBase):
             raise
         self.index_path = index_path
         self._appender: Appender | None = None
+        self._untaken = b""  # records taken from the appender that the index does not hold yet
         try:
             self._load_index()
         except BaseException:
@@ -283,9 +284,11 @@ class WritableLayer(WritableBase):
     def _catch_up(self) -> None:
         """(Under ``_lock``) map the records appended since the last call, in the order they were appended."""
         appender = self._appender
-        if appender is None or not appender.pending:
+        if appender is None or not (appender.pending or self._untaken):
             return
-        raw = appender.take()
+        # Records taken stay here until the index holds them all: if mapping them fails (MemoryError), the next
+        # call maps them again, then what came after (mapping a prefix of them twice ends as mapping it once).
+        raw = self._untaken = self._untaken + appender.take()
         self.data.size = max(self.data.size, appender.data_high)  # reads of them check bounds against size
         tag = self.source_tag
         if len(raw) <= max(_FEW, len(self.index) // 32) * RECORD_SIZE:
@@ -293,6 +296,7 @@ class WritableLayer(WritableBase):
                 self.index.insert(w0 & _MASK50, w0 >> 50, w1 & _MASK55, bool(w1 >> 55 & 1), tag)
         else:
             self.index.apply(drop_invalid(decode_records(raw)).with_tag(tag))
+        self._untaken = b""
 
     def _append(self, offset: int, length: int, data: memoryview | None, step: int) -> None:
         if data is not None:
