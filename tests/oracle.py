@@ -320,8 +320,9 @@ def expect_lsmt_file(buf: bytes | bytearray, *, index_sibling: bool = False) -> 
 def expect_writable(data: bytes | bytearray, index: bytes | bytearray) -> Expectation:
     """A writable data+index pair opened read-only (and formats/lsmt/writable.py for torn writes).
 
-    Records are replayed in file order; a torn trailing partial record is ignored; a record pointing past the end
-    of the data file is an unflushed write cut off by a crash: it and every later record are ignored. A record
+    Records are replayed in file order; a torn trailing partial record is ignored; a data record pointing past the
+    end of the data file is an unflushed write cut off by a crash: it and every later record are ignored (a zeroed
+    record points at no data, wherever its moffset is: it is never torn). A record
     pointing *into the header* cannot come from any write: the index is corrupt.
     """
     if len(data) < 24 or bytes(data[:24]) != LSMT_MAGIC:
@@ -353,7 +354,7 @@ def expect_writable(data: bytes | bytearray, index: bytes | bytearray) -> Expect
     sectors = len(data) // SECTOR
     kept: list[Rec] = []
     for r in recs:
-        if r.moffset + (0 if r.zeroed else r.length) > sectors:
+        if not r.zeroed and r.moffset + r.length > sectors:  # a zeroed record points at no data: never torn
             break
         kept.append(r)
     return Reads(LsmtImage(h.virtual_size, kept, data), f"{len(kept)} of {len(recs)} records replayed",

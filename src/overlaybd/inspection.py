@@ -128,6 +128,10 @@ def check_layer(path: str, index: str | None = None) -> dict[str, Any]:
             if isinstance(layer, WritableLayer) and layer.torn_records:
                 report["warnings"].append(f"{layer.torn_records} index record(s) at the end point past the data "
                                           f"file (an unflushed write cut off by a crash); they are ignored")
+            if isinstance(layer, WritableLayer) and layer.zeroed_past_end:
+                report["warnings"].append(f"{layer.zeroed_past_end} zeroed record(s) point past the end of the data "
+                                          f"file: they read as zeros, but the reference tools refuse to open the "
+                                          f"layer (overlaybd layer commit commits it)")
             if len(seg) and not bool(np.all(seg.length > 0)):
                 report["warnings"].append("index holds records of length 0")
     except FormatError as exc:  # corruption is the result; a file that cannot be read is an error (exit 1)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import mmap
 import os
 import random
 import shutil
 import signal
+import struct
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ from overlaybd.volume import Volume
 from .nbd_helpers import OVERLAYBD, require, run
 
 pytestmark = pytest.mark.slow
+BLKDISCARD = 0x1277  # linux/fs.h: _IO(0x12, 119)
 
 
 def _kernel_ready() -> None:
@@ -171,3 +174,49 @@ def test_a_killed_daemon_loses_no_write_it_acknowledged(tmp_path: Path) -> None:
     run(*OVERLAYBD, "snapshot", str(vol), "-m", "after the kill")
     with Volume(str(vol)).open() as disk:
         assert disk.pread(0, size) == bytes(model)
+
+
+def test_the_reference_commits_an_upper_written_through_the_loop_device(tmp_path: Path) -> None:
+    """Four writers through the loop device (4 KiB and 64 KiB writes, served in C, and discards, served in
+    Python, each writer its own blocks), then detach: the reference's overlaybd-commit accepts the upper (every
+    record inside the data file) and commits it to the bytes ours does, which read as the writers left them."""
+    _kernel_ready()
+    folder = os.environ.get("OVERLAYBD_REFERENCE_TOOLS")
+    if not folder or not Path(folder, "overlaybd-commit").exists():
+        pytest.skip("set OVERLAYBD_REFERENCE_TOOLS to the reference tools' folder to commit with overlaybd-commit")
+    vol = tmp_path / "vol"
+    size = 64 << 20
+    run(*OVERLAYBD, "create", str(vol), "--size", str(size))
+    model = bytearray(size)
+    with attached(str(vol)) as device:
+        fd = os.open(device, os.O_RDWR | os.O_DIRECT)
+        try:
+            def writer(k: int) -> None:
+                buf = mmap.mmap(-1, 65536)
+                rng = random.Random(k)
+                for _ in range(300):
+                    off = (rng.randrange(size // 65536 // 4) * 4 + k) * 65536
+                    if rng.random() < 0.3:
+                        fcntl.ioctl(fd, BLKDISCARD, struct.pack("<QQ", off, 65536))
+                        model[off:off + 65536] = bytes(65536)
+                        continue
+                    n = rng.choice((4096, 65536))
+                    data = rng.randbytes(n)
+                    buf[:n] = data
+                    assert os.pwrite(fd, memoryview(buf)[:n], off) == n
+                    model[off:off + n] = data
+
+            threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            os.close(fd)
+    data, index = Volume(str(vol)).upper
+    uuid = "11111111-2222-3333-4444-555555555555"
+    run(str(Path(folder, "overlaybd-commit")), data, index, str(tmp_path / "ref.lsmt"), "--uuid", uuid)
+    run(*OVERLAYBD, "layer", "commit", data, index, str(tmp_path / "our.lsmt"), "--uuid", uuid)
+    assert (tmp_path / "ref.lsmt").read_bytes() == (tmp_path / "our.lsmt").read_bytes()
+    run(*OVERLAYBD, "cat", str(tmp_path / "ref.lsmt"), "-o", str(tmp_path / "ref.raw"))
+    assert (tmp_path / "ref.raw").read_bytes() == bytes(model)

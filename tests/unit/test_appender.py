@@ -7,10 +7,15 @@ from __future__ import annotations
 import errno
 import os
 import random
+import resource
+import signal
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -216,3 +221,86 @@ def test_writes_wait_for_the_next_lookup_or_until_many_wait(tmp_path: Path, monk
             dev.pwrite(k * 4096, bytes([k + 9]) * 4096)
         assert upper.appender.pending == 0 and len(upper.index) == 8  # the eighth write mapped them all
         assert upper.records() == 8
+
+
+def test_a_short_append_is_cut_back_from_the_index_file(tmp_path: Path, make: Maker) -> None:
+    """Records a failed append wrote in part (the file-size limit stops it after one) are cut off the file: a
+    shorter next append would otherwise leave them behind, to be replayed on open after it."""
+    data, index = _files(tmp_path)
+    app = make(data, 4096, 4096, index, 4096, 4096)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096 + 16, hard))
+    try:
+        with pytest.raises(OSError) as exc:
+            app.append(_record(0, 1, 8) + _record(1, 1, 9), 5120)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert exc.value.errno == errno.EFBIG
+    assert (app.index_end, app.pending, os.fstat(index).st_size) == (4096, 0, 4096)
+    assert app.append(_record(2, 1, 10), 5120) == 1
+    assert os.fstat(index).st_size == 4096 + 16
+    for fd in (data, index):
+        os.close(fd)
+
+
+def test_an_append_that_cannot_be_cut_back_breaks_the_appender(tmp_path: Path, make: Maker) -> None:
+    r, w = os.pipe()  # pwrite fails (ESPIPE), and so does ftruncate: later appends fail rather than risk it
+    data, _ = _files(tmp_path)
+    app = make(data, 4096, 4096, w, 4096, 4096)
+    with pytest.raises(OSError) as exc:
+        app.append(_record(0, 1, 8), 4608)
+    assert exc.value.errno == errno.ESPIPE
+    with pytest.raises(OSError) as exc:
+        app.append(_record(0, 1, 8), 4608)
+    assert exc.value.errno == errno.EIO
+    for fd in (r, w, data):
+        os.close(fd)
+
+
+_TAKE_UNDER_A_MEMORY_LIMIT = """
+import os, resource, sys
+from overlaybd.formats.lsmt import appender as A
+make = A._appender.Appender if sys.argv[1] == "c" else A.PyAppender
+data = os.open(sys.argv[2] + "/data", os.O_RDWR | os.O_CREAT)
+index = os.open(sys.argv[2] + "/index", os.O_RDWR | os.O_CREAT)
+app = make(data, 0, 4096, index, 0, 4096)
+recs = (b"\\x01" * 8 + bytes(8)) * (4 << 20)  # 64 MiB of records, in two appends
+app.append(recs[:len(recs) // 2], 0)
+app.append(recs[len(recs) // 2:], 0)
+vm = int([ln for ln in open("/proc/self/status") if ln.startswith("VmSize")][0].split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (16 << 20), resource.RLIM_INFINITY))
+try:
+    app.take()
+    sys.exit("take() found the memory for 64 MiB under a 16 MiB limit")
+except MemoryError:
+    pass
+resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+print(app.pending, app.take() == recs)
+"""
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_take_that_fails_for_memory_loses_no_record(tmp_path: Path, kind: str) -> None:
+    """take() raising MemoryError (the address-space limit, in a child process) leaves every record pending: the
+    next take() returns them all (else the index would never map writes the index file holds)."""
+    if kind == "c":
+        require_extension(A._appender, A.APPENDER)
+    out = subprocess.run([sys.executable, "-c", _TAKE_UNDER_A_MEMORY_LIMIT, kind, str(tmp_path)], check=True,
+                         capture_output=True, text=True).stdout
+    assert out.split() == [str(4 << 20), "True"]
+
+
+def test_an_appender_never_initialised_has_no_files() -> None:
+    """``Appender.__new__`` without ``__init__`` (as a careless caller, or set_writer, may get one): every call
+    fails with EBADF, none writes to descriptor 0."""
+    require_extension(A._appender, A.APPENDER)
+    kind: Any = A._appender.Appender
+    app: A.Appender = kind.__new__(kind)
+    for call in (lambda: app.reserve(512), lambda: app.append(_record(0, 1, 8), 4608), lambda: app.sync("d", "i")):
+        with pytest.raises(OSError) as exc:
+            call()
+        assert exc.value.errno == errno.EBADF
+    assert (app.take(), app.pending) == (b"", 0)
+    app.detach()

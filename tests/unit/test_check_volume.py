@@ -61,3 +61,17 @@ def test_check_of_a_directory_that_is_no_volume_is_one_error(tmp_path: Path,
     rc, out, err = _run(capsys, "check", tmp_path)
     assert rc == 1 and out == ""
     assert err.splitlines() == [f"overlaybd: error: {tmp_path}: not a volume (no config.json)"]
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_check_of_a_volume_reports_a_missing_upper_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       which: int) -> None:
+    """A missing data or index file of the upper is corruption of the volume, as a missing snapshot is: the
+    other layers are still checked and the exit status is 2 (not one error line and status 1)."""
+    vol = _volume(tmp_path / "vol")
+    gone = vol.upper[which]
+    os.unlink(gone)
+    rc, out, err = _run(capsys, "check", vol.path)
+    assert rc == 2, out + err
+    assert out.splitlines()[0].endswith("ok (1 records)")  # the snapshot
+    assert f"error: upper: {gone}: file is missing" in out, out

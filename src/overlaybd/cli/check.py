@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
 def check_volume(path: str) -> list[dict[str, Any]]:
     """Each layer of the volume at ``path``: its snapshots bottom to top, then its writable upper. A snapshot still
-    in its repository (pulled lazily) is reported, not checked; a layer file that is missing is an error."""
+    in its repository (pulled lazily) is reported, not checked; a layer file that is missing (the upper's data or
+    index file too) is an error."""
     vol = Volume(path)  # not a volume: a one-line error
     reports = []
     for n, layer in enumerate(vol.lowers):
@@ -54,5 +55,9 @@ def check_volume(path: str) -> list[dict[str, Any]]:
         else:
             reports.append({"path": layer, "errors": [f"snapshot {n}: layer file is missing"], "warnings": []})
     data, index = vol.upper
-    reports.append(check_layer(data, index))
+    missing = [f for f in (data, index) if not os.path.exists(f)]
+    if missing:
+        reports.append({"path": data, "errors": [f"upper: {f}: file is missing" for f in missing], "warnings": []})
+    else:
+        reports.append(check_layer(data, index))
     return reports

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #define RECORD 16
+#define KEEP_CAP (1 << 20) /* bytes of the pending records' buffer kept across a take */
 
 typedef struct {
     PyObject_HEAD
@@ -37,6 +38,8 @@ typedef struct {
     size_t npending;          /* bytes */
     size_t cap;
     uint64_t data_high;       /* the highest data-file end a record appended so far points at */
+    int broken;               /* a failed append left records past the index file's end that it could not cut off:
+                               * every later append fails (EIO), else one shorter would leave them to be replayed */
 } Appender;
 
 /* Fields read without their mutex (the getters, and whether anything is pending) are read and written atomically. */
@@ -60,6 +63,8 @@ static void allocate_ahead(int fd, uint64_t *ahead, uint64_t end, uint64_t need,
 /* ``length`` bytes at the data file's end are the caller's, from *at. */
 static int do_reserve(PyObject *obj, uint64_t length, uint64_t *at) {
     Appender *self = (Appender *)obj;
+    if (!LOAD(self->ready))
+        return -EBADF; /* not initialised: no files, no mutexes */
     int rc = 0;
     pthread_mutex_lock(&self->data_mu);
     if (self->data_fd < 0) {
@@ -92,16 +97,23 @@ static int pwrite_all(int fd, const char *buf, size_t len, uint64_t at) {
 }
 
 /* Append ``n`` bytes of records (a multiple of 16) whose data is written up to ``data_end``. On failure nothing is
- * appended (bytes a failed write left past the end are written over by the next append). The records join the
+ * appended: the index file is cut back to its end (whole records a short write left there would otherwise outlive
+ * a shorter next append and be replayed on open, after records appended later). The records join the
  * pending ones in the same step as they join the file (pending_mu held across the write of a few bytes), so the
  * index never takes a record the file does not hold, nor misses one it does. */
 static int do_append(PyObject *obj, const char *records, size_t n, uint64_t data_end, size_t *pending) {
     Appender *self = (Appender *)obj;
+    if (!LOAD(self->ready))
+        return -EBADF; /* not initialised: no files, no mutexes */
     int rc = 0;
     pthread_mutex_lock(&self->index_mu);
     pthread_mutex_lock(&self->pending_mu);
     if (self->index_fd < 0) {
         rc = -EBADF;
+        goto out;
+    }
+    if (self->broken) {
+        rc = -EIO;
         goto out;
     }
     if (self->npending + n > self->cap) {
@@ -120,8 +132,13 @@ static int do_append(PyObject *obj, const char *records, size_t n, uint64_t data
     allocate_ahead(self->index_fd, &ahead, self->index_end, n, self->index_step);
     STORE(self->index_ahead, ahead);
     rc = pwrite_all(self->index_fd, records, n, self->index_end);
-    if (rc < 0)
+    if (rc < 0) {
+        if (ftruncate(self->index_fd, (off_t)self->index_end) == 0)
+            STORE(self->index_ahead, self->index_end); /* what was allocated ahead went with it */
+        else
+            self->broken = 1;
         goto out;
+    }
     STORE(self->index_end, self->index_end + n);
     memcpy(self->pending + self->npending, records, n);
     STORE(self->npending, self->npending + n);
@@ -138,6 +155,10 @@ out:
 /* fdatasync data, then index, no append in between: 0, or -errno with *which 0 (data) or 1 (index). */
 static int do_sync(PyObject *obj, int *which) {
     Appender *self = (Appender *)obj;
+    if (!LOAD(self->ready)) {
+        *which = 0;
+        return -EBADF; /* not initialised: no files, no mutexes */
+    }
     int rc = 0;
     pthread_mutex_lock(&self->index_mu);
     if (self->index_fd < 0 || self->data_fd < 0)
@@ -158,6 +179,16 @@ static void app_dealloc(Appender *self) {
     }
     free(self->pending);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* An Appender not (yet) initialised has no files: every call fails (EBADF), none goes to descriptor 0. */
+static PyObject *app_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    Appender *self = (Appender *)PyType_GenericNew(type, args, kwds);
+    if (self) {
+        self->data_fd = -1;
+        self->index_fd = -1;
+    }
+    return (PyObject *)self;
 }
 
 static int app_init(Appender *self, PyObject *args, PyObject *kwds) {
@@ -224,15 +255,21 @@ static PyObject *app_append(Appender *self, PyObject *args) {
 }
 
 static PyObject *app_take(Appender *self, PyObject *unused) {
-    pthread_mutex_lock(&self->pending_mu); /* held for the swap only: no holder of it waits for the GIL */
-    char *p = self->pending;
-    size_t n = self->npending;
-    self->pending = NULL;
-    self->cap = 0;
-    STORE(self->npending, 0);
+    if (!self->ready)
+        return PyBytes_FromStringAndSize("", 0);
+    /* The bytes are made with pending_mu held (no holder of it waits for the GIL): if that fails (MemoryError),
+     * every record stays pending for the next take, not lost to the index while the file holds it. */
+    pthread_mutex_lock(&self->pending_mu);
+    PyObject *out = PyBytes_FromStringAndSize(self->pending ? self->pending : "", (Py_ssize_t)self->npending);
+    if (out) {
+        STORE(self->npending, 0);
+        if (self->cap > KEEP_CAP) { /* a large one goes; a small one stays, for the next appends */
+            free(self->pending);
+            self->pending = NULL;
+            self->cap = 0;
+        }
+    }
     pthread_mutex_unlock(&self->pending_mu);
-    PyObject *out = PyBytes_FromStringAndSize(p ? p : "", (Py_ssize_t)n);
-    free(p);
     return out;
 }
 
@@ -250,6 +287,8 @@ static PyObject *app_sync(Appender *self, PyObject *args) {
 }
 
 static PyObject *app_detach(Appender *self, PyObject *unused) {
+    if (!self->ready)
+        Py_RETURN_NONE;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->data_mu);
     self->data_fd = -1;
@@ -300,7 +339,7 @@ static PyTypeObject AppenderType = {
     .tp_basicsize = sizeof(Appender),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = PyDoc_STR("Appender(data_fd, data_end, data_step, index_fd, index_end, index_step)"),
-    .tp_new = PyType_GenericNew,
+    .tp_new = app_new,
     .tp_init = (initproc)app_init,
     .tp_dealloc = (destructor)app_dealloc,
     .tp_methods = app_methods,

@@ -53,7 +53,8 @@ class Appender(Protocol):
 
     def append(self, records: bytes, data_end: int) -> int:
         """Write ``records`` at the end of the index file (their data is written, up to ``data_end``); the number
-        of records now pending. OSError if the write fails (then nothing is appended)."""
+        of records now pending. OSError if the write fails: then nothing is appended, and the index file is cut
+        back to its end (if that fails too, every later append fails with EIO)."""
 
     def take(self) -> bytes:
         """The records appended since the last take, in the order they were appended."""
@@ -75,6 +76,7 @@ class PyAppender:
         self.data_ahead = self.index_ahead = 0
         self._data_step, self._index_step = data_step, index_step
         self.data_high = 0
+        self._broken = False  # as in C: a failed append could not cut the index file back
         self._pending: list[bytes] = []
         self._count = 0
         self._data_lock = threading.Lock()
@@ -100,14 +102,25 @@ class PyAppender:
             raise ValueError("records are 16 bytes each")
         with self._index_lock, self._pending_lock:  # the records join the file and the pending ones in one step
             _check_open(self._index_fd)
+            if self._broken:
+                raise OSError(errno.EIO, "an earlier append failed and its records could not be cut off")
             end = self.index_end
             if end + len(records) > self.index_ahead:
                 self.index_ahead = end + len(records) + self._index_step
                 allocate_ahead(self._index_fd, end, self.index_ahead - end)
             view = memoryview(records)
             done = 0
-            while done < len(view):  # an OSError leaves the end where it was: the next append writes over
-                done += os.pwrite(self._index_fd, view[done:], end + done)
+            try:
+                while done < len(view):
+                    done += os.pwrite(self._index_fd, view[done:], end + done)
+            except OSError:
+                # cut back what a short write left: those records would outlive a shorter next append
+                try:
+                    os.ftruncate(self._index_fd, end)
+                    self.index_ahead = end
+                except OSError:
+                    self._broken = True
+                raise
             self.index_end = end + len(records)
             self._pending.append(records)
             self._count += len(records) // 16

@@ -212,11 +212,10 @@ class MutableIndex:
                 self.insert(o, ln, m, z, t)
             return
         merged = overlay(replay(log), self.segments())
-        self.offs = merged.offset.tolist()
-        self.ends = merged.end.tolist()
-        self.moffs = merged.moffset.tolist()
-        self.zeroed = merged.zeroed.tolist()
-        self.tags = merged.tag.tolist()
+        # every list made before any is replaced: a MemoryError leaves the index as it was
+        lists = (merged.offset.tolist(), merged.end.tolist(), merged.moffset.tolist(), merged.zeroed.tolist(),
+                 merged.tag.tolist())
+        self.offs, self.ends, self.moffs, self.zeroed, self.tags = lists
 
     def overlapping(self, start: int, end: int) -> tuple[int, int]:
         i = bisect_right(self.ends, start)

@@ -5,7 +5,7 @@ Writes append data to the data file, then one record per piece to the index file
 its data is written. The in-memory index takes the logged records before every lookup. ``flush()`` makes every
 earlier write durable, data first (fdatasync data, then index, with no record logged in between). A record
 that points past the end of the data file can only be an unflushed write torn by a crash: it and everything
-logged after it are ignored on open.
+logged after it are ignored on open (a zeroed record points at no data: it is never torn).
 """
 
 from __future__ import annotations
@@ -179,6 +179,7 @@ class WritableLayer(WritableBase):
             raise
         self.index_path = index_path
         self._appender: Appender | None = None
+        self._untaken = b""  # records taken from the appender that the index does not hold yet
         try:
             self._load_index()
         except BaseException:
@@ -196,6 +197,11 @@ class WritableLayer(WritableBase):
             raise LimitError(f"index file holds {count} records (limit {MAX_RW_INDEX_RECORDS})", path=path,
                              offset=HEADER_SIZE + RECORD_SIZE * MAX_RW_INDEX_RECORDS)
         raw = self.index_file.pread(HEADER_SIZE, count * RECORD_SIZE)
+        try:  # a layer another process writes (opened read-only) may have grown since its data file was opened:
+            # each record read was appended after its data was written, so the data file's size now covers it
+            self.data.size = max(self.data.size, os.fstat(self.data.fd).st_size)
+        except OSError as exc:
+            raise LayerIOError(f"cannot stat: {exc.strerror}", path=self.name) from exc
         rec = decode_records(raw)
         keep = rec["offset"] != INVALID_OFFSET
         positions = np.flatnonzero(keep)
@@ -207,8 +213,9 @@ class WritableLayer(WritableBase):
                                     f"the data file's header", path=path,
                                     offset=HEADER_SIZE + RECORD_SIZE * int(positions[k]))
         data_sectors = self.data.size // SECTOR
-        mend = log_.moffset + np.where(log_.zeroed, 0, log_.length)
-        bad = np.flatnonzero(mend > data_sectors)
+        # a zeroed record points at no data (its moffset is where the data cursor stood, which space reserved by a
+        # write still in flight, or one that failed, can have moved past the end): it is never torn
+        bad = np.flatnonzero(~log_.zeroed & (log_.moffset + log_.length > data_sectors))
         self.torn_records = 0
         if bad.size:
             k = int(bad[0])
@@ -217,6 +224,9 @@ class WritableLayer(WritableBase):
                         "file (%d bytes); an unflushed write was cut off", path, self.torn_records,
                         int(positions[k]), self.data.size)
             log_ = log_.take(slice(0, k))
+        # zeroed records past the end read as zeros here, but the reference's tools refuse the layer: earlier
+        # versions pointed them at the data cursor, which a failed or interrupted write left past the end
+        self.zeroed_past_end = int(np.count_nonzero(log_.zeroed & (log_.moffset > data_sectors)))
         self.index = MutableIndex.from_segments(replay(log_).with_tag(self.source_tag))
         self.levels = [self.level()]
         # appends go after the last whole sector / record, past anything torn
@@ -274,9 +284,11 @@ class WritableLayer(WritableBase):
     def _catch_up(self) -> None:
         """(Under ``_lock``) map the records appended since the last call, in the order they were appended."""
         appender = self._appender
-        if appender is None or not appender.pending:
+        if appender is None or not (appender.pending or self._untaken):
             return
-        raw = appender.take()
+        # Records taken stay here until the index holds them all: if mapping them fails (MemoryError), the next
+        # call maps them again, then what came after (mapping a prefix of them twice ends as mapping it once).
+        raw = self._untaken = self._untaken + appender.take()
         self.data.size = max(self.data.size, appender.data_high)  # reads of them check bounds against size
         tag = self.source_tag
         if len(raw) <= max(_FEW, len(self.index) // 32) * RECORD_SIZE:
@@ -284,13 +296,20 @@ class WritableLayer(WritableBase):
                 self.index.insert(w0 & _MASK50, w0 >> 50, w1 & _MASK55, bool(w1 >> 55 & 1), tag)
         else:
             self.index.apply(drop_invalid(decode_records(raw)).with_tag(tag))
+        self._untaken = b""
 
     def _append(self, offset: int, length: int, data: memoryview | None, step: int) -> None:
         if data is not None:
             at = self._reserve(length)
             write_all(self.data.fd, data, at, self.name)
-        else:  # a zeroed record points where the data cursor stands
-            at = self.appender.data_end
+        else:
+            # a zeroed record points at the data file's end, as the reference's do (its tools refuse a layer with
+            # a record past that end): not at the data cursor, which a write still in flight or one that failed
+            # has moved past the end
+            try:
+                at = os.fstat(self.data.fd).st_size // SECTOR * SECTOR
+            except OSError as exc:
+                raise LayerIOError(f"write failed: {exc.strerror}", path=self.name) from exc
         s0 = offset // SECTOR
         n = length // SECTOR
         if n <= step:  # one record (the common case): no arrays
