@@ -62,16 +62,25 @@ class BufferPool:
             self._free.append(buf.mem)
             self._kept += size
         else:
-            buf.mem.close()
+            _unmap(buf.mem)
 
     def clear(self) -> int:
         """Unmap every buffer kept; the bytes released."""
         released = self._kept
         for mem in self._free:
-            mem.close()
+            _unmap(mem)
         self._free = []
         self._kept = 0
         return released
+
+
+def _unmap(mem: mmap.mmap) -> None:
+    """Unmap now; or, while a view of it that the server no longer uses still exists (a slice of a reply, copied
+    out already, that the collector has not freed yet), once that view goes."""
+    try:
+        mem.close()
+    except BufferError:
+        pass
 
 
 def _libc() -> ctypes.CDLL | None:
