@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import struct
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +12,7 @@ from overlaybd.export.nbd import protocol as nbd
 from overlaybd.export.nbd.server import Export, NbdServer
 from overlaybd.source.file import MemorySource
 from tests.nbd_client import Client
+from tests.unit.nbd_thread import listening
 
 SIZE = 1 << 20
 DATA = bytes((i * 7) % 251 for i in range(SIZE))
@@ -22,24 +21,9 @@ DATA = bytes((i * 7) % 251 for i in range(SIZE))
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[str]:
     path = str(tmp_path / "s.sock")
-    loop = asyncio.new_event_loop()
     exports = [Export("", MemorySource(DATA)), Export("rw", MemorySource(bytearray(DATA)), description="writable")]
-    srv = NbdServer(exports, workers=4)
-    started = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(srv.listen_unix(path))
-        started.set()
-        loop.run_forever()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    started.wait(10)
-    yield path
-    asyncio.run_coroutine_threadsafe(srv.close(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    t.join(10)
+    with listening(NbdServer(exports, workers=4), path):
+        yield path
 
 
 def test_options_answer_as_the_spec_says(server: str) -> None:

@@ -4,11 +4,9 @@ to take them and the socket fills part way through a reply."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 import struct
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ from overlaybd.formats.lsmt.stack import LsmtStack
 from overlaybd.source.base import Span
 from overlaybd.volume import Volume
 from tests.nbd_client import Client
+from tests.unit.nbd_thread import listening
 
 KiB, MiB = 1024, 1 << 20
 SIZE = 16 * MiB
@@ -80,25 +79,10 @@ def test_file_spans_leave_out_a_writable_upper(volume: Volume) -> None:
 @pytest.fixture
 def served(volume: Volume, tmp_path: Path) -> Iterator[tuple[str, NbdServer, LsmtStack]]:
     path = str(tmp_path / "s.sock")
-    loop = asyncio.new_event_loop()
     stack = volume.open()
     srv = NbdServer([Export("", stack, readonly=True, inline=True)], workers=2)
-    started = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(srv.listen_unix(path))
-        started.set()
-        loop.run_forever()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    started.wait(10)
-    yield path, srv, stack
-    asyncio.run_coroutine_threadsafe(srv.close(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    t.join(10)
-    loop.close()
+    with listening(srv, path):
+        yield path, srv, stack
     stack.close()
 
 
