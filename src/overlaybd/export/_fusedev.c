@@ -71,10 +71,7 @@ typedef struct {
     const AppenderAPI *api;
     PyObject *catch_up;    /* catch_up(): the upper's index takes the records appended (called when many wait) */
     uint64_t catch_up_at;  /* how many */
-    uint64_t id;           /* unique in the process, from 1 */
 } Disk;
-
-static uint64_t last_id;
 
 static void disk_dealloc(Disk *self) {
     if (self->ends_view.obj)
@@ -148,7 +145,6 @@ static int disk_init(Disk *self, PyObject *args, PyObject *kwds) {
     }
     self->fast = fast;
     self->data_fd = -1;
-    self->id = __atomic_add_fetch(&last_id, 1, __ATOMIC_RELAXED);
     return 0;
 }
 
