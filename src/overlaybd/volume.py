@@ -93,7 +93,7 @@ class LocalLayers:
         path = volume.lowers[n]
         if os.path.exists(path):
             return open_layer(path, owned=owned)
-        if "digest" in volume.config["lowers"][n]:
+        if volume.in_repository(n):
             raise VolumeError(f"snapshot {n} is still in its repository (pulled lazily): open the volume with "
                               "overlaybd's remote support (overlaybd.remote.lazy.RemoteLayers)", path=path)
         raise VolumeError(f"snapshot {n}: layer file is missing", path=path)
@@ -133,6 +133,10 @@ class Volume:
     @property
     def lowers(self) -> list[str]:
         return lower_paths(self.path, self.config)
+
+    def in_repository(self, n: int) -> bool:
+        """Whether snapshot ``n`` has no local file because it is still in its repository (pulled lazily)."""
+        return not os.path.exists(self.lowers[n]) and "digest" in self.config["lowers"][n]
 
     @property
     def upper(self) -> tuple[str, str]:

@@ -49,7 +49,7 @@ def check_volume(path: str) -> list[dict[str, Any]]:
     for n, layer in enumerate(vol.lowers):
         if os.path.exists(layer):
             reports.append(check_layer(layer))
-        elif "digest" in vol.config["lowers"][n]:
+        elif vol.in_repository(n):
             reports.append({"path": layer, "format": "remote", "errors": [],
                             "warnings": [f"snapshot {n} is in its repository (pulled lazily): not checked here"]})
         else:
