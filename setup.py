@@ -11,7 +11,7 @@ setup(
         Extension(
             "overlaybd.formats.zfile._blocks",
             sources=["src/overlaybd/formats/zfile/_blocks.c"],
-            libraries=["lz4", "zstd", "dl"],
+            libraries=["lz4", "zstd", "dl", "m"],
             extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
         ),

@@ -26,6 +26,7 @@ runs=(
   "bench_nbd_memory"
   "bench_redistribution"
   "bench_zfile_peers --bounds"
+  "bench_zfile_screen"
   "bench_nbd_floor"
   "bench_nbd --only metrics"
   "bench_mirror"

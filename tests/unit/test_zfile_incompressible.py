@@ -1,5 +1,7 @@
 """A 64 KiB block that does not compress: the block size is decided before writing, on both block paths, and the
-file written once; where the screen misses the block, the file is written again (the safety net). The reference
+file written once, wherever the block sits and whatever makes it incompressible to the codec (random bytes; for
+LZ4, which has no entropy coder, also random nibbles or base64 text); should the screen miss a block, the file is
+written again (the safety net). The reference
 reader reads what we write; the reference writer's own 64 KiB file is refused by its reader and read by ours.
 
 The reference tests need the tools that ../shared/reference-tools/build.sh builds (OVERLAYBD_REFERENCE_TOOLS set
@@ -8,10 +10,12 @@ to their folder, or obd-writer on PATH); without them they skip, saying so.
 
 from __future__ import annotations
 
+import base64
 import os
 import random
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +24,7 @@ from overlaybd.formats.zfile import blocks, writer
 from overlaybd.formats.zfile.extract import decompress_to
 from overlaybd.formats.zfile.reader import ZFileSource
 from overlaybd.formats.zfile.spec import MAX_STORED_BLOCK
-from overlaybd.formats.zfile.writer import SCREEN_STRIDE, ZFileResult, write_zfile
+from overlaybd.formats.zfile.writer import ZFileResult, write_zfile
 from overlaybd.source.file import FileSource, MemorySource
 
 from .test_zfile_blocks import _native, mixed
@@ -28,10 +32,25 @@ from .test_zfile_blocks import _native, mixed
 BLOCK = 65536
 
 
-def with_noise_at(k: int, nblocks: int = 12, seed: int = 5) -> bytes:
-    """``nblocks`` 64 KiB blocks that compress, but block ``k``: random bytes."""
+def random_bytes(rng: random.Random) -> bytes:
+    return rng.randbytes(BLOCK)
+
+
+def five_bit_symbols(rng: random.Random) -> bytes:
+    """5 bits a byte: zstd shrinks it by a third; LZ4 (no entropy coder, and few repeats to find) cannot."""
+    return bytes(b & 0x1F for b in rng.randbytes(BLOCK))
+
+
+def base64_text(rng: random.Random) -> bytes:
+    """6 bits a byte, as in PEM files and mail: the same for LZ4."""
+    return base64.b64encode(rng.randbytes(BLOCK))[:BLOCK]
+
+
+def with_noise_at(k: int, nblocks: int = 12, seed: int = 5,
+                  noise: Callable[[random.Random], bytes] = random_bytes) -> bytes:
+    """``nblocks`` 64 KiB blocks that compress, but block ``k``: ``noise``."""
     data = bytearray(mixed(nblocks * BLOCK, seed))
-    data[k * BLOCK : (k + 1) * BLOCK] = random.Random(seed).randbytes(BLOCK)
+    data[k * BLOCK : (k + 1) * BLOCK] = noise(random.Random(seed))
     return bytes(data)
 
 
@@ -55,10 +74,10 @@ def runs(request: pytest.FixtureRequest) -> blocks.BlockRuns:
     return blocks.PYTHON if request.param == "python" else _native()
 
 
+@pytest.mark.parametrize("k", [0, 1, 8, 9, 11])
 @pytest.mark.parametrize("algo", ["lz4", "zstd"])
-def test_a_screened_incompressible_block_decides_32k_before_writing(tmp_path: Path, algo: str,
-                                                                    runs: blocks.BlockRuns) -> None:
-    k = 2 * SCREEN_STRIDE  # a screened block
+def test_an_incompressible_block_anywhere_decides_32k_before_writing(tmp_path: Path, algo: str, k: int,
+                                                                     runs: blocks.BlockRuns) -> None:
     data = with_noise_at(k)
     path, res = write(tmp_path, data, algo, runs)
     assert (res.block_size, res.passes) == (32768, 1)
@@ -69,11 +88,23 @@ def test_a_screened_incompressible_block_decides_32k_before_writing(tmp_path: Pa
         assert z.pread(0, len(data)) == data
 
 
+@pytest.mark.parametrize("noise", [five_bit_symbols, base64_text])
+def test_lz4_low_entropy_blocks_it_cannot_shrink_are_screened(tmp_path: Path, noise: Callable[[random.Random], bytes],
+                                                              runs: blocks.BlockRuns) -> None:
+    data = with_noise_at(9, noise=noise)
+    path, res = write(tmp_path, data, "lz4", runs)
+    assert (res.block_size, res.passes) == (32768, 1)
+    with FileSource(str(path)) as f:
+        assert ZFileSource(f).pread(0, len(data)) == data
+    _, res = write(tmp_path, data, "zstd", runs, "zstd")  # zstd codes these bytes in fewer bits: 64 KiB blocks
+    assert (res.block_size, res.passes) == (BLOCK, 1)
+
+
 @pytest.mark.parametrize("algo", ["lz4", "zstd"])
-def test_an_unscreened_incompressible_block_is_caught_while_writing(tmp_path: Path, algo: str,
-                                                                   runs: blocks.BlockRuns) -> None:
-    k = 2 * SCREEN_STRIDE + 1  # not screened: the writer finds it and writes the file again
-    data = with_noise_at(k)
+def test_a_block_the_screen_misses_is_caught_while_writing(tmp_path: Path, algo: str, runs: blocks.BlockRuns,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writer, "_oversized_block", lambda *_: None)  # a screen that is wrong: the net still holds
+    data = with_noise_at(9)
     path, res = write(tmp_path, data, algo, runs)
     assert (res.block_size, res.passes) == (32768, 2)
     with FileSource(str(path)) as f:
@@ -111,15 +142,29 @@ def test_both_block_paths_write_the_same_bytes(tmp_path: Path, algo: str, k: int
     assert ours_c.read_bytes() == ours_py.read_bytes()
 
 
-def test_screen_finds_the_first_screened_block_that_does_not_fit(runs: blocks.BlockRuns) -> None:
-    saved = blocks.ACTIVE
-    blocks.ACTIVE = runs
-    try:
-        data = with_noise_at(SCREEN_STRIDE, nblocks=3 * SCREEN_STRIDE)
-        assert writer._oversized_block(MemorySource(data), 2, BLOCK, True) == SCREEN_STRIDE
-        assert writer._oversized_block(MemorySource(mixed(8 * BLOCK, 3)), 2, BLOCK, True) is None
-    finally:
-        blocks.ACTIVE = saved
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("algo", [1, 2])
+def test_screen_finds_a_block_that_does_not_fit_in_any_chunk(runs: blocks.BlockRuns, algo: int, threads: int,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(blocks, "ACTIVE", runs)
+    monkeypatch.setattr(writer, "SCREEN_CHUNK", 4 * BLOCK)  # 5 chunks of 4 blocks
+    clean = mixed(20 * BLOCK, 3)
+    assert writer._oversized_block(MemorySource(clean), algo, BLOCK, True, threads) is None
+    for k in (0, 5, 19):
+        data = with_noise_at(k, nblocks=20)
+        assert writer._oversized_block(MemorySource(data), algo, BLOCK, True, threads) == k
+
+
+def test_both_block_paths_screen_alike() -> None:
+    """The C screen and its Python twin clear, test and find the same blocks."""
+    native = _native()
+    scratch = bytearray(2 * BLOCK)
+    cases = [mixed(8 * BLOCK, 1), with_noise_at(3, 8), with_noise_at(5, 8, noise=five_bit_symbols),
+             with_noise_at(6, 8, noise=base64_text), bytes(8 * BLOCK)]
+    for algo in (1, 2):
+        for data in cases:
+            args = (algo, data, BLOCK, True, scratch, MAX_STORED_BLOCK, writer.SCREEN)
+            assert native.screen(*args) == blocks.PYTHON.screen(*args), (algo, cases.index(data))
 
 
 @pytest.mark.parametrize("threads", [1, 2])

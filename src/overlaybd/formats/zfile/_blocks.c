@@ -19,6 +19,8 @@
 #include <string.h>
 
 #include <dlfcn.h>
+#include <math.h>
+#include <pthread.h>
 #include <lz4.h>
 #include <zstd.h>
 
@@ -593,6 +595,171 @@ done:
     return result;
 }
 
+/* ---- screening: will every block fit? ----------------------------------------------------------------- */
+
+/* c * log2(c) for every count a 64 KiB block can give, so that a block's entropy costs 256 lookups. */
+#define ENTROPY_TABLE (64 * 1024 + 1)
+static double clog2c[ENTROPY_TABLE];
+static pthread_once_t clog2c_once = PTHREAD_ONCE_INIT;
+
+static void clog2c_init(void) {
+    for (size_t c = 1; c < ENTROPY_TABLE; c++)
+        clog2c[c] = (double)c * log2((double)c);
+}
+
+/* Bits a byte of the order-0 entropy of p[0], p[step], p[2*step], ... (n bytes, n <= 64 KiB). */
+static double sampled_entropy(const uint8_t *p, size_t n, size_t step) {
+    uint32_t part[4][256];
+    memset(part, 0, sizeof(part)); /* four tables: consecutive equal bytes do not wait on one counter */
+    size_t i = 0, samples = 0;
+    for (; i + 3 * step < n; i += 4 * step, samples += 4) {
+        part[0][p[i]]++;
+        part[1][p[i + step]]++;
+        part[2][p[i + 2 * step]]++;
+        part[3][p[i + 3 * step]]++;
+    }
+    for (; i < n; i += step, samples++)
+        part[0][p[i]]++;
+    if (samples == 0)
+        return 0.0;
+    double sum = 0.0;
+    for (int b = 0; b < 256; b++)
+        sum += clog2c[part[0][b] + part[1][b] + part[2][b] + part[3][b]];
+    return log2((double)samples) - sum / (double)samples;
+}
+
+typedef struct {
+    const uint8_t *src;
+    size_t src_len, block_size;
+    uint8_t *scratch;
+    size_t scratch_len, max_stored;
+    int verify, algo, level, lz4_accel;
+    size_t step, margin, prefix;
+    double bits;
+    ZSTD_CCtx *cctx;
+    /* results */
+    Py_ssize_t found, tested;
+    const char *message;
+} ScreenJob;
+
+/* Compress one block into scratch the way the writer will: ST_OK when it fits, ST_TOO_BIG when not. */
+static int exact_fit(ScreenJob *j, const uint8_t *block, size_t n) {
+    uint32_t length;
+    CompressJob c = {.src = block, .src_len = n, .block_size = j->block_size, .out = j->scratch,
+                     .out_len = j->scratch_len, .lengths = &length, .max_stored = j->max_stored,
+                     .verify = j->verify, .algo = j->algo, .level = j->level, .cctx = j->cctx};
+    j->tested++;
+    int status = compress_run(&c);
+    if (status == ST_CODEC)
+        j->message = c.message;
+    return status;
+}
+
+/* A block that surely fits, without compressing all of it as written. zstd codes literals with Huffman, so a block
+ * whose sampled bytes carry fewer than ``bits`` bits a byte shrinks by far more than a frame's overhead. LZ4 has
+ * no entropy coder; it parses a block from the start, and a match never costs more than the literals it replaces,
+ * so the block costs at most what its first ``prefix`` bytes compress to (as written: the same parse) plus the
+ * worst case of the rest; failing that, LZ4 at a fast setting over the whole block is asked. Either must leave
+ * ``margin`` bytes to spare. */
+static int surely_fits(ScreenJob *j, const uint8_t *block, size_t n) {
+    if (j->algo == ALGO_ZSTD)
+        return j->step && sampled_entropy(block, n, j->step) < j->bits;
+    int room = (int)(j->max_stored - (j->verify ? CRC_SIZE : 0) - j->margin);
+    if (room <= 0 || (size_t)LZ4_compressBound((int)n) > j->scratch_len)
+        return 0;
+    if (j->prefix && j->prefix < n) {
+        int head = LZ4_compress_default((const char *)block, (char *)j->scratch, (int)j->prefix, (int)j->scratch_len);
+        if (head > 0 && head + LZ4_compressBound((int)(n - j->prefix)) <= room)
+            return 1;
+    }
+    int r = LZ4_compress_fast((const char *)block, (char *)j->scratch, (int)n, (int)j->scratch_len, j->lz4_accel);
+    return r > 0 && r <= room;
+}
+
+static int screen_run(ScreenJob *j) {
+    j->found = -1;
+    Py_ssize_t i = 0;
+    for (size_t off = 0; off < j->src_len; off += j->block_size, i++) {
+        size_t n = j->src_len - off < j->block_size ? j->src_len - off : j->block_size;
+        if (surely_fits(j, j->src + off, n))
+            continue;
+        int status = exact_fit(j, j->src + off, n);
+        if (status == ST_TOO_BIG) {
+            j->found = i;
+            return ST_OK;
+        }
+        if (status != ST_OK) {
+            j->found = i;
+            return status;
+        }
+    }
+    return ST_OK;
+}
+
+PyDoc_STRVAR(screen_blocks_doc,
+             "screen_blocks(ctx, algo, level, src, block_size, verify, scratch, max_stored, step, bits, lz4_accel,"
+             " margin, prefix) -> (found, tested, status, message)\n\n"
+             "The first block of src (in blocks of block_size) whose stored length, compressed as\n"
+             "compress_blocks would, passes max_stored; found is -1 when every block fits. A block is compressed\n"
+             "exactly (tested counts them) only when a cheap look does not show that it fits: for zstd, the\n"
+             "entropy of every step-th byte below bits; for LZ4, the first prefix bytes compressed plus the worst\n"
+             "case of the rest, or LZ4 at acceleration lz4_accel, fitting with margin bytes to spare. scratch must\n"
+             "hold compress_bound(algo, block_size) + 4 bytes.");
+
+static PyObject *screen_blocks(PyObject *self, PyObject *args) {
+    PyObject *capsule, *src_obj, *scratch_obj;
+    int algo, level, verify, lz4_accel;
+    Py_ssize_t block_size, max_stored, step, margin, prefix;
+    double bits;
+    if (!PyArg_ParseTuple(args, "OiiOnpOnndinn", &capsule, &algo, &level, &src_obj, &block_size, &verify,
+                          &scratch_obj, &max_stored, &step, &bits, &lz4_accel, &margin, &prefix))
+        return NULL;
+    if (check_algo(algo) < 0)
+        return NULL;
+    if (block_size <= 0 || block_size >= ENTROPY_TABLE || max_stored <= 0 || step < 0 || margin < 0 ||
+        lz4_accel < 1 || prefix < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad block size, step, margin or acceleration");
+        return NULL;
+    }
+    Py_buffer src, scratch;
+    if (PyObject_GetBuffer(src_obj, &src, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(scratch_obj, &scratch, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    size_t bound = algo == ALGO_LZ4 ? (size_t)LZ4_compressBound((int)block_size) : zstd.compressBound(block_size);
+    if ((size_t)scratch.len < bound + CRC_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "scratch is smaller than a block's worst case");
+        goto done;
+    }
+    Context *ctx = take_context(capsule);
+    if (!ctx)
+        goto done;
+    if (algo == ALGO_ZSTD && zstd_state(ctx, 1) < 0)
+        goto done;
+    pthread_once(&clog2c_once, clog2c_init);
+    ScreenJob j = {.src = src.buf, .src_len = (size_t)src.len, .block_size = (size_t)block_size,
+                   .scratch = scratch.buf, .scratch_len = (size_t)scratch.len, .max_stored = (size_t)max_stored,
+                   .verify = verify, .algo = algo, .level = level, .lz4_accel = lz4_accel, .step = (size_t)step,
+                   .margin = (size_t)margin, .prefix = (size_t)prefix, .bits = bits, .cctx = ctx->cctx};
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = screen_run(&j);
+    Py_END_ALLOW_THREADS
+    ctx->busy = 0;
+    if (status == ST_BOUNDS) {
+        PyErr_Format(PyExc_ValueError, "scratch has no room for block %zd", j.found);
+        goto done;
+    }
+    result = Py_BuildValue("(nniz)", j.found, j.tested, status, j.message);
+done:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&scratch);
+    return result;
+}
+
 /* ---- small helpers ------------------------------------------------------------------------------------- */
 
 static PyObject *compress_bound(PyObject *self, PyObject *args) {
@@ -669,6 +836,7 @@ static PyMethodDef methods[] = {
     {"compress_bound", compress_bound, METH_VARARGS, "compress_bound(algo, n): worst-case compressed size."},
     {"use_zstd", use_zstd, METH_VARARGS, use_zstd_doc},
     {"byte_counts", byte_counts, METH_VARARGS, byte_counts_doc},
+    {"screen_blocks", screen_blocks, METH_VARARGS, screen_blocks_doc},
     {"zstd_version", zstd_version, METH_NOARGS, "The version of the zstd library in use."},
     {"crc32c_raw", crc32c_raw, METH_VARARGS, "crc32c_raw(data, seed=0): CRC32C, register from seed, no final XOR."},
     {NULL, NULL, 0, NULL},

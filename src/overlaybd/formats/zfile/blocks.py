@@ -13,8 +13,9 @@ Statuses: a run stops at its first failing block and reports how many blocks cam
 from __future__ import annotations
 
 import threading
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
+import lz4.block
 import numpy as np
 
 from ... import native
@@ -30,6 +31,18 @@ TOO_BIG = 5  # compress: the block's stored length would pass max_stored
 
 RunResult = tuple[int, int, int, str | None]  # decompress: done, status, detail, message
 CompressResult = tuple[int, int, int, str | None]  # compress: done, bytes of out used, status, message
+ScreenResult = tuple[int, int, int, str | None]  # screen: first block that does not fit (-1: none), blocks
+# compressed to find out, status, message
+
+
+class Screen(NamedTuple):
+    """How blocks are screened: see ``BlockRuns.screen``."""
+
+    step: int  # zstd: every step-th byte of a block is counted
+    bits: float  # zstd: a block whose counted bytes carry fewer bits a byte than this surely fits
+    prefix: int  # LZ4: bytes at the start of a block compressed as written, the rest counted at its worst
+    lz4_acceleration: int  # LZ4: failing that, the acceleration of a fast look at the whole block
+    margin: int  # LZ4: bytes either look must leave to spare
 
 
 class BlockRuns(Protocol):
@@ -53,6 +66,17 @@ class BlockRuns(Protocol):
 
     def byte_counts(self, data: Any, step: int, counts: Any) -> None:
         """Add to ``counts`` (256 int64) how often each byte value occurs at ``data[0], data[step], ...``."""
+        ...
+
+    def screen(self, algo: int, src: Any, block_size: int, verify: bool, scratch: Any, max_stored: int,
+               how: Screen) -> ScreenResult:
+        """The first block of ``src`` whose stored length, compressed as ``compress`` would, passes
+        ``max_stored``. A block is compressed to find out only when a cheap look does not show that it fits:
+        for zstd (which codes literals with Huffman), the entropy of its counted bytes below ``how.bits``; for
+        LZ4 (which has no entropy coder, and parses a block from its start, a match never costing more than the
+        literals it replaces), its first ``how.prefix`` bytes compressed as written plus the worst case of the
+        rest, or else LZ4 at a fast setting over the whole block, fitting with ``how.margin`` bytes to spare.
+        ``scratch`` holds one block's worst case."""
         ...
 
 
@@ -109,6 +133,39 @@ class PythonRuns:
     def byte_counts(self, data: Any, step: int, counts: Any) -> None:
         counts += np.bincount(np.frombuffer(data, dtype=np.uint8)[::step], minlength=256)
 
+    def screen(self, algo: int, src: Any, block_size: int, verify: bool, scratch: Any, max_stored: int,
+               how: Screen) -> ScreenResult:
+        lengths = np.empty(1, dtype="<u4")
+        tested = 0
+        for i, at in enumerate(range(0, len(src), block_size)):
+            block = src[at : at + block_size]
+            if _surely_fits(algo, block, verify, max_stored, how):
+                continue
+            tested += 1
+            _, _, status, message = self.compress(algo, block, block_size, verify, scratch, lengths, max_stored)
+            if status == TOO_BIG:
+                return i, tested, OK, None
+            if status != OK:
+                return i, tested, status, message
+        return -1, tested, OK, None
+
+
+def _surely_fits(algo: int, block: Any, verify: bool, max_stored: int, how: Screen) -> bool:
+    if algo != ALGO_LZ4:
+        if not how.step:
+            return False
+        counts = np.bincount(np.frombuffer(block, dtype=np.uint8)[:: how.step], minlength=256)
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log2(p)).sum()) < how.bits
+    room = max_stored - (CRC_SIZE if verify else 0) - how.margin
+    rest = len(block) - how.prefix
+    if how.prefix and rest > 0:
+        head = len(codecs.compressor(ALGO_LZ4)(block[: how.prefix]))
+        if head + rest + rest // 255 + 16 <= room:  # the rest at its worst: LZ4_COMPRESSBOUND
+            return True
+    fast = lz4.block.compress(block, mode="fast", acceleration=how.lz4_acceleration, store_size=False)
+    return len(fast) <= room
+
 
 class NativeRuns:
     name = "native"
@@ -138,6 +195,12 @@ class NativeRuns:
 
     def byte_counts(self, data: Any, step: int, counts: Any) -> None:
         self.module.byte_counts(data, step, counts)
+
+    def screen(self, algo: int, src: Any, block_size: int, verify: bool, scratch: Any, max_stored: int,
+               how: Screen) -> ScreenResult:
+        return self.module.screen_blocks(self._context(), algo, codecs.ZSTD_LEVEL, src, block_size,  # type: ignore[no-any-return]
+                                         verify, scratch, max_stored, how.step, how.bits, how.lz4_acceleration,
+                                         how.margin, how.prefix)
 
 
 def _native() -> NativeRuns | None:

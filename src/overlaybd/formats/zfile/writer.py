@@ -5,11 +5,13 @@ size). Only 64 KiB blocks of incompressible data get there: no LZ4 block or zstd
 fewer (a zstd frame adds at least 8 bytes, an LZ4 block 257), and every block of a ZFile has the one size its
 header gives, so no single block can be written differently. The reference writes such a block anyway and its
 reader then refuses the file; here the whole file gets 32 KiB blocks instead (where LZ4 and zstd worst cases
-fit), and that is decided before anything is written: ``_oversized_block`` screens every SCREEN_STRIDE-th
-64 KiB block by the entropy of its bytes and compresses only those that look incompressible, to see exactly
-whether they fit. A file where the screen finds none is written with 64 KiB blocks, the reference's bytes; should
-one of the unscreened blocks not fit after all, the file is written again with 32 KiB blocks. The result reports
-the block size actually used.
+fit), and that is decided before anything is written: ``_oversized_block`` screens every block, on every thread,
+in one C call per 4 MiB (``BlockRuns.screen``): a cheap look clears the blocks that surely fit (zstd: the
+entropy of every 16th byte; LZ4, which has no entropy coder: the first 4 KiB compressed plus the worst case of the
+rest, or else LZ4 at acceleration 64, with 512 bytes to spare),
+and only the rest are compressed to see exactly whether they fit. Should the writer still meet a block that does
+not fit (the cheap look was wrong), the file is written again with 32 KiB blocks: a net that no input is known
+to reach. The result reports the block size actually used.
 """
 
 from __future__ import annotations
@@ -53,9 +55,8 @@ Progress = Callable[[int, int], None]
 BATCH_BYTES = 1 << 20
 
 
-SCREEN_STRIDE = 4  # every 4th 64 KiB block is screened before writing
-SCREEN_STEP = 4  # and every 4th byte of it counted
-SCREEN_BITS = 7.85  # bits a byte above which a screened block is compressed to see whether it fits
+SCREEN = blocks.Screen(step=16, bits=7.85, prefix=4096, lz4_acceleration=64, margin=512)
+SCREEN_CHUNK = 4 << 20  # bytes a screening call takes
 
 
 class _BlockTooLarge(Exception):
@@ -185,7 +186,7 @@ def write_zfile(src: BlockSource, fd: int, base: int = 0, *, algo: str | int = "
     codecs.check_algo(code)
     check_block_size(block_size)
     if max_stored_length(code, block_size, verify) > MAX_STORED_BLOCK:
-        found = _oversized_block(src, code, block_size, verify)
+        found = _oversized_block(src, code, block_size, verify, threads)
         if found is not None:
             log.info("%s: block %d does not compress below %d bytes; writing %d-byte blocks", name, found,
                      MAX_STORED_BLOCK, block_size // 2)
@@ -201,37 +202,43 @@ def write_zfile(src: BlockSource, fd: int, base: int = 0, *, algo: str | int = "
         return replace(res, passes=2)
 
 
-def _entropy(counts: np.ndarray) -> float:
-    """Bits a byte of the order-0 entropy of these byte counts."""
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log2(p)).sum())
-
-
-def _oversized_block(src: BlockSource, algo: int, block_size: int, verify: bool) -> int | None:
-    """A block of ``src`` that does not compress to MAX_STORED_BLOCK bytes or less, among those screened (every
-    SCREEN_STRIDE-th, and the last); None if none of them is. A block is compressed only when its bytes look
-    incompressible (SCREEN_BITS), so the answer is exact for the screened blocks and costs a read and a byte count
-    for most."""
-    nblocks = -(-src.size // block_size)
-    if not nblocks:
+def _oversized_block(src: BlockSource, algo: int, block_size: int, verify: bool,
+                     threads: int | None = None) -> int | None:
+    """A block of ``src`` that does not compress to MAX_STORED_BLOCK bytes or less (with one thread, the first);
+    None if every block fits. Chunks of SCREEN_CHUNK bytes go to ``threads`` workers, each
+    reading its chunk and screening it in one call (``BlockRuns.screen``); once a block is found, the chunks not
+    yet started are skipped."""
+    if not src.size:
         return None
     runs = blocks.ACTIVE
-    buf = bytearray(block_size)
-    out = bytearray(runs.compress_bound(algo, block_size) + CRC_SIZE)
-    lengths = np.empty(1, dtype="<u4")
-    counts = np.zeros(256, dtype=np.int64)
-    screened: list[int] = [*range(0, nblocks - 1, SCREEN_STRIDE), nblocks - 1]  # and the last, which may be short
-    for k in screened:
-        view = memoryview(buf)[: min(block_size, src.size - k * block_size)]
-        src.readinto(k * block_size, view)
-        counts[:] = 0
-        runs.byte_counts(view, SCREEN_STEP, counts)
-        if _entropy(counts) < SCREEN_BITS:
-            continue
-        _, _, status, _ = runs.compress(algo, view, block_size, verify, out, lengths, MAX_STORED_BLOCK)
-        if status == blocks.TOO_BIG:
-            return k
-    return None
+    chunk = max(block_size, SCREEN_CHUNK // block_size * block_size)
+    scratch_len = runs.compress_bound(algo, block_size) + CRC_SIZE
+    local = threading.local()
+    found: list[int] = []
+
+    def screen(offset: int) -> None:
+        if found:
+            return
+        if not hasattr(local, "buf"):
+            local.buf, local.scratch = bytearray(chunk), bytearray(scratch_len)
+        view = memoryview(local.buf)[: min(chunk, src.size - offset)]
+        src.readinto(offset, view)
+        k, _, status, message = runs.screen(algo, view, block_size, verify, local.scratch, MAX_STORED_BLOCK, SCREEN)
+        if status != blocks.OK:
+            raise FormatError(f"block {offset // block_size + k} does not compress: {message}")
+        if k >= 0:
+            found.append(offset // block_size + k)
+
+    offsets = range(0, src.size, chunk)
+    workers = max(1, min(threads or os.cpu_count() or 1, len(offsets)))
+    if workers == 1:
+        for offset in offsets:
+            screen(offset)
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zscreen") as pool:
+            for fut in [pool.submit(screen, offset) for offset in offsets]:
+                fut.result()
+    return min(found) if found else None
 
 
 def _write(src: BlockSource, fd: int, base: int, algo: int, block_size: int, verify: bool, threads: int | None,
