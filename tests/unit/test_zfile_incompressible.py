@@ -15,7 +15,7 @@ import os
 import random
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from overlaybd.formats.zfile.extract import decompress_to
 from overlaybd.formats.zfile.reader import ZFileSource
 from overlaybd.formats.zfile.spec import MAX_STORED_BLOCK
 from overlaybd.formats.zfile.writer import ZFileResult, write_zfile
+from overlaybd.source.base import Extent, ExtentKind
 from overlaybd.source.file import FileSource, MemorySource
 
 from .test_zfile_blocks import _native, mixed
@@ -153,6 +154,37 @@ def test_screen_finds_a_block_that_does_not_fit_in_any_chunk(runs: blocks.BlockR
     for k in (0, 5, 19):
         data = with_noise_at(k, nblocks=20)
         assert writer._oversized_block(MemorySource(data), algo, BLOCK, True, threads) == k
+
+
+def test_the_screen_reads_only_the_blocks_that_hold_data(tmp_path: Path) -> None:
+    """A sparse file: the screen's chunks skip its holes, and a block that does not fit after a hole is found."""
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.truncate(64 * BLOCK)
+        f.seek(3 * BLOCK + 100)
+        f.write(mixed(BLOCK, 1))  # data in blocks 3 and 4
+        f.seek(40 * BLOCK)
+        f.write(random.Random(1).randbytes(BLOCK))  # block 40 does not fit
+    with FileSource(str(path)) as src:
+        if [e.kind.value for e in src.extents()] == ["data"]:
+            pytest.skip("this filesystem does not report holes (SEEK_DATA)")
+        chunks = writer._data_chunks(src, BLOCK, 4 * BLOCK)
+        covered = {k for off, n in chunks for k in range(off // BLOCK, (off + n) // BLOCK)}
+        assert {3, 4, 40} <= covered and len(covered) < 16  # only what the file system holds, rounded to pages
+        assert all(off % BLOCK == 0 and n <= 4 * BLOCK for off, n in chunks)
+        assert writer._oversized_block(src, 2, BLOCK, True, 2) == 40
+
+
+def test_a_source_of_zeros_is_not_read_to_be_screened() -> None:
+    class Zeros(MemorySource):
+        def _extents(self, offset: int, length: int) -> Iterator[Extent]:
+            yield Extent(offset, length, ExtentKind.ZERO)
+
+        def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
+            raise AssertionError("the screen read a range of zeros")
+
+    assert writer._data_chunks(Zeros(bytes(8 * BLOCK)), BLOCK, 4 * BLOCK) == []
+    assert writer._oversized_block(Zeros(bytes(8 * BLOCK)), 2, BLOCK, True, 2) is None
 
 
 def test_both_block_paths_screen_alike() -> None:

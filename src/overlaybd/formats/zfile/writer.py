@@ -5,7 +5,8 @@ size). Only 64 KiB blocks of incompressible data get there: no LZ4 block or zstd
 fewer (a zstd frame adds at least 8 bytes, an LZ4 block 257), and every block of a ZFile has the one size its
 header gives, so no single block can be written differently. The reference writes such a block anyway and its
 reader then refuses the file; here the whole file gets 32 KiB blocks instead (where LZ4 and zstd worst cases
-fit), and that is decided before anything is written: ``_oversized_block`` screens every block, on every thread,
+fit), and that is decided before anything is written: ``_oversized_block`` screens every block that holds data
+(a block of zeros always fits), on every thread,
 in one C call per 4 MiB (``BlockRuns.screen``): a cheap look clears the blocks that surely fit (zstd: the
 entropy of every 16th byte; LZ4, which has no entropy coder: the first 4 KiB compressed plus the worst case of the
 rest, or else LZ4 at acceleration 64, with 512 bytes to spare),
@@ -28,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ...errors import FormatError, UsageError
-from ...source.base import BlockSource
+from ...source.base import BlockSource, ExtentKind
 from ...source.file import write_all
 from ..checksum import raw_crc32c
 from . import blocks, codecs
@@ -205,23 +206,22 @@ def write_zfile(src: BlockSource, fd: int, base: int = 0, *, algo: str | int = "
 def _oversized_block(src: BlockSource, algo: int, block_size: int, verify: bool,
                      threads: int | None = None) -> int | None:
     """A block of ``src`` that does not compress to MAX_STORED_BLOCK bytes or less (with one thread, the first);
-    None if every block fits. Chunks of SCREEN_CHUNK bytes go to ``threads`` workers, each
-    reading its chunk and screening it in one call (``BlockRuns.screen``); once a block is found, the chunks not
-    yet started are skipped."""
-    if not src.size:
-        return None
+    None if every block fits. The blocks that hold data (``_data_chunks``: a block of zeros always fits) go in
+    chunks to ``threads`` workers, each reading its chunk and screening it in one call (``BlockRuns.screen``);
+    once a block is found, the chunks not yet started are skipped."""
     runs = blocks.ACTIVE
     chunk = max(block_size, SCREEN_CHUNK // block_size * block_size)
+    chunks = _data_chunks(src, block_size, chunk)
     scratch_len = runs.compress_bound(algo, block_size) + CRC_SIZE
     local = threading.local()
     found: list[int] = []
 
-    def screen(offset: int) -> None:
+    def screen(offset: int, length: int) -> None:
         if found:
             return
         if not hasattr(local, "buf"):
             local.buf, local.scratch = bytearray(chunk), bytearray(scratch_len)
-        view = memoryview(local.buf)[: min(chunk, src.size - offset)]
+        view = memoryview(local.buf)[:length]
         src.readinto(offset, view)
         k, _, status, message = runs.screen(algo, view, block_size, verify, local.scratch, MAX_STORED_BLOCK, SCREEN)
         if status != blocks.OK:
@@ -229,16 +229,31 @@ def _oversized_block(src: BlockSource, algo: int, block_size: int, verify: bool,
         if k >= 0:
             found.append(offset // block_size + k)
 
-    offsets = range(0, src.size, chunk)
-    workers = max(1, min(threads or os.cpu_count() or 1, len(offsets)))
+    workers = max(1, min(threads or os.cpu_count() or 1, len(chunks)))
     if workers == 1:
-        for offset in offsets:
-            screen(offset)
+        for offset, length in chunks:
+            screen(offset, length)
     else:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zscreen") as pool:
-            for fut in [pool.submit(screen, offset) for offset in offsets]:
+            for fut in [pool.submit(screen, offset, length) for offset, length in chunks]:
                 fut.result()
     return min(found) if found else None
+
+
+def _data_chunks(src: BlockSource, block_size: int, chunk: int) -> list[tuple[int, int]]:
+    """(offset, length) pieces of ``src``, at most ``chunk`` bytes each and starting on a block boundary, that
+    cover every block holding data (holes and zeroed ranges skipped, as ``src.extents`` tells them)."""
+    runs: list[list[int]] = []
+    for ext in src.extents():
+        if ext.kind is not ExtentKind.DATA:
+            continue
+        start = ext.offset // block_size * block_size
+        end = min(src.size, -(-(ext.offset + ext.length) // block_size) * block_size)
+        if runs and start <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], end)
+        else:
+            runs.append([start, end])
+    return [(at, min(chunk, end - at)) for start, end in runs for at in range(start, end, chunk)]
 
 
 def _write(src: BlockSource, fd: int, base: int, algo: int, block_size: int, verify: bool, threads: int | None,
