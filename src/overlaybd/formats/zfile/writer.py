@@ -10,9 +10,10 @@ fit), and that is decided before anything is written: ``_oversized_block`` scree
 clears the blocks that surely fit, with 512 bytes to spare (zstd: every byte counted, zstd's own tests before it
 codes literals with Huffman passed twice over, and Gallager's bound on that code below what zstd keeps; LZ4,
 which has no entropy coder: the first 4 KiB compressed plus the worst case of the rest), and the rest are
-compressed to see exactly whether they fit. Should the writer still meet a block that does not fit (zstd found
-repeats that undid what the count saw), the file is written again with 32 KiB blocks: a net that no input is
-known to reach. The result reports the block size actually used.
+compressed to see exactly whether they fit. Should the writer still meet a block that does not fit, the file is
+written again with 32 KiB blocks: the count cannot see which bytes zstd takes as repeats, and a block built for
+it (many short runs of one byte in otherwise even bytes) reaches this net. The result reports the block size
+actually used.
 """
 
 from __future__ import annotations
