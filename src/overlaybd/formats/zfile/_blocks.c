@@ -607,25 +607,74 @@ static void clog2c_init(void) {
         clog2c[c] = (double)c * log2((double)c);
 }
 
-/* Bits a byte of the order-0 entropy of p[0], p[step], p[2*step], ... (n bytes, n <= 64 KiB). */
-static double sampled_entropy(const uint8_t *p, size_t n, size_t step) {
+/* zstd's own tests before it codes literals with Huffman (lib/compress/huf_compress.c, 1.5.x): with few matches
+ * it counts the first and the last 4 KiB of the literals and gives up when the commonest byte of each, added,
+ * occurs at most (2 * 4096 >> 7) + 4 times; it gives up too when the commonest byte of all the literals occurs at
+ * most (n >> 7) + 4 times; and it keeps the Huffman literals only when they save (n >> 6) + 2 bytes. A block
+ * that does not compress this way is stored raw, one byte a byte: it does not fit. */
+#define ZSTD_SAMPLE 4096
+#define ZSTD_EDGE_TOP (2 * ((ZSTD_SAMPLE >> 7) + 4)) /* each edge on its own, as if zstd took it for a block */
+#define ZSTD_FRAME_OVERHEAD 32 /* frame header, block header, literals header, jump table: at most */
+#define ZSTD_TABLE_BYTES 256   /* a Huffman table description of 256 weights: at most */
+#define HUFFMAN_REDUNDANCY 0.0861 /* Gallager: Huffman codes at most p_max + this many bits a byte over entropy */
+
+static void count_bytes(const uint8_t *p, size_t n, uint32_t counts[256]) {
     uint32_t part[4][256];
     memset(part, 0, sizeof(part)); /* four tables: consecutive equal bytes do not wait on one counter */
-    size_t i = 0, samples = 0;
-    for (; i + 3 * step < n; i += 4 * step, samples += 4) {
-        part[0][p[i]]++;
-        part[1][p[i + step]]++;
-        part[2][p[i + 2 * step]]++;
-        part[3][p[i + 3 * step]]++;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        part[0][(uint8_t)w]++;
+        part[1][(uint8_t)(w >> 8)]++;
+        part[2][(uint8_t)(w >> 16)]++;
+        part[3][(uint8_t)(w >> 24)]++;
+        part[0][(uint8_t)(w >> 32)]++;
+        part[1][(uint8_t)(w >> 40)]++;
+        part[2][(uint8_t)(w >> 48)]++;
+        part[3][(uint8_t)(w >> 56)]++;
     }
-    for (; i < n; i += step, samples++)
+    for (; i < n; i++)
         part[0][p[i]]++;
-    if (samples == 0)
-        return 0.0;
-    double sum = 0.0;
     for (int b = 0; b < 256; b++)
-        sum += clog2c[part[0][b] + part[1][b] + part[2][b] + part[3][b]];
-    return log2((double)samples) - sum / (double)samples;
+        counts[b] = part[0][b] + part[1][b] + part[2][b] + part[3][b];
+}
+
+static uint32_t largest(const uint32_t counts[256]) {
+    uint32_t m = 0;
+    for (int b = 0; b < 256; b++)
+        m = counts[b] > m ? counts[b] : m;
+    return m;
+}
+
+/* A block that zstd surely codes with Huffman literals, even if it finds no match at all: every byte counted
+ * (a sample could be fooled: bytes at the sampled places low in entropy, the rest not), each of zstd's tests
+ * passed with twice what it asks, and Gallager's bound on the Huffman code of the whole block below what zstd
+ * keeps, with ``margin`` bytes to spare. Blocks shorter than two samples are compressed exactly. */
+static int zstd_surely_fits(const uint8_t *p, size_t n, size_t room, size_t margin) {
+    if (n < 2 * ZSTD_SAMPLE || n >= ENTROPY_TABLE)
+        return 0;
+    uint32_t head[256], tail[256], mid[256];
+    count_bytes(p, ZSTD_SAMPLE, head);
+    count_bytes(p + n - ZSTD_SAMPLE, ZSTD_SAMPLE, tail);
+    if (largest(head) <= ZSTD_EDGE_TOP || largest(tail) <= ZSTD_EDGE_TOP)
+        return 0;
+    count_bytes(p + ZSTD_SAMPLE, n - 2 * ZSTD_SAMPLE, mid);
+    double sum = 0.0;
+    uint32_t top = 0;
+    for (int b = 0; b < 256; b++) {
+        uint32_t c = head[b] + mid[b] + tail[b];
+        top = c > top ? c : top;
+        sum += clog2c[c];
+    }
+    if (top <= 2 * ((n >> 7) + 4))
+        return 0;
+    double bits = clog2c[n] - sum; /* n times the entropy */
+    double extra = (double)top / (double)n + HUFFMAN_REDUNDANCY;
+    bits += (double)n * (extra < 1.0 ? extra : 1.0);
+    double need = bits / 8.0 + ZSTD_TABLE_BYTES + (double)margin;
+    size_t keep = n - (n >> 6) - 2;
+    return need < (double)keep && need + ZSTD_FRAME_OVERHEAD <= (double)room;
 }
 
 typedef struct {
@@ -633,9 +682,8 @@ typedef struct {
     size_t src_len, block_size;
     uint8_t *scratch;
     size_t scratch_len, max_stored;
-    int verify, algo, level, lz4_accel;
-    size_t step, margin, prefix;
-    double bits;
+    int verify, algo, level;
+    size_t margin, prefix;
     ZSTD_CCtx *cctx;
     /* results */
     Py_ssize_t found, tested;
@@ -655,25 +703,22 @@ static int exact_fit(ScreenJob *j, const uint8_t *block, size_t n) {
     return status;
 }
 
-/* A block that surely fits, without compressing all of it as written. zstd codes literals with Huffman, so a block
- * whose sampled bytes carry fewer than ``bits`` bits a byte shrinks by far more than a frame's overhead. LZ4 has
- * no entropy coder; it parses a block from the start, and a match never costs more than the literals it replaces,
- * so the block costs at most what its first ``prefix`` bytes compress to (as written: the same parse) plus the
- * worst case of the rest; failing that, LZ4 at a fast setting over the whole block is asked. Either must leave
- * ``margin`` bytes to spare. */
+/* A block that surely fits, without compressing it as written. zstd: see zstd_surely_fits. LZ4 has no entropy
+ * coder; it parses a block from the start, and a match never costs more than the literals it replaces, so the
+ * block costs at most what its first ``prefix`` bytes compress to (as written: the same parse) plus the worst
+ * case of the rest, which must leave ``margin`` bytes to spare. (LZ4 at a higher acceleration is no bound: it
+ * skips positions, so its hash table keeps older entries, and it can find a repeat that the default misses.) */
 static int surely_fits(ScreenJob *j, const uint8_t *block, size_t n) {
-    if (j->algo == ALGO_ZSTD)
-        return j->step && sampled_entropy(block, n, j->step) < j->bits;
-    int room = (int)(j->max_stored - (j->verify ? CRC_SIZE : 0) - j->margin);
-    if (room <= 0 || (size_t)LZ4_compressBound((int)n) > j->scratch_len)
+    size_t crc = j->verify ? CRC_SIZE : 0;
+    if (j->max_stored < crc + j->margin)
         return 0;
-    if (j->prefix && j->prefix < n) {
-        int head = LZ4_compress_default((const char *)block, (char *)j->scratch, (int)j->prefix, (int)j->scratch_len);
-        if (head > 0 && head + LZ4_compressBound((int)(n - j->prefix)) <= room)
-            return 1;
-    }
-    int r = LZ4_compress_fast((const char *)block, (char *)j->scratch, (int)n, (int)j->scratch_len, j->lz4_accel);
-    return r > 0 && r <= room;
+    size_t room = j->max_stored - crc; /* bytes a block may compress to */
+    if (j->algo == ALGO_ZSTD)
+        return zstd_surely_fits(block, n, room, j->margin);
+    if (!j->prefix || j->prefix >= n || (size_t)LZ4_compressBound((int)n) > j->scratch_len)
+        return 0;
+    int head = LZ4_compress_default((const char *)block, (char *)j->scratch, (int)j->prefix, (int)j->scratch_len);
+    return head > 0 && (size_t)head + (size_t)LZ4_compressBound((int)(n - j->prefix)) + j->margin <= room;
 }
 
 static int screen_run(ScreenJob *j) {
@@ -697,28 +742,27 @@ static int screen_run(ScreenJob *j) {
 }
 
 PyDoc_STRVAR(screen_blocks_doc,
-             "screen_blocks(ctx, algo, level, src, block_size, verify, scratch, max_stored, step, bits, lz4_accel,"
-             " margin, prefix) -> (found, tested, status, message)\n\n"
-             "The first block of src (in blocks of block_size) whose stored length, compressed as\n"
+             "screen_blocks(ctx, algo, level, src, block_size, verify, scratch, max_stored, margin, prefix)"
+             " -> (found, tested, status, message)\n\n"
+             "The first block of src (in blocks of block_size, at most 65,536) whose stored length, compressed as\n"
              "compress_blocks would, passes max_stored; found is -1 when every block fits. A block is compressed\n"
-             "exactly (tested counts them) only when a cheap look does not show that it fits: for zstd, the\n"
-             "entropy of every step-th byte below bits; for LZ4, the first prefix bytes compressed plus the worst\n"
-             "case of the rest, or LZ4 at acceleration lz4_accel, fitting with margin bytes to spare. scratch must\n"
-             "hold compress_bound(algo, block_size) + 4 bytes.");
+             "exactly (tested counts them) only when a cheap look does not show that it fits with margin bytes to\n"
+             "spare: for zstd, every byte counted against zstd's own tests and Gallager's bound on its Huffman\n"
+             "code; for LZ4, the first prefix bytes compressed plus the worst case of the rest. scratch must hold\n"
+             "compress_bound(algo, block_size) + 4 bytes.");
 
 static PyObject *screen_blocks(PyObject *self, PyObject *args) {
     PyObject *capsule, *src_obj, *scratch_obj;
-    int algo, level, verify, lz4_accel;
-    Py_ssize_t block_size, max_stored, step, margin, prefix;
-    double bits;
-    if (!PyArg_ParseTuple(args, "OiiOnpOnndinn", &capsule, &algo, &level, &src_obj, &block_size, &verify,
-                          &scratch_obj, &max_stored, &step, &bits, &lz4_accel, &margin, &prefix))
+    int algo, level, verify;
+    Py_ssize_t block_size, max_stored, margin, prefix;
+    if (!PyArg_ParseTuple(args, "OiiOnpOnnn", &capsule, &algo, &level, &src_obj, &block_size, &verify,
+                          &scratch_obj, &max_stored, &margin, &prefix))
         return NULL;
     if (check_algo(algo) < 0)
         return NULL;
-    if (block_size <= 0 || block_size >= ENTROPY_TABLE || max_stored <= 0 || step < 0 || margin < 0 ||
-        lz4_accel < 1 || prefix < 0) {
-        PyErr_SetString(PyExc_ValueError, "bad block size, step, margin or acceleration");
+    if (block_size <= 0 || block_size >= ENTROPY_TABLE || max_stored <= 0 || max_stored > INT32_MAX ||
+        margin < 0 || margin > INT32_MAX || prefix < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad block size, max_stored, margin or prefix");
         return NULL;
     }
     Py_buffer src, scratch;
@@ -742,8 +786,8 @@ static PyObject *screen_blocks(PyObject *self, PyObject *args) {
     pthread_once(&clog2c_once, clog2c_init);
     ScreenJob j = {.src = src.buf, .src_len = (size_t)src.len, .block_size = (size_t)block_size,
                    .scratch = scratch.buf, .scratch_len = (size_t)scratch.len, .max_stored = (size_t)max_stored,
-                   .verify = verify, .algo = algo, .level = level, .lz4_accel = lz4_accel, .step = (size_t)step,
-                   .margin = (size_t)margin, .prefix = (size_t)prefix, .bits = bits, .cctx = ctx->cctx};
+                   .verify = verify, .algo = algo, .level = level, .margin = (size_t)margin,
+                   .prefix = (size_t)prefix, .cctx = ctx->cctx};
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = screen_run(&j);
@@ -810,6 +854,8 @@ static PyObject *byte_counts(PyObject *self, PyObject *args) {
     uint32_t part[4][256] = {{0}}; /* four tables: consecutive equal bytes do not wait on one counter */
     const uint8_t *p = data.buf;
     size_t n = (size_t)data.len, s = (size_t)step, i = 0;
+    if (s > n)
+        s = n ? n : 1; /* one byte counted either way; i + 3 * s cannot wrap round */
     for (; i + 3 * s < n; i += 4 * s) {
         part[0][p[i]]++;
         part[1][p[i + s]]++;

@@ -12,10 +12,10 @@ Statuses: a run stops at its first failing block and reports how many blocks cam
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any, NamedTuple, Protocol
 
-import lz4.block
 import numpy as np
 
 from ... import native
@@ -38,11 +38,8 @@ ScreenResult = tuple[int, int, int, str | None]  # screen: first block that does
 class Screen(NamedTuple):
     """How blocks are screened: see ``BlockRuns.screen``."""
 
-    step: int  # zstd: every step-th byte of a block is counted
-    bits: float  # zstd: a block whose counted bytes carry fewer bits a byte than this surely fits
     prefix: int  # LZ4: bytes at the start of a block compressed as written, the rest counted at its worst
-    lz4_acceleration: int  # LZ4: failing that, the acceleration of a fast look at the whole block
-    margin: int  # LZ4: bytes either look must leave to spare
+    margin: int  # bytes the cheap look must leave to spare
 
 
 class BlockRuns(Protocol):
@@ -71,12 +68,12 @@ class BlockRuns(Protocol):
     def screen(self, algo: int, src: Any, block_size: int, verify: bool, scratch: Any, max_stored: int,
                how: Screen) -> ScreenResult:
         """The first block of ``src`` whose stored length, compressed as ``compress`` would, passes
-        ``max_stored``. A block is compressed to find out only when a cheap look does not show that it fits:
-        for zstd (which codes literals with Huffman), the entropy of its counted bytes below ``how.bits``; for
-        LZ4 (which has no entropy coder, and parses a block from its start, a match never costing more than the
-        literals it replaces), its first ``how.prefix`` bytes compressed as written plus the worst case of the
-        rest, or else LZ4 at a fast setting over the whole block, fitting with ``how.margin`` bytes to spare.
-        ``scratch`` holds one block's worst case."""
+        ``max_stored``. A block is compressed to find out only when a cheap look does not show that it fits with
+        ``how.margin`` bytes to spare: for zstd, every byte counted, each of zstd's own tests before it codes
+        literals with Huffman passed twice over and Gallager's bound on that Huffman code below what zstd keeps
+        (``_zstd_surely_fits``); for LZ4 (which has no entropy coder, and parses a block from its start, a match
+        never costing more than the literals it replaces), its first ``how.prefix`` bytes compressed as written
+        plus the worst case of the rest. ``scratch`` holds one block's worst case."""
         ...
 
 
@@ -135,6 +132,11 @@ class PythonRuns:
 
     def screen(self, algo: int, src: Any, block_size: int, verify: bool, scratch: Any, max_stored: int,
                how: Screen) -> ScreenResult:
+        if not 0 < block_size <= 1 << 16 or not 0 < max_stored <= 0x7FFFFFFF or not 0 <= how.margin <= 0x7FFFFFFF \
+                or how.prefix < 0:
+            raise ValueError("bad block size, max_stored, margin or prefix")
+        if len(scratch) < self.compress_bound(algo, block_size) + CRC_SIZE:
+            raise ValueError("scratch is smaller than a block's worst case")
         lengths = np.empty(1, dtype="<u4")
         tested = 0
         for i, at in enumerate(range(0, len(src), block_size)):
@@ -150,21 +152,58 @@ class PythonRuns:
         return -1, tested, OK, None
 
 
+# zstd's tests before it codes literals with Huffman (lib/compress/huf_compress.c and zstd_compress_literals.c,
+# 1.5.x): with few matches, the commonest byte of the first and of the last 4 KiB of the literals, added, must
+# occur more than (2 * 4096 >> 7) + 4 times; the commonest byte of all more than (n >> 7) + 4 times; and the
+# Huffman literals must save (n >> 6) + 2 bytes. Otherwise the block is stored raw, and a raw block does not fit.
+ZSTD_SAMPLE = 4096
+ZSTD_EDGE_TOP = 2 * ((ZSTD_SAMPLE >> 7) + 4)  # each edge on its own, as if zstd took it for a block
+ZSTD_FRAME_OVERHEAD = 32  # frame header, block header, literals header, jump table: at most
+ZSTD_TABLE_BYTES = 256  # a Huffman table description of 256 weights: at most
+HUFFMAN_REDUNDANCY = 0.0861  # Gallager: Huffman codes at most p_max + this many bits a byte over entropy
+
+
+def _clog2c(c: int) -> float:
+    return c * math.log2(c) if c else 0.0
+
+
+def _zstd_surely_fits(block: Any, room: int, margin: int) -> bool:
+    """zstd surely codes ``block`` with Huffman literals even if it finds no match: every byte counted, each of
+    zstd's tests passed with twice what it asks, Gallager's bound below what zstd keeps with ``margin`` to spare.
+    The same sums in the same order as the C path, so both decide alike."""
+    n = len(block)
+    if n < 2 * ZSTD_SAMPLE or n > 1 << 16:
+        return False
+    data = np.frombuffer(block, dtype=np.uint8)
+    head = np.bincount(data[:ZSTD_SAMPLE], minlength=256)
+    tail = np.bincount(data[n - ZSTD_SAMPLE :], minlength=256)
+    if int(head.max()) <= ZSTD_EDGE_TOP or int(tail.max()) <= ZSTD_EDGE_TOP:
+        return False
+    counts: list[int] = (head + tail + np.bincount(data[ZSTD_SAMPLE : n - ZSTD_SAMPLE], minlength=256)).tolist()
+    top = max(counts)
+    if top <= 2 * ((n >> 7) + 4):
+        return False
+    total = 0.0
+    for c in counts:
+        total += _clog2c(c)
+    bits = _clog2c(n) - total
+    bits += n * min(top / n + HUFFMAN_REDUNDANCY, 1.0)
+    need = bits / 8.0 + ZSTD_TABLE_BYTES + margin
+    return need < n - (n >> 6) - 2 and need + ZSTD_FRAME_OVERHEAD <= room
+
+
 def _surely_fits(algo: int, block: Any, verify: bool, max_stored: int, how: Screen) -> bool:
+    crc = CRC_SIZE if verify else 0
+    if max_stored < crc + how.margin:
+        return False
+    room = max_stored - crc
     if algo != ALGO_LZ4:
-        if not how.step:
-            return False
-        counts = np.bincount(np.frombuffer(block, dtype=np.uint8)[:: how.step], minlength=256)
-        p = counts[counts > 0] / counts.sum()
-        return float(-(p * np.log2(p)).sum()) < how.bits
-    room = max_stored - (CRC_SIZE if verify else 0) - how.margin
+        return _zstd_surely_fits(block, room, how.margin)
+    if not how.prefix or how.prefix >= len(block):
+        return False
     rest = len(block) - how.prefix
-    if how.prefix and rest > 0:
-        head = len(codecs.compressor(ALGO_LZ4)(block[: how.prefix]))
-        if head + rest + rest // 255 + 16 <= room:  # the rest at its worst: LZ4_COMPRESSBOUND
-            return True
-    fast = lz4.block.compress(block, mode="fast", acceleration=how.lz4_acceleration, store_size=False)
-    return len(fast) <= room
+    head = len(codecs.compressor(ALGO_LZ4)(block[: how.prefix]))
+    return head + rest + rest // 255 + 16 + how.margin <= room  # the rest at its worst: LZ4_COMPRESSBOUND
 
 
 class NativeRuns:
@@ -199,8 +238,7 @@ class NativeRuns:
     def screen(self, algo: int, src: Any, block_size: int, verify: bool, scratch: Any, max_stored: int,
                how: Screen) -> ScreenResult:
         return self.module.screen_blocks(self._context(), algo, codecs.ZSTD_LEVEL, src, block_size,  # type: ignore[no-any-return]
-                                         verify, scratch, max_stored, how.step, how.bits, how.lz4_acceleration,
-                                         how.margin, how.prefix)
+                                         verify, scratch, max_stored, how.margin, how.prefix)
 
 
 def _native() -> NativeRuns | None:

@@ -6,13 +6,14 @@ fewer (a zstd frame adds at least 8 bytes, an LZ4 block 257), and every block of
 header gives, so no single block can be written differently. The reference writes such a block anyway and its
 reader then refuses the file; here the whole file gets 32 KiB blocks instead (where LZ4 and zstd worst cases
 fit), and that is decided before anything is written: ``_oversized_block`` screens every block that holds data
-(a block of zeros always fits), on every thread,
-in one C call per 4 MiB (``BlockRuns.screen``): a cheap look clears the blocks that surely fit (zstd: the
-entropy of every 16th byte; LZ4, which has no entropy coder: the first 4 KiB compressed plus the worst case of the
-rest, or else LZ4 at acceleration 64, with 512 bytes to spare),
-and only the rest are compressed to see exactly whether they fit. Should the writer still meet a block that does
-not fit (the cheap look was wrong), the file is written again with 32 KiB blocks: a net that no input is known
-to reach. The result reports the block size actually used.
+(a block of zeros always fits), on every thread, in one C call per 4 MiB (``BlockRuns.screen``): a cheap look
+clears the blocks that surely fit, with 512 bytes to spare (zstd: every byte counted, zstd's own tests before it
+codes literals with Huffman passed twice over, and Gallager's bound on that code below what zstd keeps; LZ4,
+which has no entropy coder: the first 4 KiB compressed plus the worst case of the rest), and the rest are
+compressed to see exactly whether they fit. Should the writer still meet a block that does not fit, the file is
+written again with 32 KiB blocks: the count cannot see which bytes zstd takes as repeats, and a block built for
+it (many short runs of one byte in otherwise even bytes) reaches this net. The result reports the block size
+actually used.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ Progress = Callable[[int, int], None]
 BATCH_BYTES = 1 << 20
 
 
-SCREEN = blocks.Screen(step=16, bits=7.85, prefix=4096, lz4_acceleration=64, margin=512)
+SCREEN = blocks.Screen(prefix=4096, margin=512)
 SCREEN_CHUNK = 4 << 20  # bytes a screening call takes
 
 
@@ -187,7 +188,7 @@ def write_zfile(src: BlockSource, fd: int, base: int = 0, *, algo: str | int = "
     codecs.check_algo(code)
     check_block_size(block_size)
     if max_stored_length(code, block_size, verify) > MAX_STORED_BLOCK:
-        found = _oversized_block(src, code, block_size, verify, threads)
+        found = _oversized_block(src, code, block_size, verify, threads, name)
         if found is not None:
             log.info("%s: block %d does not compress below %d bytes; writing %d-byte blocks", name, found,
                      MAX_STORED_BLOCK, block_size // 2)
@@ -204,28 +205,35 @@ def write_zfile(src: BlockSource, fd: int, base: int = 0, *, algo: str | int = "
 
 
 def _oversized_block(src: BlockSource, algo: int, block_size: int, verify: bool,
-                     threads: int | None = None) -> int | None:
+                     threads: int | None = None, name: str = "<zfile>") -> int | None:
     """A block of ``src`` that does not compress to MAX_STORED_BLOCK bytes or less (with one thread, the first);
     None if every block fits. The blocks that hold data (``_data_chunks``: a block of zeros always fits) go in
     chunks to ``threads`` workers, each reading its chunk and screening it in one call (``BlockRuns.screen``);
-    once a block is found, the chunks not yet started are skipped."""
+    once a block is found, or a chunk failed (its error is raised), the chunks not yet started are skipped."""
     runs = blocks.ACTIVE
     chunk = max(block_size, SCREEN_CHUNK // block_size * block_size)
     chunks = _data_chunks(src, block_size, chunk)
     scratch_len = runs.compress_bound(algo, block_size) + CRC_SIZE
     local = threading.local()
     found: list[int] = []
+    failed = threading.Event()
 
     def screen(offset: int, length: int) -> None:
-        if found:
+        if found or failed.is_set():
             return
-        if not hasattr(local, "buf"):
-            local.buf, local.scratch = bytearray(chunk), bytearray(scratch_len)
-        view = memoryview(local.buf)[:length]
-        src.readinto(offset, view)
-        k, _, status, message = runs.screen(algo, view, block_size, verify, local.scratch, MAX_STORED_BLOCK, SCREEN)
+        try:
+            if not hasattr(local, "buf"):
+                local.buf, local.scratch = bytearray(chunk), bytearray(scratch_len)
+            view = memoryview(local.buf)[:length]
+            src.readinto(offset, view)
+            k, _, status, message = runs.screen(algo, view, block_size, verify, local.scratch, MAX_STORED_BLOCK,
+                                                SCREEN)
+        except BaseException:
+            failed.set()
+            raise
         if status != blocks.OK:
-            raise FormatError(f"block {offset // block_size + k} does not compress: {message}")
+            failed.set()
+            raise FormatError(f"{name}: block {offset // block_size + k} does not compress: {message}")
         if k >= 0:
             found.append(offset // block_size + k)
 
