@@ -50,8 +50,9 @@ from .protocol import (
     parse_request,
     simple_reply,
 )
-from .requests import block_status, cost, modify, nbd_errno, validate
+from .requests import REQUEST_OVERHEAD, block_status, cost, modify, nbd_errno, validate
 from .session import EndConnection, Session
+from .writes import CATCH_UP_AT
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -276,26 +277,12 @@ class Connection:
                 or self._gone or self.transport.get_write_buffer_size() or self.transport.is_closing():
             return data
         pos = 0
-        end = len(data)
-        size = REQUEST.size
         try:
-            while end - pos >= size:
-                magic, flags, command, handle, offset, length = REQUEST.unpack_from(data, pos)
-                if magic != REQUEST_MAGIC or not self._inline_command(command, flags, length):
+            while True:
+                served = self._arrived_one(data, pos)
+                if served == pos:
                     break
-                body = length if command == CMD_WRITE else 0
-                if body > SMALL_PAYLOAD or end - pos - size < body:
-                    break
-                req = Request(flags, command, handle, offset, length)
-                n = cost(req)
-                if not self._try_admit(n):
-                    break
-                if not self.res.gate.try_enter():
-                    self._release(n)
-                    break
-                payload = data[pos + size : pos + size + body] if body else b""
-                pos += size + body
-                self._serve_entered(req, payload, n)
+                pos = served
                 if self._batch_bytes >= BATCH_BYTES:
                     self._flush()
                 if self.transport.get_write_buffer_size() or self.transport.is_closing():
@@ -304,6 +291,81 @@ class Connection:
             if self._held:
                 self._flush()
         return data[pos:] if pos else data
+
+    def _arrived_one(self, data: bytes, pos: int) -> int:
+        """Serve the inline request at ``data[pos:]``, if it is whole and admitted without waiting, or the plain
+        writes from there on (:meth:`_serve_writes`): where the next request starts (``pos``: nothing served)."""
+        size = REQUEST.size
+        if len(data) - pos < size:
+            return pos
+        magic, flags, command, handle, offset, length = REQUEST.unpack_from(data, pos)
+        if magic == REQUEST_MAGIC and command == CMD_FLUSH and not flags:
+            return self._start_flush(Request(flags, command, handle, offset, length), pos)
+        if magic != REQUEST_MAGIC or not self._inline_command(command, flags, length):
+            return pos
+        body = length if command == CMD_WRITE else 0
+        if body > SMALL_PAYLOAD or len(data) - pos - size < body:
+            return pos
+        if command == CMD_WRITE and not flags and self.res.metrics is None:
+            served = self._serve_writes(data, pos)
+            if served != pos:
+                return served
+        req = Request(flags, command, handle, offset, length)
+        n = cost(req)
+        if not self._try_admit(n):
+            return pos
+        if not self.res.gate.try_enter():
+            self._release(n)
+            return pos
+        self._serve_entered(req, data[pos + size : pos + size + body] if body else b"", n)
+        return pos + size + body
+
+    def _start_flush(self, req: Request, pos: int) -> int:
+        """Start serving a FLUSH as the request reader would (a task: it waits for the flush in the pool), if it is
+        admitted without waiting; the requests behind it go on being served here meanwhile. Where the next request
+        starts (``pos``: not started)."""
+        n = cost(req)
+        if not self._try_admit(n):
+            return pos
+        task = asyncio.get_running_loop().create_task(self._serve(req, b"", n))
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
+        return pos + REQUEST.size
+
+    def _serve_writes(self, data: bytes, pos: int) -> int:
+        """Serve the plain writes at ``data[pos:]`` in one call (see :mod:`.writes`), their replies joining the
+        batch: where the first request not served starts (``pos`` if none was: the request goes the usual way).
+        They are admitted as one request holding the bytes they came in."""
+        n = REQUEST_OVERHEAD + len(data) - pos
+        if not self._try_admit(n):
+            return pos
+        if not self.res.gate.try_enter():
+            self._release(n)
+            return pos
+        try:
+            export = self.session.export
+            writes = export.writes()  # after try_enter(): the source does not change until leave()
+            if writes is None:
+                self._release(n)
+                return pos
+            writer, upper = writes
+            try:
+                end, replies, count, pending = writer.serve(data, pos, self.session.structured)
+            except MemoryError:
+                count = 0
+            if not count:
+                self._release(n)
+                return pos
+            export.flusher.wrote()  # before the replies go: a FLUSH that follows covers these writes
+            self.res.admitted += count - 1
+            self._batch.append(replies)
+            self._held.append((None, n))
+            self._batch_bytes += len(replies)
+            if pending >= CATCH_UP_AT:
+                upper.catch_up()
+            return end
+        finally:
+            self.res.gate.leave()
 
     # -- one request -----------------------------------------------------------------------------------------
     async def _serve(self, req: Request, payload: bytes, n: int) -> None:
@@ -397,9 +459,21 @@ class Connection:
                 if spans is not None:
                     return self._send_spans(req, spans)
             return self._read_reply(req)
-        modify(src, req, payload)
+        if not (req.command == CMD_WRITE and not req.flags and self._write(req, payload)):
+            modify(src, req, payload)
         self.session.export.flusher.wrote()
         return [chunk_none(req.handle) if self.session.structured else simple_reply(req.handle)], None, 0
+
+    def _write(self, req: Request, payload: bytes) -> bool:
+        """A plain write through the export's writer (see :mod:`.writes`); False if it did not serve it (the
+        usual way serves it then, and raises the error if it fails)."""
+        writes = self.session.export.writes()
+        if writes is None:
+            return False
+        pending = writes[0].write(req.offset, payload)
+        if pending >= CATCH_UP_AT:
+            writes[1].catch_up()
+        return pending >= 0
 
     def _read_reply(self, req: Request) -> Outcome:
         """A READ's reply: its header, and its bytes read into a pooled buffer."""
