@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 INLINE_MAX = 1 << 20  # requests up to this size on a local export are served on the event loop
 BATCH_BYTES = 1 << 20  # reply bytes gathered at most before they go out (a socket buffer takes that at once)
+SMALL_REPLY = 4096  # replies (of requests served in tasks) up to this size wait for the batch of their loop turn
 SMALL_PAYLOAD = 64 * 1024  # write payloads up to this are read without a deadline (they hold little budget)
 # inline reads from this size on whose bytes sit in local read-only files go out with sendfile, without a copy
 SENDFILE_MIN = 64 * 1024
@@ -371,10 +372,17 @@ class Connection:
     async def _serve(self, req: Request, payload: bytes, n: int) -> None:
         metrics = self.res.metrics
         started = time.perf_counter() if metrics is not None else 0.0
+        queued = False
         try:
             reply, buf, error = await self._execute(req, payload)
             if metrics is not None:  # before the reply goes: a client that has it finds it counted
                 metrics.request(COMMANDS.get(req.command, "OTHER"), req.length, time.perf_counter() - started, error)
+            if buf is None and not self._ending and sum(len(part) for part in reply) <= SMALL_REPLY:
+                # with the replies of the other requests done in this turn of the event loop: the FLUSHes a flush
+                # of the source answers (a client may have 16 waiting) go out in one send, not one each
+                self._queue_reply(reply, n)
+                queued = True
+                return
             try:
                 sent = self._send(reply)
             finally:
@@ -386,7 +394,17 @@ class Connection:
         except (EndConnection, ConnectionError):
             pass  # this connection is ending; its handler says why
         finally:
-            self._release(n)
+            if not queued:
+                self._release(n)
+
+    def _queue_reply(self, reply: Reply, n: int) -> None:
+        """Add a reply to the batch sent at the end of this turn of the event loop; its budget ``n`` is given back
+        once it is sent."""
+        self._batch += reply
+        self._held.append((None, n))
+        self._batch_bytes += sum(len(part) for part in reply)
+        if self._flushing is None:
+            self._flushing = asyncio.get_running_loop().call_soon(self._flush)
 
     def _inline(self, req: Request) -> bool:
         """Served on the event loop: a small read, write, trim or write-zeroes (no FUA) on an export whose bytes
