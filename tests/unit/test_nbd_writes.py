@@ -241,3 +241,37 @@ def test_no_writer_for_a_read_only_or_remote_export(tmp_path: Path) -> None:
         export = Export("", dev, inline=True)
         first = export.writes()
         assert first is not None and export.writes() is first  # made once for a source
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_flush_asked_for_before_disc_is_answered_before_the_close(tmp_path: Path, kind: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    _kind(kind, monkeypatch)
+    with served_volume(tmp_path) as (path, export):
+        c = Client(path)
+        c.go("")
+        stream = [req(nbd.CMD_WRITE, k, (k + 100) * 4096, 4096, payload=bytes([k]) * 4096) for k in range(1, 9)]
+        stream += [req(nbd.CMD_FLUSH, 50, 0, 0), req(nbd.CMD_FLUSH, 51, 0, 0), req(nbd.CMD_DISC, 52, 0, 0)]
+        c.s.sendall(b"".join(stream))
+        got = _answers(c, False, dict.fromkeys([*range(1, 9), 50, 51], 0))
+        assert all(error == 0 for error, _ in got.values())
+        assert c.s.recv(1) == b""  # then the server closes
+        assert export.flusher.flushes >= 1
+        c.close()
+    with volume_reopened(tmp_path) as dev:
+        assert all(dev.pread((k + 100) * 4096, 4096) == bytes([k]) * 4096 for k in range(1, 9))
+
+
+def test_a_flush_that_fails_is_answered_with_its_error(tmp_path: Path) -> None:
+    with served_volume(tmp_path) as (path, export):
+        c = Client(path)
+        c.go("", structured=True)
+        c.request(nbd.CMD_WRITE, 1, 0, 4096, payload=b"\xaa" * 4096)
+        assert c.chunk()[:2] == (1, nbd.REPLY_TYPE_NONE)
+        assert isinstance(export.source, LsmtStack) and isinstance(export.source.upper, WritableLayer)
+        export.source.upper.appender.detach()  # the sync fails (EBADF)
+        c.s.sendall(req(nbd.CMD_FLUSH, 2, 0, 0) + req(nbd.CMD_FLUSH, 3, 0, 0))
+        for _ in range(2):
+            handle, kind, _, body = c.chunk()
+            assert handle in (2, 3) and kind == nbd.REPLY_TYPE_ERROR and int.from_bytes(body[:4], "big") == nbd.EIO
+        c.close()
