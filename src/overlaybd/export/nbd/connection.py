@@ -176,8 +176,10 @@ class Connection:
                     task.cancel()
             if self._requests:
                 await asyncio.gather(*self._requests, return_exceptions=True)
-            if self._disconnecting and self._answering:
-                await self._answered.wait()  # the FLUSHes asked for before NBD_CMD_DISC are answered too
+            if self._answering:
+                # the FLUSHes waiting for a flush of the source: answered (after NBD_CMD_DISC) or not, the flush
+                # finishes before the connection is done, as a request running in the pool does
+                await self._answered.wait()
 
     def _peer_gone(self) -> None:
         """The client closed its side or the connection broke: nobody will take our replies, stop serving it."""
