@@ -10,8 +10,9 @@ never run (a source call already running in a thread finishes first, because its
 
 On a local export, the requests that arrive together are served as they arrive, on the event loop: plain writes
 to a log-structured upper in one call for all of them (:mod:`.writes`, in C without the GIL where built), other
-small requests one by one; a FLUSH starts its task there too, so the writes behind it stay on that path. Their
-replies, and the small replies of tasks done in the same turn of the loop, go out together in one ``writev``.
+small requests one by one; a FLUSH goes to the export's flusher from there too (it calls back once a flush of the
+source covers it), so the writes behind it stay on that path. Their replies, the FLUSHes' and the small replies
+of tasks done in the same turn of the loop go out together in one ``writev``.
 """
 
 from __future__ import annotations
