@@ -28,6 +28,10 @@ Correctness checks fail the run (timings never do): every export must read (``nb
 the same SHA-256 as the raw file, and after the same qemu-io write script ours must read as the qemu-nbd disk.
 
     .venv/bin/python benchmarks/bench_nbd.py [--quick] [--workdir DIR] [--repeats N] [--json FILE] [--only ...]
+        [--write-runtime SECONDS] [--baseline-cmd CMD]
+
+``--only write`` runs the write cells alone (3.), on a 1-snapshot volume built for them; ``--baseline-cmd`` adds a
+second server of ours there (another build: a change's before and after in the same rounds).
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ from nbd_common import (
 from overlaybd.export.prometheus import PrometheusMetrics
 
 SERVE_CMD: list[str] | None = None  # --serve-cmd: what runs "serve" instead of overlaybd
+BASELINE_CMD: list[str] | None = None  # --baseline-cmd: another build of ours for the write cells, beside it
 
 
 def ours_server(vol: str, sock: str, *, readonly: bool) -> contextlib.AbstractContextManager[str]:
@@ -290,6 +295,9 @@ def bench_writes(wd: str, size: int, repeats: int, seed: int, runtime: int, scri
     wqcow = os.path.join(wd, "w.qcow2")
     run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", wraw, wqcow])
     names = ["ours", "qemu", "qcow2"]
+    if BASELINE_CMD:  # another build of ours, measured beside it (a change's before and after in one run)
+        run([*OVERLAYBD, "clone", f"{vol1}@HEAD", os.path.join(wd, "wvol-base")])
+        names.insert(1, "base")
     res: dict[str, dict[str, list[float]]] = {k: {n: [] for n in names}
                                               for k in ("qemu-io", "fio QD1", "fio QD16")}
     wcpu: dict[str, dict[str, list[float]]] = {k: {n: [] for n in names} for k in ("fio QD1", "fio QD16")}
@@ -303,6 +311,10 @@ def bench_writes(wd: str, size: int, repeats: int, seed: int, runtime: int, scri
                 "qcow2": servers.enter_context(qemu_nbd(wqcow, "qcow2", os.path.join(wd, "w-qcow2.sock"),
                                                         readonly=False))}
         files = {"ours": wvol, "qemu": wraw, "qcow2": wqcow}
+        if BASELINE_CMD:
+            files["base"] = os.path.join(wd, "wvol-base")
+            uris["base"] = servers.enter_context(overlaybd_server(files["base"], os.path.join(wd, "w-base.sock"),
+                                                                  readonly=False, command=BASELINE_CMD))
         for rep in range(repeats):
             order = names if rep % 2 == 0 else names[::-1]
             if rep == 0:  # the same script on both, then the two disks must hold the same bytes
@@ -311,7 +323,7 @@ def bench_writes(wd: str, size: int, repeats: int, seed: int, runtime: int, scri
                     t0 = time.perf_counter()
                     run(["qemu-io", "-t", "writeback", "-f", "raw", uris[n]], stdin=script)
                     res["qemu-io"][n].append(script_writes / (time.perf_counter() - t0))
-                check_same([uris["ours"], uris["qcow2"]], uris["qemu"])
+                check_same([uris[n] for n in names if n != "qemu"], uris["qemu"])
                 log("writes: after the same qemu-io script both disks are identical")
             for qd in (1, 16):
                 for n in order:
@@ -326,25 +338,56 @@ def bench_writes(wd: str, size: int, repeats: int, seed: int, runtime: int, scri
                     flush_us[f"fio QD{qd}"][n].append(r["sync_lat_us"])
                     wcpu[f"fio QD{qd}"][n].append((cpu_seconds(SERVER_PIDS[uris[n]]) - c0) / r["writes"] * 1e6)
             log(f"writes: repeat {rep + 1}/{repeats} done")
+    out = _write_tables(res, wcpu, flush_us, size, repeats, script_writes)
+    out.update({"size": size, "script_writes": script_writes, "runtime": runtime})
+    return out
+
+
+def _write_tables(res: dict[str, dict[str, list[float]]], wcpu: dict[str, dict[str, list[float]]],
+                  flush_us: dict[str, dict[str, list[float]]], size: int, repeats: int, script_writes: int
+                  ) -> dict[str, Any]:
+    names = ["ours", "qemu", "qcow2"]
     rows = []
-    out: dict[str, Any] = {"size": size, "script_writes": script_writes, "runtime": runtime}
+    out: dict[str, Any] = {}
     for k, v in res.items():
         o, q, c = median(v["ours"]), median(v["qemu"]), median(v["qcow2"])
         cpu_us = {n: median(wcpu[k][n]) for n in names} if k in wcpu else None
         fl = {n: median(flush_us[k][n]) for n in names} if k in flush_us else None
-        rows.append([k, o, q, c, o / q, o / c, "met" if o / c >= 1.0 else "missed",
+        # each round's ours against the peers measured right beside it in that round
+        by_round = {peer: [a / b for a, b in zip(v["ours"], v[peer], strict=True)] for peer in ("qemu", "qcow2")}
+        rows.append([k, o, q, c, o / q, o / c, _spread(by_round["qemu"]), _spread(by_round["qcow2"]),
+                     "met" if o / c >= 1.0 else "missed",
                      *((cpu_us[n] for n in names) if cpu_us else ("", "", "")),
                      *((fl[n] for n in names) if fl else ("", "", ""))])
         out[k] = {"ours": o, "qemu": q, "qcow2": c, "ratio": o / q, "ratio_qcow2": o / c, "all": v,
-                  "server_cpu_us": wcpu.get(k), "flush_latency_us": flush_us.get(k)}
+                  "round_ratios": by_round, "server_cpu_us": wcpu.get(k), "flush_latency_us": flush_us.get(k)}
     print(table(["client (flush every 64 writes)", "ours writes/s", "qemu-nbd raw writes/s",
-                 "qemu-nbd qcow2 writes/s", "ours/raw", "ours/qcow2", "target ours/qcow2 >= 1.0",
+                 "qemu-nbd qcow2 writes/s", "ours/raw", "ours/qcow2", "ours/raw by round: median (range)",
+                 "ours/qcow2 by round: median (range)", "target ours/qcow2 >= 1.0",
                  "ours CPU µs/write", "raw CPU µs/write", "qcow2 CPU µs/write", "ours flush µs", "raw flush µs",
                  "qcow2 flush µs"], rows,
                 title=f"Random 4 KiB writes with a flush every 64 writes, {size // MiB} MiB disk, median of "
                       f"{repeats} (qemu-io: one run, {script_writes:,} writes)"))
     print()
+    if "base" in res["qemu-io"]:
+        brows = []
+        for k, v in res.items():
+            after = [a / b for a, b in zip(v["ours"], v["base"], strict=True)]
+            before = [a / b for a, b in zip(v["base"], v["qcow2"], strict=True)]
+            cpu = [median(wcpu[k][n]) for n in ("base", "ours")] if k in wcpu else ["", ""]
+            brows.append([k, median(v["base"]), median(v["ours"]), _spread(before), _spread(after), *cpu])
+            out[k]["base"] = median(v["base"])
+            out[k]["round_ratios"]["ours/base"] = after
+            out[k]["round_ratios"]["base/qcow2"] = before
+        print(table(["client", "base writes/s", "ours writes/s", "base/qcow2 by round", "ours/base by round",
+                     "base CPU µs/write", "ours CPU µs/write"], brows,
+                    title=f"The baseline build (--baseline-cmd) beside ours, the same rounds: {BASELINE_CMD}"))
+        print()
     return out
+
+
+def _spread(ratios: list[float]) -> str:
+    return f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 # -- 4. the cost of counting ------------------------------------------------------------------------------
@@ -443,11 +486,15 @@ def main() -> int:
     ap.add_argument("--depth", type=int, default=64, help="snapshots / qcow2 layers of the deep volume (64)")
     ap.add_argument("--only", default="seq,rand,write",
                     help="comma-separated subset of seq,rand,write,metrics (metrics: what --metrics costs)")
+    ap.add_argument("--write-runtime", type=int, help="seconds of each fio write measurement (10; quick 2)")
+    ap.add_argument("--baseline-cmd", help="command that stands for 'overlaybd' in a second server of ours in the "
+                                           "write cells (e.g. the code before a change), measured in the same rounds")
     ap.add_argument("--serve-cmd", help="command that stands for 'overlaybd' when serving (e.g. 'python patched.py' "
                                         "to measure a change to the server); default: the venv's overlaybd")
     args = ap.parse_args()
-    global SERVE_CMD
+    global SERVE_CMD, BASELINE_CMD
     SERVE_CMD = shlex.split(args.serve_cmd) if args.serve_cmd else None
+    BASELINE_CMD = shlex.split(args.baseline_cmd) if args.baseline_cmd else None
     need("qemu-nbd", "qemu-img", "qemu-io", "nbdcopy", "fio")
     quick = args.quick
     repeats = args.repeats or (1 if quick else 3)
@@ -473,7 +520,8 @@ def main() -> int:
                 build_view_volume(os.path.join(wd, "vol1"), owner, rand_size)
                 write_view_raw(os.path.join(wd, "view.raw"), owner)
         if "write" in only:
-            result["random_writes"] = bench_writes(wd, rand_size, repeats, args.seed, runtime=2 if quick else 10,
+            result["random_writes"] = bench_writes(wd, rand_size, repeats, args.seed,
+                                                   runtime=args.write_runtime or (2 if quick else 10),
                                                    script_writes=2000 if quick else 20000)
         if "metrics" in only:
             result["metrics_cost"] = bench_metrics_cost(wd, rand_size, args.depth, args.repeats or (3 if quick else 5),

@@ -5,6 +5,7 @@ failed flush fails every FLUSH that waited for it."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -109,5 +110,51 @@ def test_a_cancelled_flush_leaves_the_waiters_to_flush_themselves() -> None:
         assert src.started == 2 and not waiter.done()
         src.finish()
         await waiter
+
+    asyncio.run(main())
+
+
+def test_callbacks_are_answered_by_the_flush_that_covers_them() -> None:
+    async def main() -> None:
+        f, src = Flusher(), Source()
+        told: list[tuple[str, BaseException | None]] = []
+        def teller(name: str) -> Callable[[BaseException | None], None]:
+            return lambda exc: told.append((name, exc))
+
+        for k in range(16):  # a burst of FLUSHes: one flush answers them all, no task each
+            f.answer(teller(f"a{k}"), src.flush)
+        await settle()
+        assert src.started == 1 and not told
+        f.wrote()  # a write completed while that flush ran: the next FLUSH needs a flush of its own
+        f.answer(lambda exc: told.append(("b", exc)), src.flush)
+        src.finish()
+        await settle()
+        assert [name for name, _ in told] == [f"a{k}" for k in range(16)] and src.started == 2
+        src.finish()
+        await settle()
+        assert told[-1] == ("b", None) and all(exc is None for _, exc in told) and f.flushes == 2
+        f.answer(lambda exc: told.append(("c", exc)), src.flush)  # nothing written since: answered at once
+        assert told[-1] == ("c", None) and src.started == 2
+
+    asyncio.run(main())
+
+
+def test_a_failed_flush_fails_every_callback_that_waited_for_it() -> None:
+    async def main() -> None:
+        f, src = Flusher(), Source()
+        src.fail = LayerIOError("fsync failed: Input/output error", path="upper")
+        told: list[BaseException | None] = []
+        for _ in range(4):
+            f.answer(told.append, src.flush)
+        await settle()
+        src.finish()
+        await settle()
+        assert src.started == 1 and len(told) == 4 and all(isinstance(exc, LayerIOError) for exc in told)
+        src.fail = None  # the next FLUSH tries again
+        f.answer(told.append, src.flush)
+        await settle()
+        src.finish()
+        await settle()
+        assert src.started == 2 and told[-1] is None
 
     asyncio.run(main())

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...formats.lsmt.writable import WritableLayer
 from ...source.base import BlockSource, Capability
 from . import protocol
 from .flushing import Flusher
+from .writes import Writer, writer_for
 
 
 @dataclass
@@ -21,6 +23,18 @@ class Export:
     inline: bool = False
     #: its FLUSH requests, joined (see :mod:`.flushing`)
     flusher: Flusher = field(default_factory=Flusher, compare=False, repr=False)
+    #: the writer of plain writes (see :mod:`.writes`) and the source it was made for
+    _writes: tuple[BlockSource, tuple[Writer, WritableLayer] | None] | None = field(default=None, compare=False,
+                                                                                    repr=False)
+
+    def writes(self) -> tuple[Writer, WritableLayer] | None:
+        """The writer of plain writes to the source as it is now (a snapshot replaces it) and the upper it writes
+        to; None if the export is read-only, not all local, or its source is not a stack over a log-structured
+        upper. Called between a request gate's enter and leave, so that the source does not change meanwhile."""
+        cached = self._writes
+        if cached is None or cached[0] is not self.source:
+            cached = self._writes = (self.source, writer_for(self.source) if self.writable and self.inline else None)
+        return cached[1]
 
     @property
     def writable(self) -> bool:
