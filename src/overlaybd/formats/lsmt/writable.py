@@ -6,10 +6,15 @@ its data is written. The in-memory index takes the logged records before every l
 earlier write durable, data first (fdatasync data, then index, with no record logged in between). A record
 that points past the end of the data file can only be an unflushed write torn by a crash: it and everything
 logged after it are ignored on open (a zeroed record points at no data: it is never torn).
+
+An index file holds at most ``MAX_RW_INDEX_RECORDS`` records (the reference refuses to open a larger one, and does
+not check when it writes): a write that would log more fails with :class:`~overlaybd.errors.IndexFullError`
+(ENOSPC to FUSE and NBD clients), and the layer stays readable.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -19,7 +24,15 @@ import uuid as uuidlib
 
 import numpy as np
 
-from ...errors import BadMagicError, CorruptIndexError, LayerIOError, LimitError, LockedError, UsageError
+from ...errors import (
+    BadMagicError,
+    CorruptIndexError,
+    IndexFullError,
+    LayerIOError,
+    LimitError,
+    LockedError,
+    UsageError,
+)
 from ...source.base import Capability
 from ...source.file import FileSource, punch_hole, write_all
 from .appender import Appender, open_appender
@@ -170,8 +183,10 @@ class WritableLayer(WritableBase):
 
     capabilities = Capability.WRITE | Capability.WRITE_ZEROES | Capability.TRIM | Capability.FLUSH
 
-    def __init__(self, data_path: str, index_path: str, *, readonly: bool = False) -> None:
+    def __init__(self, data_path: str, index_path: str, *, readonly: bool = False,
+                 max_records: int = MAX_RW_INDEX_RECORDS) -> None:
         super().__init__(data_path, readonly=readonly)
+        self.max_records = max_records  # records the index file may hold; writes that would log more are refused
         try:
             self.index_file = FileSource(index_path, writable=not readonly)
         except BaseException:
@@ -219,7 +234,7 @@ class WritableLayer(WritableBase):
         self.torn_records = 0
         if bad.size:
             k = int(bad[0])
-            self.torn_records = len(log_) - k
+            self.torn_records += len(log_) - k
             log.warning("%s: ignoring %d index record(s) from record %d on: they point past the end of the data "
                         "file (%d bytes); an unflushed write was cut off", path, self.torn_records,
                         int(positions[k]), self.data.size)
@@ -231,7 +246,7 @@ class WritableLayer(WritableBase):
         self.levels = [self.level()]
         # appends go after the last whole sector / record, past anything torn
         data_end = -(-self.data.size // SECTOR) * SECTOR
-        index_end = HEADER_SIZE + count * RECORD_SIZE if not self.torn_records else \
+        index_end = HEADER_SIZE + count * RECORD_SIZE if len(log_) == positions.size else \
             HEADER_SIZE + int(positions[len(log_)]) * RECORD_SIZE
         if self.torn_records and not self.readonly:
             # drop the torn records before anything is appended: new data would otherwise bring those left
@@ -243,7 +258,7 @@ class WritableLayer(WritableBase):
                 raise LayerIOError(f"cannot drop torn index records: {exc.strerror}", path=path,
                                    offset=index_end) from exc
         self._appender = open_appender(self.data.fd, data_end, DATA_AHEAD, self.index_file.fd, index_end,
-                                       INDEX_AHEAD)
+                                       INDEX_AHEAD, HEADER_SIZE + self.max_records * RECORD_SIZE)
 
     # -- writes ------------------------------------------------------------------------------------------------
     # A write takes its place in the data file (the appender's reserve), writes its data there with no lock held,
@@ -271,6 +286,8 @@ class WritableLayer(WritableBase):
         try:
             pending = appender.append(records, data_end)
         except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise self._full(len(records) // RECORD_SIZE) from exc
             raise LayerIOError(f"write failed: {exc.strerror}", path=self.index_path,
                                offset=appender.index_end) from exc
         if pending >= CATCH_UP_AT:
@@ -298,10 +315,21 @@ class WritableLayer(WritableBase):
             self.index.apply(drop_invalid(decode_records(raw)).with_tag(tag))
         self._untaken = b""
 
+    def _full(self, records: int) -> IndexFullError:
+        return IndexFullError(f"the index file holds all the {self.max_records} records it may: {records} more "
+                              f"refused (commit the layer to go on writing)", path=self.index_path,
+                              offset=self.appender.index_end)
+
     def _append(self, offset: int, length: int, data: memoryview | None, step: int) -> None:
+        records = -(-(length // SECTOR) // step)
+        if self.appender.index_end + records * RECORD_SIZE > HEADER_SIZE + self.max_records * RECORD_SIZE:
+            raise self._full(records)  # before any space is taken (the append checks it again, and decides)
         if data is not None:
             at = self._reserve(length)
-            write_all(self.data.fd, data, at, self.name)
+            try:
+                self.appender.write(data, at)
+            except OSError as exc:
+                raise LayerIOError(f"write failed: {exc.strerror}", path=self.name, offset=at) from exc
         else:
             # a zeroed record points at the data file's end, as the reference's do (its tools refuse a layer with
             # a record past that end): not at the data cursor, which a write still in flight or one that failed
