@@ -5,7 +5,9 @@ Writes append data to the data file, then one record per piece to the index file
 its data is written. The in-memory index takes the logged records before every lookup. ``flush()`` makes every
 earlier write durable, data first (fdatasync data, then index, with no record logged in between). A record
 that points past the end of the data file can only be an unflushed write torn by a crash: it and everything
-logged after it are ignored on open (a zeroed record points at no data: it is never torn).
+logged after it are ignored on open (a zeroed record points at no data: it is never torn). So are all-zero records
+at the end of the index file (a crash after the file grew, before their bytes were written); an all-zero record
+before a record that is not is corruption.
 
 An index file holds at most ``MAX_RW_INDEX_RECORDS`` records (the reference refuses to open a larger one, and does
 not check when it writes): a write that would log more fails with :class:`~overlaybd.errors.IndexFullError`
@@ -212,6 +214,13 @@ class WritableLayer(WritableBase):
             raise LimitError(f"index file holds {count} records (limit {MAX_RW_INDEX_RECORDS})", path=path,
                              offset=HEADER_SIZE + RECORD_SIZE * MAX_RW_INDEX_RECORDS)
         raw = self.index_file.pread(HEADER_SIZE, count * RECORD_SIZE)
+        kept = _without_zero_tail(raw, path)
+        zero_tail = count - kept
+        if zero_tail:
+            log.warning("%s: ignoring %d all-zero index record(s) at the end: the file grew before they were "
+                        "written (cut off by a crash)", path, zero_tail)
+            raw = raw[:kept * RECORD_SIZE]
+            count = kept
         try:  # a layer another process writes (opened read-only) may have grown since its data file was opened:
             # each record read was appended after its data was written, so the data file's size now covers it
             self.data.size = max(self.data.size, os.fstat(self.data.fd).st_size)
@@ -231,7 +240,7 @@ class WritableLayer(WritableBase):
         # a zeroed record points at no data (its moffset is where the data cursor stood, which space reserved by a
         # write still in flight, or one that failed, can have moved past the end): it is never torn
         bad = np.flatnonzero(~log_.zeroed & (log_.moffset + log_.length > data_sectors))
-        self.torn_records = 0
+        self.torn_records = zero_tail
         if bad.size:
             k = int(bad[0])
             self.torn_records += len(log_) - k
@@ -395,6 +404,20 @@ class WritableLayer(WritableBase):
         super().close()
         if hasattr(self, "index_file"):
             self.index_file.close()
+
+
+def _without_zero_tail(raw: bytes, path: str) -> int:
+    """How many of the records in ``raw`` come before the all-zero ones that end it (records a crash left unwritten
+    after the file grew); CorruptIndexError if an all-zero record comes before one that is not."""
+    words = np.frombuffer(raw, dtype="<u8")
+    written = np.flatnonzero((words[0::2] | words[1::2]) != 0)
+    kept = int(written[-1]) + 1 if written.size else 0
+    if written.size != kept:
+        k = int(np.flatnonzero(np.diff(np.concatenate(([-1], written))) > 1)[0])
+        zero = int(written[k - 1]) + 1 if k else 0
+        raise CorruptIndexError(f"index record {zero} is all zeros, and record {int(written[k])} after it is not",
+                                path=path, offset=HEADER_SIZE + RECORD_SIZE * zero)
+    return kept
 
 
 class SparseLayer(WritableBase):
