@@ -5,6 +5,7 @@ volume, the volume checks ok, and no other file changed."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import mmap
@@ -20,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from overlaybd.export import fusedev as F
 from overlaybd.export.fusedev import HOLD_WRITES
 from overlaybd.export.loop import attachment
+from overlaybd.source.file import MemorySource
 from overlaybd.volume import Volume
 
 from .nbd_helpers import OVERLAYBD, run
@@ -203,3 +206,53 @@ def test_a_stop_waits_for_the_write_under_way_before_the_volume_closes(tmp_path:
         assert disk.pread(0, SIZE) == bytes(model)
     _check_ok(vol)
     assert _other_files(vol) == others
+
+
+@contextmanager
+def _fusectl(wanted: bool) -> Iterator[None]:
+    """The fusectl file system mounted (``wanted``) or not, as it was again afterwards."""
+    mounted = os.path.ismount(F.CONNECTIONS)
+    if wanted and not mounted:
+        run("mount", "-t", "fusectl", "fusectl", F.CONNECTIONS)
+    elif not wanted and mounted:
+        run("umount", F.CONNECTIONS)
+    try:
+        yield
+    finally:
+        if wanted and not mounted:
+            run("umount", F.CONNECTIONS)
+        elif not wanted and mounted:
+            run("mount", "-t", "fusectl", "fusectl", F.CONNECTIONS)
+
+
+@pytest.mark.parametrize("fusectl", [True, False], ids=["fusectl abort", "forced unmount"])
+def test_an_abort_ends_a_busy_connection_either_way(tmp_path: Path, fusectl: bool) -> None:
+    """The connection held busy (a file open on it, as the loop device holds it): a stop aborts it through fusectl
+    where that is mounted, else with a forced unmount; either way every serving thread returns, and the open
+    file fails from then on."""
+    _kernel_ready()
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    with _fusectl(fusectl):
+        fd = F.mount(str(mnt))
+        connection = F.connection_of(str(mnt))
+        assert connection is not None and os.path.exists(f"{F.CONNECTIONS}/{connection}") == fusectl
+        stop = F.Stop()
+        device = F.DiskDevice(fd, MemorySource(bytearray(1 << 20)), readonly=False, threads=2,
+                              abort=lambda: F.abort_connection(str(mnt), connection))
+        runner = threading.Thread(target=device.serve, args=(stop,))
+        runner.start()
+        held = os.open(mnt / "disk", os.O_RDWR)
+        try:
+            assert os.pwrite(held, b"\x01" * 512, 0) == 512
+            stop.request("test")
+            runner.join(60)
+            assert not runner.is_alive()
+            with pytest.raises(OSError):
+                os.pread(held, 512, 0)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(held)  # its FLUSH fails on an aborted connection (the descriptor is closed all the same)
+            os.close(fd)
+            stop.close()
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
