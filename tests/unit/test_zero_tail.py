@@ -5,6 +5,7 @@ record before one that is not is corruption."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from overlaybd.errors import CorruptIndexError
 from overlaybd.formats.lsmt.spec import HEADER_SIZE, RECORD_SIZE
 from overlaybd.formats.lsmt.writable import WritableLayer, create_writable
 from overlaybd.inspection import check_layer
+from overlaybd.operations import commit
 
 SIZE = 1 << 20
 
@@ -94,3 +96,25 @@ def test_check_reports_the_torn_tail_and_says_ok(tmp_path: Path) -> None:
     _grow(i, 2)
     report = check_layer(d, i)
     assert not report["errors"] and any("2 index record(s)" in w for w in report["warnings"]), report
+
+
+def test_the_reference_commits_the_layer_once_opened_writable_cut_the_tail(tmp_path: Path) -> None:
+    """After a writable open cut the zero tail off (and a write after it), the reference's overlaybd-commit reads
+    the layer and commits it to the bytes ours does."""
+    folder = os.environ.get("OVERLAYBD_REFERENCE_TOOLS")
+    tool = Path(folder) / "overlaybd-commit" if folder else None
+    if tool is None or not tool.exists():
+        pytest.skip("set OVERLAYBD_REFERENCE_TOOLS to the reference tools' folder to commit with overlaybd-commit")
+    d, i = _layer(tmp_path)
+    _grow(i, 4)
+    layer = WritableLayer(d, i)
+    try:
+        layer.pwrite(4096, b"\x03" * 4096)
+        layer.flush()
+    finally:
+        layer.close()
+    uuid = "11111111-2222-3333-4444-555555555555"
+    subprocess.run([str(tool), d, i, str(tmp_path / "ref.commit"), "--uuid", uuid], check=True, capture_output=True)
+    with WritableLayer(d, i, readonly=True) as again:
+        commit(again, str(tmp_path / "our.commit"), uuid=uuid)
+    assert (tmp_path / "ref.commit").read_bytes() == (tmp_path / "our.commit").read_bytes()
