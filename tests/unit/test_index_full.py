@@ -5,6 +5,7 @@ what was written before reads back, and the layer opens again."""
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -50,6 +51,10 @@ def test_the_fuse_export_answers_enospc_once_the_index_is_full(tmp_path: Path) -
             assert err == errno.ENOSPC
             if F._fusedev is not None:
                 assert device.served_natively == 2  # the refused one went to Python, which answered the error
+            size = os.path.getsize(tmp_path / "u.data")
+            for n in range(3):  # later ones take no space in the data file (C leaves them to Python at once)
+                assert k.ask(F.WRITE, _rw(16384 + n * 4096, 4096) + b"\x04" * 4096)[0] == errno.ENOSPC
+            assert os.path.getsize(tmp_path / "u.data") == size
             err, body = k.ask(F.READ, _rw(0, 12288))
             assert err == 0 and body == b"\x01" * 4096 + b"\x02" * 4096 + bytes(4096)
         finally:

@@ -72,6 +72,8 @@ typedef struct {
     uint64_t served;       /* requests answered here (for tests and figures) */
     /* writes of one record, and fsyncs, to a log-structured upper (set_writer) */
     int writer;            /* set_writer was called; else every write and fsync goes to Python */
+    int index_full;        /* the upper's index file holds all the records it may (an append said ENOSPC): every
+                            * later write goes to Python, which refuses it before it takes any space */
     uint64_t max_write;    /* bytes one record covers at most */
     PyObject *appender;    /* the upper's appender (overlaybd.formats.lsmt._appender.Appender): it holds the
                             * files, and once it is detached every call fails, so no write outlives them */
@@ -368,7 +370,7 @@ static void call_python(PyThreadState **ts, PyObject *fn) {
 static int serve_write(Disk *self, PyThreadState **ts, const char *in, size_t len) {
     uint64_t unique, nodeid, offset;
     uint32_t size;
-    if (!self->writer || len < IN_HEADER_SIZE + WRITE_IN_SIZE)
+    if (!self->writer || __atomic_load_n(&self->index_full, __ATOMIC_RELAXED) || len < IN_HEADER_SIZE + WRITE_IN_SIZE)
         return 0;
     memcpy(&unique, in + 8, 8);
     memcpy(&nodeid, in + 16, 8);
@@ -388,8 +390,12 @@ static int serve_write(Disk *self, PyThreadState **ts, const char *in, size_t le
     /* the record: offset | length << 50, moffset (zeroed bit 55 clear), in sectors, little-endian */
     uint64_t rec[2] = {htole64(offset / SECTOR | (uint64_t)(size / SECTOR) << 50), htole64(at / SECTOR)};
     size_t pending;
-    if (self->api->append(self->appender, (const char *)rec, sizeof rec, at + size, &pending) < 0)
+    int rc = self->api->append(self->appender, (const char *)rec, sizeof rec, at + size, &pending);
+    if (rc < 0) {
+        if (rc == -ENOSPC) /* the index never shrinks while the layer is open */
+            __atomic_store_n(&self->index_full, 1, __ATOMIC_RELAXED);
         return 0; /* Python writes it again and answers the error */
+    }
     if (pending >= self->catch_up_at)
         call_python(ts, self->catch_up);
     uint32_t write_out[2] = {size, 0};
