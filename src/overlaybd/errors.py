@@ -15,7 +15,8 @@ The tree (the module that defines each one, where it is not this one)::
     │   └── ApplyError              a layer tar that cannot be applied to its ext4 (convert.applier)
     ├── SourceError                 misuse of a BlockSource
     │   ├── OutOfBoundsError        a request outside [0, size)
-    │   └── ReadOnlyError           a write to a source that has no write capability
+    │   ├── ReadOnlyError           a write to a source that has no write capability
+    │   └── IndexFullError          a writable layer's index file holds all the records it may (ENOSPC)
     ├── LayerIOError                the operating system refused a read or write (wraps OSError)
     ├── LockedError                 another writer holds the layer
     ├── UsageError                  arguments that cannot work together
@@ -117,6 +118,10 @@ class ReadOnlyError(SourceError):
     """A write to a source without write capability."""
 
 
+class IndexFullError(SourceError):
+    """A write to a writable layer whose index file holds all the records it may: the layer would no longer open."""
+
+
 class LayerIOError(OverlaybdError):
     """An operating-system error during I/O, with the file and offset."""
 
@@ -132,14 +137,17 @@ class UsageError(OverlaybdError):
 def errno_of(exc: BaseException) -> int:
     """The POSIX errno a failed block request reports, the one table FUSE and NBD both use.
 
-    A write to a read-only source is ``EROFS``, a request outside the device ``EINVAL``, a read or write the
-    operating system refused keeps the operating system's errno, and everything else (corrupt or unverifiable
-    bytes included: never wrong data) is ``EIO``. The NBD server narrows this to the errors its protocol names.
+    A write to a read-only source is ``EROFS``, a request outside the device ``EINVAL``, a write to a layer whose
+    index is full ``ENOSPC``, a read or write the operating system refused keeps the operating system's errno, and
+    everything else (corrupt or unverifiable bytes included: never wrong data) is ``EIO``. The NBD server narrows
+    this to the errors its protocol names.
     """
     if isinstance(exc, ReadOnlyError):
         return errno.EROFS
     if isinstance(exc, OutOfBoundsError):
         return errno.EINVAL
+    if isinstance(exc, IndexFullError):
+        return errno.ENOSPC
     if isinstance(exc, LayerIOError) and isinstance(exc.__cause__, OSError) and exc.__cause__.errno:
         return exc.__cause__.errno
     return errno.EIO

@@ -126,8 +126,9 @@ def check_layer(path: str, index: str | None = None) -> dict[str, Any]:
                         report["warnings"].append(f"records map up to byte {last}, beyond the virtual size "
                                                   f"{layer.virtual_size}")
             if isinstance(layer, WritableLayer) and layer.torn_records:
-                report["warnings"].append(f"{layer.torn_records} index record(s) at the end point past the data "
-                                          f"file (an unflushed write cut off by a crash); they are ignored")
+                report["warnings"].append(f"{layer.torn_records} index record(s) at the end are torn (they point "
+                                          f"past the data file, or are all zeros: an unflushed write cut off by a "
+                                          f"crash); they are ignored")
             if isinstance(layer, WritableLayer) and layer.zeroed_past_end:
                 report["warnings"].append(f"{layer.zeroed_past_end} zeroed record(s) point past the end of the data "
                                           f"file: they read as zeros, but the reference tools refuse to open the "

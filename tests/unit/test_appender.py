@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from overlaybd.errors import LayerIOError
+from overlaybd.errors import IndexFullError, LayerIOError, errno_of
 from overlaybd.formats.lsmt import appender as A
 from overlaybd.formats.lsmt import writable
 from overlaybd.formats.lsmt.index import MutableIndex, Segments
-from overlaybd.formats.lsmt.spec import SECTOR
+from overlaybd.formats.lsmt.spec import SECTOR, WRITE_SPLIT_SECTORS
 from overlaybd.formats.lsmt.writable import WritableLayer
 from overlaybd.volume import Volume
 from tests.native import require_extension
@@ -298,9 +298,73 @@ def test_an_appender_never_initialised_has_no_files() -> None:
     require_extension(A._appender, A.APPENDER)
     kind: Any = A._appender.Appender
     app: A.Appender = kind.__new__(kind)
-    for call in (lambda: app.reserve(512), lambda: app.append(_record(0, 1, 8), 4608), lambda: app.sync("d", "i")):
+    for call in (lambda: app.reserve(512), lambda: app.write(b"x" * 512, 4096),
+                 lambda: app.append(_record(0, 1, 8), 4608), lambda: app.sync("d", "i")):
         with pytest.raises(OSError) as exc:
             call()
         assert exc.value.errno == errno.EBADF
     assert (app.take(), app.pending) == (b"", 0)
     app.detach()
+
+
+def test_data_goes_through_the_appender_until_it_is_detached(tmp_path: Path, make: Maker) -> None:
+    """The appender writes the data too: once detached (the layer closes its files next), a write fails with
+    EBADF and reaches no descriptor, even one the process reuses for another file."""
+    data, index = _files(tmp_path)
+    app = make(data, 4096, 4096, index, 4096, 4096)
+    at = app.reserve(1024)
+    app.write(b"\x5a" * 1024, at)
+    assert os.pread(data, 1024, at) == b"\x5a" * 1024
+    app.detach()
+    os.close(data)
+    other = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT)  # most likely the data file's number, reused
+    with pytest.raises(OSError) as exc:
+        app.write(b"\xa5" * 1024, at)
+    assert exc.value.errno == errno.EBADF
+    assert os.fstat(other).st_size == 0
+    for fd in (index, other):
+        os.close(fd)
+
+
+def test_an_append_past_the_index_limit_fails_with_enospc_and_changes_nothing(tmp_path: Path, make: Maker) -> None:
+    data, index = _files(tmp_path)
+    limit = 4096 + 3 * 16
+    app = A.open_appender(data, 4096, 4096, index, 4096, 4096, limit) if make is _c else \
+        A.PyAppender(data, 4096, 4096, index, 4096, 4096, limit)
+    assert app.append(_record(0, 1, 8) * 2, 4608) == 2
+    with pytest.raises(OSError) as exc:
+        app.append(_record(1, 1, 9) * 2, 4608)
+    assert exc.value.errno == errno.ENOSPC
+    assert (app.index_end, app.pending) == (4096 + 32, 2)
+    assert app.append(_record(2, 1, 10), 4608) == 3  # the last one that fits
+    assert app.index_end == limit
+    for fd in (data, index):
+        os.close(fd)
+
+
+def test_a_full_index_refuses_writes_with_a_typed_error_and_stays_readable(tmp_path: Path) -> None:
+    """Writes that would take the index file past its records refused (IndexFullError: ENOSPC to FUSE and NBD
+    clients) before any data is written; the layer reads what it held, and opens again."""
+    d, i = str(tmp_path / "u.data"), str(tmp_path / "u.index")
+    writable.create_writable(d, i, 16 << 20)
+    layer = WritableLayer(d, i, max_records=3)
+    try:
+        layer.pwrite(0, b"\x01" * 4096)
+        layer.pwrite(8192, b"\x02" * 4096)
+        size = os.path.getsize(d)
+        with pytest.raises(IndexFullError) as exc:
+            layer.pwrite(16384, b"\x03" * (4096 + WRITE_SPLIT_SECTORS * SECTOR))  # two records
+        assert errno_of(exc.value) == errno.ENOSPC
+        assert os.path.getsize(d) == size  # no data written for it
+        layer.write_zeroes(65536, 4096)  # one record: the last that fits
+        with pytest.raises(IndexFullError):
+            layer.trim(0, 512)
+        layer.flush()
+        assert layer.pread(0, 12288) == b"\x01" * 4096 + bytes(4096) + b"\x02" * 4096
+    finally:
+        layer.close()
+    again = WritableLayer(d, i, readonly=True)
+    try:
+        assert again.records() == 3 and again.pread(8192, 4096) == b"\x02" * 4096
+    finally:
+        again.close()

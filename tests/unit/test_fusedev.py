@@ -138,3 +138,31 @@ def test_destroy_ends_the_thread_that_takes_it() -> None:
     finally:
         ours.close()
         kernel.close()
+
+
+def test_a_stop_aborts_the_connection_and_returns_once_every_thread_has() -> None:
+    """A stop (the daemon's SIGINT or SIGTERM) aborts the connection (here: its socket shut down, as an abort makes
+    /dev/fuse read as ended), and serve returns only after every serving thread has returned."""
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    aborted: list[int] = []
+
+    def abort() -> None:
+        aborted.append(1)
+        ours.shutdown(socket.SHUT_RD)
+
+    stop = F.Stop()
+    try:
+        device = F.DiskDevice(ours.fileno(), MemorySource(bytearray(4096)), readonly=False, threads=3, abort=abort)
+        runner = threading.Thread(target=device.serve, args=(stop,))
+        runner.start()
+        k = Kernel(kernel)
+        assert k.ask(F.WRITE, _rw(0, 512) + b"\x01" * 512)[0] == 0
+        stop.request("test")
+        runner.join(10)
+        assert not runner.is_alive() and aborted == [1]
+        assert not any(t.name.startswith("fuse") for t in threading.enumerate())
+        assert stop.reason == "test"
+    finally:
+        stop.close()
+        ours.close()
+        kernel.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from contextlib import ExitStack
 from typing import Any
@@ -63,19 +64,33 @@ def run_detach(args: argparse.Namespace) -> int:
 
 
 def run_daemon(args: argparse.Namespace) -> int:
-    vol = open_volume(args.volume)
-    with ExitStack() as owned:
-        recorder: Recorder | None = None
-        if args.metrics:
-            recorder, url = start_metrics(args.metrics, owned)
-            print(f"{loop.METRICS_AT}{url}", file=sys.stderr, flush=True)
-            _answer_stats(vol.path, recorder, owned, readonly=args.readonly or args.snapshot is not None)
-        with vol.open(writable=not args.readonly and args.snapshot is None, snapshot=args.snapshot) as dev:
-            try:
-                fusedev.run_device(dev, args.mountpoint, readonly=args.readonly or args.snapshot is not None,
-                                   metrics=recorder)
-            finally:
-                dev.flush()
+    """Serve the volume until ``detach`` unmounts it, or SIGINT or SIGTERM: then the FUSE connection is aborted
+    (requests not answered yet fail: the loop device reports I/O errors until ``detach``), every serving thread
+    is joined, and only then is the volume flushed and closed. Exit status 0 once it is (every write the device
+    acknowledged is then durable), 1 if the flush fails (the error is logged)."""
+    stop = fusedev.Stop()
+    previous = {sig: signal.signal(sig, lambda signum, _frame: stop.request(signal.Signals(signum).name))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        vol = open_volume(args.volume)
+        with ExitStack() as owned:
+            recorder: Recorder | None = None
+            if args.metrics:
+                recorder, url = start_metrics(args.metrics, owned)
+                print(f"{loop.METRICS_AT}{url}", file=sys.stderr, flush=True)
+                _answer_stats(vol.path, recorder, owned, readonly=args.readonly or args.snapshot is not None)
+            with vol.open(writable=not args.readonly and args.snapshot is None, snapshot=args.snapshot) as dev:
+                try:  # returns once no thread serves the connection any more
+                    fusedev.run_device(dev, args.mountpoint, readonly=args.readonly or args.snapshot is not None,
+                                       metrics=recorder, stop=stop)
+                finally:
+                    dev.flush()
+        if stop.reason is not None:
+            log.warning("%s: stopped by %s; the volume is flushed and closed", vol.path, stop.reason)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        stop.close()
     return 0
 
 

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from ..formats.lsmt import glance
-from .common import configure_logging, emit_json, human
+from .common import configure_logging, emit_json, human, split_volume_ref
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing (mypy reads the name alone)
 if TYPE_CHECKING:
@@ -16,14 +16,20 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("info", help="describe a layer, a ZFile, or a stack of layers")
     p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="one file, several layers bottom to top, or a volume (its device as a stack)")
+                   help="one file, several layers bottom to top, a volume (its device as a stack), or VOL@SNAP (that "
+                        "snapshot: the layers up to it)")
     p.add_argument("--index", help="index file of a writable layer (default: the sibling *index* file)")
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    volume = len(args.paths) == 1 and os.path.isdir(args.paths[0])
+    vol_path, ref = split_volume_ref(args.paths[0]) if len(args.paths) == 1 else (args.paths[0], None)
+    volume = len(args.paths) == 1 and os.path.isdir(vol_path)
+    if ref is not None and not volume:
+        from ..errors import UsageError
+
+        raise UsageError(f"{vol_path} is not a volume: VOL@SNAP names a snapshot of a volume")
     data = glance.describe_small(args.paths[0]) if len(args.paths) == 1 and args.index is None and not volume \
         else None
     if data is None:  # any other form, a large index, several layers: the full readers (and numpy)
@@ -32,7 +38,14 @@ def run(args: argparse.Namespace) -> int:
         from ..volume import Volume
 
         configure_logging()
-        if volume:
+        if volume and ref is not None:
+            from .common import open_volume
+
+            vol = open_volume(vol_path)
+            snapshot = vol.resolve(ref)
+            with vol.open(snapshot=snapshot) as stack:
+                data = {"snapshot": snapshot, **describe_stack(stack)}
+        elif volume:
             with Volume(args.paths[0]).open() as stack:
                 data = describe_stack(stack)
         elif len(args.paths) == 1:

@@ -8,10 +8,13 @@
  * or a failed or short pread goes back to Python, which reads it through the volume (and raises the typed error).
  *
  * With a log-structured upper (set_writer), WRITEs of whole sectors that one record covers and FSYNCs are served
- * here too, through the upper's appender (formats.lsmt._appender, by its capsule): a write's data goes into space
- * the appender reserves at the data file's end, then its record is appended; an fsync is the appender's sync (data
- * file, then index file). None of it takes the GIL; the upper's index takes the records before its next lookup, and
- * Python is entered only once set_writer's catch_up_at records wait for it.
+ * here too, through the upper's appender (formats.lsmt._appender, by its capsule): a write's data goes, through the
+ * appender, into space it reserves at the data file's end, then its record is appended; an fsync is the appender's
+ * sync (data file, then index file). None of it takes the GIL; the upper's index takes the records before its next
+ * lookup, and Python is entered only once set_writer's catch_up_at records wait for it. The appender holds the
+ * upper's files: once it is detached no write here reaches them. Reads use the lower layers' descriptors, so the
+ * threads in serve() must all have returned before the volume closes (fusedev stops the connection, then joins
+ * them).
  *
  * The merged index is mapping.MergedIndex: ``ends`` (int64, record end sectors, sorted) and ``packed`` (uint64:
  * moffset bits 0-39, all ones for a zeroed record; length bits 40-55; source bits 56-63).
@@ -21,7 +24,9 @@
 
 #include <endian.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -42,9 +47,10 @@
 #define DISK_ID 2
 
 /* overlaybd.formats.lsmt._appender's capsule (its name carries the version); each call returns 0 or -errno */
-#define APPENDER_API "overlaybd.formats.lsmt._appender._C_API_1"
+#define APPENDER_API "overlaybd.formats.lsmt._appender._C_API_2"
 typedef struct {
     int (*reserve)(PyObject *appender, uint64_t length, uint64_t *at);
+    int (*write)(PyObject *appender, const char *data, size_t n, uint64_t at);
     int (*append)(PyObject *appender, const char *records, size_t n, uint64_t data_end, size_t *pending);
     int (*sync)(PyObject *appender, int *which);
 } AppenderAPI;
@@ -65,9 +71,13 @@ typedef struct {
     int fast;              /* serve reads here at all */
     uint64_t served;       /* requests answered here (for tests and figures) */
     /* writes of one record, and fsyncs, to a log-structured upper (set_writer) */
-    int data_fd;           /* the upper's data file, or -1: every write and fsync goes to Python */
+    int writer;            /* set_writer was called; else every write and fsync goes to Python */
+    int index_full;        /* the upper's index file holds all the records it may (an append said ENOSPC): every
+                            * later write goes to Python, which refuses it before it takes any space */
     uint64_t max_write;    /* bytes one record covers at most */
-    PyObject *appender;    /* the upper's appender (overlaybd.formats.lsmt._appender.Appender) */
+    PyObject *appender;    /* the upper's appender (overlaybd.formats.lsmt._appender.Appender): it holds the
+                            * files, and once it is detached every call fails, so no write outlives them */
+    char *hold;            /* tests only (set_writer's hold): a folder where writes wait, see hold_write */
     const AppenderAPI *api;
     PyObject *catch_up;    /* catch_up(): the upper's index takes the records appended (called when many wait) */
     uint64_t catch_up_at;  /* how many */
@@ -80,6 +90,7 @@ static void disk_dealloc(Disk *self) {
         PyBuffer_Release(&self->packed_view);
     PyMem_Free(self->fds);
     PyMem_Free(self->marked);
+    PyMem_Free(self->hold);
     Py_XDECREF(self->appender);
     Py_XDECREF(self->catch_up);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -144,21 +155,22 @@ static int disk_init(Disk *self, PyObject *args, PyObject *kwds) {
         return -1;
     }
     self->fast = fast;
-    self->data_fd = -1;
     return 0;
 }
 
 PyDoc_STRVAR(set_writer_doc,
-             "set_writer(data_fd, max_write, appender, catch_up, catch_up_at): serve WRITEs of whole sectors, up to\n"
-             "max_write bytes, and FSYNCs here: data_fd is the upper's data file, appender its _appender.Appender\n"
-             "(space, records, sync), catch_up() is called once catch_up_at records wait for its index. A failure\n"
-             "sends the request to Python, which serves it again and answers the error.");
+             "set_writer(max_write, appender, catch_up, catch_up_at, hold=None): serve WRITEs of whole sectors, up\n"
+             "to max_write bytes, and FSYNCs here, through the upper's _appender.Appender (space, data, records,\n"
+             "sync); catch_up() is called once catch_up_at records wait for its index. A failure sends the request\n"
+             "to Python, which serves it again and answers the error. hold (tests only): a folder; while\n"
+             "HOLD/hold exists, a write creates HOLD/held-UNIQUE once its space is reserved and waits until\n"
+             "HOLD/hold is gone before it writes its data.");
 
 static PyObject *disk_set_writer(Disk *self, PyObject *args) {
-    int data_fd;
     unsigned long long max_write, catch_up_at;
     PyObject *appender, *catch_up;
-    if (!PyArg_ParseTuple(args, "iKOOK", &data_fd, &max_write, &appender, &catch_up, &catch_up_at))
+    const char *hold = NULL;
+    if (!PyArg_ParseTuple(args, "KOOK|z", &max_write, &appender, &catch_up, &catch_up_at, &hold))
         return NULL;
     if (!PyCallable_Check(catch_up)) {
         PyErr_SetString(PyExc_TypeError, "catch_up must be callable");
@@ -177,6 +189,16 @@ static PyObject *disk_set_writer(Disk *self, PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "appender must be an _appender.Appender");
         return NULL;
     }
+    char *held = NULL;
+    if (hold) {
+        size_t n = strlen(hold) + 1;
+        held = PyMem_Malloc(n);
+        if (!held)
+            return PyErr_NoMemory();
+        memcpy(held, hold, n);
+    }
+    PyMem_Free(self->hold);
+    self->hold = held;
     Py_INCREF(appender);
     Py_INCREF(catch_up);
     Py_XSETREF(self->appender, appender);
@@ -184,7 +206,7 @@ static PyObject *disk_set_writer(Disk *self, PyObject *args) {
     self->api = api;
     self->catch_up_at = catch_up_at;
     self->max_write = max_write;
-    self->data_fd = data_fd;
+    self->writer = 1;
     Py_RETURN_NONE;
 }
 
@@ -316,18 +338,19 @@ static int serve_read(Disk *self, const char *in, size_t len, char *out, size_t 
     return 1;
 }
 
-static int pwrite_all(int fd, const char *buf, size_t len, uint64_t at) {
-    while (len) {
-        ssize_t put = pwrite(fd, buf, len, (off_t)at);
-        if (put < 0 && errno == EINTR)
-            continue;
-        if (put <= 0)
-            return -1;
-        buf += put;
-        len -= (size_t)put;
-        at += (uint64_t)put;
+/* Tests only (set_writer's hold): while HOLD/hold exists, say that write ``unique`` waits (HOLD/held-UNIQUE), then
+ * wait until HOLD/hold is gone: a test can thus stop the daemon while a write is under way. */
+static void hold_write(const Disk *self, uint64_t unique) {
+    char gate[4096], held[4096];
+    if (snprintf(gate, sizeof gate, "%s/hold", self->hold) >= (int)sizeof gate || access(gate, F_OK) != 0)
+        return;
+    if (snprintf(held, sizeof held, "%s/held-%llu", self->hold, (unsigned long long)unique) < (int)sizeof held) {
+        int fd = open(held, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+        if (fd >= 0)
+            close(fd);
     }
-    return 0;
+    while (access(gate, F_OK) == 0)
+        usleep(1000);
 }
 
 /* Call fn() with the GIL taken back for it; what it raises is cleared (its work is only ever brought forward). */
@@ -347,7 +370,7 @@ static void call_python(PyThreadState **ts, PyObject *fn) {
 static int serve_write(Disk *self, PyThreadState **ts, const char *in, size_t len) {
     uint64_t unique, nodeid, offset;
     uint32_t size;
-    if (self->data_fd < 0 || len < IN_HEADER_SIZE + WRITE_IN_SIZE)
+    if (!self->writer || __atomic_load_n(&self->index_full, __ATOMIC_RELAXED) || len < IN_HEADER_SIZE + WRITE_IN_SIZE)
         return 0;
     memcpy(&unique, in + 8, 8);
     memcpy(&nodeid, in + 16, 8);
@@ -360,13 +383,19 @@ static int serve_write(Disk *self, PyThreadState **ts, const char *in, size_t le
     uint64_t at;
     if (self->api->reserve(self->appender, size, &at) < 0)
         return 0;
-    if (pwrite_all(self->data_fd, in + IN_HEADER_SIZE + WRITE_IN_SIZE, size, at) < 0)
+    if (self->hold)
+        hold_write(self, unique);
+    if (self->api->write(self->appender, in + IN_HEADER_SIZE + WRITE_IN_SIZE, size, at) < 0)
         return 0; /* the space reserved stays unused: nothing points at it */
     /* the record: offset | length << 50, moffset (zeroed bit 55 clear), in sectors, little-endian */
     uint64_t rec[2] = {htole64(offset / SECTOR | (uint64_t)(size / SECTOR) << 50), htole64(at / SECTOR)};
     size_t pending;
-    if (self->api->append(self->appender, (const char *)rec, sizeof rec, at + size, &pending) < 0)
+    int rc = self->api->append(self->appender, (const char *)rec, sizeof rec, at + size, &pending);
+    if (rc < 0) {
+        if (rc == -ENOSPC) /* the index never shrinks while the layer is open */
+            __atomic_store_n(&self->index_full, 1, __ATOMIC_RELAXED);
         return 0; /* Python writes it again and answers the error */
+    }
     if (pending >= self->catch_up_at)
         call_python(ts, self->catch_up);
     uint32_t write_out[2] = {size, 0};
@@ -378,7 +407,7 @@ static int serve_write(Disk *self, PyThreadState **ts, const char *in, size_t le
  * records). 1 if answered, 0 if Python must serve it (it syncs again and answers the error). */
 static int serve_fsync(Disk *self, const char *in, size_t len) {
     uint64_t unique, nodeid;
-    if (self->data_fd < 0 || len < IN_HEADER_SIZE)
+    if (!self->writer || len < IN_HEADER_SIZE)
         return 0;
     memcpy(&unique, in + 8, 8);
     memcpy(&nodeid, in + 16, 8);

@@ -18,6 +18,12 @@ that meet nothing the writable upper maps (every write, trim and zero-write mark
 whole sectors, and fsyncs, to a log-structured upper (through the upper's appender, in C: its index takes the records
 before its next lookup). Every other request comes back to the Python code here, which serves them all where
 the extension is not built. Counting requests (``metrics``) keeps every request in Python. See :func:`native_disk`.
+
+Stopping: the threads serve until the connection ends (``detach`` unmounts it) or a :class:`Stop` is requested
+(the daemon's SIGINT and SIGTERM). Then the connection is aborted first (every request not answered yet fails, and
+no more come), and :meth:`DiskDevice.serve` returns only once every thread has returned: C threads included, so no
+write or read is under way when the caller flushes and closes the volume (a descriptor the volume closed could
+otherwise be reused, and written, by another file).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import errno
 import logging
 import mmap
 import os
+import re
+import select
 import stat
 import struct
 import threading
@@ -61,6 +69,7 @@ OPEN, READ, WRITE, STATFS, RELEASE, FSYNC, FLUSH, INIT = 14, 15, 16, 17, 18, 20,
 OPENDIR, READDIR, RELEASEDIR, FSYNCDIR, INTERRUPT, DESTROY = 27, 28, 29, 30, 36, 38
 BATCH_FORGET, FALLOCATE = 42, 43
 _NO_REPLY = (FORGET, BATCH_FORGET, INTERRUPT)
+_GONE = (errno.ENOENT, errno.ENODEV)  # a reply nobody waits for: the request was interrupted, or the connection ended
 _COUNTED = {READ: "read", WRITE: "write", FSYNC: "fsync", FALLOCATE: "discard"}  # the disk's I/O, for metrics
 
 # INIT flags asked for, when the kernel offers them
@@ -89,6 +98,44 @@ DIRENT = struct.Struct("<QQII")  # ino, off, namelen, type
 VALID = 3600  # seconds the kernel may keep names and attributes: nothing here changes
 
 
+#: tests only: a folder; while FOLDER/hold exists, each write creates FOLDER/held-ID once it is under way and waits
+#: for FOLDER/hold to be gone before it writes its data (a test thus stops the daemon with a write in flight)
+HOLD_WRITES = "OVERLAYBD_TEST_HOLD_WRITES"
+
+
+class Stop:
+    """A request to stop serving, from a signal handler or another thread; :meth:`DiskDevice.serve` waits on it."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._r, self._w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def request(self, reason: str) -> None:
+        """Stop serving (safe in a signal handler: one write to a pipe); the first reason is kept."""
+        if self.reason is None:
+            self.reason = reason
+        self.wake()
+
+    def wake(self) -> None:
+        try:
+            os.write(self._w, b"!")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
+
+    def wait(self) -> None:
+        """Until woken (a stop, or a serving thread that returned)."""
+        select.select([self._r], [], [])
+        try:
+            while os.read(self._r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            os.close(fd)
+
+
 class FuseError(Exception):
     """A request answered with this errno."""
 
@@ -101,8 +148,9 @@ class DiskDevice:
     """Serves one FUSE connection (``fd`` of /dev/fuse, already mounted) until it is unmounted."""
 
     def __init__(self, fd: int, source: BlockSource, *, readonly: bool, threads: int = THREADS,
-                 metrics: Recorder | None = None) -> None:
+                 metrics: Recorder | None = None, abort: Callable[[], None] | None = None) -> None:
         self.fd = fd
+        self.abort = abort  # ends the connection: every thread then reads its end
         self.metrics = metrics
         self.source = source
         self.writable = not readonly and Capability.WRITE in source.capabilities
@@ -114,22 +162,47 @@ class DiskDevice:
             FSYNC: self._fsync, FALLOCATE: self._fallocate, INIT: self._init,
             RELEASE: _nothing, RELEASEDIR: _nothing, FLUSH: _nothing, FSYNCDIR: _nothing, DESTROY: _nothing,
         }
-        self._native = native_disk(fd, source, writable=self.writable) if metrics is None else None
+        self._hold = os.environ.get(HOLD_WRITES) or None
+        self._native = native_disk(fd, source, writable=self.writable, hold=self._hold) if metrics is None else None
 
     @property
     def served_natively(self) -> int:
         """Requests answered in C so far (0 without the extension)."""
         return int(self._native.served) if self._native is not None else 0
 
-    def serve(self) -> None:
-        """Serve with ``threads`` threads until the file system is unmounted."""
-        workers = [threading.Thread(target=self._loop, name=f"fuse{i}", daemon=True) for i in range(self.threads)]
-        for t in workers:
-            t.start()
-        for t in workers:
-            t.join()
+    def serve(self, stop: Stop | None = None) -> None:
+        """Serve with ``threads`` threads until the file system is unmounted, or ``stop`` is requested: then the
+        connection is aborted (``abort``). Returns once every thread has returned."""
+        own = stop is None
+        wake = stop if stop is not None else Stop()
+        ended: list[int] = []  # one entry a thread that has served its last request (it wakes ``wake`` then)
+        workers = [threading.Thread(target=self._loop, args=(wake, ended), name=f"fuse{i}", daemon=True)
+                   for i in range(self.threads)]
+        try:
+            for t in workers:
+                t.start()
+            while wake.reason is None and len(ended) < len(workers):
+                wake.wait()
+            if wake.reason is not None and len(ended) < len(workers):
+                log.warning("stopping (%s): the FUSE connection is aborted, requests not answered yet fail",
+                            wake.reason)
+                if self.abort is not None:
+                    self.abort()
+        finally:
+            for t in workers:
+                if t.ident is not None:
+                    t.join()
+            if own:
+                wake.close()
 
-    def _loop(self) -> None:
+    def _loop(self, wake: Stop, ended: list[int]) -> None:
+        try:
+            self._serve_requests()
+        finally:
+            ended.append(1)
+            wake.wake()
+
+    def _serve_requests(self) -> None:
         inbuf = bytearray(MAX_REQUEST + 4096)
         inview = memoryview(inbuf)
         out = memoryview(mmap.mmap(-1, MAX_REQUEST))  # page-aligned: reads land here, then go out after the header
@@ -175,8 +248,9 @@ class DiskDevice:
         data = out[:reply] if isinstance(reply, int) else reply  # an int: that many bytes of ``out``
         try:
             os.writev(self.fd, [OUT_HEADER.pack(OUT_HEADER.size + len(data), 0, unique), data])
-        except FileNotFoundError:
-            pass  # the request was interrupted meanwhile (ENOENT): nobody waits for the reply
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                raise
 
     def _serve(self, opcode: int, nodeid: int, body: memoryview, out: memoryview) -> int | bytes | FuseError:
         """Serve one request: its reply (an int: that many bytes of ``out``), or the error it fails with."""
@@ -207,8 +281,9 @@ class DiskDevice:
     def _reply_error(self, unique: int, code: int) -> None:
         try:
             os.write(self.fd, OUT_HEADER.pack(OUT_HEADER.size, -code, unique))
-        except FileNotFoundError:
-            pass
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                raise
 
     # -- requests -------------------------------------------------------------------------------------------
     def _init(self, nodeid: int, body: memoryview, out: memoryview) -> bytes:
@@ -286,6 +361,8 @@ class DiskDevice:
             raise FuseError(errno.ENOSPC)
         start = RW_IN.size + 16  # after fuse_write_in: lock_owner, flags, padding
         self._mark(offset, size)
+        if self._hold is not None:
+            hold_write(self._hold, f"py-{threading.get_ident()}")
         self.source.pwrite(offset, body[start:start + size])
         return WRITE_OUT.pack(size, 0)
 
@@ -316,7 +393,18 @@ class DiskDevice:
         return b""
 
 
-def native_disk(fd: int, source: BlockSource, *, writable: bool) -> Any:
+def hold_write(folder: str, name: str) -> None:
+    """Tests only (:data:`HOLD_WRITES`): while FOLDER/hold exists, say so (FOLDER/held-NAME) and wait for it to go."""
+    gate = os.path.join(folder, "hold")
+    if not os.path.exists(gate):
+        return
+    with open(os.path.join(folder, f"held-{name}"), "w"):
+        pass
+    while os.path.exists(gate):
+        time.sleep(0.001)
+
+
+def native_disk(fd: int, source: BlockSource, *, writable: bool, hold: str | None = None) -> Any:
     """The C side of the connection (``_fusedev.Disk``) where the extension is built and ``source`` is a stack
     whose reads it can serve; else None. Granules of at least 4 KiB, at most 16 Mi of them: a granule the upper
     maps (now, or after a write, trim or zero-write) sends every read meeting it to Python. ``writable``, over a
@@ -337,7 +425,7 @@ def native_disk(fd: int, source: BlockSource, *, writable: bool) -> Any:
             disk.mark(o * SECTOR, n * SECTOR)
     upper = source.upper
     if writable and type(upper) is WritableLayer and is_native(upper.appender):
-        disk.set_writer(upper.data.fd, WRITE_SPLIT_SECTORS * SECTOR, upper.appender, upper.catch_up, CATCH_UP_AT)
+        disk.set_writer(WRITE_SPLIT_SECTORS * SECTOR, upper.appender, upper.catch_up, CATCH_UP_AT, hold)
     return disk
 
 
@@ -361,11 +449,53 @@ def mount(mountpoint: str) -> int:
     return fd
 
 
+MNT_FORCE = 1
+CONNECTIONS = "/sys/fs/fuse/connections"
+
+
+def connection_of(mountpoint: str) -> int | None:
+    """The FUSE connection number of the file system mounted on ``mountpoint`` (its device's minor number, as
+    ``/proc/self/mountinfo`` says: asking the file system itself would wait for the connection to answer)."""
+    # the folder it is in, resolved; not the mountpoint itself: a stat of it would wait for the connection
+    where = os.fsencode(os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(mountpoint))),
+                                     os.path.basename(os.path.abspath(mountpoint))))
+    found = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            path = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), fields[4])  # spaces and such: \ooo
+            if path == where:
+                found = int(fields[2].split(b":")[1])  # the last mount there is the one in use
+    return found
+
+
+def abort_connection(mountpoint: str, connection: int | None) -> None:
+    """End a FUSE connection now, whoever still holds its file (the loop device): every request not answered yet
+    fails, and the serving threads read its end. Through the fusectl file system where it is mounted, else a
+    forced unmount (which aborts the connection before it finds the mount busy)."""
+    if connection is not None and os.path.exists(f"{CONNECTIONS}/{connection}/abort"):
+        try:
+            with open(f"{CONNECTIONS}/{connection}/abort", "w") as f:
+                f.write("1")
+            return
+        except OSError as exc:
+            log.warning("cannot abort FUSE connection %d through %s: %s", connection, CONNECTIONS, exc.strerror)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(mountpoint), MNT_FORCE) != 0:
+        code = ctypes.get_errno()
+        if code != errno.EBUSY:  # busy: the loop device holds it; the connection is aborted all the same
+            log.warning("cannot abort the FUSE connection on %s: %s", mountpoint, os.strerror(code))
+
+
 def run_device(source: BlockSource, mountpoint: str, *, readonly: bool, threads: int = THREADS,
-               metrics: Recorder | None = None) -> None:
-    """Mount ``mountpoint`` and serve ``MOUNTPOINT/disk`` until it is unmounted (blocks)."""
+               metrics: Recorder | None = None, stop: Stop | None = None) -> None:
+    """Mount ``mountpoint`` and serve ``MOUNTPOINT/disk`` until it is unmounted or ``stop`` is requested (blocks).
+    Returns once every serving thread has returned; the caller may then flush and close ``source``."""
     fd = mount(mountpoint)
     try:
-        DiskDevice(fd, source, readonly=readonly, threads=threads, metrics=metrics).serve()
+        connection = connection_of(mountpoint)
+        device = DiskDevice(fd, source, readonly=readonly, threads=threads, metrics=metrics,
+                            abort=lambda: abort_connection(mountpoint, connection))
+        device.serve(stop)
     finally:
         os.close(fd)

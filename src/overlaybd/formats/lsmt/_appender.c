@@ -1,9 +1,14 @@
 /* Where a log-structured writable LSMT layer appends (overlaybd.formats.lsmt.appender), in C: space at the end of
- * the data file (reserve), and 16-byte index records at the end of the index file (append), which it keeps until
- * the layer's in-memory index takes them (take). Python calls it with the GIL let go; C threads call it without
- * the GIL through the capsule ``_C_API_1`` (overlaybd.export._fusedev serves FUSE writes and fsyncs with it, never
- * entering Python). sync() makes every record appended so far durable after the data it points at: fdatasync of
- * the data file, then of the index file, with no append in between.
+ * the data file (reserve), the data written there (write), and 16-byte index records at the end of the index file
+ * (append), which it keeps until the layer's in-memory index takes them (take). Python calls it with the GIL let
+ * go; C threads call it without the GIL through the capsule ``_C_API_2`` (overlaybd.export._fusedev serves FUSE
+ * writes and fsyncs with it, never entering Python). sync() makes every record appended so far durable after the
+ * data it points at: fdatasync of the data file, then of the index file, with no append in between.
+ *
+ * The appender is the one holder of the files' descriptors for writers: detach() waits for the writes in flight,
+ * and from then on every call fails (EBADF), so once it returns the layer may close its files without a write
+ * landing on a descriptor number the process has reused. An append past index_limit (the index file's end may not
+ * pass it) fails with ENOSPC and changes nothing.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -22,6 +27,7 @@
 typedef struct {
     PyObject_HEAD
     int ready;
+    pthread_rwlock_t write_rw; /* writes of data hold it shared; detach takes it exclusively */
     pthread_mutex_t data_mu;  /* the data file's end */
     int data_fd;
     uint64_t data_end;        /* where the next reservation starts */
@@ -32,6 +38,7 @@ typedef struct {
     uint64_t index_end;
     uint64_t index_ahead;
     uint64_t index_step;
+    uint64_t index_limit;     /* the index file's end may not pass it (ENOSPC) */
     pthread_mutex_t pending_mu; /* the records waiting for the index: held for an append's write at most, never across
                                  * a sync (take() waits for it holding the GIL) */
     char *pending;            /* records appended and not yet taken, in order */
@@ -49,6 +56,7 @@ typedef struct {
 /* What other extensions call without the GIL; the capsule's name carries its version. Each returns 0 or -errno. */
 typedef struct {
     int (*reserve)(PyObject *appender, uint64_t length, uint64_t *at);
+    int (*write)(PyObject *appender, const char *data, size_t n, uint64_t at);
     int (*append)(PyObject *appender, const char *records, size_t n, uint64_t data_end, size_t *pending);
     int (*sync)(PyObject *appender, int *which);
 } AppenderAPI;
@@ -96,6 +104,19 @@ static int pwrite_all(int fd, const char *buf, size_t len, uint64_t at) {
     return 0;
 }
 
+/* Write ``n`` bytes of data at ``at`` in the data file (space the caller reserved). Writes run in parallel; detach
+ * waits for them. */
+static int do_write(PyObject *obj, const char *data, size_t n, uint64_t at) {
+    Appender *self = (Appender *)obj;
+    if (!LOAD(self->ready))
+        return -EBADF; /* not initialised: no files, no locks */
+    pthread_rwlock_rdlock(&self->write_rw);
+    int fd = LOAD(self->data_fd);
+    int rc = fd < 0 ? -EBADF : pwrite_all(fd, data, n, at);
+    pthread_rwlock_unlock(&self->write_rw);
+    return rc;
+}
+
 /* Append ``n`` bytes of records (a multiple of 16) whose data is written up to ``data_end``. On failure nothing is
  * appended: the index file is cut back to its end (whole records a short write left there would otherwise outlive
  * a shorter next append and be replayed on open, after records appended later). The records join the
@@ -114,6 +135,10 @@ static int do_append(PyObject *obj, const char *records, size_t n, uint64_t data
     }
     if (self->broken) {
         rc = -EIO;
+        goto out;
+    }
+    if (self->index_end + n > self->index_limit) {
+        rc = -ENOSPC;
         goto out;
     }
     if (self->npending + n > self->cap) {
@@ -173,6 +198,7 @@ static int do_sync(PyObject *obj, int *which) {
 
 static void app_dealloc(Appender *self) {
     if (self->ready) {
+        pthread_rwlock_destroy(&self->write_rw);
         pthread_mutex_destroy(&self->data_mu);
         pthread_mutex_destroy(&self->index_mu);
         pthread_mutex_destroy(&self->pending_mu);
@@ -192,18 +218,19 @@ static PyObject *app_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
 }
 
 static int app_init(Appender *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"data_fd", "data_end", "data_step", "index_fd", "index_end", "index_step", NULL};
+    static char *kwlist[] = {"data_fd",   "data_end",   "data_step",   "index_fd",
+                             "index_end", "index_step", "index_limit", NULL};
     int data_fd, index_fd;
-    unsigned long long data_end, data_step, index_end, index_step;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKKiKK", kwlist, &data_fd, &data_end, &data_step, &index_fd,
-                                     &index_end, &index_step))
+    unsigned long long data_end, data_step, index_end, index_step, index_limit = UINT64_MAX;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKKiKK|K", kwlist, &data_fd, &data_end, &data_step, &index_fd,
+                                     &index_end, &index_step, &index_limit))
         return -1;
     if (self->ready) {
         PyErr_SetString(PyExc_RuntimeError, "Appender is already initialised");
         return -1;
     }
-    if (pthread_mutex_init(&self->data_mu, NULL) != 0 || pthread_mutex_init(&self->index_mu, NULL) != 0 ||
-        pthread_mutex_init(&self->pending_mu, NULL) != 0) {
+    if (pthread_rwlock_init(&self->write_rw, NULL) != 0 || pthread_mutex_init(&self->data_mu, NULL) != 0 ||
+        pthread_mutex_init(&self->index_mu, NULL) != 0 || pthread_mutex_init(&self->pending_mu, NULL) != 0) {
         PyErr_SetString(PyExc_RuntimeError, "cannot make a mutex");
         return -1;
     }
@@ -214,6 +241,7 @@ static int app_init(Appender *self, PyObject *args, PyObject *kwds) {
     self->index_fd = index_fd;
     self->index_end = index_end;
     self->index_step = index_step;
+    self->index_limit = index_limit;
     return 0;
 }
 
@@ -233,6 +261,21 @@ static PyObject *app_reserve(Appender *self, PyObject *args) {
     rc = do_reserve((PyObject *)self, length, &at);
     Py_END_ALLOW_THREADS
     return rc < 0 ? raise_errno(rc, NULL) : PyLong_FromUnsignedLongLong(at);
+}
+
+static PyObject *app_write(Appender *self, PyObject *args) {
+    Py_buffer buf;
+    unsigned long long at;
+    if (!PyArg_ParseTuple(args, "y*K", &buf, &at))
+        return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = do_write((PyObject *)self, buf.buf, (size_t)buf.len, at);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buf);
+    if (rc < 0)
+        return raise_errno(rc, NULL);
+    Py_RETURN_NONE;
 }
 
 static PyObject *app_append(Appender *self, PyObject *args) {
@@ -290,9 +333,11 @@ static PyObject *app_detach(Appender *self, PyObject *unused) {
     if (!self->ready)
         Py_RETURN_NONE;
     Py_BEGIN_ALLOW_THREADS
+    pthread_rwlock_wrlock(&self->write_rw); /* the writes in flight end first */
     pthread_mutex_lock(&self->data_mu);
-    self->data_fd = -1;
+    STORE(self->data_fd, -1);
     pthread_mutex_unlock(&self->data_mu);
+    pthread_rwlock_unlock(&self->write_rw);
     pthread_mutex_lock(&self->index_mu);
     self->index_fd = -1;
     pthread_mutex_unlock(&self->index_mu);
@@ -314,13 +359,16 @@ GETTER(data_high, LOAD(self->data_high))
 static PyMethodDef app_methods[] = {
     {"reserve", (PyCFunction)app_reserve, METH_VARARGS,
      "reserve(length) -> int: where length bytes of new data go in the data file (they are the caller's)."},
+    {"write", (PyCFunction)app_write, METH_VARARGS,
+     "write(data, at): write data at byte at of the data file (space reserved for it)."},
     {"append", (PyCFunction)app_append, METH_VARARGS,
      "append(records, data_end) -> int: write records (16 bytes each; their data written up to data_end) at the\n"
      "end of the index file; the records now pending."},
     {"take", (PyCFunction)app_take, METH_NOARGS, "take() -> bytes: the records appended since the last take, in order."},
     {"sync", (PyCFunction)app_sync, METH_VARARGS,
      "sync(data_path, index_path): fdatasync data, then index, no append in between (OSError names the file)."},
-    {"detach", (PyCFunction)app_detach, METH_NOARGS, "detach(): every call fails (EBADF) from now on: the files close."},
+    {"detach", (PyCFunction)app_detach, METH_NOARGS,
+     "detach(): wait for the writes in flight; every call fails (EBADF) from then on: the files close."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -338,7 +386,7 @@ static PyTypeObject AppenderType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "overlaybd.formats.lsmt._appender.Appender",
     .tp_basicsize = sizeof(Appender),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = PyDoc_STR("Appender(data_fd, data_end, data_step, index_fd, index_end, index_step)"),
+    .tp_doc = PyDoc_STR("Appender(data_fd, data_end, data_step, index_fd, index_end, index_step, index_limit)"),
     .tp_new = app_new,
     .tp_init = (initproc)app_init,
     .tp_dealloc = (destructor)app_dealloc,
@@ -346,7 +394,7 @@ static PyTypeObject AppenderType = {
     .tp_getset = app_getset,
 };
 
-static AppenderAPI api = {do_reserve, do_append, do_sync};
+static AppenderAPI api = {do_reserve, do_write, do_append, do_sync};
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
@@ -367,8 +415,8 @@ PyMODINIT_FUNC PyInit__appender(void) {
         Py_DECREF(m);
         return NULL;
     }
-    PyObject *cap = PyCapsule_New(&api, "overlaybd.formats.lsmt._appender._C_API_1", NULL);
-    if (!cap || PyModule_AddObject(m, "_C_API_1", cap) < 0) {
+    PyObject *cap = PyCapsule_New(&api, "overlaybd.formats.lsmt._appender._C_API_2", NULL);
+    if (!cap || PyModule_AddObject(m, "_C_API_2", cap) < 0) {
         Py_XDECREF(cap);
         Py_DECREF(m);
         return NULL;

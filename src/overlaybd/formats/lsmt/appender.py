@@ -1,12 +1,18 @@
 """Where a log-structured writable layer appends: space at the end of its data file, records at the end of its index.
 
-A write reserves its space (:meth:`~Appender.reserve`), writes its data there, then appends the records that point
-at it (:meth:`~Appender.append`). The appender keeps each record until the layer's in-memory index takes it
-(:meth:`~Appender.take`), so writers need not touch that index: the C extension ``_appender`` does all of this
-without the GIL, and ``overlaybd.export._fusedev`` calls it from C threads that never enter Python.
+A write reserves its space (:meth:`~Appender.reserve`), writes its data there (:meth:`~Appender.write`), then
+appends the records that point at it (:meth:`~Appender.append`). The appender keeps each record until the layer's
+in-memory index takes it (:meth:`~Appender.take`), so writers need not touch that index: the C extension
+``_appender`` does all of this without the GIL, and ``overlaybd.export._fusedev`` calls it from C threads that
+never enter Python.
 :meth:`~Appender.sync` makes every record appended so far durable after the data it points at (``fdatasync`` of the
 data file, then of the index file, with no append in between). :class:`PyAppender` does the same in Python where
 the extension is not built (or ``OVERLAYBD_NATIVE=0``).
+
+The appender is where writers reach the layer's files: :meth:`~Appender.detach` waits for the writes in flight, and
+every call fails (EBADF) after it, so the files may then close without a write landing on a descriptor number the
+process has reused meanwhile. An append that would take the index file's end past ``index_limit`` fails with ENOSPC
+and changes nothing.
 """
 
 from __future__ import annotations
@@ -51,10 +57,13 @@ class Appender(Protocol):
     def reserve(self, length: int) -> int:
         """Where ``length`` bytes of new data go in the data file: the space is the caller's."""
 
+    def write(self, data: bytes | memoryview, at: int) -> None:
+        """Write ``data`` at byte ``at`` of the data file (space :meth:`reserve` gave); OSError if that fails."""
+
     def append(self, records: bytes, data_end: int) -> int:
         """Write ``records`` at the end of the index file (their data is written, up to ``data_end``); the number
         of records now pending. OSError if the write fails: then nothing is appended, and the index file is cut
-        back to its end (if that fails too, every later append fails with EIO)."""
+        back to its end (if that fails too, every later append fails with EIO). ENOSPC past the index limit."""
 
     def take(self) -> bytes:
         """The records appended since the last take, in the order they were appended."""
@@ -63,15 +72,18 @@ class Appender(Protocol):
         """fdatasync the data file, then the index file, with no append in between; OSError names the file."""
 
     def detach(self) -> None:
-        """Every call fails from now on (the files are closing)."""
+        """Wait for the writes in flight; every call fails from then on (the files are closing)."""
 
 
 class PyAppender:
     """:class:`Appender` in Python."""
 
     def __init__(self, data_fd: int, data_end: int, data_step: int, index_fd: int, index_end: int,
-                 index_step: int) -> None:
+                 index_step: int, index_limit: int = 1 << 64) -> None:
         self._data_fd, self._index_fd = data_fd, index_fd
+        self._index_limit = index_limit
+        self._writing = 0  # writes of data in flight (under _data_lock); detach waits for none
+        self._written = threading.Condition(threading.Lock())
         self.data_end, self.index_end = data_end, index_end
         self.data_ahead = self.index_ahead = 0
         self._data_step, self._index_step = data_step, index_step
@@ -97,6 +109,25 @@ class PyAppender:
             self.data_end += length
             return at
 
+    def write(self, data: bytes | memoryview, at: int) -> None:
+        with self._written:
+            fd = self._data_fd
+            _check_open(fd)
+            self._writing += 1
+        try:
+            view = memoryview(data)
+            done = 0
+            while done < len(view):
+                n = os.pwrite(fd, view[done:], at + done)
+                if not n:
+                    raise OSError(errno.EIO, "pwrite wrote nothing")
+                done += n
+        finally:
+            with self._written:
+                self._writing -= 1
+                if not self._writing:
+                    self._written.notify_all()
+
     def append(self, records: bytes, data_end: int) -> int:
         if len(records) % 16:
             raise ValueError("records are 16 bytes each")
@@ -105,6 +136,8 @@ class PyAppender:
             if self._broken:
                 raise OSError(errno.EIO, "an earlier append failed and its records could not be cut off")
             end = self.index_end
+            if end + len(records) > self._index_limit:
+                raise OSError(errno.ENOSPC, "the index file holds all the records it may")
             if end + len(records) > self.index_ahead:
                 self.index_ahead = end + len(records) + self._index_step
                 allocate_ahead(self._index_fd, end, self.index_ahead - end)
@@ -144,6 +177,10 @@ class PyAppender:
                     raise OSError(exc.errno, exc.strerror, path) from exc
 
     def detach(self) -> None:
+        with self._written:
+            self._data_fd = -1
+            while self._writing:
+                self._written.wait()
         with self._data_lock:
             self._data_fd = -1
         with self._index_lock:
@@ -161,11 +198,12 @@ def is_native(appender: Appender) -> bool:
 
 
 def open_appender(data_fd: int, data_end: int, data_step: int, index_fd: int, index_end: int,
-                  index_step: int) -> Appender:
+                  index_step: int, index_limit: int) -> Appender:
     """The appender of a layer whose data file ``data_fd`` takes new data from byte ``data_end`` and whose index
-    file ``index_fd`` takes new records from byte ``index_end``; each file is allocated ahead ``*_step`` bytes at a
-    time. In C where the extension is built."""
+    file ``index_fd`` takes new records from byte ``index_end`` up to byte ``index_limit``; each file is allocated
+    ahead ``*_step`` bytes at a time. In C where the extension is built."""
     if _appender is not None:
-        out: Appender = _appender.Appender(data_fd, data_end, data_step, index_fd, index_end, index_step)
+        out: Appender = _appender.Appender(data_fd, data_end, data_step, index_fd, index_end, index_step,
+                                           index_limit)
         return out
-    return PyAppender(data_fd, data_end, data_step, index_fd, index_end, index_step)
+    return PyAppender(data_fd, data_end, data_step, index_fd, index_end, index_step, index_limit)

@@ -5,11 +5,18 @@ Writes append data to the data file, then one record per piece to the index file
 its data is written. The in-memory index takes the logged records before every lookup. ``flush()`` makes every
 earlier write durable, data first (fdatasync data, then index, with no record logged in between). A record
 that points past the end of the data file can only be an unflushed write torn by a crash: it and everything
-logged after it are ignored on open (a zeroed record points at no data: it is never torn).
+logged after it are ignored on open (a zeroed record points at no data: it is never torn). So are all-zero records
+at the end of the index file (a crash after the file grew, before their bytes were written); an all-zero record
+before a record that is not is corruption.
+
+An index file holds at most ``MAX_RW_INDEX_RECORDS`` records (the reference refuses to open a larger one, and does
+not check when it writes): a write that would log more fails with :class:`~overlaybd.errors.IndexFullError`
+(ENOSPC to FUSE and NBD clients), and the layer stays readable.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -19,7 +26,15 @@ import uuid as uuidlib
 
 import numpy as np
 
-from ...errors import BadMagicError, CorruptIndexError, LayerIOError, LimitError, LockedError, UsageError
+from ...errors import (
+    BadMagicError,
+    CorruptIndexError,
+    IndexFullError,
+    LayerIOError,
+    LimitError,
+    LockedError,
+    UsageError,
+)
 from ...source.base import Capability
 from ...source.file import FileSource, punch_hole, write_all
 from .appender import Appender, open_appender
@@ -170,8 +185,10 @@ class WritableLayer(WritableBase):
 
     capabilities = Capability.WRITE | Capability.WRITE_ZEROES | Capability.TRIM | Capability.FLUSH
 
-    def __init__(self, data_path: str, index_path: str, *, readonly: bool = False) -> None:
+    def __init__(self, data_path: str, index_path: str, *, readonly: bool = False,
+                 max_records: int = MAX_RW_INDEX_RECORDS) -> None:
         super().__init__(data_path, readonly=readonly)
+        self.max_records = max_records  # records the index file may hold; writes that would log more are refused
         try:
             self.index_file = FileSource(index_path, writable=not readonly)
         except BaseException:
@@ -197,6 +214,13 @@ class WritableLayer(WritableBase):
             raise LimitError(f"index file holds {count} records (limit {MAX_RW_INDEX_RECORDS})", path=path,
                              offset=HEADER_SIZE + RECORD_SIZE * MAX_RW_INDEX_RECORDS)
         raw = self.index_file.pread(HEADER_SIZE, count * RECORD_SIZE)
+        kept = _without_zero_tail(raw, path)
+        zero_tail = count - kept
+        if zero_tail:
+            log.warning("%s: ignoring %d all-zero index record(s) at the end: the file grew before they were "
+                        "written (cut off by a crash)", path, zero_tail)
+            raw = raw[:kept * RECORD_SIZE]
+            count = kept
         try:  # a layer another process writes (opened read-only) may have grown since its data file was opened:
             # each record read was appended after its data was written, so the data file's size now covers it
             self.data.size = max(self.data.size, os.fstat(self.data.fd).st_size)
@@ -216,10 +240,10 @@ class WritableLayer(WritableBase):
         # a zeroed record points at no data (its moffset is where the data cursor stood, which space reserved by a
         # write still in flight, or one that failed, can have moved past the end): it is never torn
         bad = np.flatnonzero(~log_.zeroed & (log_.moffset + log_.length > data_sectors))
-        self.torn_records = 0
+        self.torn_records = zero_tail
         if bad.size:
             k = int(bad[0])
-            self.torn_records = len(log_) - k
+            self.torn_records += len(log_) - k
             log.warning("%s: ignoring %d index record(s) from record %d on: they point past the end of the data "
                         "file (%d bytes); an unflushed write was cut off", path, self.torn_records,
                         int(positions[k]), self.data.size)
@@ -231,7 +255,7 @@ class WritableLayer(WritableBase):
         self.levels = [self.level()]
         # appends go after the last whole sector / record, past anything torn
         data_end = -(-self.data.size // SECTOR) * SECTOR
-        index_end = HEADER_SIZE + count * RECORD_SIZE if not self.torn_records else \
+        index_end = HEADER_SIZE + count * RECORD_SIZE if len(log_) == positions.size else \
             HEADER_SIZE + int(positions[len(log_)]) * RECORD_SIZE
         if self.torn_records and not self.readonly:
             # drop the torn records before anything is appended: new data would otherwise bring those left
@@ -243,7 +267,7 @@ class WritableLayer(WritableBase):
                 raise LayerIOError(f"cannot drop torn index records: {exc.strerror}", path=path,
                                    offset=index_end) from exc
         self._appender = open_appender(self.data.fd, data_end, DATA_AHEAD, self.index_file.fd, index_end,
-                                       INDEX_AHEAD)
+                                       INDEX_AHEAD, HEADER_SIZE + self.max_records * RECORD_SIZE)
 
     # -- writes ------------------------------------------------------------------------------------------------
     # A write takes its place in the data file (the appender's reserve), writes its data there with no lock held,
@@ -271,6 +295,8 @@ class WritableLayer(WritableBase):
         try:
             pending = appender.append(records, data_end)
         except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise self._full(len(records) // RECORD_SIZE) from exc
             raise LayerIOError(f"write failed: {exc.strerror}", path=self.index_path,
                                offset=appender.index_end) from exc
         if pending >= CATCH_UP_AT:
@@ -298,10 +324,21 @@ class WritableLayer(WritableBase):
             self.index.apply(drop_invalid(decode_records(raw)).with_tag(tag))
         self._untaken = b""
 
+    def _full(self, records: int) -> IndexFullError:
+        return IndexFullError(f"the index file holds all the {self.max_records} records it may: {records} more "
+                              f"refused (commit the layer to go on writing)", path=self.index_path,
+                              offset=self.appender.index_end)
+
     def _append(self, offset: int, length: int, data: memoryview | None, step: int) -> None:
+        records = -(-(length // SECTOR) // step)
+        if self.appender.index_end + records * RECORD_SIZE > HEADER_SIZE + self.max_records * RECORD_SIZE:
+            raise self._full(records)  # before any space is taken (the append checks it again, and decides)
         if data is not None:
             at = self._reserve(length)
-            write_all(self.data.fd, data, at, self.name)
+            try:
+                self.appender.write(data, at)
+            except OSError as exc:
+                raise LayerIOError(f"write failed: {exc.strerror}", path=self.name, offset=at) from exc
         else:
             # a zeroed record points at the data file's end, as the reference's do (its tools refuse a layer with
             # a record past that end): not at the data cursor, which a write still in flight or one that failed
@@ -367,6 +404,20 @@ class WritableLayer(WritableBase):
         super().close()
         if hasattr(self, "index_file"):
             self.index_file.close()
+
+
+def _without_zero_tail(raw: bytes, path: str) -> int:
+    """How many of the records in ``raw`` come before the all-zero ones that end it (records a crash left unwritten
+    after the file grew); CorruptIndexError if an all-zero record comes before one that is not."""
+    words = np.frombuffer(raw, dtype="<u8")
+    written = np.flatnonzero((words[0::2] | words[1::2]) != 0)
+    kept = int(written[-1]) + 1 if written.size else 0
+    if written.size != kept:
+        k = int(np.flatnonzero(np.diff(np.concatenate(([-1], written))) > 1)[0])
+        zero = int(written[k - 1]) + 1 if k else 0
+        raise CorruptIndexError(f"index record {zero} is all zeros, and record {int(written[k])} after it is not",
+                                path=path, offset=HEADER_SIZE + RECORD_SIZE * zero)
+    return kept
 
 
 class SparseLayer(WritableBase):
