@@ -18,6 +18,7 @@ HITS = "overlaybd.cache._hits"
 LOOKUP = "overlaybd.formats.lsmt._lookup"
 APPENDER = "overlaybd.formats.lsmt._appender"
 FUSEDEV = "overlaybd.export._fusedev"
+NBDWRITE = "overlaybd.export.nbd._nbdwrite"
 
 
 def switched_off() -> bool:
@@ -92,9 +93,11 @@ def describe_lookups() -> str:
 
 
 def describe_writes() -> str:
-    """How a writable layer appends, and how attach serves its device."""
+    """How a writable layer appends, how attach serves its device and how serve takes plain writes."""
     appends = "C, without the GIL" if load(APPENDER) is not None else f"Python ({why_not()})"
     attach = ("C for plain reads, one-record writes and fsyncs" if load(FUSEDEV) is not None and
               load(APPENDER) is not None else "C for plain reads" if load(FUSEDEV) is not None
               else f"Python ({why_not()})")
-    return f"{appends}; attach: {attach}"
+    serve = ("C, without the GIL" if load(NBDWRITE) is not None and load(APPENDER) is not None
+             else f"Python ({why_not()})")
+    return f"{appends}; attach: {attach}; serve writes: {serve}"

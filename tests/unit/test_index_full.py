@@ -79,6 +79,12 @@ def test_the_nbd_server_answers_enospc_once_the_index_is_full(tmp_path: Path) ->
             assert c.simple() == (1, 0, b"")
             c.request(nbd.CMD_WRITE, 2, 4096, 4096, payload=b"\x02" * 4096)
             assert c.simple() == (2, nbd.ENOSPC, b"")
+            size = os.path.getsize(tmp_path / "u.data")
+            for n in range(3):  # later ones take no space in the data file (the C writer leaves them to Python)
+                c.request(nbd.CMD_WRITE, 10 + n, 8192 + n * 4096, 4096, payload=b"\x04" * 4096)
+            for n in range(3):
+                assert c.simple() == (10 + n, nbd.ENOSPC, b"")
+            assert os.path.getsize(tmp_path / "u.data") == size
             c.request(nbd.CMD_READ, 3, 0, 8192)
             assert c.simple(8192) == (3, 0, b"\x01" * 4096 + bytes(4096))
             c.close()

@@ -67,7 +67,7 @@ def test_the_twins_serve_alike(tmp_path: Path, structured: bool) -> None:
         with volume(tmp_path, name) as dev:
             made = W.writer_for(dev)
             assert made is not None
-            writer = made[0] if kind == "c" else W.PyWriter(made[1].appender, made[1].data.fd, dev.size,
+            writer = made[0] if kind == "c" else W.PyWriter(made[1].appender, dev.size,
                                                             4 << 20)
             if kind == "c":
                 require_extension(W._nbdwrite, W.NBDWRITE)
@@ -111,8 +111,8 @@ def test_serving_stops_at_what_is_not_a_plain_write(tmp_path: Path, kind: str, s
         made = W.writer_for(dev)
         assert made is not None
         upper = made[1]
-        writer: W.Writer = W._nbdwrite.Writer(upper.appender, upper.data.fd, dev.size, 4096) if kind == "c" \
-            else W.PyWriter(upper.appender, upper.data.fd, dev.size, 4096)
+        writer: W.Writer = W._nbdwrite.Writer(upper.appender, dev.size, 4096) if kind == "c" \
+            else W.PyWriter(upper.appender, dev.size, 4096)
         first = req(nbd.CMD_WRITE, 1, 8192, 4096, payload=b"\xaa" * 4096)
         after = b"" if "not all there" in stop else req(nbd.CMD_WRITE, 3, 1 << 20, 512, payload=b"\xbb" * 512)
         data = first + STOPS[stop](2) + after

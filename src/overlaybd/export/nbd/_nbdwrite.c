@@ -1,12 +1,13 @@
 /* Plain NBD writes to a log-structured writable upper (overlaybd.export.nbd.writes), in C: the WRITE requests at
  * the front of the bytes a client sent are served in one call, the GIL let go. Each write's data goes into space
- * the upper's appender (formats.lsmt._appender, by its capsule) reserves at the data file's end, then its index
+ * the upper's appender (formats.lsmt._appender, by its capsule) reserves at the data file's end and writes there
+ * (the appender holds the data file: once the layer detaches it, every call fails), then its index
  * record is appended, as WritableLayer does; the replies (simple or structured) come back together for one send.
  *
  * A request is served here only if it is a WRITE with no flag, of whole sectors, inside the device, of at most
  * max_write bytes, with all its payload in the bytes given. Serving stops at the first other one, and at the first
- * that fails (reserve, pwrite or append): that one is left to Python, which serves it again and answers the error.
- * A failed pwrite leaves its reserved space unused (nothing points at it); a failed append appends nothing.
+ * that fails (reserve, write or append): that one is left to Python, which serves it again and answers the error.
+ * A failed write leaves its reserved space unused (nothing points at it); a failed append appends nothing.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -28,9 +29,10 @@
 #define REPLY_FLAG_DONE 1
 
 /* overlaybd.formats.lsmt._appender's capsule (its name carries the version); each call returns 0 or -errno */
-#define APPENDER_API "overlaybd.formats.lsmt._appender._C_API_1"
+#define APPENDER_API "overlaybd.formats.lsmt._appender._C_API_2"
 typedef struct {
     int (*reserve)(PyObject *appender, uint64_t length, uint64_t *at);
+    int (*write)(PyObject *appender, const char *data, size_t n, uint64_t at);
     int (*append)(PyObject *appender, const char *records, size_t n, uint64_t data_end, size_t *pending);
     int (*sync)(PyObject *appender, int *which);
 } AppenderAPI;
@@ -39,7 +41,8 @@ typedef struct {
     PyObject_HEAD
     PyObject *appender; /* the upper's _appender.Appender (NULL: not initialised, nothing is served) */
     const AppenderAPI *api;
-    int data_fd;        /* the upper's data file */
+    int index_full;     /* an append said ENOSPC (the index never shrinks while the layer is open): from then on no
+                         * write is served here, so none takes data space for a record that will be refused */
     uint64_t size;      /* the device's size in bytes */
     uint64_t max_write; /* bytes one record covers at most */
     uint64_t served;    /* writes served here (for tests and figures) */
@@ -57,11 +60,10 @@ static void writer_dealloc(Writer *self) {
 }
 
 static int writer_init(Writer *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"appender", "data_fd", "size", "max_write", NULL};
+    static char *kwlist[] = {"appender", "size", "max_write", NULL};
     PyObject *appender;
-    int data_fd;
     unsigned long long size, max_write;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OiKK", kwlist, &appender, &data_fd, &size, &max_write))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OKK", kwlist, &appender, &size, &max_write))
         return -1;
     if (self->appender) {
         PyErr_SetString(PyExc_RuntimeError, "Writer is already initialised");
@@ -80,14 +82,13 @@ static int writer_init(Writer *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_TypeError, "appender must be an _appender.Appender");
         return -1;
     }
-    if (data_fd < 0 || max_write < SECTOR) {
-        PyErr_SetString(PyExc_ValueError, "data_fd must be a descriptor and max_write at least one sector");
+    if (max_write < SECTOR) {
+        PyErr_SetString(PyExc_ValueError, "max_write must be at least one sector");
         return -1;
     }
     Py_INCREF(appender);
     self->appender = appender;
     self->api = api;
-    self->data_fd = data_fd;
     self->size = size;
     self->max_write = max_write;
     return 0;
@@ -124,32 +125,19 @@ static int parse(const Writer *self, const unsigned char *p, size_t left, size_t
            left - REQUEST_SIZE >= w->length;
 }
 
-static int pwrite_all(int fd, const char *buf, size_t len, uint64_t at) {
-    while (len) {
-        ssize_t put = pwrite(fd, buf, len, (off_t)at);
-        if (put < 0 && errno == EINTR)
-            continue;
-        if (put <= 0)
-            return -1;
-        buf += put;
-        len -= (size_t)put;
-        at += (uint64_t)put;
-    }
-    return 0;
-}
-
 /* One write, without the GIL: space, data, record. 0, or -1 (Python serves it again). */
 static int do_write(Writer *self, const char *data, uint64_t offset, uint32_t length, size_t *pending) {
     uint64_t at;
-    if (self->api->reserve(self->appender, length, &at) < 0)
+    if (__atomic_load_n(&self->index_full, __ATOMIC_RELAXED) || self->api->reserve(self->appender, length, &at) < 0)
         return -1;
-    if (pwrite_all(self->data_fd, data, length, at) < 0)
+    if (self->api->write(self->appender, data, length, at) < 0)
         return -1; /* the space reserved stays unused: nothing points at it */
     /* the record: offset | length << 50, moffset (zeroed bit 55 clear), in sectors, little-endian */
     uint64_t rec[2] = {htole64(offset / SECTOR | (uint64_t)(length / SECTOR) << 50), htole64(at / SECTOR)};
-    if (self->api->append(self->appender, (const char *)rec, sizeof rec, at + length, pending) < 0)
-        return -1;
-    return 0;
+    int rc = self->api->append(self->appender, (const char *)rec, sizeof rec, at + length, pending);
+    if (rc == -ENOSPC)
+        __atomic_store_n(&self->index_full, 1, __ATOMIC_RELAXED);
+    return rc < 0 ? -1 : 0;
 }
 
 static void put_reply(unsigned char *out, uint64_t handle, int structured) {
@@ -294,7 +282,7 @@ static PyTypeObject WriterType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "overlaybd.export.nbd._nbdwrite.Writer",
     .tp_basicsize = sizeof(Writer),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = PyDoc_STR("Writer(appender, data_fd, size, max_write): plain NBD writes to one log-structured upper"),
+    .tp_doc = PyDoc_STR("Writer(appender, size, max_write): plain NBD writes to one log-structured upper"),
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)writer_init,
     .tp_dealloc = (destructor)writer_dealloc,

@@ -16,7 +16,7 @@ answers the error (EIO, ENOSPC, ...).
 
 from __future__ import annotations
 
-import os
+import errno
 import struct
 from typing import Any, Protocol
 
@@ -28,7 +28,7 @@ from ...formats.lsmt.writable import CATCH_UP_AT, WritableLayer
 from ...source.base import BlockSource, Capability
 from .protocol import CMD_WRITE, REQUEST, REQUEST_MAGIC, chunk_none, simple_reply
 
-NBDWRITE = "overlaybd.export.nbd._nbdwrite"
+NBDWRITE = native.NBDWRITE
 _nbdwrite: Any = native.load(NBDWRITE)
 _RECORD = struct.Struct("<QQ")  # one index record: offset | length << 50, moffset (zeroed bit 55 clear), sectors
 __all__ = ["CATCH_UP_AT", "PyWriter", "Writer", "writer_for"]
@@ -53,9 +53,9 @@ class Writer(Protocol):
 class PyWriter:
     """:class:`Writer` in Python."""
 
-    def __init__(self, appender: Appender, data_fd: int, size: int, max_write: int) -> None:
+    def __init__(self, appender: Appender, size: int, max_write: int) -> None:
         self.appender = appender
-        self.data_fd = data_fd
+        self.index_full = False  # an append said ENOSPC: no write is served here from then on (as in C)
         self.size = size
         self.max_write = max_write
         self.served = 0
@@ -91,17 +91,15 @@ class PyWriter:
         return self._write(offset, memoryview(data))
 
     def _write(self, offset: int, data: memoryview) -> int:
+        if self.index_full:
+            return -1
         try:
             at = self.appender.reserve(len(data))
-            done = 0
-            while done < len(data):
-                put = os.pwrite(self.data_fd, data[done:], at + done)
-                if put <= 0:
-                    return -1  # the space reserved stays unused: nothing points at it
-                done += put
+            self.appender.write(data, at)  # on failure the space reserved stays unused: nothing points at it
             record = _RECORD.pack(offset // SECTOR | len(data) // SECTOR << 50, at // SECTOR)
             pending = self.appender.append(record, at + len(data))
-        except OSError:
+        except OSError as exc:
+            self.index_full = exc.errno == errno.ENOSPC
             return -1
         self.served += 1
         return pending
@@ -118,9 +116,9 @@ def writer_for(source: BlockSource) -> tuple[Writer, WritableLayer] | None:
     appender = upper.appender
     max_write = WRITE_SPLIT_SECTORS * SECTOR
     if _nbdwrite is not None and is_native(appender):
-        writer: Writer = _nbdwrite.Writer(appender, upper.data.fd, source.size, max_write)
+        writer: Writer = _nbdwrite.Writer(appender, source.size, max_write)
     else:
-        writer = PyWriter(appender, upper.data.fd, source.size, max_write)
+        writer = PyWriter(appender, source.size, max_write)
     return writer, upper
 
 
