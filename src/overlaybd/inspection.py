@@ -29,8 +29,8 @@ def _zfile_info(z: ZFileSource) -> dict[str, Any]:
         "crc": z.verify,
         "header_overwritten": info.overwritten,
         "original_size": info.original_file_size,
-        "compressed_size": int(stored.sum()),
-        "largest_stored_block": int(stored.max()) if stored.size else 0,
+        "compressed_size": sum(stored),
+        "largest_stored_block": max(stored, default=0),
     }
 
 

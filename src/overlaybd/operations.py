@@ -17,11 +17,9 @@ from .formats.output import (
     Compression,
     Written,
     compress_to,
-    set_length,
-    write_atomically,
     write_layer_file,
 )
-from .formats.zfile.extract import decompress_to
+from .formats.zfile.extract import decompress_file
 from .formats.zfile.reader import ZFileSource
 from .source.file import FileSource
 
@@ -125,17 +123,8 @@ def compress(src: str, dst: str, compression: Compression, *, tar: bool = False,
 
 def decompress(src: str, dst: str, *, force: bool = False, progress: Progress | None = None) -> Written:
     """``overlaybd-zfile -x``: the original bytes of a ZFile (tar envelope peeled first)."""
-    with FileSource(src) as f:
-        peeled = peel(f)
-        if peeled.zfile is None:
-            raise UsageError("not a ZFile", path=src)
-        z = peeled.zfile
-
-        def produce(fd: int, base: int) -> int:
-            set_length(fd, base + z.size, dst)  # first: a device the file system cannot hold fails before any copy
-            return decompress_to(z, fd, base, progress=progress, name=dst)
-
-        return write_atomically(dst, produce, force=force)
+    size = decompress_file(src, dst, force=force, progress=progress)
+    return Written(dst, size, size)
 
 
 def verify_zfile(path: str, progress: Progress | None = None) -> ZFileSource:

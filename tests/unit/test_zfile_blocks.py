@@ -10,6 +10,7 @@ import os
 import random
 import tempfile
 import threading
+from array import array
 from collections.abc import Callable
 
 import crc32c
@@ -450,3 +451,29 @@ def test_both_paths_give_one_verdict_on_damaged_files(algo: int, verify: bool, m
                 tuple(f"block 3: {d}" for d in MAY_DECODE_OTHERWISE)):
             problems.append(f"{name}: both paths read other bytes than were compressed")
     assert files and not problems, "\n".join(problems)
+
+
+def test_both_paths_read_a_jump_table_alike() -> None:
+    """``block_starts``: the running sum from ``first``, or the first length out of (floor, ceiling]."""
+    rng = random.Random(11)
+    native = _native()
+    for n in (0, 1, 7, 5000):
+        lengths = [rng.randrange(5, 4200) for _ in range(n)]
+        raw = b"".join(x.to_bytes(4, "little") for x in lengths)
+        outs = []
+        for runs in (native, blocks.PYTHON):
+            out = array("q", bytes(8 * (n + 1)))
+            assert runs.block_starts(raw, 40, 4, 4200, out) == -1
+            outs.append(list(out))
+        want = [40]
+        for x in lengths:
+            want.append(want[-1] + x)
+        assert outs[0] == outs[1] == want
+        for bad in ({0: 4, n // 2: 4201, n - 1: 0} if n else {}).items():
+            broken = lengths[:]
+            broken[bad[0]] = bad[1]
+            raw = b"".join(x.to_bytes(4, "little") for x in broken)
+            for runs in (native, blocks.PYTHON):
+                assert runs.block_starts(raw, 40, 4, 4200, array("q", bytes(8 * (n + 1)))) == bad[0]
+    with pytest.raises(ValueError):
+        native.block_starts(b"\0" * 8, 0, 0, 10, array("q", [0, 0]))  # room for one block only

@@ -144,7 +144,7 @@ def write(tmp_path: Path, data: bytes | MemorySource, algo: int, threads: int = 
 def read_back(path: Path) -> bytes:
     with FileSource(str(path)) as f:
         z = ZFileSource(f)
-        assert int(z.stored_lengths().max()) <= MAX_STORED_BLOCK
+        assert max(z.stored_lengths()) <= MAX_STORED_BLOCK
         return z.pread(0, z.size)
 
 

@@ -4,52 +4,16 @@ from __future__ import annotations
 
 import os
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 
 from ..errors import BadMagicError, UsageError
 from ..source.base import BlockSource
-from ..source.file import FileSource, RangeSource
-from . import tarwrap
+from ..source.file import FileSource
 from .lsmt.layer import LsmtLayer, read_header
-from .lsmt.spec import HEADER_SIZE, is_lsmt
+from .lsmt.spec import HEADER_SIZE
 from .lsmt.writable import SparseLayer, WritableBase, WritableLayer
-from .zfile.reader import ZFileSource
-from .zfile.spec import is_zfile
+from .peel import Peeled, peel
 
-SNIFF = 512
-
-
-@dataclass
-class Peeled:
-    """What a blob turned out to be, outermost first."""
-
-    source: BlockSource  # the innermost byte stream
-    tar: tarwrap.TarMember | None = None
-    zfile: ZFileSource | None = None
-    wrappers: list[str] = field(default_factory=list)
-
-    @property
-    def is_lsmt(self) -> bool:
-        return self.source.size >= 24 and is_lsmt(self.source.pread(0, 24))
-
-
-def peel(src: BlockSource) -> Peeled:
-    """Unwrap tar and ZFile; never looks further than the reference does."""
-    out = Peeled(src)
-    head = src.pread(0, min(SNIFF, src.size))
-    if len(head) == SNIFF and tarwrap.is_tar(head):
-        member = tarwrap.first_member(src)
-        out.tar = member
-        out.wrappers.append("tar")
-        src = RangeSource(src, member.offset, member.size)
-        head = src.pread(0, min(SNIFF, src.size))
-    if is_zfile(head):
-        z = ZFileSource(src, base=out.tar.offset if out.tar is not None else 0)
-        out.zfile = z
-        out.wrappers.append("zfile")
-        src = z
-    out.source = src
-    return out
+__all__ = ["Peeled", "open_layer", "peel", "replace_last", "sibling_index"]
 
 
 def replace_last(text: str, old: str, new: str) -> str:

@@ -819,6 +819,45 @@ static PyObject *compress_bound(PyObject *self, PyObject *args) {
     return PyLong_FromSize_t(bound);
 }
 
+PyDoc_STRVAR(block_starts_doc,
+             "block_starts(lengths, first, floor, ceiling, out) -> bad: a ZFile's jump table (lengths: one\n"
+             "little-endian u32 stored length a block) as where each block starts, from first, and last where the\n"
+             "final one ends, into out (n + 1 64-bit integers). Returns the first block whose length is not above\n"
+             "floor and at most ceiling (out then holds nothing useful), or -1.");
+
+static PyObject *block_starts(PyObject *self, PyObject *args) {
+    Py_buffer lengths, out;
+    long long first, floor, ceiling;
+    if (!PyArg_ParseTuple(args, "y*LLLw*", &lengths, &first, &floor, &ceiling, &out))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = lengths.len / 4;
+    if (lengths.len % 4 || out.itemsize != 8 || out.len / 8 < n + 1 || first < 0) {
+        PyErr_SetString(PyExc_ValueError, "lengths must be u32s and out one 64-bit integer more");
+        goto done;
+    }
+    Py_ssize_t bad = -1;
+    Py_BEGIN_ALLOW_THREADS
+    const uint8_t *p = lengths.buf;
+    int64_t *o = out.buf, at = first;
+    o[0] = at;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        int64_t len = (int64_t)load_le32(p + 4 * k);
+        if (len <= floor || len > ceiling) {
+            bad = k;
+            break;
+        }
+        at += len;
+        o[k + 1] = at;
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(bad);
+done:
+    PyBuffer_Release(&lengths);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyObject *crc32c_raw(PyObject *self, PyObject *args) {
     Py_buffer data;
     unsigned int seed = 0;
@@ -884,6 +923,7 @@ static PyMethodDef methods[] = {
     {"byte_counts", byte_counts, METH_VARARGS, byte_counts_doc},
     {"screen_blocks", screen_blocks, METH_VARARGS, screen_blocks_doc},
     {"zstd_version", zstd_version, METH_NOARGS, "The version of the zstd library in use."},
+    {"block_starts", block_starts, METH_VARARGS, block_starts_doc},
     {"crc32c_raw", crc32c_raw, METH_VARARGS, "crc32c_raw(data, seed=0): CRC32C, register from seed, no final XOR."},
     {NULL, NULL, 0, NULL},
 };

@@ -13,10 +13,11 @@ Statuses: a run stops at its first failing block and reports how many blocks cam
 from __future__ import annotations
 
 import math
+import sys
 import threading
+from array import array
+from itertools import accumulate
 from typing import Any, NamedTuple, Protocol
-
-import numpy as np
 
 from ... import native
 from ..checksum import ZFILE_BLOCK_SEED, raw_crc32c
@@ -63,6 +64,13 @@ class BlockRuns(Protocol):
 
     def byte_counts(self, data: Any, step: int, counts: Any) -> None:
         """Add to ``counts`` (256 int64) how often each byte value occurs at ``data[0], data[step], ...``."""
+        ...
+
+    def block_starts(self, lengths: Any, first: int, floor: int, ceiling: int, out: Any) -> int:
+        """A ZFile's jump table ``lengths`` (little-endian u32s) as where each block starts, from ``first``, and
+        last where the final one ends, into ``out`` (64-bit integers, one more than the blocks). Returns the
+        first block whose length is not above ``floor`` and at most ``ceiling`` (``out`` then holds nothing
+        useful), or -1."""
         ...
 
     def screen(self, algo: int, src: Any, block_size: int, verify: bool, scratch: Any, max_stored: int,
@@ -128,7 +136,19 @@ class PythonRuns:
         return n + (n >> 8) + ((128 << 10) - n >> 11 if n < 128 << 10 else 0) + 64  # ZSTD_COMPRESSBOUND, rounded up
 
     def byte_counts(self, data: Any, step: int, counts: Any) -> None:
-        counts += np.bincount(np.frombuffer(data, dtype=np.uint8)[::step], minlength=256)
+        for value, n in enumerate(_counts(memoryview(data).cast("B")[::step])):
+            counts[value] += n
+
+    def block_starts(self, lengths: Any, first: int, floor: int, ceiling: int, out: Any) -> int:
+        table = array("I", bytes(lengths))
+        if sys.byteorder == "big":
+            table.byteswap()
+        if len(out) < len(table) + 1:
+            raise ValueError("lengths must be u32s and out one 64-bit integer more")
+        if table and (min(table) <= floor or max(table) > ceiling):
+            return next(k for k, n in enumerate(table) if n <= floor or n > ceiling)
+        out[: len(table) + 1] = array("q", accumulate(table, initial=first))
+        return -1
 
     def screen(self, algo: int, src: Any, block_size: int, verify: bool, scratch: Any, max_stored: int,
                how: Screen) -> ScreenResult:
@@ -137,7 +157,7 @@ class PythonRuns:
             raise ValueError("bad block size, max_stored, margin or prefix")
         if len(scratch) < self.compress_bound(algo, block_size) + CRC_SIZE:
             raise ValueError("scratch is smaller than a block's worst case")
-        lengths = np.empty(1, dtype="<u4")
+        lengths = array("I", [0])
         tested = 0
         for i, at in enumerate(range(0, len(src), block_size)):
             block = src[at : at + block_size]
@@ -163,6 +183,12 @@ ZSTD_TABLE_BYTES = 256  # a Huffman table description of 256 weights: at most
 HUFFMAN_REDUNDANCY = 0.0861  # Gallager: Huffman codes at most p_max + this many bits a byte over entropy
 
 
+def _counts(data: memoryview) -> list[int]:
+    """How often each byte value occurs in ``data`` (``bytes.count`` per value: no numpy on this path)."""
+    raw = data.tobytes()
+    return [raw.count(value) for value in range(256)]
+
+
 def _clog2c(c: int) -> float:
     return c * math.log2(c) if c else 0.0
 
@@ -174,12 +200,12 @@ def _zstd_surely_fits(block: Any, room: int, margin: int) -> bool:
     n = len(block)
     if n < 2 * ZSTD_SAMPLE or n > 1 << 16:
         return False
-    data = np.frombuffer(block, dtype=np.uint8)
-    head = np.bincount(data[:ZSTD_SAMPLE], minlength=256)
-    tail = np.bincount(data[n - ZSTD_SAMPLE :], minlength=256)
-    if int(head.max()) <= ZSTD_EDGE_TOP or int(tail.max()) <= ZSTD_EDGE_TOP:
+    data = memoryview(block).cast("B")
+    head = _counts(data[:ZSTD_SAMPLE])
+    tail = _counts(data[n - ZSTD_SAMPLE :])
+    if max(head) <= ZSTD_EDGE_TOP or max(tail) <= ZSTD_EDGE_TOP:
         return False
-    counts: list[int] = (head + tail + np.bincount(data[ZSTD_SAMPLE : n - ZSTD_SAMPLE], minlength=256)).tolist()
+    counts = [a + b + c for a, b, c in zip(head, tail, _counts(data[ZSTD_SAMPLE : n - ZSTD_SAMPLE]), strict=True)]
     top = max(counts)
     if top <= 2 * ((n >> 7) + 4):
         return False
@@ -234,6 +260,9 @@ class NativeRuns:
 
     def byte_counts(self, data: Any, step: int, counts: Any) -> None:
         self.module.byte_counts(data, step, counts)
+
+    def block_starts(self, lengths: Any, first: int, floor: int, ceiling: int, out: Any) -> int:
+        return self.module.block_starts(lengths, first, floor, ceiling, out)  # type: ignore[no-any-return]
 
     def screen(self, algo: int, src: Any, block_size: int, verify: bool, scratch: Any, max_stored: int,
                how: Screen) -> ScreenResult:

@@ -1,4 +1,5 @@
-"""Writing out the whole original file of a ZFile, on all cores.
+"""Writing out the whole original file of a ZFile, on all cores (``zfile decompress``: without numpy or the LSMT
+readers, so that the command starts fast).
 
 Block ``k`` always lands at ``k * block_size`` in the output, so the work splits without any coordination: each
 worker takes a chunk of blocks, reads their stored bytes, decompresses them (CRCs checked) into its own buffer
@@ -13,6 +14,10 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from ...errors import UsageError
+from ...source.file import FileSource
+from ..peel import peel
+from ..rawout import set_length, write_atomically
 from .reader import ZFileSource
 from .writeback import write_out
 
@@ -70,3 +75,18 @@ def decompress_to(z: ZFileSource, fd: int, base: int = 0, *, threads: int | None
             for fut, _ in pending:
                 fut.cancel()
     return total
+
+
+def decompress_file(src: str, dst: str, *, force: bool = False, progress: Progress | None = None) -> int:
+    """``overlaybd-zfile -x``: the original bytes of the ZFile ``src`` (tar envelope peeled first) into a new file
+    ``dst``, written under a temporary name, synced and renamed. Returns its size."""
+    with FileSource(src) as f:
+        z = peel(f).zfile
+        if z is None:
+            raise UsageError("not a ZFile", path=src)
+
+        def fill(fd: int) -> int:
+            set_length(fd, z.size, dst)  # first: a device the file system cannot hold fails before any copy
+            return decompress_to(z, fd, 0, progress=progress, name=dst)
+
+        return write_atomically(dst, fill, force=force)

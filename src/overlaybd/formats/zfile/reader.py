@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import threading
+from array import array
 
-import numpy as np
-
-from ...errors import ChecksumError, FormatError, TruncatedError
+from ...errors import ChecksumError, CorruptIndexError, FormatError, TruncatedError
 from ...source.base import BlockSource
 from ..checksum import ZFILE_BLOCK_SEED, raw_crc32c
 from . import blocks
@@ -14,11 +13,34 @@ from .spec import (
     CRC_SIZE,
     RECORD_SIZE,
     ZFileHeader,
-    block_starts,
     check_header,
     check_index_info,
     check_trailer,
+    max_stored_length,
 )
+
+
+def block_starts(raw: bytes, info: ZFileHeader, *, base: int, path: str) -> array[int]:
+    """The jump table ``raw`` (one u32 stored length a block) checked against ``info``, as the offset where each
+    block starts and, last, where the final one ends (64-bit integers; computed in C where built)."""
+    if info.has_digest:
+        crc = raw_crc32c(raw)
+        if crc != info.index_crc:
+            raise ChecksumError(f"jump table CRC mismatch: stored 0x{info.index_crc:08x}, computed 0x{crc:08x}",
+                                path=path, offset=base + info.index_offset, expected=info.index_crc, actual=crc)
+    floor = CRC_SIZE if info.verify else 0
+    ceiling = max_stored_length(info.algo, info.block_size, info.verify)
+    starts = array("q", bytes(8 * (len(raw) // 4 + 1)))
+    k = blocks.ACTIVE.block_starts(raw, RECORD_SIZE + info.dict_size, floor, ceiling, starts)
+    if k >= 0:
+        length = int.from_bytes(raw[4 * k : 4 * k + 4], "little")
+        raise CorruptIndexError(f"block {k} has stored length {length} (a block takes more than {floor} and at most "
+                                f"{ceiling} bytes)", path=path, offset=base + info.index_offset + 4 * k)
+    if starts[-1] != info.index_offset:
+        raise CorruptIndexError(f"blocks end at {starts[-1]} but the jump table starts at {info.index_offset}",
+                                path=path, offset=base + info.index_offset)
+    return starts
+
 
 CRC_RETRIES = 3  # re-reads of a block whose CRC fails before giving up (a remote source may heal)
 
@@ -71,10 +93,11 @@ class ZFileSource(BlockSource):
 
     @property
     def nblocks(self) -> int:
-        return int(self.block_starts.size - 1)
+        return len(self.block_starts) - 1
 
-    def stored_lengths(self) -> np.ndarray:
-        return np.diff(self.block_starts)
+    def stored_lengths(self) -> list[int]:
+        starts = self.block_starts
+        return [starts[k + 1] - starts[k] for k in range(len(starts) - 1)]
 
     def _read_aligned(self, offset: int, buf: memoryview) -> None:
         bs = self.block_size
@@ -98,7 +121,7 @@ class ZFileSource(BlockSource):
             if status == blocks.CRC:
                 # Read the block again (a source below may heal) and go on from it, or raise ChecksumError.
                 healed = self._reread_block(blk)
-                one = np.array([0, len(healed)], dtype=np.int64)
+                one = array("q", [0, len(healed)])
                 done, status, detail, message = runs.decompress(self.algo, healed, one, 0, 1, 0,
                                                                 buf[(blk - first) * bs :], bs, out_len, True)
                 if status == blocks.OK:

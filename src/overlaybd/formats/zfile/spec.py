@@ -5,8 +5,6 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, replace
 
-import numpy as np
-
 from ...errors import (
     BadMagicError,
     ChecksumError,
@@ -194,29 +192,3 @@ def check_index_info(info: ZFileHeader, *, at: int, base: int, path: str, file_s
     if not least <= data <= most:
         raise CorruptIndexError(f"{nblocks} blocks cannot take the {data} bytes before the jump table (from {least} "
                                 f"to {most})", path=path, offset=where("index_offset"))
-
-
-def block_starts(raw: bytes, info: ZFileHeader, *, base: int, path: str) -> np.ndarray:
-    """The jump table ``raw`` (one u32 stored length a block) checked against ``info``, as the offset where each
-    block starts and, last, where the final one ends."""
-    if info.has_digest:
-        crc = raw_crc32c(raw)
-        if crc != info.index_crc:
-            raise ChecksumError(f"jump table CRC mismatch: stored 0x{info.index_crc:08x}, computed 0x{crc:08x}",
-                                path=path, offset=base + info.index_offset, expected=info.index_crc, actual=crc)
-    lengths = np.frombuffer(raw, dtype="<u4").astype(np.int64)
-    floor = CRC_SIZE if info.verify else 0
-    ceiling = max_stored_length(info.algo, info.block_size, info.verify)
-    bad = np.flatnonzero((lengths <= floor) | (lengths > ceiling))
-    if bad.size:
-        k = int(bad[0])
-        raise CorruptIndexError(f"block {k} has stored length {int(lengths[k])} (a block takes more than {floor} "
-                                f"and at most {ceiling} bytes)", path=path, offset=base + info.index_offset + 4 * k)
-    starts = np.empty(lengths.size + 1, dtype=np.int64)
-    starts[0] = RECORD_SIZE + info.dict_size
-    np.cumsum(lengths, out=starts[1:])
-    starts[1:] += starts[0]
-    if starts[-1] != info.index_offset:
-        raise CorruptIndexError(f"blocks end at {int(starts[-1])} but the jump table starts at "
-                                f"{info.index_offset}", path=path, offset=base + info.index_offset)
-    return starts
