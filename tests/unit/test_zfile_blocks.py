@@ -20,7 +20,7 @@ import pytest
 import zstandard
 
 from overlaybd.errors import LayerIOError, OverlaybdError
-from overlaybd.formats.zfile import blocks
+from overlaybd.formats.zfile import blocks, writeback
 from overlaybd.formats.zfile.reader import ZFileSource
 from overlaybd.formats.zfile.spec import ALGO_LZ4, ALGO_ZSTD, CRC_SIZE, MAX_STORED_BLOCK, ZFileHeader
 from overlaybd.formats.zfile.writer import write_zfile
@@ -477,3 +477,34 @@ def test_both_paths_read_a_jump_table_alike() -> None:
                 assert runs.block_starts(raw, 40, 4, 4200, array("q", bytes(8 * (n + 1)))) == bad[0]
     with pytest.raises(ValueError):
         native.block_starts(b"\0" * 8, 0, 0, 10, array("q", [0, 0]))  # room for one block only
+
+
+def test_writeback_thread_makes_every_call_before_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Writeback``: ranges are handed to its thread, in order; ``close`` returns only once every call is made,
+    so the writer may close its descriptor then (a late call would start writeback on a reused number)."""
+    made: list[tuple[int, int, int]] = []
+    slow = threading.Event()
+
+    def record(fd: int, offset: int, length: int) -> None:
+        slow.wait(0.01)  # a disk queue that is full for a moment
+        made.append((fd, offset, length))
+
+    monkeypatch.setattr(writeback, "start_writeback", record)
+    with writeback.Writeback(7) as wb:
+        for k in range(20):
+            wb.start(k << 20, 1 << 20)
+    assert made == [(7, k << 20, 1 << 20) for k in range(20)]
+    wb.close()  # twice is harmless
+
+
+def test_write_zfile_starts_writeback_of_what_it_wrote(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[tuple[int, int]] = []
+    monkeypatch.setattr(writeback, "start_writeback", lambda fd, offset, length: made.append((offset, length)))
+    data = mixed(5 * (1 << 20) + 4321, 3)
+    with tempfile.TemporaryFile() as f:
+        for threads in (1, 2):
+            made.clear()
+            res = write_zfile(MemorySource(data), f.fileno(), algo="lz4", block_size=4096, threads=threads)
+            covered = sorted(made)
+            assert covered[0][0] == 512 and sum(n for _, n in covered) == res.header.index_offset - 512
+            assert all(a + n == b for (a, n), (b, _) in zip(covered, covered[1:], strict=False))

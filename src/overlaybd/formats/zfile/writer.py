@@ -49,7 +49,7 @@ from .spec import (
     ZFileHeader,
     max_stored_length,
 )
-from .writeback import write_out
+from .writeback import Writeback, write_out
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,8 @@ class _Placer:
 
 
 def _compress_batch(slot: _Slot, src: BlockSource | None, offset: int, length: int, block_size: int, algo: int,
-                    verify: bool, placer: _Placer | None, index: int, fd: int, name: str) -> _Compressed:
+                    verify: bool, placer: _Placer | None, index: int, fd: int, name: str,
+                    writeback: Writeback) -> _Compressed:
     """Compress ``length`` bytes at ``offset``, read from ``src`` first unless the caller already did; with a
     ``placer``, also write them where it says (batch ``index``)."""
     try:
@@ -172,7 +173,7 @@ def _compress_batch(slot: _Slot, src: BlockSource | None, offset: int, length: i
         if status != blocks.OK:
             raise FormatError(f"block {offset // block_size + done} does not compress: {message}")
         if placer is not None:
-            write_out(fd, memoryview(slot.out)[:used], placer.place(index, used), name)
+            write_out(fd, memoryview(slot.out)[:used], placer.place(index, used), name, writeback)
     except BaseException:
         if placer is not None:
             placer.fail(index)
@@ -294,14 +295,15 @@ def _write_blocks(src: BlockSource, fd: int, pos: int, algo: int, block_size: in
     def emit(done: _Compressed, upto: int) -> None:
         nonlocal pos
         if placer is None:
-            write_out(fd, memoryview(done.slot.out)[: done.used], pos, name)
+            write_out(fd, memoryview(done.slot.out)[: done.used], pos, name, writeback)
             pos += done.used
         free.append(done.slot)
         all_lengths.append(done.lengths)
         if progress is not None:
             progress(upto, total)
 
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zfile") as workers:
+    # The pool is left (its workers done) before the writeback thread is: no range is given to it after its close.
+    with Writeback(fd) as writeback, ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zfile") as workers:
         pending: deque[tuple[Future[_Compressed], int]] = deque()
         try:
             for index, off in enumerate(range(0, total, batch)):
@@ -313,7 +315,8 @@ def _write_blocks(src: BlockSource, fd: int, pos: int, algo: int, block_size: in
                 if placer is None:
                     src.readinto(off, memoryview(slot.data)[:length])
                 pending.append((workers.submit(_compress_batch, slot, None if placer is None else src, off, length,
-                                               block_size, algo, verify, placer, index, fd, name), off + length))
+                                               block_size, algo, verify, placer, index, fd, name, writeback),
+                                 off + length))
             while pending:
                 fut, upto = pending.popleft()
                 emit(fut.result(), upto)
