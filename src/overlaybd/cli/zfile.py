@@ -6,7 +6,7 @@ import argparse
 
 from .common import emit_json, human, progress_bar
 
-# Each action imports what it runs: decompress loads no numpy and no LSMT reader (formats.zfile.extract).
+# Each action imports what it runs: compress and decompress load no numpy and no LSMT reader.
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -39,12 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    from .. import operations
-    from ..formats.output import Compression
+    from ..formats.output import Compression, compress_to
+    from ..source.file import FileSource
 
     comp = Compression(args.algorithm, args.bs * 1024, args.crc, args.threads)
     with progress_bar("compress", args.output == "human") as progress:
-        w = operations.compress(args.src, args.dst, comp, tar=args.tar, force=args.force, progress=progress)
+        with FileSource(args.src) as src:
+            w = compress_to(args.dst, src, comp, tar=args.tar, force=args.force, progress=progress)
     z = w.zfile
     assert z is not None
     if args.output == "json":

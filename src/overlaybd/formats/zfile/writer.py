@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
+from array import array
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import NamedTuple
-
-import numpy as np
 
 from ...errors import FormatError, UsageError
 from ...source.base import BlockSource, ExtentKind
@@ -121,7 +121,7 @@ def _keep_slots(slots: list[_Slot]) -> None:
 class _Compressed(NamedTuple):
     slot: _Slot
     used: int  # bytes of slot.out
-    lengths: np.ndarray  # stored length of each block (uint32)
+    lengths: array[int]  # stored length of each block (uint32)
 
 
 class _Aborted(Exception):
@@ -165,7 +165,7 @@ def _compress_batch(slot: _Slot, src: BlockSource | None, offset: int, length: i
     try:
         if src is not None:
             src.readinto(offset, memoryview(slot.data)[:length])
-        lengths = np.empty(-(-length // block_size), dtype="<u4")
+        lengths = array("I", bytes(4 * -(-length // block_size)))
         done, used, status, message = blocks.ACTIVE.compress(algo, memoryview(slot.data)[:length], block_size,
                                                              verify, slot.out, lengths, MAX_STORED_BLOCK)
         if status == blocks.TOO_BIG:
@@ -272,16 +272,18 @@ def _write(src: BlockSource, fd: int, base: int, algo: int, block_size: int, ver
                          verify=verify)
     write_all(fd, header.pack(), base, name)
     pos, all_lengths = _write_blocks(src, fd, base + RECORD_SIZE, algo, block_size, verify, threads, progress, name)
-    lengths = np.concatenate(all_lengths) if all_lengths else np.empty(0, dtype="<u4")
+    lengths = array("I")
+    for part in all_lengths:
+        lengths.extend(part)
     return _write_tail(fd, base, pos, header, lengths, src.size, overwrite_header, name)
 
 
 def _write_blocks(src: BlockSource, fd: int, pos: int, algo: int, block_size: int, verify: bool, threads: int,
-                  progress: Progress | None, name: str) -> tuple[int, list[np.ndarray]]:
+                  progress: Progress | None, name: str) -> tuple[int, list[array[int]]]:
     """Every block of ``src``, compressed, from ``pos`` on: where they end, and their stored lengths by batch."""
     total = src.size
     batch = max(block_size, BATCH_BYTES // block_size * block_size)
-    all_lengths: list[np.ndarray] = []
+    all_lengths: list[array[int]] = []
 
     # With one worker, this thread reads each batch and writes it out once compressed, so both overlap the
     # compression. With more, each worker reads, compresses and writes its own batch (at the place a _Placer
@@ -333,10 +335,13 @@ def _write_blocks(src: BlockSource, fd: int, pos: int, algo: int, block_size: in
     return pos, all_lengths
 
 
-def _write_tail(fd: int, base: int, pos: int, header: ZFileHeader, lengths: np.ndarray, total: int,
+def _write_tail(fd: int, base: int, pos: int, header: ZFileHeader, lengths: array[int], total: int,
                 overwrite_header: bool, name: str) -> ZFileResult:
     """The jump table and trailer after the blocks (and the trailer over the header, when asked)."""
-    table = lengths.astype("<u4").tobytes()
+    if sys.byteorder == "big":
+        lengths = array("I", lengths)
+        lengths.byteswap()
+    table = lengths.tobytes()  # little-endian u32s
     index_offset = pos - base
     write_all(fd, table, pos, name)
     pos += len(table)
