@@ -308,16 +308,6 @@ def test_buffers_and_context_are_checked() -> None:
     assert module.screen_blocks(ctx, *good)[0] == -1  # the context is free again after each refusal
 
 
-def test_byte_counts_with_a_step_that_would_wrap_round() -> None:
-    """3 * step wrapped round to 2 and the count read far outside the buffer (a crash)."""
-    counts = np.zeros(256, dtype=np.int64)
-    _native().byte_counts(b"abc", 6148914691236517206, counts)
-    assert int(counts[ord("a")]) == 1 and int(counts.sum()) == 1
-    counts[:] = 0
-    blocks.PYTHON.byte_counts(b"abc", 6148914691236517206, counts)
-    assert int(counts[ord("a")]) == 1 and int(counts.sum()) == 1
-
-
 # -- sources that lie, fail or change -----------------------------------------------------------------------
 
 

@@ -875,52 +875,12 @@ static PyObject *zstd_version(PyObject *self, PyObject *noargs) {
     return PyUnicode_FromString(zstd.versionString());
 }
 
-PyDoc_STRVAR(byte_counts_doc,
-             "byte_counts(data, step, counts): add to counts (256 64-bit integers) how often each byte value\n"
-             "occurs at data[0], data[step], data[2*step], ... (the GIL released).");
-
-static PyObject *byte_counts(PyObject *self, PyObject *args) {
-    Py_buffer data, counts;
-    Py_ssize_t step;
-    if (!PyArg_ParseTuple(args, "y*nw*", &data, &step, &counts))
-        return NULL;
-    PyObject *result = NULL;
-    if (step <= 0 || counts.len != 256 * 8 || counts.itemsize != 8) {
-        PyErr_SetString(PyExc_ValueError, "step must be positive and counts 256 64-bit integers");
-        goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    uint32_t part[4][256] = {{0}}; /* four tables: consecutive equal bytes do not wait on one counter */
-    const uint8_t *p = data.buf;
-    size_t n = (size_t)data.len, s = (size_t)step, i = 0;
-    if (s > n)
-        s = n ? n : 1; /* one byte counted either way; i + 3 * s cannot wrap round */
-    for (; i + 3 * s < n; i += 4 * s) {
-        part[0][p[i]]++;
-        part[1][p[i + s]]++;
-        part[2][p[i + 2 * s]]++;
-        part[3][p[i + 3 * s]]++;
-    }
-    for (; i < n; i += s)
-        part[0][p[i]]++;
-    int64_t *out = counts.buf;
-    for (int b = 0; b < 256; b++)
-        out[b] += (int64_t)part[0][b] + part[1][b] + part[2][b] + part[3][b];
-    Py_END_ALLOW_THREADS
-    result = Py_NewRef(Py_None);
-done:
-    PyBuffer_Release(&data);
-    PyBuffer_Release(&counts);
-    return result;
-}
-
 static PyMethodDef methods[] = {
     {"new_context", new_context, METH_NOARGS, "A codec context for one thread."},
     {"decompress_blocks", decompress_blocks, METH_VARARGS, decompress_blocks_doc},
     {"compress_blocks", compress_blocks, METH_VARARGS, compress_blocks_doc},
     {"compress_bound", compress_bound, METH_VARARGS, "compress_bound(algo, n): worst-case compressed size."},
     {"use_zstd", use_zstd, METH_VARARGS, use_zstd_doc},
-    {"byte_counts", byte_counts, METH_VARARGS, byte_counts_doc},
     {"screen_blocks", screen_blocks, METH_VARARGS, screen_blocks_doc},
     {"zstd_version", zstd_version, METH_NOARGS, "The version of the zstd library in use."},
     {"block_starts", block_starts, METH_VARARGS, block_starts_doc},

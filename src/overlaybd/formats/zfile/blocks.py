@@ -62,10 +62,6 @@ class BlockRuns(Protocol):
         """The most bytes a block of ``n`` can compress to, CRC not included."""
         ...
 
-    def byte_counts(self, data: Any, step: int, counts: Any) -> None:
-        """Add to ``counts`` (256 int64) how often each byte value occurs at ``data[0], data[step], ...``."""
-        ...
-
     def block_starts(self, lengths: Any, first: int, floor: int, ceiling: int, out: Any) -> int:
         """A ZFile's jump table ``lengths`` (little-endian u32s) as where each block starts, from ``first``, and
         last where the final one ends, into ``out`` (64-bit integers, one more than the blocks). Returns the
@@ -134,10 +130,6 @@ class PythonRuns:
         if algo == ALGO_LZ4:
             return n + n // 255 + 16  # LZ4_COMPRESSBOUND
         return n + (n >> 8) + ((128 << 10) - n >> 11 if n < 128 << 10 else 0) + 64  # ZSTD_COMPRESSBOUND, rounded up
-
-    def byte_counts(self, data: Any, step: int, counts: Any) -> None:
-        for value, n in enumerate(_counts(memoryview(data).cast("B")[::step])):
-            counts[value] += n
 
     def block_starts(self, lengths: Any, first: int, floor: int, ceiling: int, out: Any) -> int:
         table = array("I", bytes(lengths))
@@ -257,9 +249,6 @@ class NativeRuns:
 
     def compress_bound(self, algo: int, n: int) -> int:
         return self.module.compress_bound(algo, n)  # type: ignore[no-any-return]
-
-    def byte_counts(self, data: Any, step: int, counts: Any) -> None:
-        self.module.byte_counts(data, step, counts)
 
     def block_starts(self, lengths: Any, first: int, floor: int, ceiling: int, out: Any) -> int:
         return self.module.block_starts(lengths, first, floor, ceiling, out)  # type: ignore[no-any-return]

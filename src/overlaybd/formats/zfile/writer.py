@@ -33,6 +33,7 @@ from ...errors import FormatError, UsageError
 from ...source.base import BlockSource, ExtentKind
 from ...source.file import write_all
 from ..checksum import raw_crc32c
+from ..rawout import chunked
 from . import blocks, codecs
 from .spec import (
     ALGO_BY_NAME,
@@ -229,12 +230,11 @@ def _oversized_block(src: BlockSource, algo: int, block_size: int, verify: bool,
             src.readinto(offset, view)
             k, _, status, message = runs.screen(algo, view, block_size, verify, local.scratch, MAX_STORED_BLOCK,
                                                 SCREEN)
+            if status != blocks.OK:
+                raise FormatError(f"{name}: block {offset // block_size + k} does not compress: {message}")
         except BaseException:
             failed.set()
             raise
-        if status != blocks.OK:
-            failed.set()
-            raise FormatError(f"{name}: block {offset // block_size + k} does not compress: {message}")
         if k >= 0:
             found.append(offset // block_size + k)
 
@@ -252,17 +252,17 @@ def _oversized_block(src: BlockSource, algo: int, block_size: int, verify: bool,
 def _data_chunks(src: BlockSource, block_size: int, chunk: int) -> list[tuple[int, int]]:
     """(offset, length) pieces of ``src``, at most ``chunk`` bytes each and starting on a block boundary, that
     cover every block holding data (holes and zeroed ranges skipped, as ``src.extents`` tells them)."""
-    runs: list[list[int]] = []
+    runs: list[tuple[int, int]] = []  # [start, end) of blocks holding data, overlapping neighbours joined
     for ext in src.extents():
         if ext.kind is not ExtentKind.DATA:
             continue
         start = ext.offset // block_size * block_size
         end = min(src.size, -(-(ext.offset + ext.length) // block_size) * block_size)
         if runs and start <= runs[-1][1]:
-            runs[-1][1] = max(runs[-1][1], end)
+            runs[-1] = (runs[-1][0], max(runs[-1][1], end))
         else:
-            runs.append([start, end])
-    return [(at, min(chunk, end - at)) for start, end in runs for at in range(start, end, chunk)]
+            runs.append((start, end))
+    return list(chunked(runs, chunk))
 
 
 def _write(src: BlockSource, fd: int, base: int, algo: int, block_size: int, verify: bool, threads: int | None,
