@@ -17,12 +17,11 @@ answers the error (EIO, ENOSPC, ...).
 from __future__ import annotations
 
 import errno
-import struct
 from typing import Any, Protocol
 
 from ... import native
 from ...formats.lsmt.appender import Appender, is_native
-from ...formats.lsmt.spec import SECTOR, WRITE_SPLIT_SECTORS
+from ...formats.lsmt.header import SECTOR, WRITE_SPLIT_SECTORS, pack_record
 from ...formats.lsmt.stack import LsmtStack
 from ...formats.lsmt.writable import CATCH_UP_AT, WritableLayer
 from ...source.base import BlockSource, Capability
@@ -30,7 +29,6 @@ from .protocol import CMD_WRITE, REQUEST, REQUEST_MAGIC, chunk_none, simple_repl
 
 NBDWRITE = native.NBDWRITE
 _nbdwrite: Any = native.load(NBDWRITE)
-_RECORD = struct.Struct("<QQ")  # one index record: offset | length << 50, moffset (zeroed bit 55 clear), sectors
 __all__ = ["CATCH_UP_AT", "PyWriter", "Writer", "writer_for"]
 
 
@@ -96,7 +94,7 @@ class PyWriter:
         try:
             at = self.appender.reserve(len(data))
             self.appender.write(data, at)  # on failure the space reserved stays unused: nothing points at it
-            record = _RECORD.pack(offset // SECTOR | len(data) // SECTOR << 50, at // SECTOR)
+            record = pack_record(offset // SECTOR, len(data) // SECTOR, at // SECTOR)
             pending = self.appender.append(record, at + len(data))
         except OSError as exc:
             self.index_full = exc.errno == errno.ENOSPC

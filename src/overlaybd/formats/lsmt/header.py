@@ -6,6 +6,8 @@ numpy-free: what reads only headers (``overlaybd log``, ``overlaybd info`` of a 
 
 from __future__ import annotations
 
+import struct
+
 from ...errors import BadMagicError, CorruptIndexError, LimitError, TruncatedError
 from ..structs import Record
 
@@ -33,6 +35,14 @@ WRITE_SPLIT_SECTORS = 8192  # writes are cut into <= 4 MiB records
 COPY_STEP_SECTORS = 64  # compaction copies in 32 KiB steps
 
 NULL_UUID = b"\x00" * 16
+
+# One index record, little-endian: offset | length << 50, moffset | zeroed << 55, in sectors.
+RECORD = struct.Struct("<QQ")
+
+
+def pack_record(offset: int, length: int, moffset: int, zeroed: bool = False) -> bytes:
+    """The 16 bytes of one index record (all in sectors)."""
+    return RECORD.pack(offset | length << 50, moffset | int(zeroed) << 55)
 
 HEADER_RECORD = Record.declare((
     ("magic0", "8s"), ("magic1", "16s"), ("size", "I"), ("flags", "I"), ("index_offset", "Q"), ("index_size", "Q"),

@@ -20,7 +20,6 @@ import errno
 import fcntl
 import logging
 import os
-import struct
 import threading
 import uuid as uuidlib
 
@@ -38,6 +37,7 @@ from ...errors import (
 from ...source.base import Capability
 from ...source.file import FileSource, punch_hole, write_all
 from .appender import Appender, open_appender
+from .header import RECORD, pack_record
 from .index import MutableIndex, Segments, drop_invalid, replay
 from .layer import read_header
 from .mapping import MutableLevel
@@ -63,7 +63,6 @@ from .spec import (
 from .view import LsmtView
 
 log = logging.getLogger(__name__)
-_RECORD = struct.Struct("<QQ")  # one index record: offset | length << 50, moffset | zeroed << 55
 _MASK50, _MASK55 = (1 << 50) - 1, (1 << 55) - 1
 _FEW = 64  # records the index takes one insert at a time (or 1/32 of its records, if more); more are replayed and
 # overlaid in numpy, which costs in proportion to the whole index
@@ -286,7 +285,7 @@ class WritableLayer(WritableBase):
         """Append one record: ``length`` bytes (at most WRITE_SPLIT_SECTORS sectors) at device ``offset`` read from
         data-file byte ``at`` (its data already written there), or read as zeros (``zeroed``)."""
         s0, n, mstart = offset // SECTOR, length // SECTOR, at // SECTOR
-        self._log_records(_RECORD.pack(s0 | n << 50, mstart | zeroed << 55), 0 if zeroed else at + length)
+        self._log_records(pack_record(s0, n, mstart, bool(zeroed)), 0 if zeroed else at + length)
 
     def _log_records(self, records: bytes, data_end: int) -> None:
         """Append records (their data written up to ``data_end``); the index maps them at its next lookup, or
@@ -318,7 +317,7 @@ class WritableLayer(WritableBase):
         self.data.size = max(self.data.size, appender.data_high)  # reads of them check bounds against size
         tag = self.source_tag
         if len(raw) <= max(_FEW, len(self.index) // 32) * RECORD_SIZE:
-            for w0, w1 in _RECORD.iter_unpack(raw):
+            for w0, w1 in RECORD.iter_unpack(raw):
                 self.index.insert(w0 & _MASK50, w0 >> 50, w1 & _MASK55, bool(w1 >> 55 & 1), tag)
         else:
             self.index.apply(drop_invalid(decode_records(raw)).with_tag(tag))
