@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import zstandard
 
-from overlaybd.errors import LayerIOError, OverlaybdError
+from overlaybd.errors import CorruptIndexError, LayerIOError, OverlaybdError
+from overlaybd.formats.checksum import raw_crc32c
 from overlaybd.formats.zfile import blocks, writeback
 from overlaybd.formats.zfile.reader import ZFileSource
 from overlaybd.formats.zfile.spec import ALGO_LZ4, ALGO_ZSTD, CRC_SIZE, MAX_STORED_BLOCK, ZFileHeader
@@ -508,3 +509,27 @@ def test_write_zfile_starts_writeback_of_what_it_wrote(monkeypatch: pytest.Monke
             covered = sorted(made)
             assert covered[0][0] == 512 and sum(n for _, n in covered) == res.header.index_offset - 512
             assert all(a + n == b for (a, n), (b, _) in zip(covered, covered[1:], strict=False))
+
+
+@pytest.mark.parametrize("length", [3, 0, MAX_STORED_BLOCK + 1])
+def test_a_jump_table_length_out_of_range_is_corruption_at_its_place(length: int) -> None:
+    """A stored length no block can have, in a jump table whose CRC matches (rewritten to): CorruptIndexError
+    naming the block and the offset of its entry, on both block paths."""
+    data = mixed(6 * 4096 + 100, 5)
+    with tempfile.TemporaryFile() as f:
+        write_zfile(MemorySource(data), f.fileno(), algo="lz4", block_size=4096)
+        f.seek(0)
+        raw = bytearray(f.read())
+    trailer = ZFileHeader.unpack(bytes(raw[-512:]), path="z", offset=len(raw) - 512)
+    at = trailer.index_offset + 4 * 2
+    raw[at : at + 4] = length.to_bytes(4, "little")
+    table = bytes(raw[trailer.index_offset : trailer.index_offset + 4 * trailer.index_size])
+    raw[-512:] = trailer.with_(index_crc=raw_crc32c(table)).pack()
+    for runs in (_native(), blocks.PYTHON):
+        saved, blocks.ACTIVE = blocks.ACTIVE, runs
+        try:
+            with pytest.raises(CorruptIndexError) as err:
+                ZFileSource(MemorySource(bytes(raw)))
+        finally:
+            blocks.ACTIVE = saved
+        assert err.value.offset == at and "block 2 has stored length" in str(err.value)
