@@ -7,9 +7,9 @@ PY=${PYTHON:-python3}
 # gcc and the lz4/zstd headers build the C block path (src/overlaybd/formats/zfile/_blocks.c); without them the
 # install still works, on the slower pure-Python path. The lz4 and zstd command-line tools are peers in
 # benchmarks/bench_zfile_peers.py; microsocks is the SOCKS5 proxy the mirror tests pull through; fio (its nbd engine)
-# writes through `serve` and through attach's loop device in tests and benchmarks.
+# writes through `serve` and through attach's loop device in tests and benchmarks; rsync copies a volume in a trust test.
 pkgs=(qemu-utils libnbd-bin fuse3 xfsprogs e2fsprogs libext2fs2 fuse2fs mount docker-registry skopeo apache2-utils
-      microsocks gcc libc6-dev liblz4-dev libzstd-dev lz4 zstd fio)
+      microsocks gcc libc6-dev liblz4-dev libzstd-dev lz4 zstd fio rsync)
 if ! "$PY" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))'
 then
   pkgs+=(python3-dev)
