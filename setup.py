@@ -1,6 +1,6 @@
 """The compiled parts, all optional: runs of ZFile blocks in C over the system liblz4 and libzstd (Debian
 liblz4-dev and libzstd-dev, which scripts/setup.sh installs), the merged index's one-record read, the cache's
-hit path, the reads of the /dev/fuse export, and plain NBD writes. Without a compiler or those
+hit path, the reads of the /dev/fuse export, and plain NBD reads and writes. Without a compiler or those
 headers the build goes on, and overlaybd uses the Python code that does the same, more slowly (`overlaybd
 --version` says which paths are in use). Everything else is declared in pyproject.toml."""
 
@@ -42,6 +42,14 @@ setup(
         Extension(
             "overlaybd.export.nbd._nbdwrite",
             sources=["src/overlaybd/export/nbd/_nbdwrite.c"],
+            depends=["src/overlaybd/export/nbd/_nbdwire.h"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            optional=True,
+        ),
+        Extension(
+            "overlaybd.export.nbd._nbdread",
+            sources=["src/overlaybd/export/nbd/_nbdread.c"],
+            depends=["src/overlaybd/export/nbd/_nbdwire.h"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
         ),

@@ -31,7 +31,8 @@ the same SHA-256 as the raw file, and after the same qemu-io write script ours m
         [--write-runtime SECONDS] [--baseline-cmd CMD]
 
 ``--only write`` runs the write cells alone (3.), on a 1-snapshot volume built for them; ``--baseline-cmd`` adds a
-second server of ours there (another build: a change's before and after in the same rounds).
+second server of ours there and on the deep volume of 2. (another build: a change's before and after in the same
+rounds).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ from nbd_common import (
 from overlaybd.export.prometheus import PrometheusMetrics
 
 SERVE_CMD: list[str] | None = None  # --serve-cmd: what runs "serve" instead of overlaybd
-BASELINE_CMD: list[str] | None = None  # --baseline-cmd: another build of ours for the write cells, beside it
+BASELINE_CMD: list[str] | None = None  # --baseline-cmd: another build of ours for the write and read cells
 
 
 def ours_server(vol: str, sock: str, *, readonly: bool) -> contextlib.AbstractContextManager[str]:
@@ -204,6 +205,14 @@ def bench_random(wd: str, size: int, depth: int, repeats: int, seed: int, secs: 
                                                      name="chain")),
         }
         files = {names[0]: vol64, names[1]: vol1, names[2]: raw, names[3]: chain}
+        if BASELINE_CMD:  # another build of ours on the deep volume (a change's before and after in one run)
+            base = f"base, {depth} snapshots"
+            uris[base] = servers.enter_context(overlaybd_server(vol64, os.path.join(wd, "rbase.sock"), readonly=True,
+                                                                command=BASELINE_CMD))
+            files[base] = vol64
+            names = [*names, base]
+            res = {d: {n: [] for n in names} for d in (1, 16)}
+            cpu = {d: {n: [] for n in names} for d in (1, 16)}
         check_same([uris[n] for n in names], raw)
         log("rand: all four exports are identical to the raw view")
         counts: dict[tuple[str, int], int] = {}
@@ -228,17 +237,22 @@ def bench_random(wd: str, size: int, depth: int, repeats: int, seed: int, secs: 
     for d in (1, 16):
         med = {n: median(res[d][n]) for n in names}
         ratios = [med[names[0]] / med[names[3]], med[names[0]] / med[names[2]], med[names[1]] / med[names[2]]]
-        rows.append([f"QD{d}", *(med[n] for n in names), *ratios, "met" if min(ratios) >= 1.0 else "missed"])
+        rows.append([f"QD{d}", *(med[n] for n in names[:4]), *ratios, "met" if min(ratios) >= 1.0 else "missed"])
+        if len(names) > 4:
+            rounds = [round(a / b, 2) for a, b in zip(res[d][names[0]], res[d][names[4]], strict=True)]
+            log(f"rand QD{d}: ours / base {med[names[0]] / med[names[4]]:.2f} (IOPS {med[names[0]]:,.0f} vs "
+                f"{med[names[4]]:,.0f}); server CPU µs/read {median(cpu[d][names[0]]):.1f} vs "
+                f"{median(cpu[d][names[4]]):.1f}; per round {rounds}")
         out[f"qd{d}"] = {"median": med, "all": res[d], "server_cpu_us": cpu[d]}
         cmed = {n: median(cpu[d][n]) for n in names}
-        crows.append([f"QD{d}", *(cmed[n] for n in names), cmed[names[0]] / cmed[names[3]],
+        crows.append([f"QD{d}", *(cmed[n] for n in names[:4]), cmed[names[0]] / cmed[names[3]],
                       cmed[names[1]] / cmed[names[2]]])
-    print(table(["depth", *[f"{n} IOPS" for n in names], f"ours{depth}/qcow2-{depth}", f"ours{depth}/raw",
+    print(table(["depth", *[f"{n} IOPS" for n in names[:4]], f"ours{depth}/qcow2-{depth}", f"ours{depth}/raw",
                  "ours1/raw", "target: each >= 1.0"], rows,
                 title=f"Random 4 KiB reads, qemu-img bench -f raw -s 4096 -S $((4096*104729)), {size // MiB} MiB "
                       f"disk, median of {repeats}"))
     print()
-    print(table(["depth", *[f"{n}, server CPU µs/read" for n in names], f"ours{depth}/qcow2-{depth}",
+    print(table(["depth", *[f"{n}, server CPU µs/read" for n in names[:4]], f"ours{depth}/qcow2-{depth}",
                  "ours1/raw"], crows, title="Server CPU time (user + system, all threads) per 4 KiB read, median"))
     print()
     out["memory_kib"] = memory

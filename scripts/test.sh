@@ -11,12 +11,12 @@ lint=(src tests scripts)
 if [ "$(id -u)" -eq 0 ]; then export OVERLAYBD_REQUIRE_NATIVE=1; fi
 .venv/bin/python -m pytest "$@"
 if [ $# -eq 0 ]; then
-  echo "test: the ZFile, cache, index and NBD write tests again without the C extensions (OVERLAYBD_NATIVE=0)"
+  echo "test: the ZFile, cache, index and NBD read and write tests again without the C extensions (OVERLAYBD_NATIVE=0)"
   OVERLAYBD_NATIVE=0 .venv/bin/python -m pytest -q tests/unit/test_zfile_blocks.py tests/unit/test_zfile_incompressible.py \
     tests/properties/test_zfile_properties.py \
     tests/unit/test_cache.py tests/unit/test_lookup.py tests/properties/test_index_properties.py \
     tests/interop/test_byte_identity.py tests/interop/test_reference_cases.py tests/interop/test_real_images.py \
-    tests/unit/test_nbd_writes.py tests/unit/test_nbd_flushing.py
+    tests/unit/test_nbd_writes.py tests/unit/test_nbd_flushing.py tests/unit/test_nbd_sendfile.py
   echo "test: the built sdist and wheel, installed in a fresh venv"
   ./scripts/check_wheel.sh
 fi

@@ -1,4 +1,5 @@
-"""The optional C extensions (``_blocks``, ``_hits``, ``_lookup``, ``_appender``, ``_fusedev``): loading them, and
+"""The optional C extensions (``_blocks``, ``_hits``, ``_lookup``, ``_appender``, ``_fusedev``, ``_nbdwrite``,
+``_nbdread``): loading them, and
 saying why one is not in use.
 
 Each has Python code beside it that does the same; ``OVERLAYBD_NATIVE=0`` turns them all off.
@@ -19,6 +20,7 @@ LOOKUP = "overlaybd.formats.lsmt._lookup"
 APPENDER = "overlaybd.formats.lsmt._appender"
 FUSEDEV = "overlaybd.export._fusedev"
 NBDWRITE = "overlaybd.export.nbd._nbdwrite"
+NBDREAD = "overlaybd.export.nbd._nbdread"
 
 
 def switched_off() -> bool:
@@ -93,11 +95,13 @@ def describe_lookups() -> str:
 
 
 def describe_writes() -> str:
-    """How a writable layer appends, how attach serves its device and how serve takes plain writes."""
+    """How a writable layer appends, how attach serves its device and how serve takes plain writes and reads."""
     appends = "C, without the GIL" if load(APPENDER) is not None else f"Python ({why_not()})"
     attach = ("C for plain reads, one-record writes and fsyncs" if load(FUSEDEV) is not None and
               load(APPENDER) is not None else "C for plain reads" if load(FUSEDEV) is not None
               else f"Python ({why_not()})")
     serve = ("C, without the GIL" if load(NBDWRITE) is not None and load(APPENDER) is not None
              else f"Python ({why_not()})")
-    return f"{appends}; attach: {attach}; serve writes: {serve}"
+    reads = ("C, without the GIL" if load(NBDREAD) is not None and load(LOOKUP) is not None
+             else f"Python ({why_not()})")
+    return f"{appends}; attach: {attach}; serve writes: {serve}; serve reads of the merged index: {reads}"

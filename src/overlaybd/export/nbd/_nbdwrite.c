@@ -12,21 +12,12 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <endian.h>
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
 
-#define SECTOR 512
-#define REQUEST_SIZE 28 /* magic 4, flags 2, command 2, handle 8, offset 8, length 4: big-endian */
-#define REQUEST_MAGIC 0x25609513u
-#define CMD_WRITE 1
-#define SIMPLE_REPLY_MAGIC 0x67446698u
-#define SIMPLE_SIZE 16 /* magic 4, error 4, handle 8 */
-#define STRUCTURED_REPLY_MAGIC 0x668E33EFu
-#define CHUNK_SIZE 20 /* magic 4, flags 2 (DONE), type 2 (NONE), handle 8, length 4 */
-#define REPLY_FLAG_DONE 1
+#include "_nbdwire.h"
 
 /* overlaybd.formats.lsmt._appender's capsule (its name carries the version); each call returns 0 or -errno */
 #define APPENDER_API "overlaybd.formats.lsmt._appender._C_API_2"
@@ -94,18 +85,6 @@ static int writer_init(Writer *self, PyObject *args, PyObject *kwds) {
     return 0;
 }
 
-static uint32_t be32(const unsigned char *p) {
-    uint32_t v;
-    memcpy(&v, p, 4);
-    return be32toh(v);
-}
-
-static uint64_t be64(const unsigned char *p) {
-    uint64_t v;
-    memcpy(&v, p, 8);
-    return be64toh(v);
-}
-
 /* Whether [offset, offset+length) is a write served here. */
 static int eligible(const Writer *self, uint64_t offset, uint64_t length) {
     return length && length % SECTOR == 0 && offset % SECTOR == 0 && length <= self->max_write &&
@@ -114,14 +93,14 @@ static int eligible(const Writer *self, uint64_t offset, uint64_t length) {
 
 /* The request at ``p`` (``left`` bytes from there) if it is a whole write served here: 1, with *w filled. */
 static int parse(const Writer *self, const unsigned char *p, size_t left, size_t at, Write *w) {
-    if (left < REQUEST_SIZE || be32(p) != REQUEST_MAGIC)
+    NbdRequest r;
+    if (!nbd_parse_request(p, left, &r))
         return 0;
-    uint16_t flags = (uint16_t)(p[4] << 8 | p[5]), command = (uint16_t)(p[6] << 8 | p[7]);
-    w->handle = be64(p + 8);
-    w->offset = be64(p + 16);
-    w->length = be32(p + 24);
+    w->handle = r.handle;
+    w->offset = r.offset;
+    w->length = r.length;
     w->payload = at + REQUEST_SIZE;
-    return command == CMD_WRITE && flags == 0 && eligible(self, w->offset, w->length) &&
+    return r.command == CMD_WRITE && r.flags == 0 && eligible(self, w->offset, w->length) &&
            left - REQUEST_SIZE >= w->length;
 }
 
@@ -138,25 +117,6 @@ static int do_write(Writer *self, const char *data, uint64_t offset, uint32_t le
     if (rc == -ENOSPC)
         __atomic_store_n(&self->index_full, 1, __ATOMIC_RELAXED);
     return rc < 0 ? -1 : 0;
-}
-
-static void put_reply(unsigned char *out, uint64_t handle, int structured) {
-    if (structured) {
-        uint32_t magic = htobe32(STRUCTURED_REPLY_MAGIC), length = 0;
-        uint16_t flags = htobe16(REPLY_FLAG_DONE), type = 0;
-        uint64_t h = htobe64(handle);
-        memcpy(out, &magic, 4);
-        memcpy(out + 4, &flags, 2);
-        memcpy(out + 6, &type, 2);
-        memcpy(out + 8, &h, 8);
-        memcpy(out + 16, &length, 4);
-    } else {
-        uint32_t magic = htobe32(SIMPLE_REPLY_MAGIC), error = 0;
-        uint64_t h = htobe64(handle);
-        memcpy(out, &magic, 4);
-        memcpy(out + 4, &error, 4);
-        memcpy(out + 8, &h, 8);
-    }
 }
 
 #define BATCH 256 /* writes parsed, then served without the GIL, at a time */
@@ -213,7 +173,7 @@ static PyObject *writer_serve(Writer *self, PyObject *args) {
             const Write *w = &batch[done];
             if (do_write(self, (const char *)base + w->payload, w->offset, w->length, &pending) < 0)
                 break;
-            put_reply(replies + (count + done) * each, w->handle, structured);
+            nbd_put_done(replies + (count + done) * each, w->handle, structured);
             __atomic_fetch_add(&self->served, 1, __ATOMIC_RELAXED);
         }
         Py_END_ALLOW_THREADS

@@ -37,6 +37,7 @@ from .limits import ByteBudget, Limits, OncePerInterval
 from .protocol import (
     CMD_BLOCK_STATUS,
     CMD_DISC,
+    CMD_FLAG_DF,
     CMD_FLAG_FUA,
     CMD_FLUSH,
     CMD_NAMES,
@@ -324,6 +325,10 @@ class Connection:
             served = self._serve_writes(data, pos)
             if served != pos:
                 return served
+        elif command == CMD_READ and not flags & ~CMD_FLAG_DF and self.res.metrics is None:
+            served = self._serve_reads(data, pos)
+            if served != pos:
+                return served
         req = Request(flags, command, handle, offset, length)
         n = cost(req)
         if not self._try_admit(n):
@@ -409,6 +414,38 @@ class Connection:
             self._batch_bytes += len(replies)
             if pending >= CATCH_UP_AT:
                 upper.catch_up()
+            return end
+        finally:
+            self.res.gate.leave()
+
+    def _serve_reads(self, data: bytes, pos: int) -> int:
+        """Serve the plain reads at ``data[pos:]`` in one call (see :mod:`.reads`), their replies joining the batch:
+        where the first request not served starts (``pos`` if none was: the request goes the usual way). They are
+        admitted as one request holding the bytes of their replies, which fit in what both budgets have left."""
+        room = min(self.budget.room(), self.res.budget.room(), BATCH_BYTES) - REQUEST_OVERHEAD
+        if room <= 0 or not self._slots.try_acquire(1):
+            return pos
+        if not self.res.gate.try_enter():
+            self._slots.release(1)
+            return pos
+        try:
+            reads = self.session.export.reads()  # after try_enter(): the source does not change until leave()
+            if reads is None or not reads.answers():
+                self._slots.release(1)
+                return pos
+            # reads from SENDFILE_MIN on go out with sendfile where they can (_send_spans), without a copy
+            max_read = SENDFILE_MIN - 1 if self._sendfile else INLINE_MAX
+            end, replies, count = reads.serve(data, pos, self.session.structured, max_read, room)
+            if not count:
+                self._slots.release(1)
+                return pos
+            n = REQUEST_OVERHEAD + len(replies)
+            self.budget.take(n)  # within the room of both
+            self.res.budget.take(n)
+            self.res.admitted += count
+            self._batch.append(replies)
+            self._held.append((None, n))
+            self._batch_bytes += len(replies)
             return end
         finally:
             self.res.gate.leave()

@@ -94,6 +94,16 @@ class ByteBudget:
         self.used += n
         return True
 
+    def room(self) -> int:
+        """Bytes :meth:`try_acquire` grants now: 0 while anyone waits."""
+        return 0 if self._waiters else max(self.capacity - self.used, 0)
+
+    def take(self, n: int) -> None:
+        """Hold ``n`` bytes that :meth:`room` granted in this same turn of the event loop."""
+        if n > self.room():
+            raise RuntimeError(f"{n} bytes taken, {self.room()} granted")
+        self.used += n
+
     def release(self, n: int) -> None:
         self.used -= n
         self._wake()

@@ -9,6 +9,7 @@ from ...formats.lsmt.writable import WritableLayer
 from ...source.base import BlockSource, Capability
 from . import protocol
 from .flushing import Flusher
+from .reads import Reads, reads_for
 from .writes import Writer, writer_for
 
 
@@ -26,6 +27,17 @@ class Export:
     #: the writer of plain writes (see :mod:`.writes`) and the source it was made for
     _writes: tuple[BlockSource, tuple[Writer, WritableLayer] | None] | None = field(default=None, compare=False,
                                                                                     repr=False)
+
+    #: the C reads of the source (see :mod:`.reads`) and the source they were made for
+    _reads: tuple[BlockSource, Reads | None] | None = field(default=None, compare=False, repr=False)
+
+    def reads(self) -> Reads | None:
+        """The C reads of the source as it is now; None if it is not all local or not a stack read straight
+        through its merged index. Called between a request gate's enter and leave, as :meth:`writes`."""
+        cached = self._reads
+        if cached is None or cached[0] is not self.source:
+            cached = self._reads = (self.source, reads_for(self.source) if self.inline else None)
+        return cached[1]
 
     def writes(self) -> tuple[Writer, WritableLayer] | None:
         """The writer of plain writes to the source as it is now (a snapshot replaces it) and the upper it writes

@@ -268,6 +268,22 @@ static PyObject *py_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return PyBool_FromLong(rc == 0);
 }
 
+/* The C API other extensions use (export.nbd._nbdread), by the capsule _C_API_1: the Index behind a handle (with
+ * the GIL; NULL with an exception if it is not one), and read_pieces (without the GIL; the caller holds the
+ * handle). */
+static const void *index_of(PyObject *capsule) { return PyCapsule_GetPointer(capsule, INDEX_NAME); }
+
+static int read_sectors(const void *ix, const int32_t *fds, size_t nfds, int64_t start, char *buf, int64_t n) {
+    return read_pieces((const Index *)ix, fds, nfds, start, buf, n);
+}
+
+typedef struct {
+    const void *(*index_of)(PyObject *capsule);
+    int (*read)(const void *index, const int32_t *fds, size_t nfds, int64_t start, char *buf, int64_t n);
+} LookupAPI;
+
+static const LookupAPI c_api = {index_of, read_sectors};
+
 static PyMethodDef methods[] = {
     {"read", (PyCFunction)(void (*)(void))py_read, METH_FASTCALL, read_doc},
     {"index", py_index, METH_VARARGS, index_doc},
@@ -280,4 +296,15 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_lookup", "The common read of a merged index, in C.", -1, methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__lookup(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__lookup(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    PyObject *api = PyCapsule_New((void *)&c_api, "overlaybd.formats.lsmt._lookup._C_API_1", NULL);
+    if (!api || PyModule_AddObject(m, "_C_API_1", api) < 0) {
+        Py_XDECREF(api);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

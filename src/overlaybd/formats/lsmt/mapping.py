@@ -72,6 +72,11 @@ class MergedIndex:
         return int(self.ends.size)
 
     @property
+    def handle(self) -> Any:
+        """The C extension's handle of this index (``_lookup.index``), or None where it is not built."""
+        return self._native
+
+    @property
     def nbytes(self) -> int:
         return int(self.ends.nbytes + self.packed.nbytes)
 

@@ -21,7 +21,7 @@ class LsmtView(BlockSource):
     #: how extents name the source of a piece (a stack maps source ordinals to layer numbers)
     layer_of_source: Sequence[int] | None = None
     _owned: ExitStack | None = None
-    # how reads take the direct path (see _direct), and the levels that was worked out for
+    # how reads take the direct path (see direct_plan), and the levels that was worked out for
     _direct_for: Sequence[Level] | None = None
     _direct_plan: tuple[MutableLevel | None, MergedIndex, array[int]] | None = None
 
@@ -69,7 +69,7 @@ class LsmtView(BlockSource):
                 spans.append((fd, at, n * SECTOR))
         return spans
 
-    def _direct(self) -> tuple[MutableLevel | None, MergedIndex, array[int]] | None:
+    def direct_plan(self) -> tuple[MutableLevel | None, MergedIndex, array[int]] | None:
         """The direct path, where the levels allow it: a merged index at the bottom, at most a mutable level
         above it, and the descriptors of the sources that are local files (-1 for any other)."""
         levels = self.levels
@@ -89,7 +89,7 @@ class LsmtView(BlockSource):
         """Sectors ``[start, start+count)`` in one call when the mutable level (if any) has nothing there and the
         merged index points only into local files: no pieces listed, no source objects called. False, for the
         general path, otherwise."""
-        plan = self._direct()
+        plan = self.direct_plan()
         if plan is None:
             return False
         top, index, fds = plan

@@ -1,0 +1,180 @@
+/* Plain NBD reads of a stack's merged index (overlaybd.export.nbd.reads), in C: the READ requests at the front of
+ * the bytes a client sent are served in one call, their replies (header, then data) built in one bytes object for
+ * one send. The data comes from the merged index's own read (formats.lsmt._lookup, by its capsule): zeros where
+ * no record or a zeroed one is, pread from the layer files elsewhere, the GIL let go.
+ *
+ * A request is served here only if it is a READ with no flag but DF, of whole sectors, inside the device, of at
+ * most max_read bytes, and its reply fits in what is left of the limit. Serving stops at the first other one, and
+ * at the first whose read fails (a source without a file, a short read, an error): that one is left to Python,
+ * which reads it the general way and answers the error. The caller decides that the index alone answers (no
+ * writable upper holds records above it).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+#include "_nbdwire.h"
+
+#define LOOKUP_API "overlaybd.formats.lsmt._lookup._C_API_1"
+typedef struct {
+    const void *(*index_of)(PyObject *capsule);
+    int (*read)(const void *index, const int32_t *fds, size_t nfds, int64_t start, char *buf, int64_t n);
+} LookupAPI;
+
+typedef struct {
+    PyObject_HEAD
+    const LookupAPI *api;
+    PyObject *handle;  /* the merged index's _lookup handle (NULL: not initialised, nothing is served) */
+    const void *index; /* what the handle holds */
+    Py_buffer fds;     /* int32 descriptors by source number (-1: a source without a file), held, not copied */
+    uint64_t size;     /* the device's size in bytes */
+    uint64_t served;   /* reads served here (for tests and figures) */
+} Reader;
+
+static void reader_dealloc(Reader *self) {
+    if (self->handle) {
+        PyBuffer_Release(&self->fds);
+        Py_DECREF(self->handle);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int reader_init(Reader *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"index", "fds", "size", NULL};
+    PyObject *handle, *fds;
+    unsigned long long size;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOK", kwlist, &handle, &fds, &size))
+        return -1;
+    if (self->handle) {
+        PyErr_SetString(PyExc_RuntimeError, "Reader is already initialised");
+        return -1;
+    }
+    const LookupAPI *api = PyCapsule_Import(LOOKUP_API, 0);
+    if (!api)
+        return -1;
+    const void *index = api->index_of(handle);
+    if (!index)
+        return -1;
+    if (PyObject_GetBuffer(fds, &self->fds, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    if (self->fds.itemsize != (Py_ssize_t)sizeof(int32_t) || !self->fds.format || !strchr("il", self->fds.format[0])) {
+        PyBuffer_Release(&self->fds);
+        PyErr_SetString(PyExc_TypeError, "fds must be an array of int32 descriptors");
+        return -1;
+    }
+    Py_INCREF(handle);
+    self->handle = handle;
+    self->index = index;
+    self->api = api;
+    self->size = size;
+    return 0;
+}
+
+/* Whether the request r is a read served here whose reply (head bytes, then its data) fits in room. */
+static int eligible(const Reader *self, const NbdRequest *r, size_t head, Py_ssize_t max_read, size_t room) {
+    return r->command == CMD_READ && !(r->flags & ~CMD_FLAG_DF) && r->length && r->length % SECTOR == 0 &&
+           r->offset % SECTOR == 0 && (Py_ssize_t)r->length <= max_read && r->offset <= self->size &&
+           r->length <= self->size - r->offset && head + r->length <= room;
+}
+
+PyDoc_STRVAR(serve_doc,
+             "serve(data, pos, structured, max_read, limit) -> (pos, replies, count): serve the reads at the front\n"
+             "of data[pos:] (see the module) whose replies fit in limit bytes together; pos is where the first\n"
+             "request not served starts, replies the replies of the count reads served, in order, each its header\n"
+             "(structured: one NBD_REPLY_TYPE_OFFSET_DATA chunk; else a simple reply) and its data.");
+
+static PyObject *reader_serve(Reader *self, PyObject *args) {
+    Py_buffer in;
+    Py_ssize_t pos, max_read, limit;
+    int structured;
+    if (!PyArg_ParseTuple(args, "y*npnn", &in, &pos, &structured, &max_read, &limit))
+        return NULL;
+    if (!self->handle || pos < 0 || pos > in.len) {
+        PyBuffer_Release(&in);
+        PyErr_SetString(PyExc_ValueError, self->handle ? "pos out of range" : "Reader is not initialised");
+        return NULL;
+    }
+    const unsigned char *base = in.buf;
+    size_t at = (size_t)pos, end = (size_t)in.len, head = nbd_read_head_size(structured), total = 0, k = 0;
+    size_t room = limit > 0 ? (size_t)limit : 0;
+    NbdRequest r;
+    /* first the reads served and the size of their replies, then (without the GIL) the replies */
+    while (nbd_parse_request(base + at, end - at, &r) && eligible(self, &r, head, max_read, room - total)) {
+        total += head + r.length;
+        at += REQUEST_SIZE;
+        k++;
+    }
+    PyObject *replies = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (!replies) {
+        PyBuffer_Release(&in);
+        return NULL;
+    }
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(replies);
+    size_t done = 0, used = 0;
+    const int32_t *fds = self->fds.buf;
+    size_t nfds = (size_t)self->fds.len / sizeof(int32_t);
+    Py_BEGIN_ALLOW_THREADS
+    for (at = (size_t)pos; done < k; done++, at += REQUEST_SIZE) {
+        nbd_parse_request(base + at, end - at, &r);
+        nbd_put_read_head(out + used, r.handle, r.offset, r.length, structured);
+        if (self->api->read(self->index, fds, nfds, (int64_t)(r.offset / SECTOR), (char *)out + used + head,
+                            (int64_t)(r.length / SECTOR)) < 0)
+            break; /* that one is Python's */
+        used += head + r.length;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&in);
+    self->served += done;
+    if (used < total && _PyBytes_Resize(&replies, (Py_ssize_t)used) < 0)
+        return NULL;
+    return Py_BuildValue("nNn", pos + (Py_ssize_t)(done * REQUEST_SIZE), replies, (Py_ssize_t)done);
+}
+
+static PyObject *reader_get_served(Reader *self, void *closure) { return PyLong_FromUnsignedLongLong(self->served); }
+
+static PyMethodDef reader_methods[] = {
+    {"serve", (PyCFunction)reader_serve, METH_VARARGS, serve_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef reader_getset[] = {
+    {"served", (getter)reader_get_served, NULL, "reads served here", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "overlaybd.export.nbd._nbdread.Reader",
+    .tp_basicsize = sizeof(Reader),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = PyDoc_STR("Reader(index, fds, size): plain NBD reads of one merged index (a _lookup handle) over the\n"
+                        "layer files fds (int32 array by source number)"),
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)reader_init,
+    .tp_dealloc = (destructor)reader_dealloc,
+    .tp_methods = reader_methods,
+    .tp_getset = reader_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_nbdread",
+    .m_doc = "Plain NBD reads of a merged index, served without the GIL (see overlaybd.export.nbd.reads).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__nbdread(void) {
+    if (PyType_Ready(&ReaderType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&ReaderType);
+    if (PyModule_AddObject(m, "Reader", (PyObject *)&ReaderType) < 0) {
+        Py_DECREF(&ReaderType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

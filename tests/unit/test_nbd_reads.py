@@ -1,0 +1,235 @@
+"""Plain NBD reads served in one call (``export.nbd.reads``): the C reader (``_nbdread``) returns, header and data,
+what the generic path would for every read it takes, stops where it must (another command, a flag, a read not of
+whole sectors, past the end, too large, past its byte limit, a source without a file), and over a real server
+serves pipelined reads, steps aside once a writable upper maps something, and keeps within the connection's byte
+budget."""
+
+from __future__ import annotations
+
+import random
+from array import array
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from overlaybd.export.nbd import protocol as nbd
+from overlaybd.export.nbd import reads as R
+from overlaybd.export.nbd.limits import Limits
+from overlaybd.export.nbd.server import Export, NbdServer
+from overlaybd.formats.lsmt.stack import LsmtStack
+from overlaybd.source.base import ExtentKind
+from overlaybd.source.file import FileSource
+from overlaybd.volume import Volume
+from tests.native import require_extension
+from tests.nbd_client import Client
+from tests.unit.nbd_thread import listening
+
+SIZE = 4 << 20
+KiB = 1024
+
+
+@pytest.fixture(autouse=True)
+def _c_reader() -> None:
+    require_extension(R._nbdread, R.NBDREAD)
+
+
+def layered(tmp_path: Path, name: str = "vol") -> Volume:
+    """Three snapshots over each other: data, data written over it, a zeroed range over both; holes between."""
+    vol = Volume.create(str(tmp_path / name), SIZE)
+    rng = random.Random(5)
+    for k in range(3):
+        with vol.open(writable=True) as dev:
+            for _ in range(12):
+                off = rng.randrange(SIZE // 512 - 64) * 512
+                dev.pwrite(off, rng.randbytes(rng.randrange(1, 64) * 512))
+            if k == 2:
+                dev.write_zeroes(64 * KiB, 256 * KiB)
+        vol.snapshot(f"s{k}")
+    return vol
+
+
+def req(cmd: int, handle: int, offset: int, length: int, flags: int = 0, payload: bytes = b"") -> bytes:
+    return nbd.REQUEST.pack(nbd.REQUEST_MAGIC, flags, cmd, handle, offset, length) + payload
+
+
+def reply(dev: LsmtStack, handle: int, offset: int, length: int, structured: bool) -> bytes:
+    head = nbd.chunk_offset_data_header(handle, offset, length, True) if structured else nbd.simple_reply(handle)
+    return head + dev.pread(offset, length)
+
+
+@contextmanager
+def opened(tmp_path: Path, *, writable: bool = False) -> Iterator[tuple[LsmtStack, R.Reads]]:
+    with layered(tmp_path).open(writable=writable) as dev:
+        reads = R.reads_for(dev)
+        assert reads is not None
+        yield dev, reads
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_replies_are_what_the_generic_path_reads(tmp_path: Path, structured: bool) -> None:
+    rng = random.Random(7)
+    with opened(tmp_path) as (dev, reads):
+        asked = [(rng.randrange(SIZE // 512 - 128) * 512, rng.randrange(1, 128) * 512) for _ in range(300)]
+        asked += [(0, SIZE), (SIZE - 512, 512), (64 * KiB, 256 * KiB)]  # all of it, the last sector, the zeroed
+        stream = b"".join(req(nbd.CMD_READ, 100 + k, off, n, nbd.CMD_FLAG_DF * (k % 2)) for k, (off, n)
+                          in enumerate(asked))
+        pos, replies, count = reads.serve(b"junk" + stream + b"tail", 4, structured, SIZE, 1 << 30)
+        assert (pos, count) == (4 + len(stream), len(asked))
+        assert replies == b"".join(reply(dev, 100 + k, off, n, structured) for k, (off, n) in enumerate(asked))
+        assert reads.reader.served == len(asked)
+
+
+STOPS: dict[str, Callable[[int], bytes]] = {
+    "write": lambda h: req(nbd.CMD_WRITE, h, 0, 512, payload=b"x" * 512),
+    "flush": lambda h: req(nbd.CMD_FLUSH, h, 0, 0),
+    "block status": lambda h: req(nbd.CMD_BLOCK_STATUS, h, 0, 4096),
+    "fua": lambda h: req(nbd.CMD_READ, h, 0, 512, nbd.CMD_FLAG_FUA),
+    "unknown flag": lambda h: req(nbd.CMD_READ, h, 0, 512, 1 << 9),
+    "unaligned offset": lambda h: req(nbd.CMD_READ, h, 100, 512),
+    "unaligned length": lambda h: req(nbd.CMD_READ, h, 0, 700),
+    "empty": lambda h: req(nbd.CMD_READ, h, 0, 0),
+    "past the end": lambda h: req(nbd.CMD_READ, h, SIZE - 512, 1024),
+    "offset that wraps": lambda h: req(nbd.CMD_READ, h, (1 << 64) - 512, 1024),
+    "more than max_read": lambda h: req(nbd.CMD_READ, h, 0, 8192),
+    "header not all there": lambda h: req(nbd.CMD_READ, h, 0, 4096)[:20],
+    "bad magic": lambda h: b"\0" * 4 + req(nbd.CMD_READ, h, 0, 512)[4:],
+}
+
+
+@pytest.mark.parametrize("stop", list(STOPS))
+def test_serving_stops_at_what_is_not_a_plain_read(tmp_path: Path, stop: str) -> None:
+    with opened(tmp_path) as (dev, reads):
+        first = req(nbd.CMD_READ, 1, 8192, 4096)
+        data = first + STOPS[stop](2) + req(nbd.CMD_READ, 3, 0, 512)
+        assert reads.serve(data, 0, False, 4096, 1 << 20) == (len(first), reply(dev, 1, 8192, 4096, False), 1)
+
+
+def test_replies_stay_within_the_limit(tmp_path: Path) -> None:
+    with opened(tmp_path) as (dev, reads):
+        data = b"".join(req(nbd.CMD_READ, h, h * 4096, 4096) for h in range(10))
+        each = len(nbd.simple_reply(0)) + 4096
+        pos, replies, count = reads.serve(data, 0, False, 4096, 3 * each + each - 1)
+        assert (pos, count, len(replies)) == (3 * nbd.REQUEST.size, 3, 3 * each)
+        assert reads.serve(data, 0, False, 4096, each - 1) == (0, b"", 0)
+        assert reads.serve(data, 0, False, 4096, -5) == (0, b"", 0)
+
+
+def test_a_read_that_fails_is_left_to_the_generic_path(tmp_path: Path) -> None:
+    """Sources without a descriptor (as layers that are not local files would be): a read of the zeroed range is
+    served, the first that meets data is not, nor any after it."""
+    with opened(tmp_path) as (dev, reads):
+        plan = dev.direct_plan()
+        assert plan is not None
+        _, index, fds = plan
+        reader = R._nbdread.Reader(index.handle, array("i", [-1] * len(fds)), dev.size)
+        data_at = next(e.offset for e in dev.extents(0, SIZE) if e.kind is ExtentKind.DATA)
+        data = req(nbd.CMD_READ, 1, 64 * KiB, 4096) + req(nbd.CMD_READ, 2, data_at, 512) \
+            + req(nbd.CMD_READ, 3, 64 * KiB, 512)
+        pos, replies, count = reader.serve(data, 0, True, 4096, 1 << 20)
+        assert (pos, count, replies) == (nbd.REQUEST.size, 1, reply(dev, 1, 64 * KiB, 4096, True))
+        assert dev.pread(64 * KiB, 4096) == bytes(4096)
+        assert reader.served == 1
+
+
+def test_arguments_are_checked(tmp_path: Path) -> None:
+    with opened(tmp_path) as (dev, reads):
+        plan = dev.direct_plan()
+        assert plan is not None
+        _, index, fds = plan
+        with pytest.raises(TypeError):
+            R._nbdread.Reader(index.handle, array("q", [3]), dev.size)  # not int32
+        with pytest.raises(ValueError):
+            R._nbdread.Reader(object(), fds, dev.size)  # not an index handle
+        with pytest.raises(ValueError):
+            reads.serve(b"", 1, False, 4096, 4096)
+        with pytest.raises(ValueError):
+            R._nbdread.Reader.__new__(R._nbdread.Reader).serve(b"", 0, False, 4096, 4096)
+
+
+def test_no_reads_where_the_index_does_not_answer(tmp_path: Path) -> None:
+    vol = layered(tmp_path)
+    with vol.open(writable=True) as dev:
+        reads = R.reads_for(dev)
+        assert reads is not None and reads.upper is not None and reads.answers()
+        dev.pwrite(SIZE - 4096, b"\x01" * 4096)
+        assert not reads.answers()  # the upper maps something: every read goes the generic way
+        assert Export("", dev, inline=False).reads() is None  # not all local
+        export = Export("", dev, inline=True)
+        assert export.reads() is not None and export.reads() is export.reads()  # made once for a source
+    with FileSource(str(tmp_path / "vol" / "config.json")) as plain:
+        assert R.reads_for(plain) is None  # not read through a merged index
+
+
+@contextmanager
+def served(tmp_path: Path, *, writable: bool, limits: Limits | None = None) -> Iterator[tuple[str, Export]]:
+    with layered(tmp_path).open(writable=writable) as dev:
+        export = Export("", dev, readonly=not writable, inline=True)
+        path = str(tmp_path / "s.sock")
+        with listening(NbdServer([export], workers=2, limits=limits), path):
+            yield path, export
+
+
+def _read_all(c: Client, structured: bool, asked: dict[int, tuple[int, int]]) -> dict[int, bytes]:
+    got: dict[int, bytes] = {}
+    while len(got) < len(asked):
+        if structured:
+            handle, kind, _, body = c.chunk()
+            assert kind == nbd.REPLY_TYPE_OFFSET_DATA and int.from_bytes(body[:8], "big") == asked[handle][0]
+            got[handle] = body[8:]
+        else:
+            handle, error, _ = c.simple()
+            assert error == 0
+            got[handle] = c.recv(asked[handle][1])
+    return got
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_pipelined_reads_over_nbd(tmp_path: Path, structured: bool) -> None:
+    rng = random.Random(9)
+    with served(tmp_path, writable=False) as (path, export):
+        dev = export.source
+        c = Client(path)
+        c.go("", structured=structured)
+        asked = {h: (rng.randrange(SIZE // 4096 - 32) * 4096, rng.choice([512, 4096, 32 * KiB, 128 * KiB]))
+                 for h in range(1, 400)}
+        c.s.sendall(b"".join(req(nbd.CMD_READ, h, off, n) for h, (off, n) in asked.items()))
+        got = _read_all(c, structured, asked)
+        for h, (off, n) in asked.items():
+            assert got[h] == dev.pread(off, n), h
+        reads = export.reads()
+        assert reads is not None and reads.reader.served > 200  # most went the one-call way
+        c.close()
+
+
+def test_reads_see_writes_once_the_upper_maps_them(tmp_path: Path) -> None:
+    with served(tmp_path, writable=True) as (path, export):
+        c = Client(path)
+        c.go("")
+        c.request(nbd.CMD_READ, 1, 0, 4096)
+        before = c.simple(4096)[2]
+        reads = export.reads()
+        assert reads is not None and reads.reader.served == 1
+        c.request(nbd.CMD_WRITE, 2, 0, 512, payload=b"\x5a" * 512)
+        assert c.simple()[:2] == (2, 0)
+        c.s.sendall(req(nbd.CMD_READ, 3, 0, 4096) + req(nbd.CMD_READ, 4, 8192, 4096))
+        assert c.simple(4096) == (3, 0, b"\x5a" * 512 + before[512:])
+        assert c.simple(4096)[:2] == (4, 0)
+        assert reads.reader.served == 1  # the upper maps something now: the generic path served them
+        c.close()
+
+
+def test_a_small_budget_still_serves_every_read(tmp_path: Path) -> None:
+    """The connection may hold 24 KiB: each call serves what fits; larger reads wait their turn the usual way."""
+    limits = Limits(max_inflight=24 * KiB)
+    with served(tmp_path, writable=False, limits=limits) as (path, export):
+        dev = export.source
+        c = Client(path)
+        c.go("")
+        asked = {h: (h * 8192, 8192 if h % 3 else 16 * KiB) for h in range(1, 200)}
+        c.s.sendall(b"".join(req(nbd.CMD_READ, h, off, n) for h, (off, n) in asked.items()))
+        got = _read_all(c, False, asked)
+        for h, (off, n) in asked.items():
+            assert got[h] == dev.pread(off, n), h
+        c.close()
