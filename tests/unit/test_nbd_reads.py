@@ -16,6 +16,7 @@ import pytest
 
 from overlaybd.export.nbd import protocol as nbd
 from overlaybd.export.nbd import reads as R
+from overlaybd.export.nbd import writes as W
 from overlaybd.export.nbd.limits import Limits
 from overlaybd.export.nbd.server import Export, NbdServer
 from overlaybd.formats.lsmt.stack import LsmtStack
@@ -148,13 +149,22 @@ def test_arguments_are_checked(tmp_path: Path) -> None:
             R._nbdread.Reader.__new__(R._nbdread.Reader).serve(b"", 0, False, 4096, 4096)
 
 
-def test_no_reads_where_the_index_does_not_answer(tmp_path: Path) -> None:
+def test_what_the_upper_maps_is_marked(tmp_path: Path) -> None:
     vol = layered(tmp_path)
     with vol.open(writable=True) as dev:
+        dev.pwrite(SIZE - 8192, b"\x01" * 512)  # the upper maps this when the reader is made
         reads = R.reads_for(dev)
-        assert reads is not None and reads.upper is not None and reads.answers()
-        dev.pwrite(SIZE - 4096, b"\x01" * 4096)
-        assert not reads.answers()  # the upper maps something: every read goes the generic way
+        assert reads is not None
+        marked = reads.reader.marked
+        assert marked(SIZE - 8192, 512) and marked(SIZE - 8192 + 4096 - 512, 512)  # its 4 KiB granule
+        assert not marked(SIZE - 4096, 4096) and not marked(0, SIZE - 8192)
+        data = req(nbd.CMD_READ, 1, 0, 4096) + req(nbd.CMD_READ, 2, SIZE - 12288, 8192) + req(nbd.CMD_READ, 3, 0, 512)
+        assert reads.serve(data, 0, False, 1 << 20, 1 << 20) == (nbd.REQUEST.size, reply(dev, 1, 0, 4096, False), 1)
+        reads.mark(4096 + 100, 1)  # a byte marks its granule
+        assert marked(4096, 512) and not marked(0, 4096) and not marked(8192, 4096)
+        reads.mark(SIZE - 512, 1 << 40)  # past the end: up to the end
+        assert marked(SIZE - 512, 512)
+        reads.mark(SIZE, 4096)  # outside: nothing
         assert Export("", dev, inline=False).reads() is None  # not all local
         export = Export("", dev, inline=True)
         assert export.reads() is not None and export.reads() is export.reads()  # made once for a source
@@ -203,21 +213,66 @@ def test_pipelined_reads_over_nbd(tmp_path: Path, structured: bool) -> None:
         c.close()
 
 
-def test_reads_see_writes_once_the_upper_maps_them(tmp_path: Path) -> None:
+CHANGES: dict[str, Callable[[int, int], bytes]] = {
+    "write (C, with others)": lambda h, off: req(nbd.CMD_WRITE, h, off, 4096, payload=b"\x5a" * 4096)
+    + req(nbd.CMD_WRITE, h + 1000, off + 4096, 512, payload=b"\x5b" * 512),
+    "write alone": lambda h, off: req(nbd.CMD_WRITE, h, off, 4096, payload=b"\x5a" * 4096),
+    "fua write (pool)": lambda h, off: req(nbd.CMD_WRITE, h, off, 4096, nbd.CMD_FLAG_FUA, b"\x5a" * 4096),
+    "unaligned write": lambda h, off: req(nbd.CMD_WRITE, h, off + 100, 1000, payload=b"\x5a" * 1000),
+    "trim": lambda h, off: req(nbd.CMD_TRIM, h, off, 8192),
+    "write zeroes": lambda h, off: req(nbd.CMD_WRITE_ZEROES, h, off, 8192),
+    "large write (pool)": lambda h, off: req(nbd.CMD_WRITE, h, off, (1 << 20) + 4096,
+                                             payload=b"\x5a" * ((1 << 20) + 4096)),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+@pytest.mark.parametrize("writer", ["c", "python"])
+def test_a_read_after_a_change_sees_it(tmp_path: Path, change: str, writer: str,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads in C before and after; each change to the upper is read back right after its reply (the read goes the
+    generic way); reads elsewhere stay in C."""
+    if writer == "python":
+        monkeypatch.setattr(W, "_nbdwrite", None)
     with served(tmp_path, writable=True) as (path, export):
+        dev = export.source
         c = Client(path)
         c.go("")
-        c.request(nbd.CMD_READ, 1, 0, 4096)
-        before = c.simple(4096)[2]
+        at = 256 * KiB
+        c.request(nbd.CMD_READ, 1, at, 4096)
+        assert c.simple(4096) == (1, 0, dev.pread(at, 4096))
         reads = export.reads()
         assert reads is not None and reads.reader.served == 1
-        c.request(nbd.CMD_WRITE, 2, 0, 512, payload=b"\x5a" * 512)
-        assert c.simple()[:2] == (2, 0)
-        c.s.sendall(req(nbd.CMD_READ, 3, 0, 4096) + req(nbd.CMD_READ, 4, 8192, 4096))
-        assert c.simple(4096) == (3, 0, b"\x5a" * 512 + before[512:])
-        assert c.simple(4096)[:2] == (4, 0)
-        assert reads.reader.served == 1  # the upper maps something now: the generic path served them
+        span = (1 << 20) + 8192
+        old = dev.pread(at, span)
+        c.s.sendall(CHANGES[change](2, at))
+        answers = 2 if change.startswith("write (C") else 1
+        for _ in range(answers):
+            assert c.simple()[1] == 0
+        before = reads.reader.served
+        asked = {3: (at, span), 4: (SIZE - 8192, 4096)}
+        c.s.sendall(b"".join(req(nbd.CMD_READ, h, off, n) for h, (off, n) in asked.items()))
+        got = _read_all(c, False, asked)  # the replies may come in either order
+        assert got[3] == _changed(change, old) == dev.pread(at, span)
+        assert got[4] == dev.pread(SIZE - 8192, 4096)
+        assert reads.reader.served == before + 1  # elsewhere, still in C
         c.close()
+
+
+def _changed(change: str, old: bytes) -> bytes:
+    """``old`` (the bytes from the changed offset on) as the change leaves them."""
+    new = bytearray(old)
+    if change.startswith("write (C"):
+        new[:4096 + 512] = b"\x5a" * 4096 + b"\x5b" * 512
+    elif change == "unaligned write":
+        new[100:1100] = b"\x5a" * 1000
+    elif change in ("trim", "write zeroes"):
+        new[:8192] = bytes(8192)
+    elif change == "large write (pool)":
+        new[:(1 << 20) + 4096] = b"\x5a" * ((1 << 20) + 4096)
+    else:
+        new[:4096] = b"\x5a" * 4096
+    return bytes(new)
 
 
 def test_a_small_budget_still_serves_every_read(tmp_path: Path) -> None:

@@ -4,15 +4,20 @@
  * no record or a zeroed one is, pread from the layer files elsewhere, the GIL let go.
  *
  * A request is served here only if it is a READ with no flag but DF, of whole sectors, inside the device, of at
- * most max_read bytes, and its reply fits in what is left of the limit. Serving stops at the first other one, and
- * at the first whose read fails (a source without a file, a short read, an error): that one is left to Python,
- * which reads it the general way and answers the error. The caller decides that the index alone answers (no
- * writable upper holds records above it).
+ * most max_read bytes, meeting no marked granule, and its reply fits in what is left of the limit. Serving stops at
+ * the first other one, and at the first whose read fails (a source without a file, a short read, an error): that
+ * one is left to Python, which reads it the general way and answers the error.
+ *
+ * Granules mark what a writable upper above the index may map: the caller marks what it maps when the Reader is
+ * made, and every write, trim or zero-write marks its range (mark(), or the C API below that _nbdwrite's Writer
+ * calls) before it changes the upper. A read that meets a marked granule goes to Python. Granules are at least
+ * 4 KiB, at most 4 Mi of them (one byte each, calloc'ed: pages never marked take no memory).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "_nbdwire.h"
@@ -31,13 +36,36 @@ typedef struct {
     Py_buffer fds;     /* int32 descriptors by source number (-1: a source without a file), held, not copied */
     uint64_t size;     /* the device's size in bytes */
     uint64_t served;   /* reads served here (for tests and figures) */
+    uint8_t *marked;   /* one byte per granule: nonzero once the upper may map some of it */
+    uint64_t granules;
+    int shift;         /* a granule is 1 << shift sectors */
 } Reader;
+
+#define MAX_GRANULES (UINT64_C(1) << 22)
+
+static void mark_range(Reader *self, uint64_t offset, uint64_t length) {
+    if (!self->marked || !length || offset >= self->size)
+        return;
+    uint64_t end = length < self->size - offset ? offset + length : self->size;
+    uint64_t g1 = ((end + SECTOR - 1) / SECTOR - 1) >> self->shift;
+    for (uint64_t g = (offset / SECTOR) >> self->shift; g <= g1 && g < self->granules; g++)
+        __atomic_store_n(&self->marked[g], 1, __ATOMIC_RELEASE);
+}
+
+/* Whether sectors [s0, s1) meet a marked granule. */
+static int is_marked(const Reader *self, uint64_t s0, uint64_t s1) {
+    for (uint64_t g = s0 >> self->shift, last = (s1 - 1) >> self->shift; g <= last; g++)
+        if (g >= self->granules || __atomic_load_n(&self->marked[g], __ATOMIC_ACQUIRE))
+            return 1;
+    return 0;
+}
 
 static void reader_dealloc(Reader *self) {
     if (self->handle) {
         PyBuffer_Release(&self->fds);
         Py_DECREF(self->handle);
     }
+    free(self->marked);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -64,6 +92,18 @@ static int reader_init(Reader *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_TypeError, "fds must be an array of int32 descriptors");
         return -1;
     }
+    uint64_t sectors = (size + SECTOR - 1) / SECTOR;
+    int shift = 3;
+    while ((sectors >> shift) >= MAX_GRANULES)
+        shift++;
+    self->granules = (sectors >> shift) + 1;
+    self->marked = calloc(self->granules, 1);
+    if (!self->marked) {
+        PyBuffer_Release(&self->fds);
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->shift = shift;
     Py_INCREF(handle);
     self->handle = handle;
     self->index = index;
@@ -76,7 +116,8 @@ static int reader_init(Reader *self, PyObject *args, PyObject *kwds) {
 static int eligible(const Reader *self, const NbdRequest *r, size_t head, Py_ssize_t max_read, size_t room) {
     return r->command == CMD_READ && !(r->flags & ~CMD_FLAG_DF) && r->length && r->length % SECTOR == 0 &&
            r->offset % SECTOR == 0 && (Py_ssize_t)r->length <= max_read && r->offset <= self->size &&
-           r->length <= self->size - r->offset && head + r->length <= room;
+           r->length <= self->size - r->offset && head + r->length <= room &&
+           !is_marked(self, r->offset / SECTOR, (r->offset + r->length) / SECTOR);
 }
 
 PyDoc_STRVAR(serve_doc,
@@ -134,8 +175,33 @@ static PyObject *reader_serve(Reader *self, PyObject *args) {
 
 static PyObject *reader_get_served(Reader *self, void *closure) { return PyLong_FromUnsignedLongLong(self->served); }
 
+PyDoc_STRVAR(mark_doc, "mark(offset, length): bytes [offset, offset+length) may be mapped by the upper from now on:\n"
+                       "reads that meet them go to Python. Call it before the upper changes there.");
+
+static PyObject *reader_mark(Reader *self, PyObject *args) {
+    unsigned long long offset, length;
+    if (!PyArg_ParseTuple(args, "KK", &offset, &length))
+        return NULL;
+    mark_range(self, offset, length);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(marked_doc, "marked(offset, length) -> bool: whether a read of [offset, offset+length) meets a mark\n"
+                         "(for tests).");
+
+static PyObject *reader_marked(Reader *self, PyObject *args) {
+    unsigned long long offset, length;
+    if (!PyArg_ParseTuple(args, "KK", &offset, &length))
+        return NULL;
+    if (!self->marked || !length || offset >= self->size || length > self->size - offset)
+        Py_RETURN_FALSE;
+    return PyBool_FromLong(is_marked(self, offset / SECTOR, (offset + length + SECTOR - 1) / SECTOR));
+}
+
 static PyMethodDef reader_methods[] = {
     {"serve", (PyCFunction)reader_serve, METH_VARARGS, serve_doc},
+    {"mark", (PyCFunction)reader_mark, METH_VARARGS, mark_doc},
+    {"marked", (PyCFunction)reader_marked, METH_VARARGS, marked_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -164,6 +230,21 @@ static struct PyModuleDef module = {
     .m_size = -1,
 };
 
+/* The C API _nbdwrite's Writer uses, by the capsule _C_API_1: mark(reader, offset, length) (no GIL needed; 0, or
+ * -1 if reader is not a Reader: checked with the GIL when the writer takes it, by is_reader). */
+static int api_is_reader(PyObject *obj) { return PyObject_TypeCheck(obj, &ReaderType); }
+
+static void api_mark(PyObject *reader, uint64_t offset, uint64_t length) {
+    mark_range((Reader *)reader, offset, length);
+}
+
+typedef struct {
+    int (*is_reader)(PyObject *obj);
+    void (*mark)(PyObject *reader, uint64_t offset, uint64_t length);
+} ReaderAPI;
+
+static const ReaderAPI c_api = {api_is_reader, api_mark};
+
 PyMODINIT_FUNC PyInit__nbdread(void) {
     if (PyType_Ready(&ReaderType) < 0)
         return NULL;
@@ -173,6 +254,12 @@ PyMODINIT_FUNC PyInit__nbdread(void) {
     Py_INCREF(&ReaderType);
     if (PyModule_AddObject(m, "Reader", (PyObject *)&ReaderType) < 0) {
         Py_DECREF(&ReaderType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *api = PyCapsule_New((void *)&c_api, "overlaybd.export.nbd._nbdread._C_API_1", NULL);
+    if (!api || PyModule_AddObject(m, "_C_API_1", api) < 0) {
+        Py_XDECREF(api);
         Py_DECREF(m);
         return NULL;
     }

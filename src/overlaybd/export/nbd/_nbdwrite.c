@@ -8,6 +8,8 @@
  * max_write bytes, with all its payload in the bytes given. Serving stops at the first other one, and at the first
  * that fails (reserve, write or append): that one is left to Python, which serves it again and answers the error.
  * A failed write leaves its reserved space unused (nothing points at it); a failed append appends nothing.
+ * Given the _nbdread.Reader of the same source (marks), each write marks its range there before anything else, so
+ * that reads of it go to Python, which sees the upper.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -28,8 +30,17 @@ typedef struct {
     int (*sync)(PyObject *appender, int *which);
 } AppenderAPI;
 
+/* overlaybd.export.nbd._nbdread's capsule: a write marks its range in the Reader of the same source first */
+#define READER_API "overlaybd.export.nbd._nbdread._C_API_1"
+typedef struct {
+    int (*is_reader)(PyObject *obj);
+    void (*mark)(PyObject *reader, uint64_t offset, uint64_t length);
+} ReaderAPI;
+
 typedef struct {
     PyObject_HEAD
+    PyObject *marks;    /* the _nbdread.Reader whose granules each write marks before it maps them (NULL: none) */
+    const ReaderAPI *marks_api;
     PyObject *appender; /* the upper's _appender.Appender (NULL: not initialised, nothing is served) */
     const AppenderAPI *api;
     int index_full;     /* an append said ENOSPC (the index never shrinks while the layer is open): from then on no
@@ -46,15 +57,16 @@ typedef struct {
 } Write;
 
 static void writer_dealloc(Writer *self) {
+    Py_XDECREF(self->marks);
     Py_XDECREF(self->appender);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static int writer_init(Writer *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"appender", "size", "max_write", NULL};
-    PyObject *appender;
+    static char *kwlist[] = {"appender", "size", "max_write", "marks", NULL};
+    PyObject *appender, *marks = Py_None;
     unsigned long long size, max_write;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OKK", kwlist, &appender, &size, &max_write))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OKK|O", kwlist, &appender, &size, &max_write, &marks))
         return -1;
     if (self->appender) {
         PyErr_SetString(PyExc_RuntimeError, "Writer is already initialised");
@@ -76,6 +88,18 @@ static int writer_init(Writer *self, PyObject *args, PyObject *kwds) {
     if (max_write < SECTOR) {
         PyErr_SetString(PyExc_ValueError, "max_write must be at least one sector");
         return -1;
+    }
+    if (marks != Py_None) {
+        const ReaderAPI *marks_api = PyCapsule_Import(READER_API, 0);
+        if (!marks_api)
+            return -1;
+        if (!marks_api->is_reader(marks)) {
+            PyErr_SetString(PyExc_TypeError, "marks must be an _nbdread.Reader or None");
+            return -1;
+        }
+        Py_INCREF(marks);
+        self->marks = marks;
+        self->marks_api = marks_api;
     }
     Py_INCREF(appender);
     self->appender = appender;
@@ -107,7 +131,11 @@ static int parse(const Writer *self, const unsigned char *p, size_t left, size_t
 /* One write, without the GIL: space, data, record. 0, or -1 (Python serves it again). */
 static int do_write(Writer *self, const char *data, uint64_t offset, uint32_t length, size_t *pending) {
     uint64_t at;
-    if (__atomic_load_n(&self->index_full, __ATOMIC_RELAXED) || self->api->reserve(self->appender, length, &at) < 0)
+    if (__atomic_load_n(&self->index_full, __ATOMIC_RELAXED))
+        return -1;
+    if (self->marks)
+        self->marks_api->mark(self->marks, offset, length); /* before the upper maps it */
+    if (self->api->reserve(self->appender, length, &at) < 0)
         return -1;
     if (self->api->write(self->appender, data, length, at) < 0)
         return -1; /* the space reserved stays unused: nothing points at it */
@@ -242,7 +270,8 @@ static PyTypeObject WriterType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "overlaybd.export.nbd._nbdwrite.Writer",
     .tp_basicsize = sizeof(Writer),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = PyDoc_STR("Writer(appender, size, max_write): plain NBD writes to one log-structured upper"),
+    .tp_doc = PyDoc_STR("Writer(appender, size, max_write, marks=None): plain NBD writes to one log-structured upper\n"
+                        "(each marks its range in marks, the _nbdread.Reader of the same source, first)"),
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)writer_init,
     .tp_dealloc = (destructor)writer_dealloc,

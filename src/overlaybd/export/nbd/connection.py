@@ -218,6 +218,9 @@ class Connection:
             if req.command == CMD_DISC:
                 self._disconnecting = True
                 return
+            if req.command == CMD_READ and self._plain_read(req.flags, req.length) and self._serve_reads(head, 0):
+                self._reply_soon()
+                continue
             n = cost(req)
             await self._admit(n)
             try:
@@ -325,7 +328,7 @@ class Connection:
             served = self._serve_writes(data, pos)
             if served != pos:
                 return served
-        elif command == CMD_READ and not flags & ~CMD_FLAG_DF and self.res.metrics is None:
+        elif command == CMD_READ and self._plain_read(flags, length):
             served = self._serve_reads(data, pos)
             if served != pos:
                 return served
@@ -418,6 +421,10 @@ class Connection:
         finally:
             self.res.gate.leave()
 
+    def _plain_read(self, flags: int, length: int) -> bool:
+        """A READ that :meth:`_serve_reads` may serve: inline, no flag but DF, and no metrics to count it."""
+        return not flags & ~CMD_FLAG_DF and self.res.metrics is None and self._inline_command(CMD_READ, flags, length)
+
     def _serve_reads(self, data: bytes, pos: int) -> int:
         """Serve the plain reads at ``data[pos:]`` in one call (see :mod:`.reads`), their replies joining the batch:
         where the first request not served starts (``pos`` if none was: the request goes the usual way). They are
@@ -430,7 +437,7 @@ class Connection:
             return pos
         try:
             reads = self.session.export.reads()  # after try_enter(): the source does not change until leave()
-            if reads is None or not reads.answers():
+            if reads is None:
                 self._slots.release(1)
                 return pos
             # reads from SENDFILE_MIN on go out with sendfile where they can (_send_spans), without a copy
@@ -504,6 +511,12 @@ class Connection:
         if not self.res.gate.try_enter():
             return False
         self._serve_entered(req, payload, n)
+        self._reply_soon()
+        return True
+
+    def _reply_soon(self) -> None:
+        """After a request read by the request reader was served on the spot, its reply in the batch: the batch
+        goes out now if it is full or nothing else has arrived whole, else at the end of this turn of the loop."""
         if self._batch_bytes >= BATCH_BYTES:
             # out before more is read: what the socket does not take would be copied into the transport, and the
             # reader waits for that to drain before serving more
@@ -514,7 +527,6 @@ class Connection:
             self._flush()
         elif self._flushing is None:
             self._flushing = asyncio.get_running_loop().call_soon(self._flush)
-        return True
 
     def _serve_entered(self, req: Request, payload: bytes, n: int) -> None:
         """Serve an admitted inline request that has entered the gate (and leave it); its reply joins the
@@ -560,6 +572,7 @@ class Connection:
                     return self._send_spans(req, spans)
             return self._read_reply(req)
         if not (req.command == CMD_WRITE and not req.flags and self._write(req, payload)):
+            self.session.export.mark(req.offset, req.length)  # before the upper changes: reads there go this way
             modify(src, req, payload)
         self.session.export.flusher.wrote()
         return [chunk_none(req.handle) if self.session.structured else simple_reply(req.handle)], None, 0
@@ -659,6 +672,7 @@ class Connection:
             if req.command == CMD_FLUSH:
                 await session.export.flusher.flush(lambda: self._in_pool(src.flush))
             else:
+                session.export.mark(req.offset, req.length)  # before the upper changes: reads there go this way
                 await self._in_pool(modify, src, req, payload)
                 session.export.flusher.wrote()
             return [chunk_none(req.handle) if session.structured else simple_reply(req.handle)], None, 0

@@ -3,11 +3,14 @@ front of the bytes a client sent are served in one call in C (``_nbdread``, the 
 :meth:`~overlaybd.formats.lsmt.mapping.MergedIndex.read` reads it (zeros, or ``pread`` from the layer files), and
 their replies come back together, headers and data, for one send.
 
-That holds only while the merged index alone answers: the source is a stack whose lower layers are local files
-and whose writable upper, if any, maps nothing yet (:meth:`Reads.answers` asks it before every call). A request is
-served this way only if it is a READ with no flag but DF, of whole sectors, inside the device, small enough, and its
-reply fits in the bytes the connection may still hold. Serving stops at the first other request, and at the first
-read that fails: that one goes the generic way, which reads it again and answers the error.
+That holds where the merged index alone answers: the source is a stack whose lower layers are local files, and the
+read meets nothing its writable upper (if any) may map. The reader keeps granules marked for that: what the upper
+maps when the reader is made, and the range of every write, trim and zero-write before it changes the upper
+(:meth:`~overlaybd.export.nbd.session.Export.mark` on the generic paths; the C writer of :mod:`.writes` marks in C).
+A request is served this way only if it is a READ with no flag but DF, of whole sectors, inside the device, small
+enough, meeting no marked granule, and its reply fits in the bytes the connection may still hold. Serving stops at
+the first other request, and at the first read that fails: that one goes the generic way, which reads it again and
+answers the error.
 
 Where the extension is not built (or ``OVERLAYBD_NATIVE=0``) every read goes the generic way, which does the same
 one request at a time.
@@ -19,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ... import native
-from ...formats.lsmt.mapping import MutableLevel
 from ...formats.lsmt.spec import SECTOR
 from ...formats.lsmt.view import LsmtView
 from ...source.base import BlockSource
@@ -31,16 +33,9 @@ __all__ = ["NBDREAD", "Reads", "reads_for"]
 
 @dataclass(frozen=True)
 class Reads:
-    """The C reader of one source, and the writable level above its merged index (None: there is none)."""
+    """The C reader of one source."""
 
     reader: Any  # _nbdread.Reader
-    upper: MutableLevel | None
-    sectors: int
-
-    def answers(self) -> bool:
-        """Whether the merged index alone answers reads now: the upper (having taken the records its log holds)
-        maps nothing. Once it maps something it never maps nothing again while open (a trim maps a hole too)."""
-        return self.upper is None or not self.upper.covers(0, self.sectors)
 
     def serve(self, data: bytes, pos: int, structured: bool, max_read: int, limit: int) -> tuple[int, bytes, int]:
         """Serve the reads at the front of ``data[pos:]`` whose replies fit in ``limit`` bytes: (where the first
@@ -48,10 +43,15 @@ class Reads:
         result: tuple[int, bytes, int] = self.reader.serve(data, pos, structured, max_read, limit)
         return result
 
+    def mark(self, offset: int, length: int) -> None:
+        """Bytes ``[offset, offset+length)`` may be mapped by the upper from now on: reads meeting them go the
+        generic way. Called before the upper changes there."""
+        self.reader.mark(offset, length)
+
 
 def reads_for(source: BlockSource) -> Reads | None:
     """The C reads of ``source`` where the extension is built and ``source`` reads straight through a merged
-    index into local files; else None."""
+    index into local files; else None. What its upper maps now is marked."""
     if _nbdread is None or not isinstance(source, LsmtView):
         return None
     plan = source.direct_plan()
@@ -60,4 +60,8 @@ def reads_for(source: BlockSource) -> Reads | None:
     upper, index, fds = plan
     if index.handle is None or any(fd < 0 for fd in fds[: len(fds) - (upper is not None)]):
         return None
-    return Reads(_nbdread.Reader(index.handle, fds, source.size), upper, -(-source.size // SECTOR))
+    reads = Reads(_nbdread.Reader(index.handle, fds, source.size))
+    if upper is not None:
+        for o, n, _m, _z, _src in upper.rows(0, -(-source.size // SECTOR)):
+            reads.mark(o * SECTOR, n * SECTOR)
+    return reads

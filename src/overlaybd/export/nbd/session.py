@@ -45,8 +45,18 @@ class Export:
         upper. Called between a request gate's enter and leave, so that the source does not change meanwhile."""
         cached = self._writes
         if cached is None or cached[0] is not self.source:
-            cached = self._writes = (self.source, writer_for(self.source) if self.writable and self.inline else None)
+            reads = self.reads()  # made first: the writer marks what it writes in its reader
+            writer = writer_for(self.source, reads.reader if reads else None) if self.writable and self.inline \
+                else None
+            cached = self._writes = (self.source, writer)
         return cached[1]
+
+    def mark(self, offset: int, length: int) -> None:
+        """Before the source's upper changes in ``[offset, offset+length)`` (a write, trim or zero-write on the
+        generic path): reads there go the generic way from now on (see :mod:`.reads`)."""
+        reads = self.reads()
+        if reads is not None:
+            reads.mark(offset, length)
 
     @property
     def writable(self) -> bool:

@@ -51,8 +51,9 @@ class Writer(Protocol):
 class PyWriter:
     """:class:`Writer` in Python."""
 
-    def __init__(self, appender: Appender, size: int, max_write: int) -> None:
+    def __init__(self, appender: Appender, size: int, max_write: int, marks: Any = None) -> None:
         self.appender = appender
+        self.marks = marks  # the _nbdread.Reader of the same source: each write marks its range there first
         self.index_full = False  # an append said ENOSPC: no write is served here from then on (as in C)
         self.size = size
         self.max_write = max_write
@@ -91,6 +92,8 @@ class PyWriter:
     def _write(self, offset: int, data: memoryview) -> int:
         if self.index_full:
             return -1
+        if self.marks is not None:
+            self.marks.mark(offset, len(data))  # before the upper maps it
         try:
             at = self.appender.reserve(len(data))
             self.appender.write(data, at)  # on failure the space reserved stays unused: nothing points at it
@@ -103,9 +106,10 @@ class PyWriter:
         return pending
 
 
-def writer_for(source: BlockSource) -> tuple[Writer, WritableLayer] | None:
+def writer_for(source: BlockSource, marks: Any = None) -> tuple[Writer, WritableLayer] | None:
     """The writer of ``source`` (in C where the extension is built and the appender is the C one) and the upper it
-    writes to, if ``source`` is a stack over a log-structured upper that takes writes; else None."""
+    writes to, if ``source`` is a stack over a log-structured upper that takes writes; else None. ``marks``: the
+    ``_nbdread.Reader`` of the same source, where reads go in C (each write marks its range there first)."""
     if type(source) is not LsmtStack or Capability.WRITE not in source.capabilities:
         return None
     upper = source.upper
@@ -114,9 +118,9 @@ def writer_for(source: BlockSource) -> tuple[Writer, WritableLayer] | None:
     appender = upper.appender
     max_write = WRITE_SPLIT_SECTORS * SECTOR
     if _nbdwrite is not None and is_native(appender):
-        writer: Writer = _nbdwrite.Writer(appender, source.size, max_write)
+        writer: Writer = _nbdwrite.Writer(appender, source.size, max_write, marks)
     else:
-        writer = PyWriter(appender, source.size, max_write)
+        writer = PyWriter(appender, source.size, max_write, marks)
     return writer, upper
 
 
