@@ -360,3 +360,70 @@ def test_resolve_matches_sector_model(case: tuple[list[list[Row]], list[bool], i
                 want = (ZERO, k, 0) if z else (DATA, k, m + (s - o))
                 break
         assert got[s] == want, f"sector {s}: resolved to {got[s]}, the model says {want}"
+
+
+# -- the chunked mutable index ----------------------------------------------------------------------------------
+
+
+def _check_chunks(idx: MutableIndex) -> None:
+    """The chunks' own invariants: none empty, none past twice the chunk size, their last ends noted in order."""
+    chunks = idx._chunks
+    assert all(ch.offs for ch in chunks), "an empty chunk"
+    assert all(len(ch.offs) <= 2 * idx.CHUNK for ch in chunks), "a chunk past twice the chunk size"
+    assert idx._lasts == [ch.ends[-1] for ch in chunks]
+    assert len(idx) == sum(len(ch.offs) for ch in chunks)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["insert", "remove", "apply"]), log_rows()), min_size=1, max_size=6),
+       st.integers(1, 4), st.integers(0, 300), st.integers(1, 60))
+def test_chunked_index_is_the_sector_model(ops: list[tuple[str, list[Row]]], chunk: int, start: int,
+                                           span: int) -> None:
+    """Inserts, removes and applied logs on chunks of 1-4 records (splits, emptied chunks, ranges across chunks)
+    give what one flat model gives, sector by sector; rows() and covers() answer any range as the model does."""
+    idx = type("SmallChunks", (MutableIndex,), {"__slots__": (), "CHUNK": chunk})()
+    model: list[Row] = []  # every record in time order; a remove is a hole punched: kept as (o, ln, -1, ...)
+    for op, rows in ops:
+        if op == "insert":
+            for o, ln, m, z, t in rows:
+                idx.insert(o, ln, m, z, t)
+                model.append((o, ln, m, z, t))
+        elif op == "remove":
+            for o, ln, _m, _z, _t in rows:
+                idx.remove(o, ln)
+                model.append((o, ln, -1, False, -1))
+        else:
+            idx.apply(to_segments(rows))
+            model.extend(rows)
+        _check_chunks(idx)
+    per_sector: dict[int, tuple[int, bool, int]] = {}
+    for o, ln, m, z, t in model:
+        for s in range(o, o + ln):
+            if m < 0:
+                per_sector.pop(s, None)
+            else:
+                per_sector[s] = (m if z else m + (s - o), z, t)
+    got = idx.segments()
+    check_sorted_disjoint(got, "chunked index")
+    assert sector_view(got.rows()) == per_sector
+    end = start + span
+    want = [r for r in got.rows() if r[0] < end and r[0] + r[1] > start]
+    assert idx.rows(start, end, 7) == [(o, ln, m, z, 7) for o, ln, m, z, _t in want]
+    assert idx.covers(start, end) == bool(want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(log_rows(), big_logs(), st.integers(1, 5))
+def test_chunked_index_applies_big_logs(first: list[Row], log: list[Row], chunk: int) -> None:
+    """A log past the size inserted one by one is replayed and overlaid, and cut in chunks again: the same as one
+    insert each, on an index already in chunks."""
+    small: type[MutableIndex] = type("SmallChunks", (MutableIndex,), {"__slots__": (), "CHUNK": chunk})
+    idx = small.from_segments(replay(to_segments(first)))
+    _check_chunks(idx)
+    one_by_one = small.from_segments(idx.segments())
+    idx.apply(to_segments(log))
+    for o, ln, m, z, t in log:
+        one_by_one.insert(o, ln, m, z, t)
+    _check_chunks(idx)
+    _check_chunks(one_by_one)
+    assert idx.segments().rows() == one_by_one.segments().rows() == replay_model(first + log)

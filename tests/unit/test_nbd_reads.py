@@ -147,6 +147,15 @@ def test_arguments_are_checked(tmp_path: Path) -> None:
             reads.serve(b"", 1, False, 4096, 4096)
         with pytest.raises(ValueError):
             R._nbdread.Reader.__new__(R._nbdread.Reader).serve(b"", 0, False, 4096, 4096)
+        with pytest.raises(TypeError):
+            reads.reader.mark_records(array("i", [0]), array("q", [8]))
+        with pytest.raises(ValueError):
+            reads.reader.mark_records(array("q", [0, 8]), array("q", [8]))
+        # records outside the device, empty or negative, and lengths whose byte count would overflow: no harm
+        big = (1 << 63) - 1
+        reads.reader.mark_records(array("q", [-8, SIZE // 512, big, 16, 24]), array("q", [8, 8, 8, 0, big]))
+        assert not reads.reader.marked(0, 4096) and not reads.reader.marked(16 * 512, 4096)  # granules 0, 2
+        assert reads.reader.marked(24 * 512, 512) and reads.reader.marked(SIZE - 512, 512)  # 3 to the end
 
 
 def test_what_the_upper_maps_is_marked(tmp_path: Path) -> None:

@@ -186,6 +186,45 @@ static PyObject *reader_mark(Reader *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(mark_records_doc,
+             "mark_records(offsets, lengths): mark() for each record: int64 arrays of one length, in sectors (what\n"
+             "an upper maps when the Reader is made).");
+
+static PyObject *reader_mark_records(Reader *self, PyObject *args) {
+    PyObject *objs[2];
+    if (!PyArg_ParseTuple(args, "OO", &objs[0], &objs[1]))
+        return NULL;
+    Py_buffer views[2];
+    int got = 0;
+    for (; got < 2; got++) {
+        if (PyObject_GetBuffer(objs[got], &views[got], PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+            break;
+        if (views[got].itemsize != 8 || !views[got].format || !strchr("qlL", views[got].format[0])) {
+            PyBuffer_Release(&views[got]);
+            PyErr_SetString(PyExc_TypeError, "offsets and lengths must be int64 arrays");
+            break;
+        }
+    }
+    PyObject *out = NULL;
+    if (got == 2) {
+        if (views[0].len != views[1].len) {
+            PyErr_SetString(PyExc_ValueError, "offsets and lengths must have one length");
+        } else {
+            const int64_t *o = views[0].buf, *n = views[1].buf;
+            uint64_t sectors = self->size / SECTOR + 1; /* past the end: no product below overflows */
+            for (Py_ssize_t k = 0; k < views[0].len / 8; k++)
+                if (o[k] >= 0 && n[k] > 0 && (uint64_t)o[k] < sectors)
+                    mark_range(self, (uint64_t)o[k] * SECTOR,
+                               ((uint64_t)n[k] < sectors ? (uint64_t)n[k] : sectors) * SECTOR);
+            out = Py_None;
+            Py_INCREF(out);
+        }
+    }
+    while (got-- > 0)
+        PyBuffer_Release(&views[got]);
+    return out;
+}
+
 PyDoc_STRVAR(marked_doc, "marked(offset, length) -> bool: whether a read of [offset, offset+length) meets a mark\n"
                          "(for tests).");
 
@@ -201,6 +240,7 @@ static PyObject *reader_marked(Reader *self, PyObject *args) {
 static PyMethodDef reader_methods[] = {
     {"serve", (PyCFunction)reader_serve, METH_VARARGS, serve_doc},
     {"mark", (PyCFunction)reader_mark, METH_VARARGS, mark_doc},
+    {"mark_records", (PyCFunction)reader_mark_records, METH_VARARGS, mark_records_doc},
     {"marked", (PyCFunction)reader_marked, METH_VARARGS, marked_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ... import native
-from ...formats.lsmt.spec import SECTOR
 from ...formats.lsmt.view import LsmtView
 from ...source.base import BlockSource
 
@@ -62,6 +61,6 @@ def reads_for(source: BlockSource) -> Reads | None:
         return None
     reads = Reads(_nbdread.Reader(index.handle, fds, source.size))
     if upper is not None:
-        for o, n, _m, _z, _src in upper.rows(0, -(-source.size // SECTOR)):
-            reads.mark(o * SECTOR, n * SECTOR)
+        seg = upper.segments()
+        reads.reader.mark_records(seg.offset, seg.length)
     return reads

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
+from itertools import chain
+from typing import Any
 
 import numpy as np
 
@@ -154,23 +156,74 @@ def merge_layers(layers: list[Segments]) -> Segments:
     return level[0]
 
 
-class MutableIndex:
-    """An interval map for a live writable layer: insert with last-write-wins, as the reference ``Index0``.
-
-    Plain sorted Python lists: ``bisect`` lookups cost well under a microsecond.
-    """
+class _Chunk:
+    """Up to a few thousand consecutive records of a :class:`MutableIndex`, as five parallel lists."""
 
     __slots__ = ("offs", "ends", "moffs", "zeroed", "tags")
 
+    def __init__(self, offs: list[int], ends: list[int], moffs: list[int], zeroed: list[bool],
+                 tags: list[int]) -> None:
+        self.offs = offs
+        self.ends = ends
+        self.moffs = moffs
+        self.zeroed = zeroed
+        self.tags = tags
+
+    def split(self) -> _Chunk:
+        """Cut off the second half and return it as a new chunk."""
+        h = len(self.offs) // 2
+        tail = _Chunk(self.offs[h:], self.ends[h:], self.moffs[h:], self.zeroed[h:], self.tags[h:])
+        for col in (self.offs, self.ends, self.moffs, self.zeroed, self.tags):
+            del col[h:]
+        return tail
+
+
+class MutableIndex:
+    """An interval map for a live writable layer: insert with last-write-wins, as the reference ``Index0``.
+
+    Sorted Python lists cut in chunks of at most ``2 * CHUNK`` records, with the end of each chunk's last record
+    beside them: a lookup is two ``bisect`` calls, and an insert moves the records of one chunk, not of the whole
+    index (a flat list of a million records moves megabytes for every insert: milliseconds each).
+    """
+
+    __slots__ = ("_chunks", "_lasts", "_n")
+    CHUNK = 1024
+
     def __init__(self) -> None:
-        self.offs: list[int] = []
-        self.ends: list[int] = []
-        self.moffs: list[int] = []
-        self.zeroed: list[bool] = []
-        self.tags: list[int] = []
+        self._chunks: list[_Chunk] = []
+        self._lasts: list[int] = []  # the end of each chunk's last record, ascending
+        self._n = 0
 
     def __len__(self) -> int:
-        return len(self.offs)
+        return self._n
+
+    def _locate(self, start: int) -> tuple[int, int]:
+        """(chunk, position) of the first record that ends after ``start``; (number of chunks, 0) if none does."""
+        c = bisect_right(self._lasts, start)
+        if c == len(self._chunks):
+            return c, 0
+        return c, bisect_right(self._chunks[c].ends, start)
+
+    def rows(self, start: int, end: int, source: int) -> list[tuple[int, int, int, bool, int]]:
+        """The records meeting ``[start, end)``, in order, as ``(offset, length, moffset, zeroed, source)``."""
+        out: list[tuple[int, int, int, bool, int]] = []
+        chunks = self._chunks
+        c, i = self._locate(start)
+        while c < len(chunks):
+            ch = chunks[c]
+            offs = ch.offs
+            j = bisect_left(offs, end, i)
+            ends, moffs, zeroed = ch.ends, ch.moffs, ch.zeroed
+            out += [(offs[k], ends[k] - offs[k], moffs[k], zeroed[k], source) for k in range(i, j)]
+            if j < len(offs):
+                break
+            c, i = c + 1, 0
+        return out
+
+    def covers(self, start: int, end: int) -> bool:
+        """Whether any record meets ``[start, end)``."""
+        c, i = self._locate(start)
+        return c < len(self._chunks) and self._chunks[c].offs[i] < end
 
     def insert(self, offset: int, length: int, moffset: int, zeroed: bool, tag: int = 0) -> None:
         self._replace(offset, offset + length, [offset], [offset + length], [moffset], [zeroed], [tag])
@@ -181,29 +234,74 @@ class MutableIndex:
 
     def _replace(self, offset: int, end: int, new_o: list[int], new_e: list[int], new_m: list[int],
                  new_z: list[bool], new_t: list[int]) -> None:
-        offs, ends = self.offs, self.ends
-        i = bisect_right(ends, offset)
-        j = bisect_left(offs, end, i)
-        if i < j:
-            if offs[i] < offset:
-                new_o.insert(0, offs[i])
+        chunks = self._chunks
+        if not chunks:
+            if new_o:
+                chunks.append(_Chunk(new_o, new_e, new_m, new_z, new_t))
+                self._lasts.append(new_e[-1])
+                self._n = len(new_o)
+            return
+        c0, i0 = self._locate(offset)
+        if c0 == len(chunks):  # after every record: at the end of the last chunk
+            c0 -= 1
+            i0 = len(chunks[c0].offs)
+        # [(c0, i0), (c1, j1)): the records that meet [offset, end)
+        c1 = c0
+        j1 = bisect_left(chunks[c1].offs, end, i0)
+        while j1 == len(chunks[c1].offs) and c1 + 1 < len(chunks) and chunks[c1 + 1].offs[0] < end:
+            c1 += 1
+            j1 = bisect_left(chunks[c1].offs, end)
+        if c0 < c1 or i0 < j1:
+            first = chunks[c0]
+            if first.offs[i0] < offset:
+                new_o.insert(0, first.offs[i0])
                 new_e.insert(0, offset)
-                new_m.insert(0, self.moffs[i])
-                new_z.insert(0, self.zeroed[i])
-                new_t.insert(0, self.tags[i])
-            k = j - 1
-            if ends[k] > end:
-                zk = self.zeroed[k]
+                new_m.insert(0, first.moffs[i0])
+                new_z.insert(0, first.zeroed[i0])
+                new_t.insert(0, first.tags[i0])
+            last, k = chunks[c1], j1 - 1
+            if last.ends[k] > end:
+                zk = last.zeroed[k]
                 new_o.append(end)
-                new_e.append(ends[k])
-                new_m.append(self.moffs[k] if zk else self.moffs[k] + (end - offs[k]))
+                new_e.append(last.ends[k])
+                new_m.append(last.moffs[k] if zk else last.moffs[k] + (end - last.offs[k]))
                 new_z.append(zk)
-                new_t.append(self.tags[k])
-        offs[i:j] = new_o
-        ends[i:j] = new_e
-        self.moffs[i:j] = new_m
-        self.zeroed[i:j] = new_z
-        self.tags[i:j] = new_t
+                new_t.append(last.tags[k])
+        news: tuple[list[Any], ...] = (new_o, new_e, new_m, new_z, new_t)
+        first = chunks[c0]
+        cols: tuple[list[Any], ...] = (first.offs, first.ends, first.moffs, first.zeroed, first.tags)
+        if c0 == c1:
+            removed = j1 - i0
+            for col, new in zip(cols, news, strict=True):
+                col[i0:j1] = new
+        else:
+            removed = len(first.offs) - i0 + sum(len(ch.offs) for ch in chunks[c0 + 1 : c1]) + j1
+            last = chunks[c1]
+            for col, new in zip(cols, news, strict=True):
+                col[i0:] = new
+            for col in (last.offs, last.ends, last.moffs, last.zeroed, last.tags):
+                del col[:j1]
+            del chunks[c0 + 1 : c1]
+            del self._lasts[c0 + 1 : c1]
+        self._n += len(new_o) - removed
+        self._settle(c0 + 1 if c0 < c1 else c0)
+        self._settle(c0)
+
+    def _settle(self, c: int) -> None:
+        """After chunk ``c`` changed: drop it if empty, split it if too large, note its last end."""
+        chunks = self._chunks
+        if c >= len(chunks):
+            return
+        ch = chunks[c]
+        if not ch.offs:
+            del chunks[c]
+            del self._lasts[c]
+            return
+        if len(ch.offs) > 2 * self.CHUNK:
+            tail = ch.split()
+            chunks.insert(c + 1, tail)
+            self._lasts.insert(c + 1, tail.ends[-1])
+        self._lasts[c] = ch.ends[-1]
 
     def apply(self, log: Segments) -> None:
         """Insert records given in time order (a later one wins where they meet), as one insert each would."""
@@ -212,29 +310,34 @@ class MutableIndex:
                 self.insert(o, ln, m, z, t)
             return
         merged = overlay(replay(log), self.segments())
-        # every list made before any is replaced: a MemoryError leaves the index as it was
-        lists = (merged.offset.tolist(), merged.end.tolist(), merged.moffset.tolist(), merged.zeroed.tolist(),
-                 merged.tag.tolist())
-        self.offs, self.ends, self.moffs, self.zeroed, self.tags = lists
-
-    def overlapping(self, start: int, end: int) -> tuple[int, int]:
-        i = bisect_right(self.ends, start)
-        return i, max(i, bisect_left(self.offs, end, i))
+        # every chunk made before any is replaced: a MemoryError leaves the index as it was
+        chunks, lasts = _chunked(merged, self.CHUNK)
+        self._chunks, self._lasts, self._n = chunks, lasts, len(merged)
 
     def segments(self) -> Segments:
-        offs = np.asarray(self.offs, dtype=_I64)
-        return Segments(offs, np.asarray(self.ends, dtype=_I64) - offs, np.asarray(self.moffs, dtype=_I64),
-                        np.asarray(self.zeroed, dtype=bool), np.asarray(self.tags, dtype=np.int32))
+        chunks = self._chunks
+        offs = np.fromiter(chain.from_iterable(ch.offs for ch in chunks), dtype=_I64, count=self._n)
+        ends = np.fromiter(chain.from_iterable(ch.ends for ch in chunks), dtype=_I64, count=self._n)
+        return Segments(offs, ends - offs,
+                        np.fromiter(chain.from_iterable(ch.moffs for ch in chunks), dtype=_I64, count=self._n),
+                        np.fromiter(chain.from_iterable(ch.zeroed for ch in chunks), dtype=bool, count=self._n),
+                        np.fromiter(chain.from_iterable(ch.tags for ch in chunks), dtype=np.int32, count=self._n))
 
     @classmethod
     def from_segments(cls, seg: Segments) -> MutableIndex:
         idx = cls()
-        idx.offs = seg.offset.tolist()
-        idx.ends = seg.end.tolist()
-        idx.moffs = seg.moffset.tolist()
-        idx.zeroed = seg.zeroed.tolist()
-        idx.tags = seg.tag.tolist()
+        idx._chunks, idx._lasts = _chunked(seg, idx.CHUNK)
+        idx._n = len(seg)
         return idx
+
+
+def _chunked(seg: Segments, size: int) -> tuple[list[_Chunk], list[int]]:
+    """``seg`` as chunks of ``size`` records (the last may hold fewer), and the end of each chunk's last record."""
+    offs, ends = seg.offset.tolist(), seg.end.tolist()
+    moffs, zeroed, tags = seg.moffset.tolist(), seg.zeroed.tolist(), seg.tag.tolist()
+    chunks = [_Chunk(offs[k : k + size], ends[k : k + size], moffs[k : k + size], zeroed[k : k + size],
+                     tags[k : k + size]) for k in range(0, len(offs), size)]
+    return chunks, [ch.ends[-1] for ch in chunks]
 
 
 _REPLAY_LEAF = 64

@@ -197,21 +197,24 @@ class MutableLevel:
 
     def rows(self, start: int, end: int) -> list[Row]:
         """A consistent snapshot of the records (the data they point to is append-only, so it stays valid)."""
-        idx = self.index
-        src = self.source
         with self.lock:
             if self.catch_up is not None:
                 self.catch_up()
-            i, j = idx.overlapping(start, end)
-            return [(idx.offs[k], idx.ends[k] - idx.offs[k], idx.moffs[k], idx.zeroed[k], src) for k in range(i, j)]
+            return self.index.rows(start, end, self.source)
+
+    def segments(self) -> Segments:
+        """Every record now, as :class:`Segments` (tagged as the index holds them)."""
+        with self.lock:
+            if self.catch_up is not None:
+                self.catch_up()
+            return self.index.segments()
 
     def covers(self, start: int, end: int) -> bool:
         """Whether any record meets ``[start, end)`` now."""
         with self.lock:
             if self.catch_up is not None:
                 self.catch_up()
-            i, j = self.index.overlapping(start, end)
-            return j > i
+            return self.index.covers(start, end)
 
 
 def resolve(levels: Sequence[Level], start: int, end: int, depth: int = 0) -> list[Piece]:

@@ -64,8 +64,8 @@ from .view import LsmtView
 
 log = logging.getLogger(__name__)
 _MASK50, _MASK55 = (1 << 50) - 1, (1 << 55) - 1
-_FEW = 64  # records the index takes one insert at a time (or 1/32 of its records, if more); more are replayed and
-# overlaid in numpy, which costs in proportion to the whole index
+_FEW = 64  # records the index takes one insert at a time (or 1/8 of its records, if more: an insert moves the records
+# of one chunk); more are replayed and overlaid in numpy, which costs in proportion to the whole index
 CATCH_UP_AT = 1 << 16  # records appended that wait for the index until a writer maps them (lookups do at once)
 # Space allocated ahead of the appends, past the end of the files (their sizes do not change): a flush then
 # finds the blocks its writes landed in already allocated, and only marks them written.
@@ -316,7 +316,7 @@ class WritableLayer(WritableBase):
         raw = self._untaken = self._untaken + appender.take()
         self.data.size = max(self.data.size, appender.data_high)  # reads of them check bounds against size
         tag = self.source_tag
-        if len(raw) <= max(_FEW, len(self.index) // 32) * RECORD_SIZE:
+        if len(raw) <= max(_FEW, len(self.index) // 8) * RECORD_SIZE:
             for w0, w1 in RECORD.iter_unpack(raw):
                 self.index.insert(w0 & _MASK50, w0 >> 50, w1 & _MASK55, bool(w1 >> 55 & 1), tag)
         else:
