@@ -349,10 +349,17 @@ def replay(log: Segments) -> Segments:
     Same result as inserting one by one: each record survives as the connected pieces of its range that no
     later record covers. Divide and conquer (later half overlaid on the earlier half) keeps it vectorised.
     """
-    n = len(log)
-    if n == 0:
+    if len(log) == 0:
         return log
-    by_offset = _sorted(log)
+    return _replay(log, np.argsort(log.offset, kind="stable"))
+
+
+def _replay(log: Segments, order: np.ndarray) -> Segments:
+    """:func:`replay`, given ``order``: the positions of ``log``'s records sorted by offset, time order among equal
+    offsets. A half of the log in time keeps the order of the whole (filtered): one sort for the whole replay, not
+    one at every level of the recursion."""
+    n = len(log)
+    by_offset = log.take(order)
     if is_sorted_disjoint(by_offset):
         return by_offset
     if n <= _REPLAY_LEAF:
@@ -361,7 +368,9 @@ def replay(log: Segments) -> Segments:
             idx.insert(o, ln, m, z, t)
         return idx.segments()
     half = n // 2
-    return overlay(replay(log.take(slice(half, n))), replay(log.take(slice(0, half))))
+    later = order[order >= half] - half
+    earlier = order[order < half]
+    return overlay(_replay(log.take(slice(half, n)), later), _replay(log.take(slice(0, half)), earlier))
 
 
 # -- compaction (commit / merge output) ---------------------------------------------------------------------
