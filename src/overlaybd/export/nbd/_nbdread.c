@@ -117,7 +117,10 @@ static PyObject *reader_serve(Reader *self, PyObject *args) {
     size_t nfds = (size_t)self->fds.len / sizeof(int32_t);
     Py_BEGIN_ALLOW_THREADS
     for (at = (size_t)pos; done < k; done++, at += REQUEST_SIZE) {
-        nbd_parse_request(base + at, end - at, &r);
+        /* parsed again, without the GIL: a buffer rewritten meanwhile (a bytearray another thread writes to) must
+         * not make a read longer than the replies were sized for */
+        if (!nbd_parse_request(base + at, end - at, &r) || !eligible(self, &r, head, max_read, total - used))
+            break;
         nbd_put_read_head(out + used, r.handle, r.offset, r.length, structured);
         if (self->api->read(self->index, fds, nfds, (int64_t)(r.offset / SECTOR), (char *)out + used + head,
                             (int64_t)(r.length / SECTOR)) < 0)

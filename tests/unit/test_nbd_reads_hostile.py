@@ -1,0 +1,88 @@
+"""Plain NBD reads in C (``export.nbd.reads``) under a careless or hostile caller, client or operator."""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from overlaybd.export.nbd import protocol as nbd
+from overlaybd.export.nbd import reads as R
+from overlaybd.volume import Volume
+from tests.native import require_extension
+
+KiB = 1024
+MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def _c_reader() -> None:
+    require_extension(R._nbdread, R.NBDREAD)
+
+
+def req(cmd: int, handle: int, offset: int, length: int, flags: int = 0, payload: bytes = b"") -> bytes:
+    return nbd.REQUEST.pack(nbd.REQUEST_MAGIC, flags, cmd, handle, offset, length) + payload
+
+
+def filled(tmp_path: Path, size: int, name: str = "vol") -> tuple[Volume, bytes]:
+    """A volume of ``size`` bytes of one snapshot, every byte written (a pattern that differs at every sector)."""
+    vol = Volume.create(str(tmp_path / name), size)
+    image = b"".join(struct.pack(">Q", k) * 64 for k in range(size // 512))
+    with vol.open(writable=True) as dev:
+        dev.pwrite(0, image)
+    vol.snapshot("all")
+    return vol, image
+
+
+def chunks(replies: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """The structured replies of serve(): (handle, offset, data) of each OFFSET_DATA chunk, all of them DONE."""
+    at = 0
+    while at < len(replies):
+        magic, flags, kind, handle, length = struct.unpack_from(">IHHQI", replies, at)
+        assert (magic, flags, kind) == (nbd.STRUCTURED_REPLY_MAGIC, nbd.REPLY_FLAG_DONE, nbd.REPLY_TYPE_OFFSET_DATA)
+        offset = int.from_bytes(replies[at + 20 : at + 28], "big")
+        yield handle, offset, replies[at + 28 : at + 20 + length]
+        at += 20 + length
+    assert at == len(replies)
+
+
+def test_requests_rewritten_while_the_reads_run_never_overrun_the_replies(tmp_path: Path) -> None:
+    """serve() sizes the replies of the requests it takes, then reads their data without the GIL, parsing the
+    requests again: a buffer that another thread rewrites meanwhile (a bytearray) must not make it write past the
+    replies (it did: a heap overflow, the interpreter aborted). Whatever it serves is what the replies say."""
+    vol, image = filled(tmp_path, 24 * MiB)
+    first = req(nbd.CMD_READ, 1, 0, 16 * MiB)
+    small = first + b"".join(req(nbd.CMD_READ, h, h * 4096, 512) for h in range(2, 40))
+    grown = first + b"".join(req(nbd.CMD_READ, h, h * 4096, 8 * MiB) for h in range(2, 40))
+    data = bytearray(small)
+    go, done, stop = threading.Event(), threading.Event(), threading.Event()
+
+    def rewrite() -> None:  # once a round, as soon as it gets the GIL (serve() lets it go to read)
+        while go.wait() and not stop.is_set():
+            go.clear()
+            data[:] = grown
+            done.set()
+
+    t = threading.Thread(target=rewrite)
+    t.start()
+    try:
+        with vol.open() as dev:
+            reads = R.reads_for(dev)
+            assert reads is not None
+            for _ in range(20):
+                data[:] = small
+                go.set()
+                pos, replies, count = reads.serve(data, 0, True, 32 * MiB, 1 << 30)
+                assert done.wait(10)
+                done.clear()
+                served = list(chunks(replies))
+                assert (pos, count) == (count * nbd.REQUEST.size, len(served)) and count >= 1
+                for k, (handle, offset, got) in enumerate(served):
+                    assert handle == k + 1 and got == image[offset : offset + len(got)]
+    finally:
+        stop.set()
+        go.set()
+        t.join(10)
