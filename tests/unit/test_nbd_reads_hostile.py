@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,3 +87,15 @@ def test_requests_rewritten_while_the_reads_run_never_overrun_the_replies(tmp_pa
         stop.set()
         go.set()
         t.join(10)
+
+
+def test_a_negative_size_is_refused(tmp_path: Path) -> None:
+    vol, _ = filled(tmp_path, 1 * MiB)
+    with vol.open() as dev:
+        plan = dev.direct_plan()
+        assert plan is not None
+        _, index, fds = plan
+        with pytest.raises(ValueError):
+            R._nbdread.Reader(index.handle, fds, -1)  # it was taken as 2**64 - 1: reads past the end were served
+        reader = R._nbdread.Reader(index.handle, array("i", list(fds)), dev.size)
+        assert reader.serve(req(nbd.CMD_READ, 1, 1 << 30, 4096), 0, False, MiB, MiB) == (0, b"", 0)

@@ -44,9 +44,13 @@ static void reader_dealloc(Reader *self) {
 static int reader_init(Reader *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"index", "fds", "size", NULL};
     PyObject *handle, *fds;
-    unsigned long long size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOK", kwlist, &handle, &fds, &size))
+    long long size;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOL", kwlist, &handle, &fds, &size))
         return -1;
+    if (size < 0) {
+        PyErr_SetString(PyExc_ValueError, "size must not be negative");
+        return -1;
+    }
     if (self->handle) {
         PyErr_SetString(PyExc_RuntimeError, "Reader is already initialised");
         return -1;
@@ -68,7 +72,7 @@ static int reader_init(Reader *self, PyObject *args, PyObject *kwds) {
     self->handle = handle;
     self->index = index;
     self->api = api;
-    self->size = size;
+    self->size = (uint64_t)size;
     return 0;
 }
 
