@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 from array import array
@@ -12,8 +13,13 @@ import pytest
 
 from overlaybd.export.nbd import protocol as nbd
 from overlaybd.export.nbd import reads as R
+from overlaybd.export.nbd.server import NbdServer
+from overlaybd.export.served import ServedVolume
+from overlaybd.formats.lsmt.stack import LsmtStack
 from overlaybd.volume import Volume
 from tests.native import require_extension
+from tests.nbd_client import Client
+from tests.unit.nbd_thread import listening
 
 KiB = 1024
 MiB = 1 << 20
@@ -87,6 +93,45 @@ def test_requests_rewritten_while_the_reads_run_never_overrun_the_replies(tmp_pa
         stop.set()
         go.set()
         t.join(10)
+
+
+def test_a_source_closed_in_place_is_not_read_through_stale_descriptors(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot of a served volume closes the source, snapshots, reopens it; when the reopen fails, the export
+    keeps the closed source, whose reads fail (EIO). The C reads made for it must fail too: they read through
+    the descriptors it had, which the process hands out again to the next files it opens (here a file of 0xEE:
+    its bytes came back as the volume's)."""
+    vol, image = filled(tmp_path, 4 * MiB)
+    filler = tmp_path / "filler"
+    filler.write_bytes(b"\xee" * (8 * MiB))
+    served = ServedVolume(vol)
+    held: list[int] = []
+    try:
+        path = str(tmp_path / "s.sock")
+        with listening(NbdServer(served.exports, workers=2), path):
+            c = Client(path)
+            c.go("")
+            c.request(nbd.CMD_READ, 1, 8192, 4096)
+            assert c.simple(4096) == (1, 0, image[8192:12288])
+            reads = served.main.reads()
+            assert reads is not None and reads.reader.served == 1
+
+            def cannot_open(**kwargs: object) -> LsmtStack:
+                raise OSError(24, "Too many open files")
+
+            with monkeypatch.context() as m:
+                m.setattr(vol, "open", cannot_open)
+                with pytest.raises(OSError):
+                    served._snapshot_now("s", None)  # as the server runs it between requests
+            held += [os.open(filler, os.O_RDONLY) for _ in range(64)]  # the lowest numbers free: the closed ones
+            c.request(nbd.CMD_READ, 2, 8192, 4096)
+            assert c.simple(4096)[:2] == (2, nbd.EIO)  # it was (2, 0) and the filler's 0xEE bytes
+            assert reads.reader.served == 1
+            c.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        served._owned.close()  # not close(): it would flush the closed source
 
 
 def test_a_negative_size_is_refused(tmp_path: Path) -> None:
