@@ -15,6 +15,7 @@ one request at a time.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,15 +38,16 @@ class Reads:
     upper: MutableLevel | None
     sectors: int
     source: LsmtView
-    plan: object  # the source's direct plan the reader was made from: its descriptors are open while it stands
+    fds: array[int]  # the descriptors the reader reads, as the source had them
 
     def answers(self) -> bool:
-        """Whether the merged index alone answers reads now: the source is open still (closing it drops the plan
-        whose descriptors the reader holds: the process hands those numbers out again), and the upper (having taken
-        the records its log holds) maps nothing. Once it maps something it never maps nothing again while open (a
-        trim maps a hole too)."""
-        return self.source.direct_plan() is self.plan and (self.upper is None
-                                                           or not self.upper.covers(0, self.sectors))
+        """Whether the merged index alone answers reads now: the source still has the descriptors the reader
+        reads (a source closed in place has none: the process hands those numbers out again), and the upper
+        (having taken the records its log holds) maps nothing. Once it maps something it never maps nothing again
+        while open (a trim maps a hole too)."""
+        plan = self.source.direct_plan()  # worked out again once the source is closed
+        return plan is not None and plan[2] == self.fds and (self.upper is None
+                                                             or not self.upper.covers(0, self.sectors))
 
     def serve(self, data: bytes, pos: int, structured: bool, max_read: int, limit: int) -> tuple[int, bytes, int]:
         """Serve the reads at the front of ``data[pos:]`` whose replies fit in ``limit`` bytes: (where the first
@@ -65,4 +67,4 @@ def reads_for(source: BlockSource) -> Reads | None:
     upper, index, fds = plan
     if index.handle is None or any(fd < 0 for fd in fds[: len(fds) - (upper is not None)]):
         return None
-    return Reads(_nbdread.Reader(index.handle, fds, source.size), upper, -(-source.size // SECTOR), source, plan)
+    return Reads(_nbdread.Reader(index.handle, fds, source.size), upper, -(-source.size // SECTOR), source, fds)
