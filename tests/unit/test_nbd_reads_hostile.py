@@ -377,3 +377,33 @@ def test_replies_of_reads_pipelined_before_a_disconnect_all_arrive(tmp_path: Pat
             assert c.s.recv(1) == b""  # then the server closes
             reads = export.reads()
             assert reads is not None and reads.reader.served > 1000
+
+
+def test_after_a_snapshot_the_reads_in_c_see_what_was_written_before_it(tmp_path: Path) -> None:
+    """A served volume written to (its upper maps something: the generic path reads), then snapshotted: the new
+    source's upper is empty, so the C reads serve again, from the new merged index, which holds the writes (a
+    reader left over from the old source would have read the old layers)."""
+    vol, image = filled(tmp_path, 4 * MiB)
+    served = ServedVolume(vol)
+    try:
+        path = str(tmp_path / "s.sock")
+        with listening(NbdServer(served.exports, workers=2), path):
+            c = Client(path)
+            c.go("")
+            model = bytearray(image)
+            for k in range(3):
+                c.request(nbd.CMD_WRITE, 1, k * MiB + 4096, 8192, payload=bytes([0x40 + k]) * 8192)
+                assert c.simple()[:2] == (1, 0)
+                model[k * MiB + 4096 : k * MiB + 12288] = bytes([0x40 + k]) * 8192
+                old = served.main.reads()
+                served._snapshot_now(f"s{k}", None)  # as the server runs it between requests
+                reads = served.main.reads()
+                assert reads is not None and reads is not old and reads.answers()
+                asked = {h: (k * MiB + h * 2048, 4096) for h in range(1, 8)}
+                c.s.sendall(b"".join(req(nbd.CMD_READ, h, off, n) for h, (off, n) in asked.items()))
+                got = _answers(c, False, {h: n for h, (_, n) in asked.items()})
+                assert got == {h: (0, bytes(model[off : off + n])) for h, (off, n) in asked.items()}
+                assert reads.reader.served == len(asked)
+            c.close()
+    finally:
+        served.close()

@@ -43,8 +43,9 @@ class Reads:
     def answers(self) -> bool:
         """Whether the merged index alone answers reads now: the source still has the descriptors the reader
         reads (a source closed in place has none: the process hands those numbers out again), and the upper
-        (having taken the records its log holds) maps nothing. Once it maps something it never maps nothing again
-        while open (a trim maps a hole too)."""
+        (having taken the records its log holds) maps nothing. A log-structured upper that maps something never
+        maps nothing again while open (a trim maps a hole too); a sparse one does once all it maps is trimmed (the
+        layers below show through), and the index answers again."""
         plan = self.source.direct_plan()  # worked out again once the source is closed
         return plan is not None and plan[2] == self.fds and (self.upper is None
                                                              or not self.upper.covers(0, self.sectors))
