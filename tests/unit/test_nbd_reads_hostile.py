@@ -21,6 +21,7 @@ import pytest
 from overlaybd.export.nbd import protocol as nbd
 from overlaybd.export.nbd import reads as R
 from overlaybd.export.nbd.connection import SENDFILE_MIN
+from overlaybd.export.nbd.limits import Limits
 from overlaybd.export.nbd.server import Export, NbdServer
 from overlaybd.export.served import ServedVolume
 from overlaybd.formats.detect import open_layer
@@ -414,3 +415,35 @@ def test_after_a_snapshot_the_reads_in_c_see_what_was_written_before_it(tmp_path
             c.close()
     finally:
         served.close()
+
+
+def test_a_flood_of_small_reads_nobody_takes_stops_and_is_dropped(tmp_path: Path) -> None:
+    """400,000 reads of 512 bytes (200 MiB of replies) sent by a client that takes no reply: the server serves
+    them only while the socket takes the replies (it holds one batch at most beyond that), then reads no more
+    requests, drops the client once no reply byte is taken for reply_timeout, and serves the others."""
+    vol, image = filled(tmp_path, 4 * MiB)
+    with vol.open() as dev:
+        export = Export("", dev, readonly=True, inline=True)
+        path = str(tmp_path / "s.sock")
+        with listening(NbdServer([export], workers=2, limits=Limits(reply_timeout=1)), path):
+            hostile = Client(path, receive_buffer=4096)
+            hostile.go("")
+            count = 400_000
+            flood = b"".join(req(nbd.CMD_READ, h, h * 512 % (4 * MiB), 512) for h in range(count))
+            sent = 0
+            try:
+                while sent < len(flood):
+                    sent += hostile.s.send(flood[sent : sent + 65536])
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # dropped while sending: the server stopped reading long before
+            except TimeoutError:
+                pytest.fail("the server neither read the requests nor dropped the client")
+            taken = hostile.read_until_closed()  # what was queued for it, then the end: it was dropped
+            hostile.close()
+            assert taken < count * 528 // 3  # far from all of them were served (the socket took 16 MiB)
+            c = Client(path)
+            c.go("")
+            c.request(nbd.CMD_READ, 1, 4096, 4096)
+            assert c.simple(4096) == (1, 0, image[4096:8192])
+            c.close()
+            assert served_in_c(export) * 528 <= taken + 2 * MiB or R._nbdread is None
