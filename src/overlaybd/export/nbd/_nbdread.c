@@ -72,9 +72,13 @@ static void reader_dealloc(Reader *self) {
 static int reader_init(Reader *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"index", "fds", "size", NULL};
     PyObject *handle, *fds;
-    unsigned long long size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOK", kwlist, &handle, &fds, &size))
+    long long size;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOL", kwlist, &handle, &fds, &size))
         return -1;
+    if (size < 0) {
+        PyErr_SetString(PyExc_ValueError, "size must not be negative");
+        return -1;
+    }
     if (self->handle) {
         PyErr_SetString(PyExc_RuntimeError, "Reader is already initialised");
         return -1;
@@ -108,7 +112,7 @@ static int reader_init(Reader *self, PyObject *args, PyObject *kwds) {
     self->handle = handle;
     self->index = index;
     self->api = api;
-    self->size = size;
+    self->size = (uint64_t)size;
     return 0;
 }
 
@@ -158,7 +162,10 @@ static PyObject *reader_serve(Reader *self, PyObject *args) {
     size_t nfds = (size_t)self->fds.len / sizeof(int32_t);
     Py_BEGIN_ALLOW_THREADS
     for (at = (size_t)pos; done < k; done++, at += REQUEST_SIZE) {
-        nbd_parse_request(base + at, end - at, &r);
+        /* parsed again, without the GIL: a buffer rewritten meanwhile (a bytearray another thread writes to) must
+         * not make a read longer than the replies were sized for */
+        if (!nbd_parse_request(base + at, end - at, &r) || !eligible(self, &r, head, max_read, total - used))
+            break;
         nbd_put_read_head(out + used, r.handle, r.offset, r.length, structured);
         if (self->api->read(self->index, fds, nfds, (int64_t)(r.offset / SECTOR), (char *)out + used + head,
                             (int64_t)(r.length / SECTOR)) < 0)

@@ -437,7 +437,7 @@ class Connection:
             return pos
         try:
             reads = self.session.export.reads()  # after try_enter(): the source does not change until leave()
-            if reads is None:
+            if reads is None or not reads.current():
                 self._slots.release(1)
                 return pos
             # reads from SENDFILE_MIN on go out with sendfile where they can (_send_spans), without a copy

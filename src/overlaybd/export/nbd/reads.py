@@ -18,6 +18,7 @@ one request at a time.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,15 @@ class Reads:
     """The C reader of one source."""
 
     reader: Any  # _nbdread.Reader
+    source: LsmtView
+    fds: array[int]  # the descriptors the reader reads, as the source had them
+
+    def current(self) -> bool:
+        """Whether the source still has the descriptors the reader reads: one closed in place (a served volume's
+        snapshot whose reopen failed keeps the closed source) has none, and the process hands those numbers out
+        again to the next files it opens."""
+        plan = self.source.direct_plan()  # worked out again once the source is closed
+        return plan is not None and plan[2] == self.fds
 
     def serve(self, data: bytes, pos: int, structured: bool, max_read: int, limit: int) -> tuple[int, bytes, int]:
         """Serve the reads at the front of ``data[pos:]`` whose replies fit in ``limit`` bytes: (where the first
@@ -59,7 +69,7 @@ def reads_for(source: BlockSource) -> Reads | None:
     upper, index, fds = plan
     if index.handle is None or any(fd < 0 for fd in fds[: len(fds) - (upper is not None)]):
         return None
-    reads = Reads(_nbdread.Reader(index.handle, fds, source.size))
+    reads = Reads(_nbdread.Reader(index.handle, fds, source.size), source, fds)
     if upper is not None:
         seg = upper.segments()
         reads.reader.mark_records(seg.offset, seg.length)
