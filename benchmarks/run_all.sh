@@ -29,6 +29,7 @@ runs=(
   "bench_zfile_screen"
   "bench_nbd_floor"
   "bench_nbd --only metrics"
+  "bench_nbd_upper"
   "bench_mirror"
   "bench_startup"
   "bench_export"
