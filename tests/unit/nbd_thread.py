@@ -7,13 +7,15 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from overlaybd.export import eventloop
 from overlaybd.export.nbd.server import NbdServer
 
 
 @contextmanager
 def listening(srv: NbdServer, path: str) -> Iterator[None]:
-    """``srv`` listening on ``path`` until the block ends; then closed, its loop stopped and closed."""
-    loop = asyncio.new_event_loop()
+    """``srv`` listening on ``path`` until the block ends, on the kind of loop ``overlaybd serve`` runs on; then
+    closed, its loop stopped and closed."""
+    loop = eventloop.new_loop()
     started = threading.Event()
 
     def run() -> None:

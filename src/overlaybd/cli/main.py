@@ -36,10 +36,11 @@ class _Version(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
                  option_string: str | None = None) -> None:
         from .. import native  # the extensions, loaded for --version only
+        from ..export import eventloop
 
         print(f"overlaybd {__version__}\nZFile blocks: {native.describe_blocks()}\n"
               f"cache reads: {native.describe_hits()}\nindex lookups: {native.describe_lookups()}\n"
-              f"layer appends: {native.describe_writes()}")
+              f"layer appends: {native.describe_writes()}\nserve event loop: {eventloop.describe()}")
         parser.exit()
 
 

@@ -12,6 +12,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from ..errors import UsageError
+from ..export import eventloop
 from ..export.nbd.limits import Limits
 from ..export.nbd.server import Export, serve
 from ..export.served import ServedVolume
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
                 loop.add_signal_handler(signal.SIGUSR1, _print_figures, recorder)
             await serving(listen, ready=ready, stop=stop, workers=args.workers, limits=limits, metrics=recorder)
 
-        asyncio.run(until_signalled())
+        eventloop.run(until_signalled())
     return 0
 
 

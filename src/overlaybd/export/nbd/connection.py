@@ -730,11 +730,11 @@ class Connection:
                 if sent >= len(part):
                     sent -= len(part)
                     continue
-                transport.write(memoryview(part)[sent:] if sent else part)
+                transport.write(_owned(part, sent))
                 sent = 0
             return True
         for part in reply:
-            transport.write(part)
+            transport.write(_owned(part, 0))
         return True
 
     def _sent(self) -> int:
@@ -756,6 +756,15 @@ class Connection:
                 if self._sent() == before:
                     self.drop(f"took no reply byte for {timeout:g} s (--reply-timeout)")
                     raise EndConnection(f"took no reply byte for {timeout:g} s") from None
+
+
+def _owned(part: bytes | memoryview, skip: int) -> bytes | memoryview:
+    """What to queue in the transport for ``part[skip:]``: bytes as they are (immutable), a copy of anything else. The
+    transport may keep what it is given until it is sent (uvloop's does; asyncio's copies it), and a view of a pooled
+    buffer must not outlive the reply: the buffer goes back to the pool, or its mapping could not be closed."""
+    if type(part) is bytes:
+        return memoryview(part)[skip:] if skip else part
+    return bytes(memoryview(part)[skip:])
 
 
 _zeros: mmap.mmap | None = None
