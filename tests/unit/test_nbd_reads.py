@@ -20,6 +20,7 @@ from overlaybd.export.nbd import writes as W
 from overlaybd.export.nbd.limits import Limits
 from overlaybd.export.nbd.server import Export, NbdServer
 from overlaybd.formats.lsmt.stack import LsmtStack
+from overlaybd.metrics import Recorder
 from overlaybd.source.base import ExtentKind
 from overlaybd.source.file import FileSource
 from overlaybd.volume import Volume
@@ -297,3 +298,44 @@ def test_a_small_budget_still_serves_every_read(tmp_path: Path) -> None:
         for h, (off, n) in asked.items():
             assert got[h] == dev.pread(off, n), h
         c.close()
+
+
+class Counted(Recorder):
+    """A recorder that keeps every request it is told of."""
+
+    active = True
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, int, float, int]] = []
+
+    def request(self, command: str, nbytes: int, seconds: float, error: int = 0) -> None:
+        self.requests.append((command, nbytes, seconds, error))
+
+
+def test_reads_and_writes_served_in_one_call_are_counted_each(tmp_path: Path) -> None:
+    """With a recorder (``--metrics``), pipelined reads and writes still go the one-call way, and each is counted
+    with its own length before its reply goes."""
+    with layered(tmp_path).open(writable=True) as dev:
+        export = Export("", dev, inline=True)
+        counted = Counted()
+        path = str(tmp_path / "s.sock")
+        with listening(NbdServer([export], workers=2, metrics=counted), path):
+            c = Client(path)
+            c.go("")
+            reads = {h: (h * 8192, 512 * h) for h in range(1, 40)}
+            c.s.sendall(b"".join(req(nbd.CMD_READ, h, off, n) for h, (off, n) in reads.items()))
+            got = _read_all(c, False, reads)
+            assert all(got[h] == dev.pread(off, n) for h, (off, n) in reads.items())
+            writes = [req(nbd.CMD_WRITE, 100 + k, (1 << 20) + k * 4096, 1024, payload=b"\x33" * 1024)
+                      for k in range(30)]
+            c.s.sendall(b"".join(writes))
+            for _ in writes:
+                assert c.simple()[1] == 0
+            c.close()
+        made = export.reads()
+        assert made is not None and made.reader.served >= 30
+        writer = export.writes()
+        assert writer is not None and writer[0].served >= 20
+    assert sorted(n for cmd, n, _, _ in counted.requests if cmd == "READ") == sorted(n for _, n in reads.values())
+    assert [n for cmd, n, _, _ in counted.requests if cmd == "WRITE"] == [1024] * 30
+    assert all(seconds >= 0 and error == 0 for _, _, seconds, error in counted.requests)

@@ -324,7 +324,7 @@ class Connection:
         body = length if command == CMD_WRITE else 0
         if body > SMALL_PAYLOAD or len(data) - pos - size < body:
             return pos
-        if command == CMD_WRITE and not flags and self.res.metrics is None:
+        if command == CMD_WRITE and not flags:
             served = self._serve_writes(data, pos)
             if served != pos:
                 return served
@@ -403,6 +403,7 @@ class Connection:
                 self._release(n)
                 return pos
             writer, upper = writes
+            started = time.perf_counter() if self.res.metrics is not None else 0.0
             try:
                 end, replies, count, pending = writer.serve(data, pos, self.session.structured)
             except MemoryError:
@@ -410,6 +411,8 @@ class Connection:
             if not count:
                 self._release(n)
                 return pos
+            if self.res.metrics is not None:  # before the replies go: a client that has one finds it counted
+                self._count_served("WRITE", data, pos, count, True, started)
             export.flusher.wrote()  # before the replies go: a FLUSH that follows covers these writes
             self.res.admitted += count - 1
             self._batch.append(replies)
@@ -421,9 +424,20 @@ class Connection:
         finally:
             self.res.gate.leave()
 
+    def _count_served(self, command: str, data: bytes, pos: int, count: int, payloads: bool, started: float) -> None:
+        """Count the ``count`` requests at ``data[pos:]`` served in one call, each as taking the call's time (their
+        replies go out together once the requests that arrived are served)."""
+        metrics = self.res.metrics
+        assert metrics is not None
+        seconds = time.perf_counter() - started
+        for _ in range(count):
+            length = REQUEST.unpack_from(data, pos)[5]
+            metrics.request(command, length, seconds)
+            pos += REQUEST.size + (length if payloads else 0)
+
     def _plain_read(self, flags: int, length: int) -> bool:
-        """A READ that :meth:`_serve_reads` may serve: inline, no flag but DF, and no metrics to count it."""
-        return not flags & ~CMD_FLAG_DF and self.res.metrics is None and self._inline_command(CMD_READ, flags, length)
+        """A READ that :meth:`_serve_reads` may serve: inline, no flag but DF."""
+        return not flags & ~CMD_FLAG_DF and self._inline_command(CMD_READ, flags, length)
 
     def _serve_reads(self, data: bytes, pos: int) -> int:
         """Serve the plain reads at ``data[pos:]`` in one call (see :mod:`.reads`), their replies joining the batch:
@@ -442,10 +456,13 @@ class Connection:
                 return pos
             # reads from SENDFILE_MIN on go out with sendfile where they can (_send_spans), without a copy
             max_read = SENDFILE_MIN - 1 if self._sendfile else INLINE_MAX
+            started = time.perf_counter() if self.res.metrics is not None else 0.0
             end, replies, count = reads.serve(data, pos, self.session.structured, max_read, room)
             if not count:
                 self._slots.release(1)
                 return pos
+            if self.res.metrics is not None:  # before the replies go: a client that has one finds it counted
+                self._count_served("READ", data, pos, count, False, started)
             n = REQUEST_OVERHEAD + len(replies)
             self.budget.take(n)  # within the room of both
             self.res.budget.take(n)
