@@ -36,6 +36,12 @@ def _full_soon(tmp_path: Path, records: int) -> Iterator[LsmtStack]:
         upper.close()
 
 
+def _data_end(stack: LsmtStack) -> int:
+    """Where the upper's next data would go (a refused write must not move it)."""
+    assert isinstance(stack.upper, WritableLayer)
+    return int(stack.upper.appender.data_end)
+
+
 def test_the_fuse_export_answers_enospc_once_the_index_is_full(tmp_path: Path) -> None:
     with _full_soon(tmp_path, 2) as stack:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -47,14 +53,14 @@ def test_the_fuse_export_answers_enospc_once_the_index_is_full(tmp_path: Path) -
             k = Kernel(theirs)
             for n in range(2):
                 assert k.ask(F.WRITE, _rw(n * 4096, 4096) + bytes([n + 1]) * 4096)[0] == 0
+            size, data_end = os.path.getsize(tmp_path / "u.data"), _data_end(stack)
             err, _ = k.ask(F.WRITE, _rw(8192, 4096) + b"\x03" * 4096)
             assert err == errno.ENOSPC
             if F._fusedev is not None:
                 assert device.served_natively == 2  # the refused one went to Python, which answered the error
-            size = os.path.getsize(tmp_path / "u.data")
-            for n in range(3):  # later ones take no space in the data file (C leaves them to Python at once)
+            for n in range(3):  # neither it nor later ones take space in the data file
                 assert k.ask(F.WRITE, _rw(16384 + n * 4096, 4096) + b"\x04" * 4096)[0] == errno.ENOSPC
-            assert os.path.getsize(tmp_path / "u.data") == size
+            assert (os.path.getsize(tmp_path / "u.data"), _data_end(stack)) == (size, data_end)
             err, body = k.ask(F.READ, _rw(0, 12288))
             assert err == 0 and body == b"\x01" * 4096 + b"\x02" * 4096 + bytes(4096)
         finally:
@@ -77,14 +83,14 @@ def test_the_nbd_server_answers_enospc_once_the_index_is_full(tmp_path: Path) ->
             c.go("", size=SIZE)
             c.request(nbd.CMD_WRITE, 1, 0, 4096, payload=b"\x01" * 4096)
             assert c.simple() == (1, 0, b"")
+            size, data_end = os.path.getsize(tmp_path / "u.data"), _data_end(stack)
             c.request(nbd.CMD_WRITE, 2, 4096, 4096, payload=b"\x02" * 4096)
             assert c.simple() == (2, nbd.ENOSPC, b"")
-            size = os.path.getsize(tmp_path / "u.data")
-            for n in range(3):  # later ones take no space in the data file (the C writer leaves them to Python)
+            for n in range(3):  # neither it nor later ones take space in the data file
                 c.request(nbd.CMD_WRITE, 10 + n, 8192 + n * 4096, 4096, payload=b"\x04" * 4096)
             for n in range(3):
                 assert c.simple() == (10 + n, nbd.ENOSPC, b"")
-            assert os.path.getsize(tmp_path / "u.data") == size
+            assert (os.path.getsize(tmp_path / "u.data"), _data_end(stack)) == (size, data_end)
             c.request(nbd.CMD_READ, 3, 0, 8192)
             assert c.simple(8192) == (3, 0, b"\x01" * 4096 + bytes(4096))
             c.close()

@@ -381,8 +381,12 @@ static int serve_write(Disk *self, PyThreadState **ts, const char *in, size_t le
         return 0;
     mark_range(self, offset, size); /* before the upper maps it */
     uint64_t at;
-    if (self->api->reserve(self->appender, size, &at) < 0)
-        return 0;
+    int rc = self->api->reserve(self->appender, size, &at);
+    if (rc < 0) {
+        if (rc == -ENOSPC) /* the index takes no record more: it never shrinks while the layer is open */
+            __atomic_store_n(&self->index_full, 1, __ATOMIC_RELAXED);
+        return 0; /* Python writes it again and answers the error */
+    }
     if (self->hold)
         hold_write(self, unique);
     if (self->api->write(self->appender, in + IN_HEADER_SIZE + WRITE_IN_SIZE, size, at) < 0)
@@ -390,7 +394,7 @@ static int serve_write(Disk *self, PyThreadState **ts, const char *in, size_t le
     /* the record: offset | length << 50, moffset (zeroed bit 55 clear), in sectors, little-endian */
     uint64_t rec[2] = {htole64(offset / SECTOR | (uint64_t)(size / SECTOR) << 50), htole64(at / SECTOR)};
     size_t pending;
-    int rc = self->api->append(self->appender, (const char *)rec, sizeof rec, at + size, &pending);
+    rc = self->api->append(self->appender, (const char *)rec, sizeof rec, at + size, &pending);
     if (rc < 0) {
         if (rc == -ENOSPC) /* the index never shrinks while the layer is open */
             __atomic_store_n(&self->index_full, 1, __ATOMIC_RELAXED);

@@ -135,13 +135,17 @@ static int do_write(Writer *self, const char *data, uint64_t offset, uint32_t le
         return -1;
     if (self->marks)
         self->marks_api->mark(self->marks, offset, length); /* before the upper maps it */
-    if (self->api->reserve(self->appender, length, &at) < 0)
+    int rc = self->api->reserve(self->appender, length, &at);
+    if (rc < 0) {
+        if (rc == -ENOSPC) /* the index takes no record more: it never shrinks while the layer is open */
+            __atomic_store_n(&self->index_full, 1, __ATOMIC_RELAXED);
         return -1;
+    }
     if (self->api->write(self->appender, data, length, at) < 0)
         return -1; /* the space reserved stays unused: nothing points at it */
     /* the record: offset | length << 50, moffset (zeroed bit 55 clear), in sectors, little-endian */
     uint64_t rec[2] = {htole64(offset / SECTOR | (uint64_t)(length / SECTOR) << 50), htole64(at / SECTOR)};
-    int rc = self->api->append(self->appender, (const char *)rec, sizeof rec, at + length, pending);
+    rc = self->api->append(self->appender, (const char *)rec, sizeof rec, at + length, pending);
     if (rc == -ENOSPC)
         __atomic_store_n(&self->index_full, 1, __ATOMIC_RELAXED);
     return rc < 0 ? -1 : 0;

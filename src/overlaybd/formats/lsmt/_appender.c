@@ -77,6 +77,8 @@ static int do_reserve(PyObject *obj, uint64_t length, uint64_t *at) {
     pthread_mutex_lock(&self->data_mu);
     if (self->data_fd < 0) {
         rc = -EBADF;
+    } else if (LOAD(self->index_end) + RECORD > self->index_limit) {
+        rc = -ENOSPC; /* the index takes no record more: no data space for one (its append would be refused) */
     } else {
         *at = self->data_end;
         uint64_t ahead = self->data_ahead;

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from ... import native
 from ...source.file import allocate_ahead
+from .header import RECORD_SIZE
 
 APPENDER = native.APPENDER
 _appender: Any = native.load(APPENDER)
@@ -55,7 +56,8 @@ class Appender(Protocol):
         """The highest data-file end of a record appended so far."""
 
     def reserve(self, length: int) -> int:
-        """Where ``length`` bytes of new data go in the data file: the space is the caller's."""
+        """Where ``length`` bytes of new data go in the data file: the space is the caller's. ENOSPC once the index
+        file takes no record more (the record of that data would be refused)."""
 
     def write(self, data: bytes | memoryview, at: int) -> None:
         """Write ``data`` at byte ``at`` of the data file (space :meth:`reserve` gave); OSError if that fails."""
@@ -102,6 +104,8 @@ class PyAppender:
     def reserve(self, length: int) -> int:
         with self._data_lock:
             _check_open(self._data_fd)
+            if self.index_end + RECORD_SIZE > self._index_limit:  # as in C: no data space for a refused record
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             at = self.data_end
             if at + length > self.data_ahead:
                 self.data_ahead = at + length + self._data_step

@@ -370,6 +370,8 @@ class WritableLayer(WritableBase):
         try:
             return self.appender.reserve(length)
         except OSError as exc:
+            if exc.errno == errno.ENOSPC:  # the index filled since _append looked (another writer)
+                raise self._full(1) from exc
             raise LayerIOError(f"cannot reserve space: {exc.strerror}", path=self.name) from exc
 
     def _write_aligned(self, offset: int, data: memoryview) -> None:
