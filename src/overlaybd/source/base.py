@@ -9,9 +9,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Self
 
 from ..errors import OutOfBoundsError, ReadOnlyError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing (mypy reads the name alone)
+if TYPE_CHECKING:
+    from typing import Self
 
 
 class ExtentKind(enum.Enum):

@@ -1,4 +1,7 @@
-"""Block codecs: raw LZ4 blocks and zstd frames. All release the GIL while they work."""
+"""Block codecs: raw LZ4 blocks and zstd frames. All release the GIL while they work.
+
+The Python block path's (``blocks.PythonRuns``): the C path loads none of lz4, zstandard or ctypes, so this module
+is imported only where the Python path runs."""
 
 from __future__ import annotations
 
@@ -11,9 +14,8 @@ import lz4.block._block
 import zstandard
 
 from ...errors import UnsupportedError
-from .spec import ALGO_LZ4, ALGO_NAMES, ALGO_ZSTD
-
-ZSTD_LEVEL = 3  # the reference always compresses zstd at level 3
+from .spec import ALGO_LZ4, ALGO_NAMES, ALGO_ZSTD, ZSTD_LEVEL
+from .spec import check_algo as check_algo  # re-exported: where it lived first
 
 _local = threading.local()
 
@@ -175,8 +177,3 @@ def _zstd_frame_end(view: memoryview, pos: int) -> tuple[int, int]:
 
 
 CODEC_ERRORS = (lz4.block.LZ4BlockError, zstandard.ZstdError, ZstdBlockError)
-
-
-def check_algo(algo: int) -> None:
-    if algo not in (ALGO_LZ4, ALGO_ZSTD):
-        raise UnsupportedError(f"compression algorithm {ALGO_NAMES.get(algo, algo)} is not supported")

@@ -12,13 +12,13 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 
 from ...errors import UsageError
 from ...source.file import FileSource
 from ..peel import peel
 from ..rawout import set_length, write_atomically
 from .reader import ZFileSource
+from .workers import Task, Workers
 from .writeback import write_out
 
 Progress = Callable[[int, int], None]
@@ -55,8 +55,8 @@ def decompress_to(z: ZFileSource, fd: int, base: int = 0, *, threads: int | None
             if progress is not None:
                 progress(min(off + chunk, total), total)
         return total
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="unzfile") as workers:
-        pending: deque[tuple[Future[None], int]] = deque()
+    with Workers(threads, "unzfile") as workers:
+        pending: deque[tuple[Task, int]] = deque()
         try:
             for off in offsets:
                 if len(pending) >= 2 * threads:

@@ -35,6 +35,7 @@ ALGO_ZSTD = 2
 ALGO_NAMES = {ALGO_LZO: "mini_lzo", ALGO_LZ4: "lz4", ALGO_ZSTD: "zstd"}
 ALGO_BY_NAME = {v: k for k, v in ALGO_NAMES.items()}
 SUPPORTED_ALGOS = (ALGO_LZ4, ALGO_ZSTD)
+ZSTD_LEVEL = 3  # the reference always compresses zstd at level 3
 
 MAX_BLOCK_SIZE = 65536
 MIN_BLOCK_SIZE = 4096
@@ -192,3 +193,9 @@ def check_index_info(info: ZFileHeader, *, at: int, base: int, path: str, file_s
     if not least <= data <= most:
         raise CorruptIndexError(f"{nblocks} blocks cannot take the {data} bytes before the jump table (from {least} "
                                 f"to {most})", path=path, offset=where("index_offset"))
+
+
+def check_algo(algo: int) -> None:
+    """UnsupportedError unless ``algo`` is a codec this package reads and writes (LZ4 or zstd)."""
+    if algo not in SUPPORTED_ALGOS:
+        raise UnsupportedError(f"compression algorithm {ALGO_NAMES.get(algo, algo)} is not supported")
