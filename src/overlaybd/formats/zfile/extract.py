@@ -19,7 +19,7 @@ from ..peel import peel
 from ..rawout import set_length, write_atomically
 from .reader import ZFileSource
 from .workers import Task, Workers
-from .writeback import write_out
+from .writeback import allocate, write_out
 
 Progress = Callable[[int, int], None]
 CHUNK_BYTES = 4 << 20  # output bytes a worker handles at a time
@@ -87,6 +87,7 @@ def decompress_file(src: str, dst: str, *, force: bool = False, progress: Progre
 
         def fill(fd: int) -> int:
             set_length(fd, z.size, dst)  # first: a device the file system cannot hold fails before any copy
+            allocate(fd, z.size, dst)
             return decompress_to(z, fd, 0, progress=progress, name=dst)
 
         return write_atomically(dst, fill, force=force)

@@ -8,11 +8,14 @@ fresh ones cost 1-8x the system time of 64-256 KiB writes of the same bytes on t
 
 from __future__ import annotations
 
+import errno
+import os
 import queue
 import threading
 from collections.abc import Callable
 
 from ... import native
+from ...errors import LayerIOError
 from ...source.writes import write_all
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing (mypy reads the name alone)
@@ -38,6 +41,22 @@ def _ctypes_sync_file_range() -> Callable[[int, int, int], object] | None:
 
 _blocks = native.blocks_module() if not native.switched_off() else None
 _sync_file_range = _blocks.start_writeback if _blocks is not None else _ctypes_sync_file_range()
+_NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def allocate(fd: int, length: int, name: str) -> None:
+    """Blocks for the first ``length`` bytes of a file about to be written whole (``fallocate``, mode 0), so that
+    a file system without room for it fails here (LayerIOError naming ``name``), before anything is copied, and
+    the writes that follow need no block reservation each (ext4's delayed allocation: 0.07 s of system time less
+    for 512 MiB). Nothing where the file system cannot allocate ahead."""
+    if _blocks is not None:
+        err = _blocks.fallocate(fd, 0, 0, length)
+    else:
+        from ...source.file import fallocate
+
+        err = fallocate(fd, 0, 0, length)
+    if err in _NO_ROOM:
+        raise LayerIOError(f"no room for {length} bytes: {os.strerror(err)}", path=name)
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
