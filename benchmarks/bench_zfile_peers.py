@@ -186,7 +186,12 @@ def run_case(algo: str, kib: int, data: Path, work: Path, ref: str | None, round
         for op, runs in ops.items():
             entry[op] = {"mbps": summary([size / 1e6 / r.wall for r in runs]),
                          "mbps_fsync": summary([size / 1e6 / (r.wall + r.fsync) for r in runs]),
-                         "fsync_s": summary([r.fsync for r in runs]), "cpu_s": summary([r.cpu for r in runs])}
+                         "fsync_s": summary([r.fsync for r in runs]), "cpu_s": summary([r.cpu for r in runs]),
+                         # the same round's times set side by side: ours / this peer, throughput
+                         "ours_by_round": summary([r.wall / o.wall for r, o in zip(runs, times["ours"][op],
+                                                                                   strict=True)]),
+                         "ours_by_round_fsync": summary([(r.wall + r.fsync) / o.wall
+                                                         for r, o in zip(runs, times["ours"][op], strict=True)])}
         entry["compressed"] = cmds[peer]["c"][1].stat().st_size
         result["peers"][peer] = entry
     result["checks"] = checks(algo, data, work, cmds, ref)
@@ -341,6 +346,10 @@ def rng(s: dict[str, float]) -> str:
     return f"{s['median']:,.0f} ({s['min']:,.0f}-{s['max']:,.0f})"
 
 
+def rng2(s: dict[str, float]) -> str:
+    return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
+
+
 def print_case(res: dict[str, Any]) -> None:
     peers = res["peers"]
     ours = peers["ours"]
@@ -358,6 +367,11 @@ def print_case(res: dict[str, Any]) -> None:
                  "+fsync", "ours/peer", "ours/(peer+fsync)", "CPU s", "size ratio"], rows,
                 title=f"{res['algo']} {res['block_kib']} KiB blocks, {res['size'] / MiB:.0f} MiB; load "
                       f"{res['load_before']:.2f} -> {res['load_after']:.2f}"))
+    print()
+    rows = [[peer] + [rng2(e[op][key]) for op in ("c", "x") for key in ("ours_by_round", "ours_by_round_fsync")]
+            for peer, e in peers.items() if peer != "ours"]
+    print(table(["peer", "compress: ours/peer", "ours/(peer+fsync)", "decompress: ours/peer", "ours/(peer+fsync)"],
+                rows, title="ours / peer within each round (median, range)"))
     print()
     print("checks:", res["checks"])
     print()
