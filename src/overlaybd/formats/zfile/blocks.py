@@ -21,6 +21,7 @@ from itertools import accumulate
 
 from ... import native
 from ..checksum import ZFILE_BLOCK_SEED, raw_crc32c
+from . import codecs
 from .spec import ALGO_LZ4, CRC_SIZE, ZSTD_LEVEL
 
 # How blocks are screened (see ``BlockRuns.screen``): ``prefix``, for LZ4, the bytes at the start of a block
@@ -94,8 +95,6 @@ class PythonRuns:
 
     def decompress(self, algo: int, stored: Any, starts: Any, first: int, count: int, base: int, out: Any,
                    block_size: int, last_len: int, verify: bool) -> RunResult:
-        from . import codecs  # this path's codecs, loaded where it runs (the C path needs none of them)
-
         decompress = codecs.decompressor(algo)  # once per run, not per block
         bounds = starts[first : first + count + 1].tolist()
         pos = 0
@@ -110,7 +109,7 @@ class PythonRuns:
                     return i, CRC, crc, None
             try:
                 plain = decompress(stored[a:b], want)
-            except codecs.CODEC_ERRORS as exc:
+            except codecs.codec_errors() as exc:
                 return i, CODEC, 0, str(exc)
             if len(plain) != want:
                 return i, LENGTH, len(plain), None
@@ -120,8 +119,6 @@ class PythonRuns:
 
     def compress(self, algo: int, src: Any, block_size: int, verify: bool, out: Any, lengths: Any,
                  max_stored: int) -> CompressResult:
-        from . import codecs
-
         compress = codecs.compressor(algo)
         pos = 0
         for i, at in enumerate(range(0, len(src), block_size)):
@@ -231,8 +228,6 @@ def _surely_fits(algo: int, block: Any, verify: bool, max_stored: int, how: Scre
         return _zstd_surely_fits(block, room, how.margin)
     if not how.prefix or how.prefix >= len(block):
         return False
-    from . import codecs
-
     rest = len(block) - how.prefix
     head = len(codecs.compressor(ALGO_LZ4)(block[: how.prefix]))
     return head + rest + rest // 255 + 16 + how.margin <= room  # the rest at its worst: LZ4_COMPRESSBOUND

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from ... import native
 from ...errors import LayerIOError
+from ...source.file import fallocate
 from ...source.writes import write_all
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing (mypy reads the name alone)
@@ -49,12 +50,7 @@ def allocate(fd: int, length: int, name: str) -> None:
     a file system without room for it fails here (LayerIOError naming ``name``), before anything is copied, and
     the writes that follow need no block reservation each (ext4's delayed allocation: 0.07 s of system time less
     for 512 MiB). Nothing where the file system cannot allocate ahead."""
-    if _blocks is not None:
-        err = _blocks.fallocate(fd, 0, 0, length)
-    else:
-        from ...source.file import fallocate
-
-        err = fallocate(fd, 0, 0, length)
+    err = _blocks.fallocate(fd, 0, 0, length) if _blocks is not None else fallocate(fd, 0, 0, length)
     if err in _NO_ROOM:
         raise LayerIOError(f"no room for {length} bytes: {os.strerror(err)}", path=name)
 
