@@ -24,9 +24,9 @@ import threading
 from array import array
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 
 from ...errors import FormatError, UsageError
+from ...frozen import Frozen
 from ...source.base import BlockSource, ExtentKind
 from ...source.file import write_all
 from ..checksum import raw_crc32c
@@ -71,12 +71,18 @@ class _BlockTooLarge(Exception):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class ZFileResult:
+class ZFileResult(Frozen):
+    __slots__ = ("header", "length", "block_size", "passes")
     header: ZFileHeader  # the trailer record written
     length: int  # bytes of ZFile written
     block_size: int  # block size actually used
-    passes: int = 1  # 2 when a block that did not fit was found only while writing, and the file written again
+    passes: int  # 2 when a block that did not fit was found only while writing, and the file written again
+
+    def __init__(self, header: ZFileHeader, length: int, block_size: int, passes: int = 1) -> None:
+        object.__setattr__(self, "header", header)
+        object.__setattr__(self, "length", length)
+        object.__setattr__(self, "block_size", block_size)
+        object.__setattr__(self, "passes", passes)
 
     @property
     def ratio(self) -> float:
@@ -213,7 +219,7 @@ def write_zfile(src: BlockSource, fd: int, base: int = 0, *, algo: str | int = "
         _log("warning", "%s: a %d-byte block found while writing does not compress below %d bytes; writing the "
              "file again with %d-byte blocks", name, block_size, MAX_STORED_BLOCK, smaller)
         res = _write(src, fd, base, code, smaller, verify, threads, overwrite_header, progress, name)
-        return replace(res, passes=2)
+        return res.replace(passes=2)
 
 
 def _oversized_block(src: BlockSource, algo: int, block_size: int, verify: bool,
