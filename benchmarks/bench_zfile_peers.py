@@ -7,6 +7,10 @@ with --data). Cases: LZ4 with 4 KiB blocks, zstd with 64 KiB blocks (CRC on, the
 * ours: ``overlaybd zfile compress --algorithm A --bs B SRC DST`` / ``overlaybd zfile decompress SRC DST``, each a
   fresh process (Python start-up included); it writes into a temporary file, ``fsync``s it and renames it.
   "ours, in-process": the same ``operations.compress`` / ``decompress`` called in this process: no start-up.
+  "ours, .pyc" (--pyc): the command run from a copy of the package with its bytecode compiled, as pip installs a
+  wheel (the checkout's modules are compiled from source at each start where PYTHONDONTWRITEBYTECODE is set).
+  "baseline" (--baseline-cmd CMD): another build of ours, CMD standing for ``overlaybd`` (e.g. main's venv), run in
+  the same rounds on its own outputs: an A/B of a change.
 * reference: ``overlaybd-zfile --algorithm A --bs B SRC DST`` / ``overlaybd-zfile -x SRC DST`` (built by
   ../shared/reference-tools/build.sh; OVERLAYBD_REFERENCE_TOOLS names its folder). It does not ``fsync``.
 * lz4: ``lz4 -1 SRC DST`` / ``lz4 -d``; zstd: ``zstd -3 -T2 SRC -o DST`` / ``zstd -d -T2``. They do not ``fsync``.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -39,6 +44,7 @@ from typing import Any, NamedTuple
 import lz4.block
 import numpy as np
 import zstandard
+from bench_startup import compiled_copy
 from common import MiB, base_parser, emit_json, log, machine, table, versions, workdir
 
 from overlaybd import operations
@@ -120,16 +126,23 @@ def run_peer(cmd: Cmd, out: Path) -> Run:
     return Run(t1 - t0, time.perf_counter() - t1, usage.ru_utime + usage.ru_stime)
 
 
-def commands(algo: str, kib: int, data: Path, work: Path, ref: str | None) -> dict[str, dict[str, tuple[Cmd, Path]]]:
+def commands(algo: str, kib: int, data: Path, work: Path, ref: str | None, *, pyc: str | None = None,
+             baseline: list[str] | None = None) -> dict[str, dict[str, tuple[Cmd, Path]]]:
     """For each peer: its compress and decompress command and the file each writes."""
     ours = ours_tool()
     z_ours, z_ref = work / f"ours.{algo}.zfile", work / f"ref.{algo}.zfile"
     plain = work / f"plain.{algo}"
-    out: dict[str, dict[str, tuple[Cmd, Path]]] = {
-        "ours": {"c": ([*ours, "zfile", "compress", "--algorithm", algo, "--bs", str(kib), "-f", "--output", "json",
-                        str(data), str(z_ours)], z_ours),
-                 "x": ([*ours, "zfile", "decompress", "-f", "--output", "json", str(z_ours), str(plain)], plain)},
-    }
+
+    def zfile_cmds(tool: list[str], z: Path, x: Path) -> dict[str, tuple[Cmd, Path]]:
+        return {"c": ([*tool, "zfile", "compress", "--algorithm", algo, "--bs", str(kib), "-f", "--output", "json",
+                       str(data), str(z)], z),
+                "x": ([*tool, "zfile", "decompress", "-f", "--output", "json", str(z_ours), str(x)], x)}
+
+    out: dict[str, dict[str, tuple[Cmd, Path]]] = {"ours": zfile_cmds(ours, z_ours, plain)}
+    if pyc is not None:  # decompresses ours' file, as every peer does
+        out["ours, .pyc"] = zfile_cmds(["env", f"PYTHONPATH={pyc}", *ours], work / f"pyc.{algo}.zfile", plain)
+    if baseline is not None:
+        out["baseline"] = zfile_cmds(baseline, work / f"baseline.{algo}.zfile", plain)
     comp = Compression(algo, kib * 1024, True, None)
     z_lib, plain_lib = work / f"lib.{algo}.zfile", work / f"plain-lib.{algo}"
     out["ours, in-process"] = {
@@ -154,9 +167,10 @@ def summary(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
-def run_case(algo: str, kib: int, data: Path, work: Path, ref: str | None, rounds: int) -> dict[str, Any]:
+def run_case(algo: str, kib: int, data: Path, work: Path, ref: str | None, rounds: int, *, pyc: str | None = None,
+             baseline: list[str] | None = None) -> dict[str, Any]:
     size = data.stat().st_size
-    cmds = commands(algo, kib, data, work, ref)
+    cmds = commands(algo, kib, data, work, ref, pyc=pyc, baseline=baseline)
     times: dict[str, dict[str, list[Run]]] = {p: {"c": [], "x": []} for p in cmds}
     load_before = load()
     for r in range(rounds):
@@ -172,7 +186,12 @@ def run_case(algo: str, kib: int, data: Path, work: Path, ref: str | None, round
         for op, runs in ops.items():
             entry[op] = {"mbps": summary([size / 1e6 / r.wall for r in runs]),
                          "mbps_fsync": summary([size / 1e6 / (r.wall + r.fsync) for r in runs]),
-                         "fsync_s": summary([r.fsync for r in runs]), "cpu_s": summary([r.cpu for r in runs])}
+                         "fsync_s": summary([r.fsync for r in runs]), "cpu_s": summary([r.cpu for r in runs]),
+                         # the same round's times set side by side: ours / this peer, throughput
+                         "ours_by_round": summary([r.wall / o.wall for r, o in zip(runs, times["ours"][op],
+                                                                                   strict=True)]),
+                         "ours_by_round_fsync": summary([(r.wall + r.fsync) / o.wall
+                                                         for r, o in zip(runs, times["ours"][op], strict=True)])}
         entry["compressed"] = cmds[peer]["c"][1].stat().st_size
         result["peers"][peer] = entry
     result["checks"] = checks(algo, data, work, cmds, ref)
@@ -195,6 +214,10 @@ def checks(algo: str, data: Path, work: Path, cmds: dict[str, dict[str, tuple[Cm
     z_ours = cmds["ours"]["c"][1]
     info = subprocess.run([*ours_tool(), "info", "--output", "json", str(z_ours)], capture_output=True, text=True)
     out["ours_info"] = info.stdout[-400:] if info.returncode == 0 else None
+    for other in ("ours, .pyc", "baseline"):
+        if other in cmds:
+            out[f"same_bytes_as_{other}"] = subprocess.run(["cmp", "-s", str(z_ours), str(cmds[other]["c"][1])]
+                                                           ).returncode == 0
     if ref is not None:
         z_ref = cmds["reference"]["c"][1]
         out["same_bytes_as_reference"] = subprocess.run(["cmp", "-s", str(z_ours), str(z_ref)]).returncode == 0
@@ -323,6 +346,10 @@ def rng(s: dict[str, float]) -> str:
     return f"{s['median']:,.0f} ({s['min']:,.0f}-{s['max']:,.0f})"
 
 
+def rng2(s: dict[str, float]) -> str:
+    return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
+
+
 def print_case(res: dict[str, Any]) -> None:
     peers = res["peers"]
     ours = peers["ours"]
@@ -341,6 +368,11 @@ def print_case(res: dict[str, Any]) -> None:
                 title=f"{res['algo']} {res['block_kib']} KiB blocks, {res['size'] / MiB:.0f} MiB; load "
                       f"{res['load_before']:.2f} -> {res['load_after']:.2f}"))
     print()
+    rows = [[peer] + [rng2(e[op][key]) for op in ("c", "x") for key in ("ours_by_round", "ours_by_round_fsync")]
+            for peer, e in peers.items() if peer != "ours"]
+    print(table(["peer", "compress: ours/peer", "ours/(peer+fsync)", "decompress: ours/peer", "ours/(peer+fsync)"],
+                rows, title="ours / peer within each round (median, range)"))
+    print()
     print("checks:", res["checks"])
     print()
 
@@ -358,6 +390,9 @@ def main() -> int:
     ap.add_argument("--data", help="use this file as the data (default: a tar of /usr built in the work folder)")
     ap.add_argument("--only", choices=[a for a, _ in CASES])
     ap.add_argument("--bounds", action="store_true", help="also measure the codec alone on the same bytes")
+    ap.add_argument("--pyc", action="store_true", help="also run ours from a copy with compiled bytecode")
+    ap.add_argument("--baseline-cmd", help="command standing for 'overlaybd' in a second build of ours, run in the "
+                    "same rounds (e.g. /work/main/.venv/bin/overlaybd)")
     args = ap.parse_args()
     size = (64 if args.quick else args.size_mib) * MiB
     rounds = 2 if args.quick else args.rounds
@@ -375,7 +410,8 @@ def main() -> int:
         for algo, kib in CASES:
             if args.only and algo != args.only:
                 continue
-            res = run_case(algo, kib, data, work, ref, rounds)
+            res = run_case(algo, kib, data, work, ref, rounds, pyc=compiled_copy(wd) if args.pyc else None,
+                           baseline=shlex.split(args.baseline_cmd) if args.baseline_cmd else None)
             print_case(res)
             result["cases"].append(res)
             if args.bounds:

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "overlaybd"
 
 # bottom to top; a module's floor is the first prefix that matches its dotted name (without "overlaybd.")
 FLOORS: list[tuple[str, ...]] = [
-    ("errors", "sizes", "native", "source", "metrics"),
+    ("errors", "sizes", "native", "source", "metrics", "frozen"),
     ("formats", "operations", "inspection", "trace", "importing", "qemu"),
     ("cache", "layerstore"),
     ("volume", "volume_config"),

@@ -18,6 +18,7 @@ from overlaybd.cli.main import COMMANDS, MODULES, build_parser, modules_for
 from overlaybd.formats.lsmt import glance
 from overlaybd.formats.lsmt.spec import HEADER_SIZE, INVALID_OFFSET
 from overlaybd.formats.output import Compression
+from overlaybd.formats.zfile import blocks
 from overlaybd.inspection import describe_layer
 from overlaybd.volume import Volume
 
@@ -148,3 +149,31 @@ def test_zfile_compress_and_decompress_load_no_numpy_and_no_lsmt_reader(tmp_path
         names, _out = imported("zfile", "decompress", str(z), str(out), "--output", "json")
         assert not [n for n in names if n in heavy_for_zfile], ("decompress", tar)
         assert out.read_bytes() == data
+
+
+@pytest.mark.skipif(blocks.NATIVE is None, reason="the C block path is not built")
+def test_zfile_commands_on_the_c_path_load_no_codec_module_typing_logging_or_ctypes(tmp_path: Path) -> None:
+    """On the C block path, ``zfile compress`` and ``decompress`` load neither the Python codecs (lz4, zstandard)
+    nor typing, logging, concurrent.futures, dataclasses (and inspect) or ctypes (its
+    syscalls are in the extension); with OVERLAYBD_NATIVE=0 the same commands still round-trip, through the Python
+    path and ctypes."""
+    unwanted = ("lz4", "zstandard", "typing", "logging", "concurrent.futures", "dataclasses", "inspect", "ctypes")
+    data = os.urandom(100_000) + b"log line\n" * 30_000
+    src = tmp_path / "plain"
+    src.write_bytes(data)
+    z, out = tmp_path / "z", tmp_path / "out"
+    names, _out = imported("zfile", "compress", "--algorithm", "zstd", "--bs", "16", str(src), str(z), "--output",
+                           "json")
+    assert not heavy_names(names, unwanted), "compress"
+    names, _out = imported("zfile", "decompress", str(z), str(out), "--output", "json")
+    assert not heavy_names(names, unwanted), "decompress"
+    assert out.read_bytes() == data
+    env = {**os.environ, "OVERLAYBD_NATIVE": "0"}
+    for argv in (["compress", "--algorithm", "zstd", "--bs", "16", "-f", str(src), str(z)],
+                 ["decompress", "-f", str(z), str(out)]):
+        subprocess.run([sys.executable, "-m", "overlaybd", "zfile", *argv], check=True, env=env, capture_output=True)
+    assert out.read_bytes() == data
+
+
+def heavy_names(names: set[str], unwanted: tuple[str, ...]) -> list[str]:
+    return sorted(n for n in names if any(n == h or n.startswith(h + ".") for h in unwanted))

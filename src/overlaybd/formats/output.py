@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 
 from ..errors import UsageError
+from ..frozen import Frozen
 from ..source.base import BlockSource, ExtentKind
 from ..source.file import FileSource, write_all
 from . import rawout, tarwrap
@@ -41,21 +41,35 @@ from .zfile.writer import Progress, ZFileResult, write_zfile
 Producer = Callable[[int, int], int]
 
 
-@dataclass(frozen=True, slots=True)
-class Compression:
-    algo: str = "lz4"
-    block_size: int = 4096
-    verify: bool = True
-    threads: int | None = None
-    overwrite_header: bool = False
+class Compression(Frozen):
+    __slots__ = ("algo", "block_size", "verify", "threads", "overwrite_header")
+    algo: str
+    block_size: int
+    verify: bool
+    threads: int | None
+    overwrite_header: bool
+
+    def __init__(self, algo: str = "lz4", block_size: int = 4096, verify: bool = True, threads: int | None = None,
+                 overwrite_header: bool = False) -> None:
+        object.__setattr__(self, "algo", algo)
+        object.__setattr__(self, "block_size", block_size)
+        object.__setattr__(self, "verify", verify)
+        object.__setattr__(self, "threads", threads)
+        object.__setattr__(self, "overwrite_header", overwrite_header)
 
 
-@dataclass(frozen=True, slots=True)
-class Written:
+class Written(Frozen):
+    __slots__ = ("path", "size", "payload_size", "zfile")
     path: str
     size: int  # bytes in the file
     payload_size: int  # bytes inside the tar envelope (== size without one)
-    zfile: ZFileResult | None = None
+    zfile: ZFileResult | None
+
+    def __init__(self, path: str, size: int, payload_size: int, zfile: ZFileResult | None = None) -> None:
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "payload_size", payload_size)
+        object.__setattr__(self, "zfile", zfile)
 
 
 def write_atomically(path: str, produce: Producer, *, tar: bool = False, force: bool = False) -> Written:

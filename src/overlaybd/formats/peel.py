@@ -3,8 +3,6 @@ further). Without numpy or the LSMT readers, so that ``zfile decompress`` loads 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from ..source.base import BlockSource
 from ..source.file import RangeSource
 from . import tarwrap
@@ -15,14 +13,28 @@ from .zfile.spec import is_zfile
 SNIFF = 512
 
 
-@dataclass
 class Peeled:
-    """What a blob turned out to be, outermost first."""
+    """What a blob turned out to be, outermost first. (A plain class, not a dataclass: ``zfile decompress`` starts
+    without loading dataclasses; see ``overlaybd.frozen``.)"""
 
-    source: BlockSource  # the innermost byte stream
-    tar: tarwrap.TarMember | None = None
-    zfile: ZFileSource | None = None
-    wrappers: list[str] = field(default_factory=list)
+    def __init__(self, source: BlockSource, tar: tarwrap.TarMember | None = None, zfile: ZFileSource | None = None,
+                 wrappers: list[str] | None = None) -> None:
+        self.source = source  # the innermost byte stream
+        self.tar = tar
+        self.zfile = zfile
+        self.wrappers: list[str] = [] if wrappers is None else wrappers
+
+    def __repr__(self) -> str:
+        return f"Peeled(source={self.source!r}, tar={self.tar!r}, zfile={self.zfile!r}, wrappers={self.wrappers!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Peeled)
+        return (self.source, self.tar, self.zfile, self.wrappers) == (other.source, other.tar, other.zfile,
+                                                                      other.wrappers)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, equal by value: unhashable, as the dataclass was
 
     @property
     def is_lsmt(self) -> bool:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..errors import FormatError, LimitError, TruncatedError
+from ..frozen import Frozen
 from ..source.base import BlockSource
 
 BLOCK = 512
@@ -58,11 +57,16 @@ def _pax_records(data: bytes, *, path: str, at: int) -> dict[str, str]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class TarMember:
+class TarMember(Frozen):
+    __slots__ = ("name", "offset", "size")
     name: str
     offset: int  # where the payload starts
     size: int
+
+    def __init__(self, name: str, offset: int, size: int) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "offset", offset)
+        object.__setattr__(self, "size", size)
 
 
 EXTENDED = (b"x", b"g", b"L", b"K")  # PAX, PAX global, GNU long name, GNU long link: they describe what follows

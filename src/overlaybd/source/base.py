@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Self
 
 from ..errors import OutOfBoundsError, ReadOnlyError
+from ..frozen import Frozen
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing (mypy reads the name alone)
+if TYPE_CHECKING:
+    from typing import Self
 
 
 class ExtentKind(enum.Enum):
@@ -28,12 +31,19 @@ class Capability(enum.Flag):
     FLUSH = enum.auto()
 
 
-@dataclass(frozen=True, slots=True)
-class Extent:
+class Extent(Frozen):
+    __slots__ = ("offset", "length", "kind", "layer")
     offset: int
     length: int
     kind: ExtentKind
-    layer: int | None = None  # which layer of a stack holds it (0 = bottom), when known
+    layer: int | None  # which layer of a stack holds it (0 = bottom), when known
+
+    def __init__(self, offset: int, length: int, kind: ExtentKind, layer: int | None = None) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "offset", offset)
+        setattr_(self, "length", length)
+        setattr_(self, "kind", kind)
+        setattr_(self, "layer", layer)
 
     @property
     def end(self) -> int:

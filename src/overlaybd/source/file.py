@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..errors import LayerIOError, TruncatedError
 from .base import BlockSource, Capability, Extent, ExtentKind
@@ -88,20 +87,37 @@ class FileSource(BlockSource):
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate: Callable[[int, int, int, int], int] | None = None
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    """``fallocate(2)`` (no binding in ``os``; ``os.posix_fallocate`` writes zeros where the file system cannot):
+    0, or the call's errno. libc's, through ctypes, loaded on the first call (commands that never allocate do not
+    load ctypes)."""
+    global _fallocate
+    if _fallocate is None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+        def call(fd: int, mode: int, offset: int, length: int) -> int:
+            return 0 if libc.fallocate(fd, mode, offset, length) == 0 else ctypes.get_errno()
+
+        _fallocate = call
+    return _fallocate(fd, mode, offset, length)
 
 
 def allocate_ahead(fd: int, offset: int, length: int) -> None:
     """``fallocate(KEEP_SIZE)``: blocks for ``[offset, offset+length)`` without changing the file's size. Where
     the file system cannot, appends allocate as they go, as without it."""
-    _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length)
+    fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 def punch_hole(fd: int, offset: int, length: int, name: str) -> None:
     """``fallocate(PUNCH_HOLE | KEEP_SIZE)``: the range reads as zeros and takes no space (no binding in ``os``)."""
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
+    err = fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    if err:
         raise LayerIOError(f"cannot punch a hole: {os.strerror(err)}", path=name, offset=offset) from OSError(
             err, os.strerror(err))
 

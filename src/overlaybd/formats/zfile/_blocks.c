@@ -19,6 +19,8 @@
 #include <string.h>
 
 #include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
 #include <lz4.h>
@@ -871,6 +873,37 @@ static PyObject *crc32c_raw(PyObject *self, PyObject *args) {
     return PyLong_FromUnsignedLong(crc);
 }
 
+/* ---- output files: the calls the writers make that ``os`` has no binding for -------------------------------- */
+
+PyDoc_STRVAR(start_writeback_doc,
+             "start_writeback(fd, offset, length) -> errno: sync_file_range(SYNC_FILE_RANGE_WRITE) with the GIL\n"
+             "released: the writeback of these dirty pages started, not waited for. 0, or the call's errno.");
+
+static PyObject *start_writeback(PyObject *self, PyObject *args) {
+    int fd, r;
+    long long offset, length;
+    if (!PyArg_ParseTuple(args, "iLL", &fd, &offset, &length))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    r = sync_file_range(fd, (off_t)offset, (off_t)length, SYNC_FILE_RANGE_WRITE) == 0 ? 0 : errno;
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(r);
+}
+
+PyDoc_STRVAR(fallocate_doc, "fallocate(fd, mode, offset, length) -> errno: fallocate(2) with the GIL released; 0, or\n"
+                            "the call's errno (EOPNOTSUPP where the file system cannot).");
+
+static PyObject *fallocate_(PyObject *self, PyObject *args) {
+    int fd, mode, r;
+    long long offset, length;
+    if (!PyArg_ParseTuple(args, "iiLL", &fd, &mode, &offset, &length))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    r = fallocate(fd, mode, (off_t)offset, (off_t)length) == 0 ? 0 : errno;
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(r);
+}
+
 static PyObject *zstd_version(PyObject *self, PyObject *noargs) {
     return PyUnicode_FromString(zstd.versionString());
 }
@@ -885,6 +918,8 @@ static PyMethodDef methods[] = {
     {"zstd_version", zstd_version, METH_NOARGS, "The version of the zstd library in use."},
     {"block_starts", block_starts, METH_VARARGS, block_starts_doc},
     {"crc32c_raw", crc32c_raw, METH_VARARGS, "crc32c_raw(data, seed=0): CRC32C, register from seed, no final XOR."},
+    {"start_writeback", start_writeback, METH_VARARGS, start_writeback_doc},
+    {"fallocate", fallocate_, METH_VARARGS, fallocate_doc},
     {NULL, NULL, 0, NULL},
 };
 

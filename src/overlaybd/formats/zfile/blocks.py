@@ -16,13 +16,28 @@ import math
 import sys
 import threading
 from array import array
+from collections import namedtuple
 from itertools import accumulate
-from typing import Any, NamedTuple, Protocol
 
 from ... import native
 from ..checksum import ZFILE_BLOCK_SEED, raw_crc32c
 from . import codecs
-from .spec import ALGO_LZ4, CRC_SIZE
+from .spec import ALGO_LZ4, CRC_SIZE, ZSTD_LEVEL
+
+# How blocks are screened (see ``BlockRuns.screen``): ``prefix``, for LZ4, the bytes at the start of a block
+# compressed as written, the rest counted at its worst; ``margin``, the bytes the cheap look must leave to spare.
+# Declared without typing (typing.TYPE_CHECKING is read by mypy from the name alone): the zfile commands start
+# without loading it.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple, Protocol
+
+    class Screen(NamedTuple):
+        prefix: int
+        margin: int
+else:
+    Protocol = object
+    Screen = namedtuple("Screen", ("prefix", "margin"))
 
 OK = 0
 CRC = 1  # the block's CRC32C does not match: detail is the computed value
@@ -35,12 +50,6 @@ CompressResult = tuple[int, int, int, str | None]  # compress: done, bytes of ou
 ScreenResult = tuple[int, int, int, str | None]  # screen: first block that does not fit (-1: none), blocks
 # compressed to find out, status, message
 
-
-class Screen(NamedTuple):
-    """How blocks are screened: see ``BlockRuns.screen``."""
-
-    prefix: int  # LZ4: bytes at the start of a block compressed as written, the rest counted at its worst
-    margin: int  # bytes the cheap look must leave to spare
 
 
 class BlockRuns(Protocol):
@@ -100,7 +109,7 @@ class PythonRuns:
                     return i, CRC, crc, None
             try:
                 plain = decompress(stored[a:b], want)
-            except codecs.CODEC_ERRORS as exc:
+            except codecs.codec_errors() as exc:
                 return i, CODEC, 0, str(exc)
             if len(plain) != want:
                 return i, LENGTH, len(plain), None
@@ -244,7 +253,7 @@ class NativeRuns:
 
     def compress(self, algo: int, src: Any, block_size: int, verify: bool, out: Any, lengths: Any,
                  max_stored: int) -> CompressResult:
-        return self.module.compress_blocks(self._context(), algo, codecs.ZSTD_LEVEL, src, block_size,  # type: ignore[no-any-return]
+        return self.module.compress_blocks(self._context(), algo, ZSTD_LEVEL, src, block_size,  # type: ignore[no-any-return]
                                            verify, out, lengths, max_stored)
 
     def compress_bound(self, algo: int, n: int) -> int:
@@ -255,7 +264,7 @@ class NativeRuns:
 
     def screen(self, algo: int, src: Any, block_size: int, verify: bool, scratch: Any, max_stored: int,
                how: Screen) -> ScreenResult:
-        return self.module.screen_blocks(self._context(), algo, codecs.ZSTD_LEVEL, src, block_size,  # type: ignore[no-any-return]
+        return self.module.screen_blocks(self._context(), algo, ZSTD_LEVEL, src, block_size,  # type: ignore[no-any-return]
                                          verify, scratch, max_stored, how.margin, how.prefix)
 
 

@@ -1,35 +1,51 @@
-"""Block codecs: raw LZ4 blocks and zstd frames. All release the GIL while they work."""
+"""Block codecs: raw LZ4 blocks and zstd frames. All release the GIL while they work.
+
+The Python block path's (``blocks.PythonRuns``). lz4, zstandard and ctypes are loaded on first use, so that
+``zfile compress`` and ``decompress`` on the C path start without them.
+"""
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from collections.abc import Callable
 
-import lz4.block
-import lz4.block._block
-import zstandard
-
 from ...errors import UnsupportedError
-from .spec import ALGO_LZ4, ALGO_NAMES, ALGO_ZSTD
+from .spec import ALGO_LZ4, ALGO_NAMES, ALGO_ZSTD, ZSTD_LEVEL
+from .spec import check_algo as check_algo  # re-exported: where it lived first
 
-ZSTD_LEVEL = 3  # the reference always compresses zstd at level 3
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing (mypy reads the name alone)
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    import zstandard
 
 _local = threading.local()
+
+
+def _lz4_block() -> ModuleType:
+    import lz4.block
+
+    return lz4.block  # type: ignore[no-any-return]
+
+
+def _zstandard() -> ModuleType:
+    import zstandard
+
+    return zstandard
 
 
 def _zstd_c() -> zstandard.ZstdCompressor:
     c = getattr(_local, "zc", None)
     if c is None:
-        c = _local.zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-    return c
+        c = _local.zc = _zstandard().ZstdCompressor(level=ZSTD_LEVEL)
+    return c  # type: ignore[no-any-return]
 
 
 def _zstd_d() -> zstandard.ZstdDecompressor:
     d = getattr(_local, "zd", None)
     if d is None:
-        d = _local.zd = zstandard.ZstdDecompressor()
-    return d
+        d = _local.zd = _zstandard().ZstdDecompressor()
+    return d  # type: ignore[no-any-return]
 
 
 def _lz4_compress_default() -> Callable[[bytes | memoryview], bytes] | None:
@@ -37,6 +53,10 @@ def _lz4_compress_default() -> Callable[[bytes | memoryview], bytes] | None:
     the call the reference and the C block path make. python-lz4's own ``compress`` gives other bytes for some
     blocks (same liblz4 1.9.4; tests/unit/test_zfile_blocks.py holds both paths to the same bytes), so the Python
     path would not write the reference's bytes with it."""
+    import ctypes
+
+    import lz4.block._block
+
     try:
         fn = ctypes.CDLL(lz4.block._block.__file__).LZ4_compress_default
     except (OSError, AttributeError):
@@ -56,7 +76,13 @@ def _lz4_compress_default() -> Callable[[bytes | memoryview], bytes] | None:
     return lz4_block
 
 
-_LZ4_DEFAULT = _lz4_compress_default()
+_lz4_default: list[Callable[[bytes | memoryview], bytes] | None] = []  # filled on first use
+
+
+def _lz4_default_fn() -> Callable[[bytes | memoryview], bytes] | None:
+    if not _lz4_default:
+        _lz4_default.append(_lz4_compress_default())
+    return _lz4_default[0]
 
 
 def compress(algo: int, data: bytes | memoryview) -> bytes:
@@ -66,9 +92,10 @@ def compress(algo: int, data: bytes | memoryview) -> bytes:
 def compressor(algo: int) -> Callable[[bytes | memoryview], bytes]:
     """The compress function for one codec, looked up once for a batch of blocks (this thread's compressor)."""
     if algo == ALGO_LZ4:
-        if _LZ4_DEFAULT is not None:
-            return _LZ4_DEFAULT
-        lz4_compress = lz4.block.compress
+        default = _lz4_default_fn()
+        if default is not None:
+            return default
+        lz4_compress = _lz4_block().compress
 
         def lz4_block(data: bytes | memoryview) -> bytes:
             return lz4_compress(data, mode="default", store_size=False)  # type: ignore[no-any-return]
@@ -85,7 +112,7 @@ def decompressor(algo: int) -> Callable[[bytes | memoryview, int], bytes]:
     the C calls of the reference and of the C block path: ``LZ4_decompress_safe`` into ``capacity`` bytes, and
     ``ZSTD_decompress`` (see :func:`zstd_block`)."""
     if algo == ALGO_LZ4:
-        lz4_decompress = lz4.block.decompress
+        lz4_decompress = _lz4_block().decompress
 
         def lz4_block(data: bytes | memoryview, size: int) -> bytes:
             return lz4_decompress(data, uncompressed_size=size)  # type: ignore[no-any-return]
@@ -174,9 +201,7 @@ def _zstd_frame_end(view: memoryview, pos: int) -> tuple[int, int]:
     return at, content_size
 
 
-CODEC_ERRORS = (lz4.block.LZ4BlockError, zstandard.ZstdError, ZstdBlockError)
-
-
-def check_algo(algo: int) -> None:
-    if algo not in (ALGO_LZ4, ALGO_ZSTD):
-        raise UnsupportedError(f"compression algorithm {ALGO_NAMES.get(algo, algo)} is not supported")
+def codec_errors() -> tuple[type[Exception], ...]:
+    """What the codecs raise for a block they refuse (an ``except`` clause evaluates this only when something was
+    raised)."""
+    return _lz4_block().LZ4BlockError, _zstandard().ZstdError, ZstdBlockError

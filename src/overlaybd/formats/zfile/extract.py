@@ -12,14 +12,14 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 
 from ...errors import UsageError
 from ...source.file import FileSource
 from ..peel import peel
 from ..rawout import set_length, write_atomically
 from .reader import ZFileSource
-from .writeback import write_out
+from .workers import Task, Workers
+from .writeback import allocate, write_out
 
 Progress = Callable[[int, int], None]
 CHUNK_BYTES = 4 << 20  # output bytes a worker handles at a time
@@ -55,8 +55,8 @@ def decompress_to(z: ZFileSource, fd: int, base: int = 0, *, threads: int | None
             if progress is not None:
                 progress(min(off + chunk, total), total)
         return total
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="unzfile") as workers:
-        pending: deque[tuple[Future[None], int]] = deque()
+    with Workers(threads, "unzfile") as workers:
+        pending: deque[tuple[Task, int]] = deque()
         try:
             for off in offsets:
                 if len(pending) >= 2 * threads:
@@ -87,6 +87,7 @@ def decompress_file(src: str, dst: str, *, force: bool = False, progress: Progre
 
         def fill(fd: int) -> int:
             set_length(fd, z.size, dst)  # first: a device the file system cannot hold fails before any copy
+            allocate(fd, z.size, dst)
             return decompress_to(z, fd, 0, progress=progress, name=dst)
 
         return write_atomically(dst, fill, force=force)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, replace
 
 from ...errors import (
     BadMagicError,
@@ -14,6 +13,7 @@ from ...errors import (
     TruncatedError,
     UnsupportedError,
 )
+from ...frozen import Frozen
 from ..checksum import raw_crc32c
 from ..structs import Record
 
@@ -35,6 +35,7 @@ ALGO_ZSTD = 2
 ALGO_NAMES = {ALGO_LZO: "mini_lzo", ALGO_LZ4: "lz4", ALGO_ZSTD: "zstd"}
 ALGO_BY_NAME = {v: k for k, v in ALGO_NAMES.items()}
 SUPPORTED_ALGOS = (ALGO_LZ4, ALGO_ZSTD)
+ZSTD_LEVEL = 3  # the reference always compresses zstd at level 3
 
 MAX_BLOCK_SIZE = 65536
 MIN_BLOCK_SIZE = 4096
@@ -53,21 +54,30 @@ _RECORD = RECORD.struct
 assert _RECORD.size == STRUCT_SIZE
 
 
-@dataclass(frozen=True, slots=True)
-class ZFileHeader:
+class ZFileHeader(Frozen):
+    __slots__ = ("flags", "index_offset", "index_size", "original_file_size", "index_crc", "block_size", "algo",
+                 "level", "use_dict", "dict_size", "verify", "digest", "size_field")
     flags: int
-    index_offset: int = 0
-    index_size: int = 0  # number of blocks (u32 entries)
-    original_file_size: int = 0
-    index_crc: int = 0
-    block_size: int = 4096
-    algo: int = ALGO_LZ4
-    level: int = 0
-    use_dict: int = 0
-    dict_size: int = 0
-    verify: bool = True
-    digest: int = 0
-    size_field: int = STRUCT_SIZE
+    index_offset: int
+    index_size: int  # number of blocks (u32 entries)
+    original_file_size: int
+    index_crc: int
+    block_size: int
+    algo: int
+    level: int
+    use_dict: int
+    dict_size: int
+    verify: bool
+    digest: int
+    size_field: int
+
+    def __init__(self, flags: int, index_offset: int = 0, index_size: int = 0, original_file_size: int = 0,
+                 index_crc: int = 0, block_size: int = 4096, algo: int = ALGO_LZ4, level: int = 0, use_dict: int = 0,
+                 dict_size: int = 0, verify: bool = True, digest: int = 0, size_field: int = STRUCT_SIZE) -> None:
+        for name, value in zip(self.__slots__, (flags, index_offset, index_size, original_file_size, index_crc,
+                                                block_size, algo, level, use_dict, dict_size, verify, digest,
+                                                size_field), strict=True):
+            object.__setattr__(self, name, value)
 
     @property
     def known_flags(self) -> int:
@@ -90,7 +100,7 @@ class ZFileHeader:
         return ALGO_NAMES.get(self.algo, f"unknown({self.algo})")
 
     def with_(self, **changes: object) -> ZFileHeader:
-        return replace(self, **changes)  # type: ignore[arg-type]
+        return self.replace(**changes)
 
     def pack(self) -> bytes:
         """512 bytes with the digest computed over the record with the digest field zero."""
@@ -192,3 +202,9 @@ def check_index_info(info: ZFileHeader, *, at: int, base: int, path: str, file_s
     if not least <= data <= most:
         raise CorruptIndexError(f"{nblocks} blocks cannot take the {data} bytes before the jump table (from {least} "
                                 f"to {most})", path=path, offset=where("index_offset"))
+
+
+def check_algo(algo: int) -> None:
+    """UnsupportedError unless ``algo`` is a codec this package reads and writes (LZ4 or zstd)."""
+    if algo not in SUPPORTED_ALGOS:
+        raise UnsupportedError(f"compression algorithm {ALGO_NAMES.get(algo, algo)} is not supported")

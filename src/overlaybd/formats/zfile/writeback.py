@@ -8,29 +8,59 @@ fresh ones cost 1-8x the system time of 64-256 KiB writes of the same bytes on t
 
 from __future__ import annotations
 
-import ctypes
+import errno
+import os
 import queue
 import threading
-from types import TracebackType
+from collections.abc import Callable
 
-from ...source.file import write_all
+from ... import native
+from ...errors import LayerIOError
+from ...source.file import fallocate
+from ...source.writes import write_all
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing (mypy reads the name alone)
+if TYPE_CHECKING:
+    from types import TracebackType
 
 WRITE_PIECE = 256 << 10
 
 _SYNC_FILE_RANGE_WRITE = 2
-_libc = ctypes.CDLL(None, use_errno=True)
-_sync_file_range = getattr(_libc, "sync_file_range", None)
-if _sync_file_range is not None:
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    _sync_file_range.restype = ctypes.c_int
+
+
+def _ctypes_sync_file_range() -> Callable[[int, int, int], object] | None:
+    """libc's ``sync_file_range`` through ctypes (the Python path: ctypes is loaded only then)."""
+    import ctypes
+
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+    if fn is None:
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return lambda fd, offset, length: fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+_blocks = native.blocks_module() if not native.switched_off() else None
+_sync_file_range = _blocks.start_writeback if _blocks is not None else _ctypes_sync_file_range()
+_NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def allocate(fd: int, length: int, name: str) -> None:
+    """Blocks for the first ``length`` bytes of a file about to be written whole (``fallocate``, mode 0), so that
+    a file system without room for it fails here (LayerIOError naming ``name``), before anything is copied, and
+    the writes that follow need no block reservation each (ext4's delayed allocation: 0.07 s of system time less
+    for 512 MiB). Nothing where the file system cannot allocate ahead."""
+    err = _blocks.fallocate(fd, 0, 0, length) if _blocks is not None else fallocate(fd, 0, 0, length)
+    if err in _NO_ROOM:
+        raise LayerIOError(f"no room for {length} bytes: {os.strerror(err)}", path=name)
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
     """Start writing these dirty pages to disk without waiting for them (``sync_file_range`` with
-    SYNC_FILE_RANGE_WRITE, the GIL released). Nothing where the call is missing or the file refuses it (a pipe):
-    it only saves time at the final ``fsync``."""
+    SYNC_FILE_RANGE_WRITE, the GIL released: in C, or through ctypes on the Python path). Nothing where the call is
+    missing or the file refuses it (a pipe): it only saves time at the final ``fsync``."""
     if _sync_file_range is not None:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+        _sync_file_range(fd, offset, length)
 
 
 class Writeback:

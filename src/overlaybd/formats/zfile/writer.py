@@ -18,23 +18,20 @@ actually used.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import threading
 from array import array
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from typing import NamedTuple
 
 from ...errors import FormatError, UsageError
+from ...frozen import Frozen
 from ...source.base import BlockSource, ExtentKind
 from ...source.file import write_all
 from ..checksum import raw_crc32c
 from ..rawout import chunked
-from . import blocks, codecs
+from . import blocks
 from .spec import (
     ALGO_BY_NAME,
     CRC_SIZE,
@@ -48,11 +45,19 @@ from .spec import (
     MIN_BLOCK_SIZE,
     RECORD_SIZE,
     ZFileHeader,
+    check_algo,
     max_stored_length,
 )
+from .workers import Task, Workers
 from .writeback import Writeback, write_out
 
-log = logging.getLogger(__name__)
+
+def _log(level: str, message: str, *args: object) -> None:
+    """Log through this module's logger: ``logging`` is loaded only when there is something to say (a block too
+    big for 64 KiB), so that ``zfile compress`` starts without it."""
+    import logging
+
+    getattr(logging.getLogger(__name__), level)(message, *args)
 
 Progress = Callable[[int, int], None]
 BATCH_BYTES = 1 << 20
@@ -66,12 +71,18 @@ class _BlockTooLarge(Exception):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class ZFileResult:
+class ZFileResult(Frozen):
+    __slots__ = ("header", "length", "block_size", "passes")
     header: ZFileHeader  # the trailer record written
     length: int  # bytes of ZFile written
     block_size: int  # block size actually used
-    passes: int = 1  # 2 when a block that did not fit was found only while writing, and the file written again
+    passes: int  # 2 when a block that did not fit was found only while writing, and the file written again
+
+    def __init__(self, header: ZFileHeader, length: int, block_size: int, passes: int = 1) -> None:
+        object.__setattr__(self, "header", header)
+        object.__setattr__(self, "length", length)
+        object.__setattr__(self, "block_size", block_size)
+        object.__setattr__(self, "passes", passes)
 
     @property
     def ratio(self) -> float:
@@ -92,11 +103,14 @@ def check_block_size(block_size: int) -> None:
         raise UsageError(f"block size {block_size} must be a power of two from 4 KiB to 64 KiB")
 
 
-class _Slot(NamedTuple):
+class _Slot:
     """One batch's buffers: its input and its output."""
 
-    data: bytearray
-    out: bytearray
+    __slots__ = ("data", "out")
+
+    def __init__(self, data: bytearray, out: bytearray) -> None:
+        self.data = data
+        self.out = out
 
 
 _spare: list[_Slot] = []  # slots kept from one write to the next
@@ -119,10 +133,13 @@ def _keep_slots(slots: list[_Slot]) -> None:
         del _spare[SPARE_SLOTS:]
 
 
-class _Compressed(NamedTuple):
-    slot: _Slot
-    used: int  # bytes of slot.out
-    lengths: array[int]  # stored length of each block (uint32)
+class _Compressed:
+    __slots__ = ("slot", "used", "lengths")
+
+    def __init__(self, slot: _Slot, used: int, lengths: array[int]) -> None:
+        self.slot = slot
+        self.used = used  # bytes of slot.out
+        self.lengths = lengths  # stored length of each block (uint32)
 
 
 class _Aborted(Exception):
@@ -187,23 +204,22 @@ def write_zfile(src: BlockSource, fd: int, base: int = 0, *, algo: str | int = "
                 progress: Progress | None = None, name: str = "<zfile>") -> ZFileResult:
     """Compress all of ``src`` into ``fd`` starting at byte ``base``. Returns what was written."""
     code = algo_code(algo)
-    codecs.check_algo(code)
+    check_algo(code)
     check_block_size(block_size)
     if max_stored_length(code, block_size, verify) > MAX_STORED_BLOCK:
         found = _oversized_block(src, code, block_size, verify, threads, name)
         if found is not None:
-            log.info("%s: block %d does not compress below %d bytes; writing %d-byte blocks", name, found,
-                     MAX_STORED_BLOCK, block_size // 2)
+            _log("info", "%s: block %d does not compress below %d bytes; writing %d-byte blocks", name, found,
+                 MAX_STORED_BLOCK, block_size // 2)
             block_size //= 2
     try:
         return _write(src, fd, base, code, block_size, verify, threads, overwrite_header, progress, name)
     except _BlockTooLarge:
         smaller = block_size // 2
-        log.warning("%s: a %d-byte block found while writing does not compress below %d bytes; writing the file "
-                    "again with %d-byte blocks",
-                    name, block_size, MAX_STORED_BLOCK, smaller)
+        _log("warning", "%s: a %d-byte block found while writing does not compress below %d bytes; writing the "
+             "file again with %d-byte blocks", name, block_size, MAX_STORED_BLOCK, smaller)
         res = _write(src, fd, base, code, smaller, verify, threads, overwrite_header, progress, name)
-        return replace(res, passes=2)
+        return res.replace(passes=2)
 
 
 def _oversized_block(src: BlockSource, algo: int, block_size: int, verify: bool,
@@ -243,7 +259,7 @@ def _oversized_block(src: BlockSource, algo: int, block_size: int, verify: bool,
         for offset, length in chunks:
             screen(offset, length)
     else:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zscreen") as pool:
+        with Workers(workers, "zscreen") as pool:
             for fut in [pool.submit(screen, offset, length) for offset, length in chunks]:
                 fut.result()
     return min(found) if found else None
@@ -305,8 +321,8 @@ def _write_blocks(src: BlockSource, fd: int, pos: int, algo: int, block_size: in
             progress(upto, total)
 
     # The pool is left (its workers done) before the writeback thread is: no range is given to it after its close.
-    with Writeback(fd) as writeback, ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zfile") as workers:
-        pending: deque[tuple[Future[_Compressed], int]] = deque()
+    with Writeback(fd) as writeback, Workers(threads, "zfile") as workers:
+        pending: deque[tuple[Task, int]] = deque()
         try:
             for index, off in enumerate(range(0, total, batch)):
                 if not free:
