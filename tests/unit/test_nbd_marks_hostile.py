@@ -268,6 +268,6 @@ def test_a_reader_that_cannot_be_made_leaves_the_request_to_the_generic_path(
             c.s.sendall(req(nbd.CMD_READ, 2, 4096, 4096) + req(nbd.CMD_READ, 3, 64 * KiB, 4096))
             got = _answers(c, False, {2: 4096, 3: 4096})
             assert got == {2: (0, b"u" * 4096), 3: (0, image[64 * KiB : 68 * KiB])}
-            assert failures == [0]
-            assert served_in_c(export) in (1, -1)
+            in_c = served_in_c(export)
+            assert (in_c, failures) in ((1, [0]), (-1, [1]))  # without the C reader nothing made it catch up
             c.close()
