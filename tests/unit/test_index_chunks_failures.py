@@ -5,6 +5,8 @@ until the index holds them) maps the record once, as the records replayed from t
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,49 @@ def test_a_catch_up_whose_split_fails_maps_every_record_once(tmp_path: Path, mon
     with WritableLayer(data, index, readonly=True) as again:
         assert again.pread(0, size) == model
         assert again.segments().rows() == rows
+
+
+_INSERTS_UNDER_A_MEMORY_LIMIT = """
+import random, resource, sys
+import numpy as np
+from overlaybd.formats.lsmt.index import MutableIndex, Segments, is_sorted_disjoint
+rng = random.Random(int(sys.argv[1]))
+n = 200_000
+o = np.arange(n, dtype=np.int64) * 16
+idx = MutableIndex.from_segments(Segments(o, np.full(n, 8, dtype=np.int64), o.copy(), np.zeros(n, bool),
+                                          np.zeros(n, np.int32)))
+held = []
+vm = int([ln for ln in open("/proc/self/status") if ln.startswith("VmSize")][0].split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (2 << 20), resource.RLIM_INFINITY))
+failed = 0
+try:
+    for k in range(300_000):
+        try:
+            idx.insert(rng.randrange(n * 16), rng.randint(1, 40), 10**7 + k, False, 0)
+            if k % 7 == 0:
+                held.append(bytearray(rng.randrange(1, 1 << 16)))  # memory runs out, here or in an insert
+        except MemoryError:
+            failed += 1
+            if failed > 50:
+                held.clear()
+            if failed > 100:
+                break
+finally:
+    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+held.clear()
+chunks = idx._chunks
+print(failed > 100,
+      all(len({len(ch.offs), len(ch.ends), len(ch.moffs), len(ch.zeroed), len(ch.tags)}) == 1 for ch in chunks),
+      idx._lasts == [ch.ends[-1] for ch in chunks], len(idx) == sum(len(ch.offs) for ch in chunks),
+      is_sorted_disjoint(idx.segments()))
+"""
+
+
+@pytest.mark.parametrize("seed", [2, 3, 4, 5])
+def test_inserts_that_fail_for_memory_leave_the_index_whole(tmp_path: Path, seed: int) -> None:
+    """A child process inserting records into an index of 200,000 while memory runs out (the address-space
+    limit), a hundred inserts failing wherever they allocate: its chunks' five columns stay of one length, their
+    last ends and the record count right, the records sorted and disjoint."""
+    out = subprocess.run([sys.executable, "-c", _INSERTS_UNDER_A_MEMORY_LIMIT, str(seed)], check=True,
+                         capture_output=True, text=True, timeout=300).stdout
+    assert out.split() == ["True"] * 5
