@@ -272,24 +272,42 @@ class MutableIndex:
                 new_t.append(last.tags[k])
         news: tuple[list[Any], ...] = (new_o, new_e, new_m, new_z, new_t)
         first = chunks[c0]
-        cols: tuple[list[Any], ...] = (first.offs, first.ends, first.moffs, first.zeroed, first.tags)
         removed = j1 - i0 if c0 == c1 else \
             len(first.offs) - i0 + sum(len(ch.offs) for ch in chunks[c0 + 1 : c1]) + j1
         n = self._n + len(new_o) - removed  # before anything changes: setting it then cannot fail
-        if c0 == c1:
-            for col, new in zip(cols, news, strict=True):
-                col[i0:j1] = new
-        else:
-            last = chunks[c1]
-            for col, new in zip(cols, news, strict=True):
-                col[i0:] = new
-            for col in (last.offs, last.ends, last.moffs, last.zeroed, last.tags):
-                del col[:j1]
-            del chunks[c0 + 1 : c1]
-            del self._lasts[c0 + 1 : c1]
+        self._put(c0, i0, c1, j1, news)
         self._n = n
         self._settle(c0 + 1 if c0 < c1 else c0)
         self._settle(c0)
+
+    def _put(self, c0: int, i0: int, c1: int, j1: int, news: tuple[list[Any], ...]) -> None:
+        """Records ``[(c0, i0), (c1, j1))`` replaced by the columns ``news``. A MemoryError leaves the index as it
+        was: what is allocated is made before anything changes."""
+        chunks = self._chunks
+        first = chunks[c0]
+        cols: tuple[list[Any], ...] = (first.offs, first.ends, first.moffs, first.zeroed, first.tags)
+        if c0 == c1:
+            # in place, column by column (a slice assignment is done whole or not at all); if a column fails, those
+            # before it are put back (that allocates nothing unless the change freed half the chunk's room)
+            done, back = slice(i0, j1), slice(i0, i0 + len(news[0]))
+            olds = (first.offs[done], first.ends[done], first.moffs[done], first.zeroed[done], first.tags[done])
+            k = 0
+            try:
+                for k in range(len(cols)):
+                    cols[k][done] = news[k]
+            except BaseException:
+                for m in range(k):
+                    cols[m][back] = olds[m]
+                raise
+            return
+        # the first chunk's head and the last chunk's tail made as new lists (rare: a range across chunks)
+        last = chunks[c1]
+        head: list[list[Any]] = [col[:i0] + new for col, new in zip(cols, news, strict=True)]
+        tail: list[list[Any]] = [col[j1:] for col in (last.offs, last.ends, last.moffs, last.zeroed, last.tags)]
+        if c1 > c0 + 1:  # the chunks between go
+            self._chunks, self._lasts = chunks[: c0 + 1] + chunks[c1:], self._lasts[: c0 + 1] + self._lasts[c1:]
+        first.offs, first.ends, first.moffs, first.zeroed, first.tags = head
+        last.offs, last.ends, last.moffs, last.zeroed, last.tags = tail
 
     def _settle(self, c: int) -> None:
         """After chunk ``c`` changed: drop it if empty, note its last end, split it if too large. Its last end is
