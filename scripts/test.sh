@@ -17,7 +17,7 @@ if [ $# -eq 0 ]; then
     tests/unit/test_cache.py tests/unit/test_lookup.py tests/properties/test_index_properties.py \
     tests/interop/test_byte_identity.py tests/interop/test_reference_cases.py tests/interop/test_real_images.py \
     tests/unit/test_nbd_writes.py tests/unit/test_nbd_flushing.py tests/unit/test_nbd_sendfile.py \
-    tests/unit/test_nbd_reads_hostile.py
+    tests/unit/test_nbd_reads_hostile.py tests/unit/test_nbd_marks_hostile.py tests/unit/test_writable_chunks.py
   echo "test: the NBD server tests again on asyncio's own event loop (OVERLAYBD_UVLOOP=0)"
   OVERLAYBD_UVLOOP=0 .venv/bin/python -m pytest -q tests/unit/test_nbd_*.py tests/unit/test_serve_cli.py \
     tests/unit/test_served.py tests/e2e/test_nbd_hostile.py tests/e2e/test_nbd_clients.py

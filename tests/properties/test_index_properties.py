@@ -6,6 +6,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Sequence
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -427,3 +428,70 @@ def test_chunked_index_applies_big_logs(first: list[Row], log: list[Row], chunk:
     _check_chunks(idx)
     _check_chunks(one_by_one)
     assert idx.segments().rows() == one_by_one.segments().rows() == replay_model(first + log)
+
+
+# -- replay sorting once (the offset order passed down) ----------------------------------------------------------
+
+
+def _replay_sorting_each_level(log: Segments) -> Segments:
+    """:func:`replay` as it was before it sorted once: each half of the log in time sorted again by offset."""
+    if len(log) == 0:
+        return log
+    by_offset = log.take(np.argsort(log.offset, kind="stable"))
+    if is_sorted_disjoint(by_offset):
+        return by_offset
+    if len(log) <= idxmod._REPLAY_LEAF:
+        idx = MutableIndex()
+        for o, ln, m, z, t in log.rows():
+            idx.insert(o, ln, m, z, t)
+        return idx.segments()
+    half = len(log) // 2
+    return overlay(_replay_sorting_each_level(log.take(slice(half, len(log)))),
+                   _replay_sorting_each_level(log.take(slice(0, half))))
+
+
+@st.composite
+def crowded_logs(draw: st.DrawFn) -> list[Row]:
+    """Big logs (several levels of the divide and conquer) whose records mostly start at a few offsets, all tagged
+    0 as in a real writable layer: only the time order tells records at one offset apart (the moffset is the
+    record's place in the log), so a later record there must win."""
+    n = draw(st.integers(idxmod._REPLAY_LEAF + 1, 700))
+    starts = draw(st.lists(st.integers(0, 300), min_size=1, max_size=4))
+    out: list[Row] = []
+    for k in range(n):
+        o = draw(st.sampled_from(starts)) if draw(st.integers(0, 9)) < 8 else draw(st.integers(0, 300))
+        out.append((o, draw(st.sampled_from([1, 2, 8, 40])), k * 1000, draw(st.integers(0, 9)) == 0, 0))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(crowded_logs())
+def test_replay_of_crowded_logs_is_the_inserts_and_the_old_replay(log: list[Row]) -> None:
+    seg = to_segments(log)
+    got = replay(seg).rows()
+    assert got == _replay_sorting_each_level(seg).rows()
+    assert got == inserted(log)
+    check_sorted_disjoint(replay(seg), "replay")
+
+
+@st.composite
+def mostly_disjoint_logs(draw: st.DrawFn) -> list[Row]:
+    """Big logs of disjoint records in a shuffled order (so that halves of the log are sorted and disjoint once in
+    offset order: the replay returns them as its offset order gives them), with a few records over them here and
+    there (some at the offset of an earlier one) so that the whole is not."""
+    n = draw(st.integers(idxmod._REPLAY_LEAF + 1, 500))
+    slots = draw(st.permutations(range(n)))
+    out: list[Row] = [(s * 10, draw(st.integers(1, 10)), k * 1000, False, 0) for k, s in enumerate(slots)]
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, n - 1))
+        o = draw(st.sampled_from([out[at][0], draw(st.integers(0, n * 10))]))
+        out.insert(draw(st.integers(0, n)), (o, draw(st.integers(1, 30)), 7, draw(st.booleans()), 0))
+    return [(o, ln, k * 1000 + 1 if m == 7 else m, z, t) for k, (o, ln, m, z, t) in enumerate(out)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(mostly_disjoint_logs())
+def test_replay_of_logs_with_disjoint_halves_is_the_inserts(log: list[Row]) -> None:
+    seg = to_segments(log)
+    got = replay(seg).rows()
+    assert got == inserted(log) == _replay_sorting_each_level(seg).rows()

@@ -398,7 +398,10 @@ class Connection:
             return pos
         try:
             export = self.session.export
-            writes = export.writes()  # after try_enter(): the source does not change until leave()
+            try:
+                writes = export.writes()  # after try_enter(): the source does not change until leave()
+            except Exception:  # not made (its reader's catch-up failed: memory): the usual way answers the error
+                writes = None
             if writes is None:
                 self._release(n)
                 return pos
@@ -450,7 +453,10 @@ class Connection:
             self._slots.release(1)
             return pos
         try:
-            reads = self.session.export.reads()  # after try_enter(): the source does not change until leave()
+            try:
+                reads = self.session.export.reads()  # after try_enter(): the source does not change until leave()
+            except Exception:  # not made (the catch-up of the upper it marks failed: memory): the usual way reads
+                reads = None
             if reads is None or not reads.current():
                 self._slots.release(1)
                 return pos

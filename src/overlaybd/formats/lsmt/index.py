@@ -170,12 +170,16 @@ class _Chunk:
         self.tags = tags
 
     def split(self) -> _Chunk:
-        """Cut off the second half and return it as a new chunk."""
+        """A copy of the second half as a new chunk (this one unchanged: :meth:`cut` drops it once the new one is
+        in place)."""
         h = len(self.offs) // 2
-        tail = _Chunk(self.offs[h:], self.ends[h:], self.moffs[h:], self.zeroed[h:], self.tags[h:])
+        return _Chunk(self.offs[h:], self.ends[h:], self.moffs[h:], self.zeroed[h:], self.tags[h:])
+
+    def cut(self) -> None:
+        """Drop the second half (what :meth:`split` copied). Nothing is allocated: it cannot fail."""
+        h = len(self.offs) // 2
         for col in (self.offs, self.ends, self.moffs, self.zeroed, self.tags):
             del col[h:]
-        return tail
 
 
 class MutableIndex:
@@ -236,10 +240,9 @@ class MutableIndex:
                  new_z: list[bool], new_t: list[int]) -> None:
         chunks = self._chunks
         if not chunks:
-            if new_o:
-                chunks.append(_Chunk(new_o, new_e, new_m, new_z, new_t))
-                self._lasts.append(new_e[-1])
-                self._n = len(new_o)
+            if new_o:  # made whole before any is set: a MemoryError leaves the index as it was
+                self._chunks, self._lasts, self._n = [_Chunk(new_o, new_e, new_m, new_z, new_t)], [new_e[-1]], \
+                    len(new_o)
             return
         c0, i0 = self._locate(offset)
         if c0 == len(chunks):  # after every record: at the end of the last chunk
@@ -269,39 +272,66 @@ class MutableIndex:
                 new_t.append(last.tags[k])
         news: tuple[list[Any], ...] = (new_o, new_e, new_m, new_z, new_t)
         first = chunks[c0]
-        cols: tuple[list[Any], ...] = (first.offs, first.ends, first.moffs, first.zeroed, first.tags)
-        if c0 == c1:
-            removed = j1 - i0
-            for col, new in zip(cols, news, strict=True):
-                col[i0:j1] = new
-        else:
-            removed = len(first.offs) - i0 + sum(len(ch.offs) for ch in chunks[c0 + 1 : c1]) + j1
-            last = chunks[c1]
-            for col, new in zip(cols, news, strict=True):
-                col[i0:] = new
-            for col in (last.offs, last.ends, last.moffs, last.zeroed, last.tags):
-                del col[:j1]
-            del chunks[c0 + 1 : c1]
-            del self._lasts[c0 + 1 : c1]
-        self._n += len(new_o) - removed
+        removed = j1 - i0 if c0 == c1 else \
+            len(first.offs) - i0 + sum(len(ch.offs) for ch in chunks[c0 + 1 : c1]) + j1
+        n = self._n + len(new_o) - removed  # before anything changes: setting it then cannot fail
+        self._put(c0, i0, c1, j1, news)
+        self._n = n
         self._settle(c0 + 1 if c0 < c1 else c0)
         self._settle(c0)
 
-    def _settle(self, c: int) -> None:
-        """After chunk ``c`` changed: drop it if empty, split it if too large, note its last end."""
+    def _put(self, c0: int, i0: int, c1: int, j1: int, news: tuple[list[Any], ...]) -> None:
+        """Records ``[(c0, i0), (c1, j1))`` replaced by the columns ``news``. A MemoryError leaves the index as it
+        was: what is allocated is made before anything changes."""
         chunks = self._chunks
+        first = chunks[c0]
+        cols: tuple[list[Any], ...] = (first.offs, first.ends, first.moffs, first.zeroed, first.tags)
+        if c0 == c1:
+            # in place, column by column (a slice assignment is done whole or not at all); if a column fails, those
+            # before it are put back (that allocates nothing unless the change freed half the chunk's room)
+            done, back = slice(i0, j1), slice(i0, i0 + len(news[0]))
+            olds = (first.offs[done], first.ends[done], first.moffs[done], first.zeroed[done], first.tags[done])
+            k = 0
+            try:
+                for k in range(len(cols)):
+                    cols[k][done] = news[k]
+            except BaseException:
+                for m in range(k):
+                    cols[m][back] = olds[m]
+                raise
+            return
+        # the first chunk's head and the last chunk's tail made as new lists (rare: a range across chunks)
+        last = chunks[c1]
+        head: list[list[Any]] = [col[:i0] + new for col, new in zip(cols, news, strict=True)]
+        tail: list[list[Any]] = [col[j1:] for col in (last.offs, last.ends, last.moffs, last.zeroed, last.tags)]
+        if c1 > c0 + 1:  # the chunks between go
+            self._chunks, self._lasts = chunks[: c0 + 1] + chunks[c1:], self._lasts[: c0 + 1] + self._lasts[c1:]
+        first.offs, first.ends, first.moffs, first.zeroed, first.tags = head
+        last.offs, last.ends, last.moffs, last.zeroed, last.tags = tail
+
+    def _settle(self, c: int) -> None:
+        """After chunk ``c`` changed: drop it if empty, note its last end, split it if too large. Its last end is
+        noted first, and a split changes nothing until what it allocates is made: a MemoryError there leaves a
+        chunk too large, which lookups read right (the next insert there splits it)."""
+        chunks, lasts = self._chunks, self._lasts
         if c >= len(chunks):
             return
         ch = chunks[c]
         if not ch.offs:
             del chunks[c]
-            del self._lasts[c]
+            del lasts[c]
             return
+        lasts[c] = ch.ends[-1]
         if len(ch.offs) > 2 * self.CHUNK:
             tail = ch.split()
             chunks.insert(c + 1, tail)
-            self._lasts.insert(c + 1, tail.ends[-1])
-        self._lasts[c] = ch.ends[-1]
+            try:
+                lasts.insert(c + 1, tail.ends[-1])
+            except BaseException:
+                del chunks[c + 1]
+                raise
+            ch.cut()
+            lasts[c] = ch.ends[-1]
 
     def apply(self, log: Segments) -> None:
         """Insert records given in time order (a later one wins where they meet), as one insert each would."""
