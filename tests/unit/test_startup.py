@@ -52,8 +52,9 @@ def volume(tmp_path_factory: pytest.TempPathFactory) -> Volume:
 
 def test_version_loads_nothing_heavy() -> None:
     names, out = imported("--version")
-    assert out.startswith("overlaybd ") and "ZFile blocks:" in out
+    assert out.startswith("overlaybd ") and "ZFile blocks:" in out and "serve event loop:" in out
     assert "overlaybd.cli.main" in names and not heavy(names)
+    assert not names & {"asyncio", "uvloop", "typing"}  # it names serve's event loop without loading one
     assert {n for n in names if n.startswith("overlaybd.cli.")} <= {"overlaybd.cli.main", "overlaybd.cli.common"}
 
 

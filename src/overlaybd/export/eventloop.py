@@ -9,13 +9,16 @@ public interface and its transports' (``get_extra_info("socket")``, write buffer
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import os
-from collections.abc import Coroutine
-from typing import Any, TypeVar
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing (mypy reads the name alone)
+if TYPE_CHECKING:  # asyncio is imported when a loop is made: --version names the loop without loading it
+    import asyncio
+    from collections.abc import Coroutine
+    from typing import Any, TypeVar
+
+    T = TypeVar("T")
 
 
 def _uvloop() -> Any:
@@ -30,12 +33,16 @@ def _uvloop() -> Any:
 
 def new_loop() -> asyncio.AbstractEventLoop:
     """A new event loop of the kind the server runs on."""
+    import asyncio
+
     uvloop = _uvloop()
     return uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run(main)`` on a loop of the kind the server runs on."""
+    import asyncio
+
     with asyncio.Runner(loop_factory=new_loop) as runner:
         return runner.run(main)
 
