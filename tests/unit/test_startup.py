@@ -178,3 +178,19 @@ def test_zfile_commands_on_the_c_path_load_no_codec_module_typing_logging_or_cty
 
 def heavy_names(names: set[str], unwanted: tuple[str, ...]) -> list[str]:
     return sorted(n for n in names if any(n == h or n.startswith(h + ".") for h in unwanted))
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["log"]])
+def test_a_reader_that_stops_reading_ends_the_command_quietly(volume: Volume, argv: list[str]) -> None:
+    """Output into a pipe nobody reads (``overlaybd --version | head -0``): exit 141 as after SIGPIPE, and not a
+    line of traceback on stderr."""
+    args = [*argv, volume.path] if argv == ["log"] else argv
+    r, w = os.pipe()
+    os.close(r)  # every write gets EPIPE
+    try:
+        run = subprocess.run([sys.executable, "-m", "overlaybd", *args], stdout=w, stderr=subprocess.PIPE,
+                             text=True, timeout=60)
+    finally:
+        os.close(w)
+    assert run.returncode == 141, run.stderr
+    assert run.stderr == ""

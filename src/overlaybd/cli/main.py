@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -65,12 +66,25 @@ def modules_for(argv: Sequence[str]) -> Sequence[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    except BrokenPipeError:
+        # whoever read our output stopped (``overlaybd --version | head -1``): end quietly, as a command killed by
+        # SIGPIPE does, and keep the interpreter's final flush of stdout from failing again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser(modules_for(argv))
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
     try:
         return int(args.run(args) or 0)
+    except BrokenPipeError:
+        raise
     except UsageError as exc:
         print(f"overlaybd: error: {exc}", file=sys.stderr)
         return 2
