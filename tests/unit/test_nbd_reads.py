@@ -169,7 +169,17 @@ def test_what_the_upper_maps_is_marked(tmp_path: Path) -> None:
         assert marked(SIZE - 8192, 512) and marked(SIZE - 8192 + 4096 - 512, 512)  # its 4 KiB granule
         assert not marked(SIZE - 4096, 4096) and not marked(0, SIZE - 8192)
         data = req(nbd.CMD_READ, 1, 0, 4096) + req(nbd.CMD_READ, 2, SIZE - 12288, 8192) + req(nbd.CMD_READ, 3, 0, 512)
-        assert reads.serve(data, 0, False, 1 << 20, 1 << 20) == (nbd.REQUEST.size, reply(dev, 1, 0, 4096, False), 1)
+        # the read that meets the upper asks it for its records (once), and reads them with the layers below
+        assert reads.serve(data, 0, False, 1 << 20, 1 << 20) == (
+            len(data), reply(dev, 1, 0, 4096, False) + reply(dev, 2, SIZE - 12288, 8192, False)
+            + reply(dev, 3, 0, 512, False), 3)
+        assert reads.reader.asked == 1 and dev.pread(SIZE - 8192, 512) == b"\x01" * 512
+        # a reader not given the upper's records leaves that read to the generic path
+        plan = dev.direct_plan()
+        assert plan is not None
+        blind = R._nbdread.Reader(plan[1].handle, plan[2], dev.size)
+        blind.mark(SIZE - 8192, 512)
+        assert blind.serve(data, 0, False, 1 << 20, 1 << 20) == (nbd.REQUEST.size, reply(dev, 1, 0, 4096, False), 1)
         reads.mark(4096 + 100, 1)  # a byte marks its granule
         assert marked(4096, 512) and not marked(0, 4096) and not marked(8192, 4096)
         reads.mark(SIZE - 512, 1 << 40)  # past the end: up to the end
@@ -339,3 +349,102 @@ def test_reads_and_writes_served_in_one_call_are_counted_each(tmp_path: Path) ->
     assert sorted(n for cmd, n, _, _ in counted.requests if cmd == "READ") == sorted(n for _, n in reads.values())
     assert [n for cmd, n, _, _ in counted.requests if cmd == "WRITE"] == [1024] * 30
     assert all(seconds >= 0 and error == 0 for _, _, seconds, error in counted.requests)
+
+
+def test_reads_of_an_upper_written_all_over_are_what_the_generic_path_reads(tmp_path: Path) -> None:
+    """An upper of a few thousand records (writes, trims, zero-writes of 512 B to 24 KiB over the layered volume):
+    reopened, the reader marks what it maps; more changes, each marked first as the server does; reads of every
+    size and place, pipelined in one call, are what ``pread`` gives, and those that meet a mark ask the upper."""
+    vol = layered(tmp_path)
+    rng = random.Random(11)
+
+    def change(dev: LsmtStack, reads: R.Reads | None, n: int) -> None:
+        for _ in range(n):
+            off = rng.randrange(SIZE // 512 - 48) * 512
+            length = rng.randrange(1, 48) * 512
+            if reads is not None:
+                reads.mark(off, length)
+            kind = rng.random()
+            if kind < 0.8:
+                dev.pwrite(off, rng.randbytes(length))
+            elif kind < 0.9:
+                dev.trim(off, length)
+            else:
+                dev.write_zeroes(off, length)
+
+    with vol.open(writable=True) as dev:
+        change(dev, None, 3000)
+    with vol.open(writable=True) as dev:
+        reads = R.reads_for(dev)
+        assert reads is not None
+        change(dev, reads, 500)
+        for structured in (False, True):
+            asked = [(rng.randrange(SIZE // 512 - 256) * 512, rng.randrange(1, 256) * 512) for _ in range(400)]
+            stream = b"".join(req(nbd.CMD_READ, k, off, n) for k, (off, n) in enumerate(asked))
+            before = reads.reader.served
+            pos, replies, count = reads.serve(stream, 0, structured, SIZE, 1 << 30)
+            assert (pos, count) == (len(stream), len(asked))
+            assert replies == b"".join(reply(dev, k, off, n, structured) for k, (off, n) in enumerate(asked))
+            assert reads.reader.served == before + len(asked)
+        assert reads.reader.asked > 300
+
+
+@pytest.mark.parametrize("case", ["raises", "not a list", "not tuples", "short tuples", "out of order",
+                                  "overlapping", "no such source", "source without a file", "past its file",
+                                  "negative", "too large"])
+def test_upper_records_that_cannot_be_read_here_leave_the_read_to_the_generic_path(tmp_path: Path,
+                                                                                   case: str) -> None:
+    """What the upper's ``rows`` gives is checked before it is used: a read whose records are not usable (the call
+    fails, the wrong shape, out of order or overlapping, a source without a descriptor, data past its file, values
+    that do not fit) is not served here, nor anything after it; what was served before it is right."""
+    with opened(tmp_path) as (dev, reads):
+        plan = dev.direct_plan()
+        assert plan is not None
+        _, index, fds = plan
+        data = tmp_path / "upper.bin"
+        data.write_bytes(bytes(range(256)) * 256)  # 64 KiB
+        with FileSource(str(data)) as up:
+            mine = array("i", list(fds) + [up.fd])
+            src = len(fds)
+            bad: dict[str, object] = {
+                "not a list": ((8, 8, 0, False, src),), "not tuples": [[8, 8, 0, False, src]],
+                "short tuples": [(8, 8, 0, False)], "out of order": [(12, 4, 0, False, src), (8, 4, 0, False, src)],
+                "overlapping": [(8, 8, 0, False, src), (12, 8, 0, False, src)],
+                "no such source": [(8, 8, 0, False, src + 1)], "source without a file": [(8, 8, 0, False, -1)],
+                "past its file": [(8, 8, 124, False, src)], "negative": [(8, 8, -1, False, src)],
+                "too large": [(8, 8, 1 << 63, False, src)],
+            }
+
+            def rows(start: int, end: int) -> object:
+                if start == 0:  # the first read: a zeroed record, then data from the file
+                    return [(0, 4, 0, True, src), (4, 4, 2, False, src)]
+                if case == "raises":
+                    raise ValueError("no rows")
+                return bad[case]
+
+            reader = R._nbdread.Reader(index.handle, mine, dev.size, rows)
+            reader.mark(0, SIZE)
+            stream = req(nbd.CMD_READ, 1, 0, 4096) + req(nbd.CMD_READ, 2, 4096, 4096) + req(nbd.CMD_READ, 3, 0, 512)
+            pos, replies, count = reader.serve(stream, 0, False, 4096, 1 << 20)
+            assert (pos, count) == (nbd.REQUEST.size, 1)
+            expected = bytes(2048) + data.read_bytes()[1024:3072]
+            assert replies == nbd.simple_reply(1) + expected
+            # data past its file is found when read (a short read), after the third request was planned
+            assert reader.served == 1 and reader.asked == (3 if case == "past its file" else 2)
+
+
+def test_an_interrupt_in_the_upper_records_is_not_swallowed(tmp_path: Path) -> None:
+    with opened(tmp_path) as (dev, reads):
+        plan = dev.direct_plan()
+        assert plan is not None
+
+        def rows(start: int, end: int) -> object:
+            raise KeyboardInterrupt
+
+        reader = R._nbdread.Reader(plan[1].handle, plan[2], dev.size, rows)
+        reader.mark(0, 4096)
+        with pytest.raises(KeyboardInterrupt):
+            reader.serve(req(nbd.CMD_READ, 1, 8192, 4096) + req(nbd.CMD_READ, 2, 0, 4096), 0, False, 4096, 1 << 20)
+        assert reader.served == 0
+        with pytest.raises(TypeError):
+            R._nbdread.Reader(plan[1].handle, plan[2], dev.size, 5)  # not callable

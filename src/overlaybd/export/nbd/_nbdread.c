@@ -10,15 +10,23 @@
  *
  * Granules mark what a writable upper above the index may map: the caller marks what it maps when the Reader is
  * made, and every write, trim or zero-write marks its range (mark(), or the C API below that _nbdwrite's Writer
- * calls) before it changes the upper. A read that meets a marked granule goes to Python. Granules are at least
- * 4 KiB, at most 4 Mi of them (one byte each, calloc'ed: pages never marked take no memory).
+ * calls) before it changes the upper. A read that meets no marked granule reads the merged index alone. One that
+ * meets a marked granule asks the upper, if the Reader was given its rows(start, end) (the upper's records that
+ * meet those sectors, as a list of (offset, length, moffset, zeroed, source) in sectors, caught up and taken under
+ * the upper's lock, with the GIL): its pieces are read from the upper's file (or are zeros), the gaps between them
+ * through the merged index. The records are taken when the request is planned; the data they point to stays where
+ * it is (an append-only upper writes elsewhere; a sparse one in place, as a disk would). Without rows, or where
+ * they cannot be used (a failed call, a source without a file, records out of order), the read goes to Python.
+ * Granules are at least 4 KiB, at most 4 Mi of them (one byte each, calloc'ed: pages never marked take no memory).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "_nbdwire.h"
 
@@ -36,6 +44,8 @@ typedef struct {
     Py_buffer fds;     /* int32 descriptors by source number (-1: a source without a file), held, not copied */
     uint64_t size;     /* the device's size in bytes */
     uint64_t served;   /* reads served here (for tests and figures) */
+    uint64_t asked;    /* of those, how many asked the upper for its records */
+    PyObject *upper;   /* the upper's rows(start, end), or NULL: reads meeting a marked granule go to Python */
     uint8_t *marked;   /* one byte per granule: nonzero once the upper may map some of it */
     uint64_t granules;
     int shift;         /* a granule is 1 << shift sectors */
@@ -65,16 +75,21 @@ static void reader_dealloc(Reader *self) {
         PyBuffer_Release(&self->fds);
         Py_DECREF(self->handle);
     }
+    Py_XDECREF(self->upper);
     free(self->marked);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static int reader_init(Reader *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"index", "fds", "size", NULL};
-    PyObject *handle, *fds;
+    static char *kwlist[] = {"index", "fds", "size", "upper", NULL};
+    PyObject *handle, *fds, *upper = Py_None;
     long long size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOL", kwlist, &handle, &fds, &size))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOL|O", kwlist, &handle, &fds, &size, &upper))
         return -1;
+    if (upper != Py_None && !PyCallable_Check(upper)) {
+        PyErr_SetString(PyExc_TypeError, "upper must be callable (the upper's rows) or None");
+        return -1;
+    }
     if (size < 0) {
         PyErr_SetString(PyExc_ValueError, "size must not be negative");
         return -1;
@@ -108,6 +123,10 @@ static int reader_init(Reader *self, PyObject *args, PyObject *kwds) {
         return -1;
     }
     self->shift = shift;
+    if (upper != Py_None) {
+        Py_INCREF(upper);
+        self->upper = upper;
+    }
     Py_INCREF(handle);
     self->handle = handle;
     self->index = index;
@@ -116,12 +135,150 @@ static int reader_init(Reader *self, PyObject *args, PyObject *kwds) {
     return 0;
 }
 
-/* Whether the request r is a read served here whose reply (head bytes, then its data) fits in room. */
-static int eligible(const Reader *self, const NbdRequest *r, size_t head, Py_ssize_t max_read, size_t room) {
+/* Whether the request r is a read this reader may serve whose reply (head bytes, then its data) fits in room
+ * (marks aside). */
+static int plain_read(const Reader *self, const NbdRequest *r, size_t head, Py_ssize_t max_read, size_t room) {
     return r->command == CMD_READ && !(r->flags & ~CMD_FLAG_DF) && r->length && r->length % SECTOR == 0 &&
            r->offset % SECTOR == 0 && (Py_ssize_t)r->length <= max_read && r->offset <= self->size &&
-           r->length <= self->size - r->offset && head + r->length <= room &&
-           !is_marked(self, r->offset / SECTOR, (r->offset + r->length) / SECTOR);
+           r->length <= self->size - r->offset && head + r->length <= room;
+}
+
+/* A record of the upper, clipped to the request it was taken for (sectors). */
+typedef struct {
+    int64_t start, end, moffset; /* moffset: where start's data is in the source */
+    int32_t fd;                  /* -1: zeroed */
+} Piece;
+
+/* A read planned with the GIL: the request, and its upper pieces (pieces[first, first + count)). */
+typedef struct {
+    NbdRequest r;
+    size_t first, count;
+} Planned;
+
+typedef struct {
+    Planned *reads;
+    size_t nreads, capreads;
+    Piece *pieces;
+    size_t npieces, cappieces;
+} Plan;
+
+static int grow(void **items, size_t *cap, size_t need, size_t size) {
+    if (need <= *cap)
+        return 0;
+    size_t n = *cap ? *cap : 16;
+    while (n < need)
+        n *= 2;
+    void *p = realloc(*items, n * size);
+    if (!p)
+        return -1;
+    *items = p;
+    *cap = n;
+    return 0;
+}
+
+static int64_t as_i64(PyObject *o, int *bad) {
+    long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred())
+        *bad = 1;
+    return (int64_t)v;
+}
+
+/* Append to plan the upper's pieces within sectors [s0, s1), asked of self->upper (with the GIL). 1 done; 0 if
+ * they cannot be used here (the read goes to Python, which asks again and says what is wrong; an Exception from
+ * the call is dropped for that reason); -1 with an error set (no memory, or what is not an Exception). */
+static int upper_pieces(Reader *self, Plan *plan, int64_t s0, int64_t s1) {
+    const int32_t *fds = self->fds.buf;
+    size_t nfds = (size_t)self->fds.len / sizeof(int32_t);
+    PyObject *rows = PyObject_CallFunction(self->upper, "LL", (long long)s0, (long long)s1);
+    self->asked++;
+    if (!rows || !PyList_Check(rows)) {
+        Py_XDECREF(rows);
+        if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_Exception))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(rows);
+    size_t at = plan->npieces;
+    int ok = grow((void **)&plan->pieces, &plan->cappieces, at + (size_t)n, sizeof(Piece)) == 0;
+    if (!ok) {
+        Py_DECREF(rows);
+        PyErr_NoMemory();
+        return -1;
+    }
+    int64_t pos = s0;
+    for (Py_ssize_t k = 0; k < n && ok; k++) {
+        PyObject *row = PyList_GET_ITEM(rows, k);
+        if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != 5) {
+            ok = 0;
+            break;
+        }
+        int bad = 0;
+        int64_t o = as_i64(PyTuple_GET_ITEM(row, 0), &bad), len = as_i64(PyTuple_GET_ITEM(row, 1), &bad);
+        int64_t m = as_i64(PyTuple_GET_ITEM(row, 2), &bad), src = as_i64(PyTuple_GET_ITEM(row, 4), &bad);
+        int zeroed = PyObject_IsTrue(PyTuple_GET_ITEM(row, 3));
+        if (bad || zeroed < 0 || len <= 0 || o < 0 || o > INT64_MAX - len || m < 0) {
+            ok = 0;
+            break;
+        }
+        int64_t lo = o > s0 ? o : s0, hi = o + len < s1 ? o + len : s1;
+        if (hi <= lo)
+            continue; /* does not meet the request */
+        if (lo < pos || (!zeroed && (src < 0 || (size_t)src >= nfds || fds[src] < 0)) ||
+            (!zeroed && m > INT64_MAX / SECTOR - (lo - o) - (hi - lo))) {
+            ok = 0; /* out of order or overlapping, a source without a file, or past what a file can hold */
+            break;
+        }
+        Piece *p = &plan->pieces[plan->npieces++];
+        p->start = lo;
+        p->end = hi;
+        p->moffset = zeroed ? 0 : m + (lo - o);
+        p->fd = zeroed ? -1 : fds[src];
+        pos = hi;
+    }
+    Py_DECREF(rows);
+    if (!ok) {
+        plan->npieces = at;
+        if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_Exception))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
+}
+
+static int pread_all(int fd, char *dst, size_t len, off_t at) {
+    size_t done = 0;
+    while (done < len) {
+        ssize_t got = pread(fd, dst + done, len - done, at + (off_t)done);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got <= 0)
+            return -1;
+        done += (size_t)got;
+    }
+    return 0;
+}
+
+/* The data of a planned read into out (without the GIL): the upper's pieces, the merged index between them. */
+static int read_planned(const Reader *self, const Plan *plan, const Planned *p, char *out) {
+    const int32_t *fds = self->fds.buf;
+    size_t nfds = (size_t)self->fds.len / sizeof(int32_t);
+    int64_t s0 = (int64_t)(p->r.offset / SECTOR), s1 = s0 + (int64_t)(p->r.length / SECTOR), pos = s0;
+    for (size_t k = p->first; k < p->first + p->count; k++) {
+        const Piece *q = &plan->pieces[k];
+        if (q->start > pos && self->api->read(self->index, fds, nfds, pos, out + (pos - s0) * SECTOR,
+                                              q->start - pos) < 0)
+            return -1;
+        char *dst = out + (q->start - s0) * SECTOR;
+        size_t len = (size_t)(q->end - q->start) * SECTOR;
+        if (q->fd < 0)
+            memset(dst, 0, len);
+        else if (pread_all(q->fd, dst, len, (off_t)q->moffset * SECTOR) < 0)
+            return -1;
+        pos = q->end;
+    }
+    return pos < s1 ? self->api->read(self->index, fds, nfds, pos, out + (pos - s0) * SECTOR, s1 - pos) : 0;
 }
 
 PyDoc_STRVAR(serve_doc,
@@ -142,37 +299,53 @@ static PyObject *reader_serve(Reader *self, PyObject *args) {
         return NULL;
     }
     const unsigned char *base = in.buf;
-    size_t at = (size_t)pos, end = (size_t)in.len, head = nbd_read_head_size(structured), total = 0, k = 0;
+    size_t at = (size_t)pos, end = (size_t)in.len, head = nbd_read_head_size(structured), total = 0;
     size_t room = limit > 0 ? (size_t)limit : 0;
+    Plan plan = {0};
     NbdRequest r;
-    /* first the reads served and the size of their replies, then (without the GIL) the replies */
-    while (nbd_parse_request(base + at, end - at, &r) && eligible(self, &r, head, max_read, room - total)) {
+    int failed = 0;
+    /* first (with the GIL) the reads served, the upper's pieces of those that meet a mark and the size of their
+     * replies; then (without it) the replies. The requests are copied here: what the buffer holds later (a
+     * bytearray another thread writes to) changes nothing. */
+    while (nbd_parse_request(base + at, end - at, &r) && plain_read(self, &r, head, max_read, room - total)) {
+        size_t first = plan.npieces;
+        int64_t s0 = (int64_t)(r.offset / SECTOR), s1 = s0 + (int64_t)(r.length / SECTOR);
+        if (is_marked(self, (uint64_t)s0, (uint64_t)s1)) {
+            int got = self->upper ? upper_pieces(self, &plan, s0, s1) : 0;
+            if (got < 0)
+                failed = 1;
+            if (got <= 0)
+                break;
+        }
+        if (grow((void **)&plan.reads, &plan.capreads, plan.nreads + 1, sizeof(Planned)) < 0) {
+            PyErr_NoMemory();
+            failed = 1;
+            break;
+        }
+        plan.reads[plan.nreads++] = (Planned){r, first, plan.npieces - first};
         total += head + r.length;
         at += REQUEST_SIZE;
-        k++;
     }
-    PyObject *replies = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    PyObject *replies = failed ? NULL : PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
     if (!replies) {
+        free(plan.reads);
+        free(plan.pieces);
         PyBuffer_Release(&in);
         return NULL;
     }
     unsigned char *out = (unsigned char *)PyBytes_AS_STRING(replies);
     size_t done = 0, used = 0;
-    const int32_t *fds = self->fds.buf;
-    size_t nfds = (size_t)self->fds.len / sizeof(int32_t);
     Py_BEGIN_ALLOW_THREADS
-    for (at = (size_t)pos; done < k; done++, at += REQUEST_SIZE) {
-        /* parsed again, without the GIL: a buffer rewritten meanwhile (a bytearray another thread writes to) must
-         * not make a read longer than the replies were sized for */
-        if (!nbd_parse_request(base + at, end - at, &r) || !eligible(self, &r, head, max_read, total - used))
-            break;
-        nbd_put_read_head(out + used, r.handle, r.offset, r.length, structured);
-        if (self->api->read(self->index, fds, nfds, (int64_t)(r.offset / SECTOR), (char *)out + used + head,
-                            (int64_t)(r.length / SECTOR)) < 0)
+    for (; done < plan.nreads; done++) {
+        const Planned *p = &plan.reads[done];
+        nbd_put_read_head(out + used, p->r.handle, p->r.offset, p->r.length, structured);
+        if (read_planned(self, &plan, p, (char *)out + used + head) < 0)
             break; /* that one is Python's */
-        used += head + r.length;
+        used += head + p->r.length;
     }
     Py_END_ALLOW_THREADS
+    free(plan.reads);
+    free(plan.pieces);
     PyBuffer_Release(&in);
     self->served += done;
     if (used < total && _PyBytes_Resize(&replies, (Py_ssize_t)used) < 0)
@@ -181,6 +354,8 @@ static PyObject *reader_serve(Reader *self, PyObject *args) {
 }
 
 static PyObject *reader_get_served(Reader *self, void *closure) { return PyLong_FromUnsignedLongLong(self->served); }
+
+static PyObject *reader_get_asked(Reader *self, void *closure) { return PyLong_FromUnsignedLongLong(self->asked); }
 
 PyDoc_STRVAR(mark_doc, "mark(offset, length): bytes [offset, offset+length) may be mapped by the upper from now on:\n"
                        "reads that meet them go to Python. Call it before the upper changes there.");
@@ -254,6 +429,7 @@ static PyMethodDef reader_methods[] = {
 
 static PyGetSetDef reader_getset[] = {
     {"served", (getter)reader_get_served, NULL, "reads served here", NULL},
+    {"asked", (getter)reader_get_asked, NULL, "how many times reads asked the upper for its records", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -261,8 +437,9 @@ static PyTypeObject ReaderType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "overlaybd.export.nbd._nbdread.Reader",
     .tp_basicsize = sizeof(Reader),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = PyDoc_STR("Reader(index, fds, size): plain NBD reads of one merged index (a _lookup handle) over the\n"
-                        "layer files fds (int32 array by source number)"),
+    .tp_doc = PyDoc_STR("Reader(index, fds, size, upper=None): plain NBD reads of one merged index (a _lookup handle)\n"
+                        "over the layer files fds (int32 array by source number), and of the upper above it through\n"
+                        "its rows(start, end) where given"),
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)reader_init,
     .tp_dealloc = (destructor)reader_dealloc,
